@@ -1,0 +1,25 @@
+# CMT pipeline: teacher -> trajectories -> CMT mid-training -> post-training -> samples -> FD -> report.
+# The DAG lives in workflow/rules/; stage code lives in stages/. Run: snakemake -c2
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: workflow.source_path("config/default.yaml")
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/trajectories.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        f"{RES}/report.md",
+    default_target: True

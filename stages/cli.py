@@ -1,0 +1,33 @@
+"""What every stage script does first: parse its arguments, size its threads, say what it runs."""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", type=json.loads, required=True,
+                   help="this stage's configuration as JSON (the Snakemake rule passes it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch; Snakemake passes the job's cores")
+    return p
+
+
+def start(args, stage):
+    """Pin torch to the job's threads (more threads than cores slowed a job ninefold here) and
+    print the resolved configuration at the top of the log."""
+    import torch
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set by an earlier import in this process
+        pass
+    print(f"[{stage}] python {platform.python_version()} torch {torch.__version__} "
+          f"threads {threads} cuda {torch.cuda.is_available()}", flush=True)
+    print(f"[{stage}] argv {' '.join(sys.argv[1:])}", flush=True)
+    return args.config

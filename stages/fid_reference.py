@@ -1,0 +1,19 @@
+"""Stage fid_reference: feature statistics (mean, covariance) of the whole real data set."""
+
+import argparse
+import json
+
+from . import datasets, features
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")
+p.add_argument("--dataset", required=True)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+images, _ = datasets.load(args.dataset)
+feats = features.extract(images, args.config)
+mu, sigma = features.statistics(feats)
+features.save_statistics(args.out, mu, sigma, count=len(images), features=args.config, source=args.dataset)
+print(f"[fid_reference] {len(images)} real images, {feats.shape[1]}-d {args.config['kind']} features "
+      f"-> {args.out}", flush=True)

@@ -1,0 +1,76 @@
+"""Stage midtrain: Consistency Mid-Training, CMT-CM (PAPER.md 3.1-3.2).
+
+The student starts from the teacher's weights (EMA too) with the ECM preconditioning, and maps
+each of the K pre-final states of a teacher trajectory, at its sigma, to the trajectory's final
+state. One step sees `batch` student inputs = batch / K whole trajectories.
+"""
+
+import numpy as np
+import torch
+
+from . import checkpoints, cli, losses, shards, training
+
+p = cli.parser(__doc__)
+p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
+p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p.add_argument("--out", required=True, help="model.safetensors to write")
+args = p.parse_args()
+cfg = cli.start(args, "midtrain")
+mc, seed = cfg["midtrain"], cfg["seed"]
+
+# ---- data: every shard checked against the manifest before any step
+manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] == "fast")
+K = manifest["spec"]["nfe"]
+if mc["batch"] % K:
+    raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")
+accelerator = training.make_accelerator()
+world, rank = accelerator.num_processes, accelerator.process_index
+traj_per_step = mc["batch"] // K
+if traj_per_step % world:
+    raise ValueError(f"midtrain.batch / {K} = {traj_per_step} trajectories per step cannot be split "
+                     f"over {world} processes")
+local_traj = traj_per_step // world
+stream = shards.trajectory_stream(shard_paths, seed, mc["shuffle_buffer"])
+
+# ---- model: teacher weights, ECM preconditioning, the mid-training dropout
+net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"])
+ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
+net, optimizer = accelerator.prepare(net, optimizer)
+distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
+                                lpips_weights=mc.get("lpips_weights"))
+if isinstance(distance, torch.nn.Module):
+    distance = distance.to(accelerator.device)
+print(f"[midtrain] {manifest['total']} trajectories in {len(shard_paths)} shards, "
+      f"{traj_per_step} trajectories x {K} points = batch {mc['batch']}, {mc['steps']} steps, "
+      f"distance {mc['distance']}", flush=True)
+
+
+def next_batch():
+    """This rank's trajectories of the next global batch (all ranks read the same stream)."""
+    chosen = [next(stream) for _ in range(traj_per_step)][rank * local_traj:(rank + 1) * local_traj]
+    states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32))
+    sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float32))
+    return states.to(accelerator.device), sigmas.to(accelerator.device)
+
+
+def loss_fn(step):
+    states, sigmas = next_batch()
+    return losses.cmt_cm_loss(net, states, sigmas, distance)
+
+
+elapsed = training.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+                       opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
+                       loss_fn=loss_fn)
+
+if accelerator.is_main_process:
+    meta = {k: teacher_meta[k] for k in ("architecture", "sigma_data", "sigma_min", "sigma_max", "time")}
+    meta["architecture"] = {**meta["architecture"], "dropout": mc["dropout"]}
+    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
+        **meta, "role": "midtrain", "precond": "ecm", "config": cfg, "steps": mc["steps"],
+        "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
+        "train_seconds": elapsed,
+        "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
+                   "manifest": {"path": args.manifest, "sha256": checkpoints.atomic.sha256_file(args.manifest)}},
+    })
+    print(f"[midtrain] wrote {args.out} after {elapsed:.0f}s", flush=True)

@@ -1,0 +1,79 @@
+"""Stage posttrain: ECT consistency training from data (PAPER.md 4.1), from one initialisation:
+`cmt` (the mid-trained EMA), `teacher` (the diffusion model) or `random`. The weights of the init
+go into both the trained network and its EMA. EMA snapshots at fixed fractions of the budget
+(step 0 included: the initialisation itself) are what the FD curve is drawn from.
+"""
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoints, cli, datasets, losses, rng, training
+
+p = cli.parser(__doc__)
+p.add_argument("--init", required=True, choices=["cmt", "teacher", "random"])
+p.add_argument("--init-model", required=True,
+               help="model.safetensors to start from; for --init random only its architecture is used")
+p.add_argument("--dataset", required=True)
+p.add_argument("--out", required=True, help="final model.safetensors")
+p.add_argument("--snapshots", required=True, help="folder for the EMA snapshots p000.safetensors, ...")
+args = p.parse_args()
+cfg = cli.start(args, f"posttrain:{args.init}")
+pc, seed = cfg["posttrain"], cfg["seed"]
+stage_name = f"posttrain:{args.init}"
+
+# ---- data
+images, _ = datasets.load(args.dataset)
+accelerator = training.make_accelerator()
+data = torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device)
+world, rank = accelerator.num_processes, accelerator.process_index
+if pc["batch"] % world:
+    raise ValueError(f"posttrain.batch {pc['batch']} is not divisible by {world} processes")
+local_batch = pc["batch"] // world
+
+# ---- model
+init_meta = checkpoints.read_meta(args.init_model)
+torch.manual_seed(rng.fold(seed, "random-init"))
+net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"])
+if args.init != "random":
+    checkpoints.load_into(net, args.init_model, which="ema")
+ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
+net, optimizer = accelerator.prepare(net, optimizer)
+
+total = pc["steps"]
+snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
+meta_base = {k: init_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+meta_base["architecture"] = {**init_meta["architecture"], "dropout": pc["dropout"]}
+meta_base.update(precond="ecm", init=args.init, config=cfg,
+                 inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
+
+
+def save_snapshot(steps_done):
+    name = snapshot_steps.get(steps_done)
+    if name is not None and accelerator.is_main_process:
+        checkpoints.save(Path(args.snapshots) / f"{name}.safetensors", ema=ema.module, meta={
+            **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
+            "images_seen": steps_done * pc["batch"], "fraction": steps_done / total})
+
+
+def loss_fn(step):
+    g = rng.generator(seed, step, rank, "ect-batch")
+    y = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
+    return losses.ect_loss(net, y, g, stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"],
+                           k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
+                           sigma_min=cfg["sigma_min"])
+
+
+print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch']} {total} steps, "
+      f"snapshots at steps {sorted(snapshot_steps)}", flush=True)
+save_snapshot(0)
+elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+                       opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
+                       loss_fn=loss_fn, on_step_end=save_snapshot)
+
+if accelerator.is_main_process:
+    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
+        **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
+        "train_seconds": elapsed})
+    print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)

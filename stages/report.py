@@ -1,0 +1,147 @@
+"""Stage report: the row's table (init x {1-step, 2-step} FD, mean and min over seed ranges), the
+teacher's own solver endpoints as the ceiling, the mid-trained model alone, images seen and wall
+time per stage, an FD-vs-images curve per init and sample grids."""
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import atomic, checkpoints  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--config", type=json.loads, required=True)
+p.add_argument("--fid", nargs="+", required=True, help="fid/<init>.json, in the order of config inits")
+p.add_argument("--ceiling", required=True, help="fid/teacher-solver.json")
+p.add_argument("--samples", nargs="+", required=True, help="final-snapshot samples per init")
+p.add_argument("--models", nargs="+", required=True, help="teacher, midtrain, then posttrain per init")
+p.add_argument("--benchmarks", required=True, help="the row's benchmarks folder")
+p.add_argument("--out", required=True)
+p.add_argument("--curve", required=True)
+p.add_argument("--grids", required=True)
+args = p.parse_args()
+cfg = args.config
+inits, steps, final = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"]
+fids = {init: json.load(open(path)) for init, path in zip(inits, args.fid)}
+ceiling = json.load(open(args.ceiling))["teacher"]
+out_dir = Path(args.out).parent
+LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init"}
+
+
+def fd_cell(summary):
+    return f"{summary['mean']:.3f} / {summary['min']:.3f}"
+
+
+# ---- table
+lines = [f"# {cfg['row']}: CMT mid-training, then ECT", "",
+         f"Fréchet distance ({fids[inits[0]]['features']} features) against the real data, "
+         f"mean / min over {cfg['sampling']['num_ranges']} seed ranges of {cfg['sampling']['per_range']} "
+         f"samples; 2-step sampling uses sigma_mid = {cfg['sampling']['sigma_mid']}. Lower is better.", "",
+         "| post-training init | " + " | ".join(f"{s}-step FD" for s in steps) + " | images seen (post) |",
+         "|---|" + "---|" * (len(steps) + 1)]
+for init in inits:
+    snap = fids[init]["snapshots"][final]
+    lines.append(f"| {LABELS[init]} | " + " | ".join(fd_cell(snap[f'{s}step']) for s in steps)
+                 + f" | {snap['images_seen']:,} |")
+lines.append(f"| teacher's own {ceiling['nfe']}-NFE solver (ceiling) | "
+             + " | ".join(fd_cell(ceiling) for _ in steps) + " | |")
+lines.append("")
+start = {init: fids[init]["snapshots"][sorted(fids[init]["snapshots"])[0]] for init in inits}
+lines.append("Each initialisation on its own (post-training step 0, i.e. before any post-training): "
+             + "; ".join(f"{LABELS[i]} " + ", ".join(f"{s}-step {start[i][f'{s}step']['mean']:.3f}"
+                                                      for s in steps) for i in inits) + ".")
+lines.append("")
+
+# ---- ordering check, stated rather than assumed
+order = [i for i in ("cmt", "teacher", "random") if i in inits]
+for s in steps:
+    vals = [fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in order]
+    holds = all(a < b for a, b in zip(vals, vals[1:]))
+    lines.append(f"- {s}-step: {' < '.join(order)} {'holds' if holds else 'does NOT hold'} "
+                 f"({', '.join(f'{v:.3f}' for v in vals)}).")
+lines.append("")
+
+# ---- paper numbers, where the row has them
+if cfg.get("paper"):
+    lines += ["## The paper's numbers for this row", "", "```", json.dumps(cfg["paper"], indent=2), "```", ""]
+
+# ---- cost per stage
+lines += ["## Cost per stage", "", "| stage | images seen | wall time (s) | max RSS (MB) |", "|---|---|---|---|"]
+models = dict(zip(["train_teacher", "midtrain"] + [f"posttrain/{i}" for i in inits], args.models))
+
+
+def bench(name):
+    path = Path(args.benchmarks) / f"{name}.tsv"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        row = next(csv.DictReader(f, delimiter="\t"))
+    return float(row["s"]), float(row["max_rss"]) if row["max_rss"] not in ("-", "NA") else float("nan")
+
+
+for name, model in models.items():
+    meta = checkpoints.read_meta(model)
+    b = bench(name)
+    wall = f"{b[0]:.0f}" if b else "reused from the store"
+    rss = f"{b[1]:.0f}" if b else ""
+    lines.append(f"| {name} | {meta['images_seen']:,} | {wall} | {rss} |")
+shard_times = [bench(f"trajectory_shard/{p.stem}") for p in sorted(Path(args.benchmarks, "trajectory_shard").glob("*.tsv"))]
+if shard_times:
+    lines.append(f"| trajectory_shard x{len(shard_times)} | | {sum(t[0] for t in shard_times):.0f} | "
+                 f"{max(t[1] for t in shard_times):.0f} |")
+lines.append("")
+
+# ---- FD curve
+fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)
+for ax, s in zip(axes[0], steps):
+    for init in inits:
+        snaps = fids[init]["snapshots"]
+        names = sorted(snaps)
+        x = [snaps[n]["images_seen"] / 1e3 for n in names]
+        y = [snaps[n][f"{s}step"]["mean"] for n in names]
+        ax.plot(x, y, marker="o", label=LABELS[init])
+    ax.axhline(ceiling["mean"], color="grey", ls="--", label=f"teacher {ceiling['nfe']}-NFE solver")
+    ax.set_yscale("log")
+    ax.set_xlabel("post-training kimg")
+    ax.set_ylabel(f"{s}-step FD")
+    ax.set_title(f"{cfg['row']}: {s}-step")
+    ax.legend(fontsize=8)
+fig.tight_layout()
+with atomic.atomic_path(args.curve) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
+plt.close(fig)
+
+# ---- sample grids: one row block per init, 1-step then 2-step
+n_show = 16
+fig, axes = plt.subplots(len(inits), len(steps), figsize=(3 * len(steps), 3 * len(inits)), squeeze=False)
+for row, (init, path) in enumerate(zip(inits, args.samples)):
+    with np.load(path) as data:
+        for col, s in enumerate(steps):
+            imgs = data[f"images_{s}step_r0"][:n_show]  # [n, C, H, W]
+            side = int(np.ceil(np.sqrt(len(imgs))))
+            c, h, w = imgs.shape[1:]
+            grid = np.zeros((side * h, side * w, c), np.uint8)
+            for k, img in enumerate(imgs):
+                grid[(k // side) * h:(k // side + 1) * h, (k % side) * w:(k % side + 1) * w] = img.transpose(1, 2, 0)
+            ax = axes[row][col]
+            ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray" if c == 1 else None,
+                      vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(f"{LABELS[init]}, {s}-step", fontsize=8)
+            ax.axis("off")
+fig.tight_layout()
+with atomic.atomic_path(args.grids) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
+plt.close(fig)
+
+lines += ["## Figures", "", f"![FD against post-training images]({Path(args.curve).name})", "",
+          f"![Samples from each init after post-training]({Path(args.grids).name})", "",
+          f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}."]
+atomic.write_text(args.out, "\n".join(lines) + "\n")
+print(f"[report] wrote {args.out}", flush=True)

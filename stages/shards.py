@@ -1,0 +1,118 @@
+"""Trajectory shards: WebDataset tars with one sample per trajectory.
+
+Sample `<index:09d>`: `states.npy` (all solver states, [K+1, C, H, W], fp16 by default),
+`sigmas.npy` (float64 [K+1]), `meta.json` (index, seed, data index if the start used data).
+Tars are written with fixed metadata (mtime 0, fixed owner) and pre-encoded members, so a shard is
+the same bytes whoever makes it; it is written under a temporary name and renamed.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from . import atomic
+
+
+def encode_npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes):
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def write_shard(path, samples):
+    """Write an iterable of (index, states, sigmas, meta) to `path` atomically; returns the count."""
+    count = 0
+    with atomic.atomic_path(path) as tmp:
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
+            for index, states, sigmas, meta in samples:
+                sink.write({
+                    "__key__": f"{index:09d}",
+                    "states.npy": encode_npy(states),
+                    "sigmas.npy": encode_npy(sigmas),
+                    "meta.json": json.dumps(meta, sort_keys=True).encode(),
+                })
+                count += 1
+    return count
+
+
+def decode_sample(sample, source="?"):
+    """Raw WebDataset sample (bytes) -> dict of arrays. A malformed member raises, naming it."""
+    key = sample.get("__key__", "?")
+    url = sample.get("__url__", source)
+    try:
+        return {
+            "index": int(key),
+            "states": decode_npy(sample["states.npy"]),
+            "sigmas": decode_npy(sample["sigmas.npy"]),
+            "meta": json.loads(sample["meta.json"]),
+        }
+    except Exception as e:  # a damaged member must stop the job, not be skipped
+        raise ValueError(
+            f"{url}: trajectory sample {key!r} cannot be decoded ({type(e).__name__}: {e}); "
+            "the shard is damaged: delete it and rerun its trajectory_shard job"
+        ) from e
+
+
+def read_shard(path):
+    """All samples of one shard, in order (tests, spot checks and the teacher's FD ceiling)."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(path)]),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+    )
+    return [decode_sample(s, str(path)) for s in pipeline]
+
+
+def trajectory_stream(paths, seed, shuffle_buffer=1000, start_epoch=0):
+    """An endless, reproducible stream of decoded trajectories from `paths`.
+
+    Epoch e visits the shards in a permutation and shuffles samples in a buffer, both seeded by
+    (seed, e), so the stream is a pure function of (paths, seed) and never depends on timing.
+    """
+    from .rng import fold
+
+    paths = [str(p) for p in paths]
+    epoch = start_epoch
+    while True:
+        order = np.random.default_rng(fold(seed, epoch, "shard-order")).permutation(len(paths))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList([paths[i] for i in order]),
+            wds.tarfile_to_samples(handler=wds.reraise_exception),
+            wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=fold(seed, epoch, "samples")),
+        )
+        n = 0
+        for sample in pipeline:
+            n += 1
+            yield decode_sample(sample)
+        if n == 0:
+            raise ValueError(f"no trajectories in {paths}")
+        epoch += 1
+
+
+def check_manifest(manifest_path, fast=False):
+    """Verify every shard listed in a trajectory manifest; returns the shard paths.
+
+    fast=True checks existence and size only; otherwise the sha256 too. A missing, truncated or
+    altered shard raises with its path and the rule that regenerates it.
+    """
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    paths = []
+    for entry in manifest["shards"]:
+        path = Path(entry["path"])
+        fix = f"delete it and rerun `snakemake {path}` to regenerate it"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: trajectory shard listed in {manifest_path} is missing; {fix}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{path}: {size} bytes, manifest {manifest_path} says {entry['bytes']}; {fix}")
+        if not fast and atomic.sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from manifest {manifest_path}; the shard was altered; {fix}")
+        paths.append(path)
+    return manifest, paths

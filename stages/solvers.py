@@ -1,0 +1,83 @@
+"""Teacher ODE solvers on the EDM probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
+
+`dpm_solver_pp` is DPM-Solver++ (Lu et al. 2022), multistep, data prediction, the 'dpmsolver'
+variant, written from its equations for the EDM schedule (alpha = 1, sigma_t = t, so the half
+log-SNR is lambda = -log sigma):
+
+    order 1 (DDIM):  x' = (s'/s) x - phi1 D0,                            phi1 = expm1(-h)
+    order 2:         x' = (s'/s) x - phi1 D0 - phi1 D1 / 2,             D1 = (D0 - D_-1) / r0
+    order 3:         x' = (s'/s) x - phi1 D0 + phi2 D1 - phi3 D2,        phi2 = phi1/h + 1,
+                                                                         phi3 = phi2/h - 1/2
+with h = lambda' - lambda, r_k = h_k / h over the previous intervals, and for order 3
+    D1_0 = (D0 - D_-1) / r0,  D1_1 = (D_-1 - D_-2) / r1,
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1).
+Orders warm up 1, 2, 3 and, with lower_order_final, fall back to 2 and 1 on the last two steps
+(PAPER.md 3.2). N steps cost exactly N denoiser calls: none at the final sigma.
+"""
+
+import math
+
+import torch
+
+
+def logsnr_grid(nfe, sigma_max=80.0, sigma_min=0.002, dtype=torch.float64):
+    """sigma_k = sigma_max (sigma_min / sigma_max)^(k / nfe), k = 0..nfe: uniform in log-SNR."""
+    k = torch.arange(nfe + 1, dtype=torch.float64)
+    grid = sigma_max * (sigma_min / sigma_max) ** (k / nfe)
+    return grid.to(dtype)
+
+
+def step_orders(steps, order=3, lower_order_final=True):
+    orders = []
+    for i in range(1, steps + 1):
+        o = min(order, i)
+        if lower_order_final:
+            o = min(o, steps + 1 - i)
+        orders.append(o)
+    return orders
+
+
+def dpm_solver_pp(denoise, x, sigmas, order=3, lower_order_final=True):
+    """Integrate from sigmas[0] to sigmas[-1]; returns all len(sigmas) states, stacked on dim 1.
+
+    `denoise(x, sigma)` returns D(x; sigma) for a scalar float sigma. Non-finite teacher outputs
+    raise instead of being zeroed, so a broken teacher cannot write poisoned trajectories.
+    """
+    sigmas = [float(s) for s in sigmas]
+    steps = len(sigmas) - 1
+    orders = step_orders(steps, order, lower_order_final)
+    lambdas = [-math.log(s) for s in sigmas]
+    states = [x]
+    history = []  # (lambda, D) of the most recent evaluations, newest last
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d0 = denoise(x, s)
+        if not torch.isfinite(d0).all():
+            raise FloatingPointError(f"teacher output is not finite at sigma={s:g} (step {i})")
+        history.append((lambdas[i], d0))
+        history = history[-3:]
+        h = lambdas[i + 1] - lambdas[i]
+        phi1 = math.expm1(-h)
+        o = min(orders[i], len(history))
+        x_next = (s_next / s) * x - phi1 * d0
+        if o >= 2:
+            lam_1, d_1 = history[-2]
+            r0 = (lambdas[i] - lam_1) / h
+            d1_0 = (d0 - d_1) / r0
+            if o == 2:
+                x_next = x_next - 0.5 * phi1 * d1_0
+            else:
+                lam_2, d_2 = history[-3]
+                r1 = (lam_1 - lam_2) / h
+                d1_1 = (d_1 - d_2) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                x_next = x_next + phi2 * d1 - phi3 * d2
+        x = x_next
+        states.append(x)
+    return torch.stack(states, dim=1)
+
+
+SOLVERS = {"dpm_solver_pp": dpm_solver_pp}

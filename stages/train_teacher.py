@@ -1,0 +1,57 @@
+"""Stage train_teacher: EDM diffusion training of the teacher (EDM preconditioning, log-normal
+sigma, EDM loss weighting), writing model.safetensors + model.json."""
+
+import torch
+
+from . import checkpoints, cli, datasets, losses, networks, rng, training
+from .precond import Precond
+
+p = cli.parser(__doc__)
+p.add_argument("--dataset", required=True, help="prepared dataset.npz")
+p.add_argument("--out", required=True, help="model.safetensors to write")
+p.add_argument("--key", required=True, help="store key of this teacher (provenance digest)")
+args = p.parse_args()
+cfg = cli.start(args, "train_teacher")
+tc, seed = cfg["teacher"], cfg["seed"]
+
+# ---- data
+images, _ = datasets.load(args.dataset)
+accelerator = training.make_accelerator()
+data = torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device)
+world, rank = accelerator.num_processes, accelerator.process_index
+if tc["batch"] % world:
+    raise ValueError(f"teacher.batch {tc['batch']} is not divisible by {world} processes")
+local_batch = tc["batch"] // world
+
+# ---- model
+torch.manual_seed(rng.fold(seed, "teacher-init"))
+architecture = {**cfg["network"], "in_channels": images.shape[1], "resolution": images.shape[2],
+                "dropout": tc["dropout"]}
+net = Precond(networks.build(architecture), "edm", cfg["sigma_data"], cfg["sigma_min"])
+print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "
+      f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
+ema = training.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
+optimizer = training.build_optimizer(net.parameters(), tc["optimizer"])
+net, optimizer = accelerator.prepare(net, optimizer)
+
+
+def loss_fn(step):
+    g = rng.generator(seed, step, rank, "teacher-batch")
+    y = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
+    return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"])
+
+
+elapsed = training.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
+                       optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
+                       batch=tc["batch"], seed=seed, loss_fn=loss_fn)
+
+# ---- write
+if accelerator.is_main_process:
+    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
+        "role": "teacher", "key": args.key, "architecture": architecture, "precond": "edm",
+        "sigma_data": cfg["sigma_data"], "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"],
+        "time": "sigma", "config": cfg, "steps": tc["steps"], "images_seen": tc["steps"] * tc["batch"],
+        "train_seconds": elapsed,
+        "inputs": {"dataset": {"path": args.dataset, "sha256": checkpoints.atomic.sha256_file(args.dataset)}},
+    })
+    print(f"[train_teacher] wrote {args.out} after {elapsed:.0f}s", flush=True)

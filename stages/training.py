@@ -1,0 +1,189 @@
+"""The one training loop every training stage shares; the stage passes its loss in.
+
+Schedules are pure functions of the step, randomness is folded from (seed, step, rank, purpose),
+and every stage prints the same status line (step, kimg, loss, images/s, sec/kimg, ETA).
+"""
+
+import copy
+import math
+import sys
+import time
+
+import torch
+
+from . import rng
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+
+def radam_unrectified_steps(beta2):
+    """Number of leading RAdam steps whose variance is not rectified (rho_t <= 5).
+
+    On those steps torch's RAdam applies lr * (bias-corrected momentum) with no normalisation, i.e.
+    a raw-gradient step. ECT's gradient norm grows with q (hundreds to thousands), and such steps
+    wreck a good initialisation, so the schedule gives them lr 0: the moments still warm up.
+    """
+    rho_inf = 2 / (1 - beta2) - 1
+    t = 0
+    while True:
+        t += 1
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        if rho_t > 5:
+            return t - 1
+
+
+def build_optimizer(params, cfg):
+    name = cfg["name"]
+    kwargs = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                  weight_decay=cfg.get("weight_decay", 0.0))
+    if name == "radam":
+        return torch.optim.RAdam(params, **kwargs)
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    raise ValueError(f"optimizer.name: unknown optimizer {name!r}")
+
+
+def lr_at(step, total_steps, cfg):
+    """Learning rate for step `step` (0-based) of `total_steps`."""
+    if cfg["name"] == "radam" and cfg.get("skip_unrectified", True):
+        if step < radam_unrectified_steps(cfg["betas"][1]):
+            return 0.0
+    lr = cfg["lr"]
+    warmup = cfg.get("warmup_steps", 0)
+    if warmup and step < warmup:
+        lr *= (step + 1) / warmup
+    if cfg["schedule"] == "linear_to_zero":
+        lr *= max(0.0, 1 - step / total_steps)
+    elif cfg["schedule"] != "constant":
+        raise ValueError(f"optimizer.schedule: unknown schedule {cfg['schedule']!r}")
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """ema <- beta ema + (1 - beta) theta after every step.
+
+    With `rampup` set, the half-life (in steps) is capped at rampup * steps_done, so a short run's
+    EMA forgets its initialisation (a fixed 0.9999 over 2,000 steps keeps ~80 % of the initial
+    weights and flatters whichever init was best). The official recipes use rampup = None.
+    """
+
+    def __init__(self, module, beta, rampup=None):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.beta = beta
+        self.rampup = rampup
+
+    def beta_at(self, steps_done):
+        beta = self.beta
+        if self.rampup:
+            beta = min(beta, 0.5 ** (1 / max(self.rampup * steps_done, 1e-8)))
+        return beta
+
+    @torch.no_grad()
+    def update(self, module, steps_done):
+        beta = self.beta_at(steps_done)
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.lerp_(p.detach(), 1 - beta)
+        for e, b in zip(self.module.buffers(), module.buffers()):
+            e.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Status line
+
+
+def fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Status:
+    """Prints a status line every `every` steps or `seconds` seconds, whichever comes first."""
+
+    def __init__(self, stage, total_steps, batch, every=100, seconds=10.0, extra_units=None):
+        self.stage, self.total, self.batch = stage, total_steps, batch
+        self.every, self.seconds = every, seconds
+        self.extra_units = extra_units or {}
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = 0
+        self.losses = []
+
+    def update(self, step, loss, **fields):
+        self.losses.append(loss)
+        now = time.perf_counter()
+        done = step + 1
+        if done % self.every and now - self.t_last < self.seconds and done != self.total:
+            return
+        rate = (done - self.step_last) * self.batch / max(now - self.t_last, 1e-9)
+        eta = (self.total - done) * self.batch / max(rate, 1e-9)
+        parts = [f"[{self.stage}] step {done}/{self.total} ({100 * done / self.total:.1f}%)",
+                 f"kimg {done * self.batch / 1e3:.1f}",
+                 f"loss {sum(self.losses) / len(self.losses):.4g}",
+                 f"img/s {rate:.0f}", f"sec/kimg {1e3 / max(rate, 1e-9):.2f}"]
+        for name, value in fields.items():
+            parts.append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
+        for name, per_img in self.extra_units.items():
+            parts.append(f"{name} {rate * per_img:.0f}")
+        parts.append(f"eta {fmt_duration(eta)}")
+        if torch.cuda.is_available():
+            parts.append(f"gpumem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB")
+        print("  ".join(parts), flush=True)
+        self.t_last, self.step_last, self.losses = now, done, []
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch, seed, loss_fn,
+        on_step_end=None, status_every=100):
+    """Run `total_steps` optimisation steps.
+
+    `loss_fn(step)` returns per-sample losses for that step; it must draw its randomness from
+    generators folded from `step`. Dropout draws come from the global RNG, re-seeded every step
+    from (seed, step, rank). `on_step_end(steps_done)` runs after the EMA update (snapshots).
+    A non-finite loss or gradient stops the run naming the step: nothing is zeroed or skipped.
+    """
+    status = Status(stage, total_steps, batch, every=status_every)
+    params = [p for p in net.parameters() if p.requires_grad]
+    rank = accelerator.process_index
+    net.train()
+    for step in range(total_steps):
+        torch.manual_seed(rng.fold(seed, step, rank, "dropout"))
+        lr = lr_at(step, total_steps, opt_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_fn(step).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
+                                     "Lower the learning rate or check the inputs.")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, opt_cfg.get("clip_grad_norm") or math.inf)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"[{stage}] gradient norm is {float(grad_norm)} at step {step}; "
+                                     "stopping rather than zeroing it.")
+        optimizer.step()
+        ema.update(accelerator.unwrap_model(net), step + 1)
+        status.update(step, loss.item(), lr=lr, grad=float(grad_norm))
+        if on_step_end is not None:
+            on_step_end(step + 1)
+    return status.elapsed()
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def log(*args):
+    print(*args, file=sys.stdout, flush=True)

@@ -1,0 +1,28 @@
+rule prepare_dataset:
+    output:
+        dataset=DATASET,
+        manifest=f"{DATASET_DIR}/manifest.json",
+    params:
+        cfg=as_arg(config["dataset"]),
+        out=DATASET_DIR,
+    log:
+        f"{LOGS}/prepare_dataset.log",
+    benchmark:
+        f"{BENCH}/prepare_dataset.tsv"
+    shell:
+        "python -m stages.prepare_dataset --config {params.cfg:q} --out {params.out} > {log} 2>&1"
+
+
+rule fid_reference:
+    input:
+        DATASET,
+    output:
+        f"{RES}/fid_reference.npz",
+    params:
+        cfg=as_arg(config["features"]),
+    log:
+        f"{LOGS}/fid_reference.log",
+    benchmark:
+        f"{BENCH}/fid_reference.tsv"
+    shell:
+        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,17 @@
+rule train_teacher:
+    input:
+        DATASET,
+    output:
+        model=TEACHER,
+        meta=TEACHER.replace(".safetensors", ".json"),
+    params:
+        cfg=as_arg(TEACHER_CFG),
+        key=TEACHER_KEY,
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/train_teacher.log",
+    benchmark:
+        f"{BENCH}/train_teacher.tsv"
+    shell:
+        "python -m stages.train_teacher --config {params.cfg:q} --threads {threads} "
+        "--dataset {input} --key {params.key} --out {output.model} > {log} 2>&1"

@@ -1,0 +1,42 @@
+rule midtrain:
+    input:
+        teacher=TEACHER,
+        manifest=MANIFEST,
+    output:
+        model=f"{RES}/midtrain/model.safetensors",
+        meta=f"{RES}/midtrain/model.json",
+    params:
+        cfg=as_arg({"seed": config["seed"], "midtrain": config["midtrain"]}),
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/midtrain.log",
+    benchmark:
+        f"{BENCH}/midtrain.tsv"
+    shell:
+        "python -m stages.midtrain --config {params.cfg:q} --threads {threads} "
+        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} > {log} 2>&1"
+
+
+rule posttrain:
+    input:
+        init=init_model,
+        dataset=DATASET,
+    output:
+        model=f"{RES}/posttrain/{{init}}/model.safetensors",
+        meta=f"{RES}/posttrain/{{init}}/model.json",
+        snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
+                         snap=SNAPSHOTS, ext=["safetensors", "json"]),
+    wildcard_constraints:
+        init="cmt|teacher|random",
+    params:
+        cfg=as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"], "posttrain": POSTTRAIN_CFG}),
+        snapshots=lambda w: f"{RES}/posttrain/{w.init}/snapshots",
+    threads: config["threads"]["train"]
+    log:
+        f"{LOGS}/posttrain/{{init}}.log",
+    benchmark:
+        f"{BENCH}/posttrain/{{init}}.tsv"
+    shell:
+        "python -m stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
+        "--init-model {input.init} --dataset {input.dataset} --out {output.model} "
+        "--snapshots {params.snapshots} > {log} 2>&1"

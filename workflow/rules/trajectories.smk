@@ -1,0 +1,50 @@
+rule trajectory_spec:
+    output:
+        f"{TRAJ_DIR}/spec.json",
+    params:
+        cfg=as_arg(TRAJ_SPEC),
+    log:
+        f"{LOGS}/trajectory_spec.log",
+    benchmark:
+        f"{BENCH}/trajectory_spec.tsv"
+    shell:
+        "python -m stages.trajectory_spec --config {params.cfg:q} --out {output} > {log} 2>&1"
+
+
+rule trajectory_shard:
+    input:
+        teacher=TEACHER,
+        spec=f"{TRAJ_DIR}/spec.json",
+        dataset=DATASET,
+    output:
+        f"{TRAJ_DIR}/shard-{{shard}}.tar",
+    wildcard_constraints:
+        shard=r"\d{6}",
+    params:
+        cfg=as_arg(TRAJ_SPEC),
+        index=lambda w: int(w.shard),
+    threads: config["threads"]["light"]
+    log:
+        f"{LOGS}/trajectory_shard/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/trajectory_shard/{{shard}}.tsv"
+    shell:
+        "python -m stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
+        "--teacher {input.teacher} --dataset {input.dataset} --shard {params.index} --out {output} "
+        "> {log} 2>&1"
+
+
+rule trajectory_manifest:
+    input:
+        spec=f"{TRAJ_DIR}/spec.json",
+        teacher=TEACHER,
+        shards=expand(f"{TRAJ_DIR}/shard-{{shard}}.tar", shard=SHARD_IDS),
+    output:
+        MANIFEST,
+    log:
+        f"{LOGS}/trajectory_manifest.log",
+    benchmark:
+        f"{BENCH}/trajectory_manifest.tsv"
+    shell:
+        "python -m stages.trajectory_manifest --spec {input.spec} --teacher {input.teacher} "
+        "--shards {input.shards} --out {output} > {log} 2>&1"
