@@ -10,6 +10,9 @@ configfile: workflow.source_path("config/default.yaml")
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
+# Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"

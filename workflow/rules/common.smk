@@ -3,8 +3,7 @@
 # same teacher and solver share one copy, and a different teacher or solver gets a new folder.
 import hashlib
 import json
-
-from snakemake.utils import validate as _validate  # noqa: F401  (schema checks live in the Snakefile)
+import os
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}

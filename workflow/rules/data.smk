@@ -4,7 +4,9 @@ rule prepare_dataset:
         manifest=f"{DATASET_DIR}/manifest.json",
     params:
         cfg=as_arg(config["dataset"]),
-        out=DATASET_DIR,
+        out=lambda w, output: os.path.dirname(output.dataset),
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/prepare_dataset.log",
     benchmark:
@@ -20,6 +22,8 @@ rule fid_reference:
         f"{RES}/fid_reference.npz",
     params:
         cfg=as_arg(config["features"]),
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/fid_reference.log",
     benchmark:

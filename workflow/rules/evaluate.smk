@@ -6,6 +6,8 @@ rule sample:
     params:
         cfg=as_arg(config["sampling"]),
     threads: config["threads"]["light"]
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/sample/{{init}}/{{snap}}.log",
     benchmark:
@@ -24,6 +26,8 @@ rule fid:
         f"{RES}/fid/{{init}}.json",
     params:
         cfg=as_arg({"features": config["features"], "sampling": config["sampling"]}),
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/fid/{{init}}.log",
     benchmark:
@@ -41,6 +45,8 @@ rule fid_teacher:
         f"{RES}/fid/teacher-solver.json",
     params:
         cfg=as_arg({"features": config["features"], "sampling": config["sampling"]}),
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/fid/teacher-solver.log",
     benchmark:
@@ -65,6 +71,8 @@ rule report:
         cfg=as_arg({"row": ROW, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "final_snapshot": FINAL_SNAPSHOT}),
         bench=BENCH,
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/report.log",
     benchmark:

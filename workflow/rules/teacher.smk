@@ -7,7 +7,9 @@ rule train_teacher:
     params:
         cfg=as_arg(TEACHER_CFG),
         key=TEACHER_KEY,
-    threads: config["threads"]["train"]
+    threads: config["threads"]["teacher"]
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/train_teacher.log",
     benchmark:

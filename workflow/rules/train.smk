@@ -1,4 +1,6 @@
 rule midtrain:
+    # the critical path: ahead of the post-training runs that need no trajectories
+    priority: 10
     input:
         teacher=TEACHER,
         manifest=MANIFEST,
@@ -8,6 +10,8 @@ rule midtrain:
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain": config["midtrain"]}),
     threads: config["threads"]["train"]
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/midtrain.log",
     benchmark:
@@ -30,8 +34,10 @@ rule posttrain:
         init="cmt|teacher|random",
     params:
         cfg=as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"], "posttrain": POSTTRAIN_CFG}),
-        snapshots=lambda w: f"{RES}/posttrain/{w.init}/snapshots",
+        snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
     threads: config["threads"]["train"]
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/posttrain/{{init}}.log",
     benchmark:

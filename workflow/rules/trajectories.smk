@@ -3,6 +3,8 @@ rule trajectory_spec:
         f"{TRAJ_DIR}/spec.json",
     params:
         cfg=as_arg(TRAJ_SPEC),
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/trajectory_spec.log",
     benchmark:
@@ -12,6 +14,7 @@ rule trajectory_spec:
 
 
 rule trajectory_shard:
+    priority: 10
     input:
         teacher=TEACHER,
         spec=f"{TRAJ_DIR}/spec.json",
@@ -24,6 +27,8 @@ rule trajectory_shard:
         cfg=as_arg(TRAJ_SPEC),
         index=lambda w: int(w.shard),
     threads: config["threads"]["light"]
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/trajectory_shard/{{shard}}.log",
     benchmark:
@@ -35,12 +40,15 @@ rule trajectory_shard:
 
 
 rule trajectory_manifest:
+    priority: 10
     input:
         spec=f"{TRAJ_DIR}/spec.json",
         teacher=TEACHER,
         shards=expand(f"{TRAJ_DIR}/shard-{{shard}}.tar", shard=SHARD_IDS),
     output:
         MANIFEST,
+    conda:
+        "../../envs/cmt.yaml"
     log:
         f"{LOGS}/trajectory_manifest.log",
     benchmark:

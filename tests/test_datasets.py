@@ -1,0 +1,136 @@
+"""Dataset preparation (digits), integrity checks, pixel conversions and the Frechet distance."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages import atomic, datasets, features
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    manifest = datasets.prepare({"name": "digits", "source": "digits", "resolution": 8}, out)
+    return out, manifest
+
+
+def test_prepare_digits(digits):
+    out, manifest = digits
+    images, labels = datasets.load(out / "dataset.npz")
+    assert images.dtype == np.uint8 and images.shape == (1797, 1, 8, 8)
+    assert images.min() == 0 and images.max() == 255
+    # 17 grey levels 0..16 mapped to round(level * 255 / 16)
+    assert set(np.unique(images).tolist()) <= {int(np.rint(k * 255 / 16)) for k in range(17)}
+    assert len(np.unique(images)) == 17
+    assert labels.dtype == np.int64 and labels.shape == (1797,)
+    assert set(labels.tolist()) == set(range(10))
+    assert manifest["count"] == 1797 and manifest["shape"] == [1, 8, 8] and manifest["labelled"]
+    assert manifest["sha256"] == atomic.sha256_file(out / "dataset.npz")
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_prepare_digits_matches_sklearn(digits):
+    from sklearn.datasets import load_digits
+
+    out, _ = digits
+    images, labels = datasets.load(out / "dataset.npz")
+    ref = load_digits()
+    np.testing.assert_array_equal(images[:, 0], np.rint(ref.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(labels, ref.target)
+
+
+def test_prepare_is_deterministic(digits, tmp_path):
+    _, manifest = digits
+    again = datasets.prepare({"name": "digits", "source": "digits", "resolution": 8}, tmp_path)
+    assert again["sha256"] == manifest["sha256"]
+
+
+def test_prepare_rejects_bad_specs(tmp_path):
+    with pytest.raises(ValueError, match="resolution"):
+        datasets.prepare({"name": "d", "source": "digits", "resolution": 32}, tmp_path)
+    with pytest.raises(ValueError, match="unknown source"):
+        datasets.prepare({"name": "d", "source": "cifar"}, tmp_path)
+
+
+def test_load_detects_modified_dataset(digits, tmp_path):
+    out, manifest = digits
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "manifest.json").write_text((out / "manifest.json").read_text())
+    with np.load(out / "dataset.npz") as data:
+        images, labels = data["images"].copy(), data["labels"]
+    images[5, 0, 3, 3] ^= 1
+    np.savez(copy / "dataset.npz", images=images, labels=labels)
+    with pytest.raises(ValueError) as err:
+        datasets.load(copy / "dataset.npz")
+    assert str(copy / "dataset.npz") in str(err.value) and "sha256" in str(err.value)
+
+
+def test_load_missing_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare_dataset"):
+        datasets.load(tmp_path / "dataset.npz")
+
+
+def test_uint8_round_trip_all_values():
+    u = np.arange(256, dtype=np.uint8)
+    x = datasets.to_model_range(u)
+    assert x.dtype == np.float32
+    assert x[0] == -1.0 and x[255] == 1.0
+    back = datasets.to_uint8(torch.from_numpy(x))
+    assert back.dtype == torch.uint8
+    np.testing.assert_array_equal(back.numpy(), u)
+
+
+def test_to_uint8_clamps_and_follows_official_rounding():
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0, 127.4 / 127.5 - 1, -1 + 0.6 / 127.5])
+    # x * 127.5 + 128, clamped to [0, 255], truncated: 0.0 -> 128
+    assert datasets.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 127, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and the Frechet distance
+
+
+def test_pixel_features():
+    u = np.array([[[[0, 255], [128, 51]]]], dtype=np.uint8)
+    f = features.extract(u, {"kind": "pixels"})
+    assert f.shape == (1, 4) and f.dtype == np.float64
+    np.testing.assert_allclose(f[0], [-1.0, 1.0, 128 / 127.5 - 1, 51 / 127.5 - 1])
+    with pytest.raises(ValueError, match="unknown feature space"):
+        features.extract(u, {"kind": "inception-v9"})
+
+
+def test_frechet_of_identical_statistics_is_zero():
+    x = np.random.default_rng(0).standard_normal((400, 5)) @ np.diag([1.0, 0.5, 2.0, 0.1, 1.0])
+    stats = features.statistics(x)
+    assert abs(features.frechet(stats, stats)) < 1e-6
+
+
+def test_statistics_are_mean_and_unbiased_covariance():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mu, cov = features.statistics(x)
+    np.testing.assert_allclose(mu, [2.0, 2.0])
+    # unbiased (N - 1) covariance, by hand
+    np.testing.assert_allclose(cov, [[4.0, 3.0], [3.0, 3.0]])
+
+
+def test_frechet_diagonal_gaussians_by_hand():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, -1.0, -2.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    want = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    # by hand: 0.25 + 4 + 0 + (1 + 9 - 6) + (4 + 1 - 4) + 0 = 9.25
+    assert want == pytest.approx(9.25)
+    got = features.frechet((mu1, np.diag(s1)), (mu2, np.diag(s2)))
+    assert got == pytest.approx(9.25, rel=1e-6)
+    assert features.frechet((mu2, np.diag(s2)), (mu1, np.diag(s1))) == pytest.approx(9.25, rel=1e-6)
+
+
+def test_statistics_round_trip(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3) * 2
+    path = tmp_path / "stats.npz"
+    features.save_statistics(path, mu, sigma, n=10, space="pixels")
+    m2, s2 = features.load_statistics(path)
+    np.testing.assert_array_equal(m2, mu)
+    np.testing.assert_array_equal(s2, sigma)

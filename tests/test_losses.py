@@ -1,0 +1,346 @@
+"""Distances, CMT-CM pairs, ECT and EDM losses against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Tiny tensors: intra-op threads only add synchronisation (100x slower on a busy 2-core box).
+torch.set_num_threads(1)
+
+from stages import losses
+
+# ----------------------------------------------------------------------------------------------
+# Distances
+
+
+def test_distances_hand_values():
+    a = torch.tensor([[[[3.0, 4.0]]], [[[1.0, 1.0]]]])  # [2, 1, 1, 2]
+    b = torch.tensor([[[[0.0, 0.0]]], [[[2.0, -1.0]]]])
+    # diffs: (3, 4) -> |.|^2 = 25; (-1, 2) -> 5
+    torch.testing.assert_close(losses.squared_l2_distance(a, b), torch.tensor([25.0, 5.0]))
+    torch.testing.assert_close(losses.l2_distance(a, b), torch.tensor([5.0, math.sqrt(5.0)]))
+    torch.testing.assert_close(losses.pseudo_huber_distance(a, b, 1.0),
+                               torch.tensor([math.sqrt(26.0) - 1, math.sqrt(6.0) - 1]))
+    torch.testing.assert_close(losses.pseudo_huber_distance(a, b, 0.03),
+                               torch.tensor([math.sqrt(25.0009) - 0.03, math.sqrt(5.0009) - 0.03]))
+
+
+def test_distances_are_per_sample_over_all_pixels():
+    a = torch.arange(2 * 2 * 3 * 3, dtype=torch.float64).view(2, 2, 3, 3)
+    b = torch.zeros_like(a)
+    want = torch.tensor([sum(v * v for v in range(18)), sum(v * v for v in range(18, 36))], dtype=torch.float64)
+    torch.testing.assert_close(losses.squared_l2_distance(a, b), want)
+    torch.testing.assert_close(losses.l2_distance(a, b), want.sqrt())
+
+
+def test_make_distance():
+    a, b = torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)
+    assert losses.make_distance("l2")(a, b).item() == pytest.approx(5.0)
+    assert losses.make_distance("squared_l2")(a, b).item() == pytest.approx(25.0)
+    assert losses.make_distance("pseudo_huber", pseudo_huber_c=2.0)(a, b).item() == pytest.approx(
+        math.sqrt(29.0) - 2.0)
+    with pytest.raises(ValueError):
+        losses.make_distance("l1")
+
+
+# ----------------------------------------------------------------------------------------------
+# CMT-CM
+
+
+def test_cmt_cm_inputs_layout():
+    T, K1 = 2, 4
+    states = torch.arange(T * K1, dtype=torch.float64).view(T, K1, 1, 1, 1)  # traj t, point k -> 4t + k
+    sigmas = torch.tensor([80.0, 5.0, 0.3, 0.002], dtype=torch.float64)
+    x, s, y = losses.cmt_cm_inputs(states, sigmas)
+    assert x.shape == (6, 1, 1, 1) and y.shape == (6, 1, 1, 1) and s.shape == (6,)
+    assert x.flatten().tolist() == [0, 1, 2, 4, 5, 6]  # trajectory-major, final state excluded
+    assert s.tolist() == [80.0, 5.0, 0.3, 80.0, 5.0, 0.3]  # never the final sigma
+    assert y.flatten().tolist() == [3, 3, 3, 7, 7, 7]  # each trajectory's own final state
+
+
+def test_cmt_cm_inputs_multi_pixel_targets():
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(3, 5, 2, 2, 2, generator=g)
+    sigmas = torch.linspace(4, 0.1, 5)
+    x, s, y = losses.cmt_cm_inputs(states, sigmas)
+    for t in range(3):
+        for k in range(4):
+            i = t * 4 + k
+            assert torch.equal(x[i], states[t, k])
+            assert torch.equal(y[i], states[t, 4])
+            assert s[i] == sigmas[k]
+
+
+def test_cmt_cm_loss_hand_values():
+    T, K1 = 2, 4
+    states = torch.arange(T * K1, dtype=torch.float64).view(T, K1, 1, 1, 1)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)
+    identity = lambda x, s: x
+    got = losses.cmt_cm_loss(identity, states, sigmas, losses.l2_distance)
+    torch.testing.assert_close(got, torch.tensor([3.0, 2.0, 1.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+
+    # f(x, s) = x + s: |4t + k + sigma_k - (4t + 3)|^2 = (k - 3 + sigma_k)^2
+    shift = lambda x, s: x + s.view(-1, 1, 1, 1)
+    got = losses.cmt_cm_loss(shift, states, sigmas, losses.squared_l2_distance)
+    per_k = [(k - 3 + sigmas[k].item()) ** 2 for k in range(3)]
+    torch.testing.assert_close(got, torch.tensor(per_k * 2, dtype=torch.float64))
+
+
+def test_cmt_cm_loss_gradient_has_no_stop_gradient():
+    """The target is data (a solver state), the student sees every pre-final state: grad of the
+    mean loss for f = w x is the hand value sum over pairs of d/dw (w x - y)^2 / N."""
+    states = torch.tensor([[1.0, 2.0, 5.0]], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    sigmas = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    loss = losses.cmt_cm_loss(lambda x, s: w * x, states, sigmas, losses.squared_l2_distance).mean()
+    loss.backward()
+    # pairs (1 -> 5), (2 -> 5): d/dw mean((w x - 5)^2) = mean(2 x (w x - 5))
+    want = (2 * 1 * (1.5 - 5) + 2 * 2 * (3.0 - 5)) / 2
+    assert w.grad.item() == pytest.approx(want)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECT
+
+
+def _r_by_hand(t, stage, q, k=8.0, b=1.0):
+    dt = t * (1 + k / (1 + math.exp(b * t))) / q ** (stage + 1)
+    return max(0.0, t - dt)
+
+
+def test_ect_r_hand_values():
+    t = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0, 80.0], dtype=torch.float64)
+    r = losses.ect_r(t, stage=0, q=4)
+    for ti, ri in zip(t.tolist(), r.tolist()):
+        assert ri == pytest.approx(_r_by_hand(ti, 0, 4), rel=1e-12, abs=1e-15)
+    # explicit numbers: t = 1 -> dt = (1 + 8 sigmoid(-1)) / 4
+    assert r[2].item() == pytest.approx(1 - (1 + 8 / (1 + math.e)) / 4, rel=1e-12)
+    # t = 80: sigmoid(-80) ~ 0, r = 80 (1 - 1/4) = 60
+    assert r[5].item() == pytest.approx(60.0, rel=1e-12)
+
+
+def test_ect_r_clamped_at_zero_where_dt_exceeds_t():
+    t = torch.tensor([0.05, 0.1, 0.3], dtype=torch.float64)
+    # (1 + 8 sigmoid(-t)) / 4 > 1 for these t: the mapping would go negative
+    assert all((1 + 8 / (1 + math.exp(v))) / 4 > 1 for v in t.tolist())
+    r = losses.ect_r(t, stage=0, q=4)
+    assert torch.equal(r, torch.zeros_like(t))
+
+
+def test_ect_r_stage_divides_dt_by_q_power():
+    t = torch.tensor([0.1, 1.0, 3.0, 20.0], dtype=torch.float64)
+    for stage in (0, 1, 2):
+        r = losses.ect_r(t, stage=stage, q=4)
+        for ti, ri in zip(t.tolist(), r.tolist()):
+            assert ri == pytest.approx(_r_by_hand(ti, stage, 4), rel=1e-12, abs=1e-15)
+    dt0 = t - losses.ect_r(t, stage=0, q=2)
+    dt1 = t - losses.ect_r(t, stage=1, q=2)
+    assert (dt0[:2] == t[:2]).all()  # clamped: r = 0
+    torch.testing.assert_close(dt1[2:], dt0[2:] / 2)  # stage 1 at q=2 halves dt where not clamped
+    # q = 4096 (CIFAR): dt ~ t / 4096 for large t
+    assert (t[-1] - losses.ect_r(t, 0, 4096)[-1]).item() == pytest.approx(20 / 4096, rel=1e-6)
+
+
+def test_ect_stage():
+    assert losses.ect_stage(0, None) == 0
+    assert losses.ect_stage(123_456, None) == 0
+    assert losses.ect_stage(123_456, 0) == 0
+    assert losses.ect_stage(24_999, 25_000) == 0
+    assert losses.ect_stage(25_000, 25_000) == 1
+    assert losses.ect_stage(75_001, 25_000) == 3
+
+
+def _draws(seed, batch, shape, P_mean=-1.1, P_std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randn(batch, generator=g, dtype=torch.float32)
+    t = (P_mean + P_std * n).exp()
+    eps = torch.randn((batch, *shape), generator=g, dtype=torch.float32)
+    return t, eps
+
+
+def test_ect_loss_hand_value_with_sigma_dependent_student():
+    seed, B, shape, q = 7, 32, (1, 2, 2), 4
+    y = torch.linspace(-1, 1, B * 4).view(B, *shape)
+    f = lambda x, s: 2 * x + s.view(-1, 1, 1, 1)
+    got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=q)
+
+    t, eps = _draws(seed, B, shape)
+    want = []
+    n_zero = 0
+    for i in range(B):
+        ti = t[i].item()
+        ri = _r_by_hand(ti, 0, q)
+        pred = 2 * (y[i] + ti * eps[i]) + ti
+        if ri > 0:
+            target = 2 * (y[i] + ri * eps[i]) + ri
+        else:
+            target = y[i]
+            n_zero += 1
+        want.append((pred - target).double().square().sum().sqrt().item() / (ti - ri))
+    assert 0 < n_zero < B  # both branches are exercised
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    # closed form where r > 0: ||(t - r)(2 eps + 1)|| / (t - r) = ||2 eps + 1||
+    mask = got.new_tensor([_r_by_hand(v, 0, q) > 0 for v in t.tolist()]).bool()
+    closed = (2 * eps + 1).flatten(1).norm(dim=1)
+    torch.testing.assert_close(got[mask], closed[mask], rtol=1e-3, atol=1e-4)
+
+
+def test_ect_loss_target_is_y_when_r_is_zero():
+    """q = 1: dt = t (1 + 8 sigmoid(-t)) > t everywhere, so r = 0 and the target is y."""
+    seed, B, shape = 3, 8, (1, 2, 2)
+    y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(99))
+    f = lambda x, s: 0.5 * x + s.view(-1, 1, 1, 1)
+    got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=1)
+    t, eps = _draws(seed, B, shape)
+    tt = t.view(-1, 1, 1, 1)
+    want = (0.5 * (y + tt * eps) + tt - y).flatten(1).norm(dim=1) / t
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ect_loss_pseudo_huber():
+    seed, B, shape, q, c = 5, 8, (1, 2, 2), 64, 0.03
+    y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(1))
+    f = lambda x, s: 2 * x + s.view(-1, 1, 1, 1)
+    got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=q, c=c)
+    t, eps = _draws(seed, B, shape)
+    want = []
+    for i in range(B):
+        ti = t[i].item()
+        ri = _r_by_hand(ti, 0, q)
+        target = 2 * (y[i] + ri * eps[i]) + ri if ri > 0 else y[i]
+        d2 = (2 * (y[i] + ti * eps[i]) + ti - target).double().square().sum().item()
+        want.append((math.sqrt(d2 + c * c) - c) / (ti - ri))
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-3, atol=1e-5)
+
+
+class _ScaledStudent(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+        self.grad_enabled = []
+
+    def forward(self, x, s):
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return self.w * x
+
+
+def test_ect_loss_gradient_only_through_the_student_branch():
+    seed, B, shape, q = 11, 16, (1, 2, 2), 4
+    y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(2))
+    student = _ScaledStudent(1.3)
+    loss = losses.ect_loss(student, y, torch.Generator().manual_seed(seed), stage=0, q=q)
+    assert student.grad_enabled == [False, True]  # target first, under no_grad
+    loss.mean().backward()
+
+    t, eps = _draws(seed, B, shape)
+    w = 1.3
+    grads = []
+    for i in range(B):
+        ti = t[i].item()
+        ri = _r_by_hand(ti, 0, q)
+        x_t = (y[i] + ti * eps[i]).double()
+        target = w * (y[i] + ri * eps[i]).double() if ri > 0 else y[i].double()
+        diff = w * x_t - target
+        # d/dw ||w x_t - sg(target)|| / (t - r) = <diff, x_t> / (||diff|| (t - r))
+        grads.append((diff * x_t).sum().item() / (diff.norm().item() * (ti - ri)))
+    want = sum(grads) / B
+    assert student.w.grad.item() == pytest.approx(want, rel=1e-3)
+
+    # the same without stop-gradient would differ (so the check above can fail)
+    full = []
+    for i in range(B):
+        ti = t[i].item()
+        ri = _r_by_hand(ti, 0, q)
+        x_t = (y[i] + ti * eps[i]).double()
+        x_r = (y[i] + ri * eps[i]).double() if ri > 0 else torch.zeros_like(x_t)
+        target = w * x_r if ri > 0 else y[i].double()
+        diff = w * x_t - target
+        full.append((diff * (x_t - x_r)).sum().item() / (diff.norm().item() * (ti - ri)))
+    assert abs(sum(full) / B - want) > 1e-3 * abs(want)
+
+
+class _DropoutProbe(torch.nn.Module):
+    """Returns x times a dropout mask of ones, recording each mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, x, s):
+        mask = F.dropout(torch.ones_like(x), p=0.5, training=True)
+        self.masks.append(mask.clone())
+        return x * mask
+
+
+def test_ect_loss_target_and_student_share_the_dropout_mask():
+    probe = _DropoutProbe()
+    y = torch.zeros(8, 1, 4, 4)
+    torch.manual_seed(2024)
+    losses.ect_loss(probe, y, torch.Generator().manual_seed(0), stage=0, q=4)
+    assert len(probe.masks) == 2
+    assert torch.equal(probe.masks[0], probe.masks[1])
+    assert 0 < (probe.masks[0] == 0).sum() < probe.masks[0].numel()
+    # sanity: without the RNG restore two consecutive calls draw different masks
+    probe.masks.clear()
+    probe(y, None), probe(y, None)
+    assert not torch.equal(probe.masks[0], probe.masks[1])
+
+
+def test_ect_loss_with_real_dropout_network_reproduces_from_global_seed():
+    """Same global seed -> same value: the fork leaves the student pass's draws as they were."""
+    from stages import networks
+    from stages.precond import Precond
+
+    torch.manual_seed(0)
+    net = networks.build({"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8,
+                          "channel_mult": [1, 2], "num_blocks": 1, "dropout": 0.5})
+    with torch.no_grad():
+        net.conv_out.weight.normal_(0, 0.3)
+        for block in [*net.enc, *net.mid, *net.dec]:
+            if hasattr(block, "conv1"):
+                block.conv1.weight.normal_(0, 0.3)
+    pre = Precond(net, kind="ecm").train()
+    y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    values = []
+    for _ in range(2):
+        torch.manual_seed(77)
+        values.append(losses.ect_loss(pre, y, torch.Generator().manual_seed(1), stage=0, q=2))
+    assert torch.equal(values[0], values[1])
+    torch.manual_seed(78)
+    other = losses.ect_loss(pre, y, torch.Generator().manual_seed(1), stage=0, q=2)
+    assert not torch.equal(values[0], other)  # dropout really acts
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM
+
+
+def test_edm_loss_zero_for_perfect_denoiser():
+    y = torch.randn(6, 1, 3, 3, generator=torch.Generator().manual_seed(4))
+    got = losses.edm_loss(lambda x, s: y, y, torch.Generator().manual_seed(0), sigma_data=0.5)
+    assert got.shape == (6,)
+    assert torch.equal(got, torch.zeros(6))
+
+
+def test_edm_loss_for_zero_denoiser_and_the_noised_input():
+    seed, B, sd = 9, 6, 0.5
+    y = torch.randn(B, 1, 3, 3, generator=torch.Generator().manual_seed(4))
+    seen = {}
+
+    def zero(x, sigma):
+        seen["x"], seen["sigma"] = x.clone(), sigma.clone()
+        return torch.zeros_like(x)
+
+    got = losses.edm_loss(zero, y, torch.Generator().manual_seed(seed), sigma_data=sd)
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randn(B, generator=g)
+    sigma = (-1.2 + 1.2 * n).exp()
+    noise = torch.randn(y.shape, generator=g)
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    torch.testing.assert_close(seen["sigma"], sigma)
+    torch.testing.assert_close(seen["x"], y + sigma.view(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(got, weight * y.flatten(1).square().mean(1))
+    # the EDM weight at sigma = sigma_data is 2 / sd^2 = 8
+    assert ((0.5**2 + sd**2) / (0.5 * sd) ** 2) == pytest.approx(8.0)
