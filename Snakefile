@@ -11,7 +11,8 @@ configfile: workflow.source_path("config/default.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+# (Snakemake formats the prefix too, hence the doubled braces inside the f-string.)
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 include: "workflow/rules/common.smk"

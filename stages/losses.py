@@ -66,7 +66,9 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None):
     if name == "squared_l2":
         return squared_l2_distance
     if name == "pseudo_huber":
-        return lambda a, b: pseudo_huber_distance(a, b, pseudo_huber_c)
+        # Default c = 0.00054 sqrt(d), the choice of improved consistency training (Song & Dhariwal 2023).
+        return lambda a, b: pseudo_huber_distance(
+            a, b, pseudo_huber_c if pseudo_huber_c is not None else 0.00054 * a[0].numel() ** 0.5)
     if name == "lpips":
         return LPIPSDistance(lpips_weights)
     raise ValueError(f"unknown distance {name!r}")

@@ -119,20 +119,28 @@ with atomic.atomic_path(args.curve) as tmp:
 plt.close(fig)
 
 # ---- sample grids: one row block per init, 1-step then 2-step
-n_show = 16
-fig, axes = plt.subplots(len(inits), len(steps), figsize=(3 * len(steps), 3 * len(inits)), squeeze=False)
+
+
+def tile(images, pad=1):
+    """[n, C, H, W] uint8 -> one [rows * (H + pad), cols * (W + pad), C] image with grey separators."""
+    n, c, h, w = images.shape
+    side = int(np.ceil(np.sqrt(n)))
+    grid = np.full((side * (h + pad) + pad, side * (w + pad) + pad, c), 128, np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, side)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = \
+            img.transpose(1, 2, 0)
+    return grid
+
+
+fig, axes = plt.subplots(len(inits), len(steps), figsize=(3.2 * len(steps), 3.2 * len(inits)), squeeze=False)
 for row, (init, path) in enumerate(zip(inits, args.samples)):
     with np.load(path) as data:
         for col, s in enumerate(steps):
-            imgs = data[f"images_{s}step_r0"][:n_show]  # [n, C, H, W]
-            side = int(np.ceil(np.sqrt(len(imgs))))
-            c, h, w = imgs.shape[1:]
-            grid = np.zeros((side * h, side * w, c), np.uint8)
-            for k, img in enumerate(imgs):
-                grid[(k // side) * h:(k // side + 1) * h, (k % side) * w:(k % side + 1) * w] = img.transpose(1, 2, 0)
+            grid = tile(data[f"images_{s}step_r0"][:64])
             ax = axes[row][col]
-            ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray" if c == 1 else None,
-                      vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
             ax.set_title(f"{LABELS[init]}, {s}-step", fontsize=8)
             ax.axis("off")
 fig.tight_layout()

@@ -344,3 +344,12 @@ def test_edm_loss_for_zero_denoiser_and_the_noised_input():
     torch.testing.assert_close(got, weight * y.flatten(1).square().mean(1))
     # the EDM weight at sigma = sigma_data is 2 / sd^2 = 8
     assert ((0.5**2 + sd**2) / (0.5 * sd) ** 2) == pytest.approx(8.0)
+
+
+def test_pseudo_huber_default_c_scales_with_dimension():
+    a, b = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    c = 0.00054 * 8
+    expected = torch.full((2,), (64 + c**2) ** 0.5 - c)
+    torch.testing.assert_close(losses.make_distance("pseudo_huber")(a, b), expected)
+    torch.testing.assert_close(losses.make_distance("pseudo_huber", pseudo_huber_c=1.0)(a, b),
+                               torch.full((2,), 65**0.5 - 1))
