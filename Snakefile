@@ -1,5 +1,7 @@
 # CMT pipeline: teacher -> trajectories -> CMT mid-training -> post-training -> samples -> FD -> report.
 # The DAG lives in workflow/rules/; stage code lives in stages/. Run: snakemake -c2
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -9,9 +11,15 @@ configfile: workflow.source_path("config/default.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+# Impossible combinations of keys, which a schema cannot express; also before any job starts.
+sys.path.insert(0, workflow.basedir)
+from stages import config_checks
+
+config_checks.check(config)
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+# (Snakemake formats the prefix too: the shell's braces are doubled once more.)
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 include: "workflow/rules/common.smk"

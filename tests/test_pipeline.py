@@ -61,6 +61,9 @@ def test_tiny_row_end_to_end(tiny_run):
     # every stage printed progress and throughput into its log
     assert "img/s" in (res / "logs" / "midtrain.log").read_text()
     assert "teacher NFE/s" in (res / "logs" / "trajectory_shard" / "000000.log").read_text()
+    # a training state lives only until its stage has written its outputs
+    assert not list((res / "state").rglob("state.json"))
+    assert not list((tiny_run / "store" / "teachers").glob("*-state"))
     # nothing is left to do
     assert "Nothing to be done" in snakemake(tiny_run, "-n").stdout
 
