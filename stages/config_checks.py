@@ -24,6 +24,11 @@ def problems(cfg):
         out.append(f"sampling.sigma_mid: {sigma_mid} must lie between sigma_min {cfg['sigma_min']} "
                    f"and sigma_max {cfg['sigma_max']} for 2-step sampling")
 
+    fixed = SOURCE_RESOLUTION.get(cfg["dataset"]["source"])
+    if fixed is not None and cfg["dataset"].get("resolution", fixed) != fixed:
+        out.append(f"dataset.resolution: {cfg['dataset']['resolution']}, but {cfg['dataset']['source']} "
+                   f"images are {fixed}x{fixed}")
+
     if mid["batch"] % traj["nfe"]:
         out.append(f"midtrain.batch: {mid['batch']} is not a multiple of trajectories.nfe = {traj['nfe']} "
                    "(a step sees whole trajectories, nfe points each)")

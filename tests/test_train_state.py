@@ -123,6 +123,16 @@ def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
     assert isinstance(opt.param_groups[0]["betas"], tuple)
 
 
+def test_saves_fall_due_by_steps_or_minutes(tmp_path):
+    by_steps = _state(tmp_path, every_steps=5)
+    assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
+    assert not _state(tmp_path, every_minutes=60).due(7)
+    assert _state(tmp_path, every_minutes=1e-9).due(7)
+    assert not _state(tmp_path).due(5)  # neither set: only signals, slices and the last step save
+    sliced = _state(tmp_path, slice_kimg=0.1)
+    assert not sliced.slice_done(99) and sliced.slice_done(100)
+
+
 def test_restore_refuses_a_different_architecture_listing_keys(tmp_path):
     net, ema, opt = _setup()
     _fit(net, ema, opt, _state(tmp_path), total=2)
