@@ -124,9 +124,17 @@ def assert_same_tensors(a, b, prefixes=("net.", "ema.", "optimizer.")):
             assert torch.equal(a[k], b[k]), k
 
 
-def run_in_process(module, args, monkeypatch):
-    """Run a stage in this process (no SIGKILL needed): its errors reach pytest as exceptions."""
+def run_in_process(module, args, keep_state=False):
+    """Run a stage in this process (no SIGKILL needed): its errors reach pytest as exceptions.
+    keep_state=True leaves the final training state in place for comparison."""
     import runpy
 
-    monkeypatch.setattr(sys, "argv", [module, *map(str, args), "--threads", "1"])
-    runpy.run_module(module, run_name="__main__")
+    import pytest
+
+    from stages import train_state
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [module, *map(str, args), "--threads", "1"])
+        if keep_state:
+            patch.setattr(train_state.TrainState, "finish", lambda self: None)
+        runpy.run_module(module, run_name="__main__")

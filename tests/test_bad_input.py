@@ -55,14 +55,14 @@ def test_damaged_shard_stops_midtrain_before_any_step(inputs, kind, monkeypatch)
     loss = losses.cmt_cm_loss
     monkeypatch.setattr(losses, "cmt_cm_loss", lambda *a, **k: steps.append(1) or loss(*a, **k))
     with pytest.raises(error) as err:
-        run_in_process("stages.midtrain", midtrain_args(tmp_path, teacher, manifest, every_steps=1), monkeypatch)
+        run_in_process("stages.midtrain", midtrain_args(tmp_path, teacher, manifest, every_steps=1))
     message = str(err.value)
     assert message.startswith(f"{shard}:") and words in message
     assert f"regenerate it with `snakemake --force {shard}`" in message
     assert steps == [] and not (tmp_path / "state").exists() and not (tmp_path / "out").exists()
 
 
-def test_nan_in_the_data_stops_midtrain_naming_stage_step_and_last_state(tmp_path, monkeypatch):
+def test_nan_in_the_data_stops_midtrain_naming_stage_step_and_last_state(tmp_path):
     # the stream's order does not depend on the contents: find which trajectory step 3 reads
     clean = make_trajectories(tmp_path / "clean")
     paths = [e["path"] for e in json.loads(clean.read_text())["shards"]]
@@ -73,7 +73,7 @@ def test_nan_in_the_data_stops_midtrain_naming_stage_step_and_last_state(tmp_pat
     teacher = make_teacher(tmp_path / "teacher.safetensors")
 
     with pytest.raises(FloatingPointError) as err:
-        run_in_process("stages.midtrain", midtrain_args(tmp_path, teacher, poisoned, every_steps=2), monkeypatch)
+        run_in_process("stages.midtrain", midtrain_args(tmp_path, teacher, poisoned, every_steps=2))
     message = str(err.value)
     assert message.startswith("[midtrain] loss is nan at step 3;")
     last = tmp_path / "state" / "step-000000002"

@@ -1,7 +1,8 @@
 """Auto-resume through the real stages: bit-exact after a SIGKILL, signals, slices, config changes.
 
-The kills are real: tests/run_stage.py makes the stage process SIGKILL or signal itself at a
-chosen step, so nothing in it gets to clean up.
+The kills are real: tests/run_stage.py makes a stage process SIGKILL or signal itself at a chosen
+step, so nothing in it gets to clean up. The uninterrupted runs and the resumes run in this process
+(a stage is deterministic across processes on CPU with one thread), keeping their final state.
 """
 
 import json
@@ -43,13 +44,12 @@ def mid_args(mid, name, cfg=None, **checkpoint):
 
 @pytest.fixture(scope="module")
 def mid_straight(mid):
-    """N steps in one go; the process dies right after saving the state of step N."""
-    result = run("stages.midtrain", mid_args(mid, "straight", every_steps=N // 2), faults=["--kill-after-save", N])
-    assert result.returncode == SIGKILLED, result.log
+    """N steps in one go, and the state saved after the last one."""
+    run_in_process("stages.midtrain", mid_args(mid, "straight", every_steps=N // 2), keep_state=True)
     return load_state(mid["dir"] / "straight" / "state" / f"step-{N:09d}")
 
 
-def test_midtrain_sigkill_and_resume_is_bit_exact(mid, mid_straight):
+def test_midtrain_sigkill_and_resume_is_bit_exact(mid, mid_straight, capsys):
     args = mid_args(mid, "killed", every_steps=N // 2)
     state_dir = mid["dir"] / "killed" / "state"
     first = run("stages.midtrain", args, faults=["--kill-after-save", N // 2])
@@ -59,9 +59,10 @@ def test_midtrain_sigkill_and_resume_is_bit_exact(mid, mid_straight):
     # 6 steps x 2 trajectories = 12 of a 10-trajectory pool: the state is 2 into the second epoch
     assert info["step"] == N // 2 and info["data"] == {"epoch": 1, "offset": 2}
 
-    second = run("stages.midtrain", args, faults=["--kill-after-save", N])
-    assert second.returncode == SIGKILLED, second.log
-    assert f"resumed from {state_dir / f'step-{N // 2:09d}'} at step {N // 2}/{N}" in second.log
+    capsys.readouterr()
+    run_in_process("stages.midtrain", args, keep_state=True)
+    assert f"resumed from {state_dir / f'step-{N // 2:09d}'} at step {N // 2}/{N}" in capsys.readouterr().out
+    assert (mid["dir"] / "killed" / "model.safetensors").exists()
     tensors, info = load_state(state_dir / f"step-{N:09d}")
     straight_tensors, straight_info = mid_straight
     assert_same_tensors(tensors, straight_tensors)  # network, EMA and optimizer, bit for bit
@@ -69,16 +70,16 @@ def test_midtrain_sigkill_and_resume_is_bit_exact(mid, mid_straight):
     assert straight_tensors["optimizer.0.step"].item() == N
 
 
-def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_straight, monkeypatch):
+def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_straight):
     args = mid_args(mid, "sliced", slice_kimg=N // 2 * 8 / 1000)  # N/2 steps of 8 images per job
     with pytest.raises(SystemExit) as stop:
-        run_in_process("stages.midtrain", args, monkeypatch)
+        run_in_process("stages.midtrain", args)
     assert stop.value.code == train_state.EXIT_SLICE
     state_dir = mid["dir"] / "sliced" / "state"
     assert sorted(p.name for p in state_dir.iterdir()) == [f"step-{N // 2:09d}"]
     assert not (mid["dir"] / "sliced" / "model.safetensors").exists()
 
-    run_in_process("stages.midtrain", args, monkeypatch)
+    run_in_process("stages.midtrain", args)
     final = load_file(str(mid["dir"] / "sliced" / "model.safetensors"))
     assert_same_tensors(final, mid_straight[0], prefixes=("net.", "ema."))
     assert not state_dir.exists()  # the outputs are written: the state is gone
@@ -104,15 +105,14 @@ def post_args(post, name, cfg=None, **checkpoint):
 
 @pytest.fixture(scope="module")
 def post_straight(post):
-    result = run("stages.posttrain", post_args(post, "straight", every_steps=N // 2), faults=["--kill-after-save", N])
-    assert result.returncode == SIGKILLED, result.log
+    run_in_process("stages.posttrain", post_args(post, "straight", every_steps=N // 2), keep_state=True)
     state_dir = post["dir"] / "straight" / "state"
     snapshots = {p.stem: load_file(str(p)) for p in (state_dir / "snapshots").glob("*.safetensors")}
     assert sorted(snapshots) == ["p000", "p050", "p100"]
     return load_state(state_dir / f"step-{N:09d}"), snapshots
 
 
-def test_posttrain_killed_while_saving_resumes_from_the_previous_state_bit_exact(post, post_straight):
+def test_posttrain_killed_while_saving_resumes_from_the_previous_state_bit_exact(post, post_straight, capsys):
     """Saves every N/4 steps; the process dies halfway through writing the state of step 3N/4, so
     the state of step N/2 is the newest complete one, and the resume runs the last N/2 steps."""
     args = post_args(post, "killed", every_steps=N // 4)
@@ -123,9 +123,9 @@ def test_posttrain_killed_while_saving_resumes_from_the_previous_state_bit_exact
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # a half-written file was left behind
     assert sorted(p.name for p in state_dir.glob("step-*")) == [f"step-{N // 2:09d}"]
 
-    second = run("stages.posttrain", args, faults=["--kill-after-save", N])
-    assert second.returncode == SIGKILLED, second.log
-    assert f"at step {N // 2}/{N}" in second.log
+    capsys.readouterr()
+    run_in_process("stages.posttrain", args, keep_state=True)
+    assert f"at step {N // 2}/{N}" in capsys.readouterr().out
     assert not list(state_dir.glob(".tmp-*"))
     tensors, info = load_state(state_dir / f"step-{N:09d}")
     (straight_tensors, _), straight_snapshots = post_straight
@@ -135,7 +135,7 @@ def test_posttrain_killed_while_saving_resumes_from_the_previous_state_bit_exact
 
 
 def test_posttrain_sigterm_saves_and_exits_then_a_changed_config_is_refused_and_a_rerun_completes(
-        post, post_straight, monkeypatch):
+        post, post_straight, capsys):
     args = post_args(post, "term")
     run_dir, state_dir = post["dir"] / "term", post["dir"] / "term" / "state"
     first = run("stages.posttrain", args, faults=["--signal-at", "3:SIGTERM"])
@@ -146,15 +146,15 @@ def test_posttrain_sigterm_saves_and_exits_then_a_changed_config_is_refused_and_
 
     changed = posttrain_config(q=8, optimizer={"name": "adam", "lr": 2e-3})
     with pytest.raises(ValueError) as err:
-        run_in_process("stages.posttrain", post_args(post, "term", cfg=changed), monkeypatch)
+        run_in_process("stages.posttrain", post_args(post, "term", cfg=changed))
     message = str(err.value)
     assert "config.posttrain.q: 4 in the state, 8 now" in message
     assert "config.posttrain.optimizer.lr: 0.001 in the state, 0.002 now" in message
     assert f"delete {state_dir}" in message and "config.posttrain.steps" not in message
 
-    rerun = run("stages.posttrain", args)
-    assert rerun.returncode == 0, rerun.log
-    assert "resumed from" in rerun.log and "at step 4/12" in rerun.log
+    capsys.readouterr()
+    run_in_process("stages.posttrain", args)
+    assert f"resumed from {state_dir / 'step-000000004'} at step 4/12" in capsys.readouterr().out
     (straight_tensors, _), straight_snapshots = post_straight
     assert_same_tensors(load_file(str(run_dir / "model.safetensors")), straight_tensors, prefixes=("net.", "ema."))
     for name, snap in straight_snapshots.items():  # the snapshots made before the signal survived
