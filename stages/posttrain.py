@@ -82,10 +82,11 @@ if accelerator.is_main_process:
     checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
         **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
         "train_seconds": elapsed})
-    if state is not None:
+    if state is not None:  # the snapshots become outputs now that the job will succeed
         for name in snapshot_steps.values():
             for ext in (".safetensors", ".json"):
-                atomic.write_bytes(Path(args.snapshots) / (name + ext), (snapshot_dir / (name + ext)).read_bytes())
+                source = snapshot_dir / (name + ext)
+                atomic.write_bytes(Path(args.snapshots) / source.name, source.read_bytes())
     print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
     if state is not None:
         state.finish()

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import rng
+from . import rng, train_state
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
@@ -158,8 +158,6 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
     and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises train_state.Interrupted.
     """
-    from . import train_state
-
     start_step, seconds_before = 0, 0.0
     if state is not None:
         start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
@@ -184,6 +182,19 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         print(f"[{stage}] {reason}; state saved at step {steps_done}/{total_steps} in {state.dir}; "
               "rerun the same command (Snakemake: --retries) to continue", flush=True)
         raise train_state.Interrupted(code)
+
+    def after_step(done):
+        """Save the state when it is due; on a signal or a finished slice, save it and stop."""
+        if done == total_steps:  # the outputs come next: a kill before they are written loses no step
+            save(done)
+            return
+        signum = any_rank(accelerator, state.signal_received)
+        if signum:
+            stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
+        if any_rank(accelerator, state.slice_done((done - start_step) * batch)):
+            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", train_state.EXIT_SLICE, done)
+        if any_rank(accelerator, state.due(done)):
+            save(done)
 
     def last_good():
         return "no state folder (run without --state-dir)" if state is None else state.describe_latest()
@@ -214,19 +225,8 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
             status.update(step, loss.item(), lr=lr, grad=float(grad_norm))
             if on_step_end is not None:
                 on_step_end(done)
-            if state is None:
-                continue
-            if done == total_steps:  # the outputs come next: a kill before they are written loses no step
-                save(done)
-                continue
-            signum = any_rank(accelerator, state.signal_received)
-            if signum:
-                stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
-            if any_rank(accelerator, state.slice_done((done - start_step) * batch)):
-                stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", train_state.EXIT_SLICE,
-                     done)
-            if any_rank(accelerator, state.due(done)):
-                save(done)
+            if state is not None:
+                after_step(done)
     finally:
         if state is not None:
             state.release_signals()
