@@ -12,6 +12,7 @@ schedules are functions of the step. Tensors load through safetensors and the re
 restoring a state executes no code from the file.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ class TrainState:
         self.last_save_time = time.monotonic()
         self.signal_received = None
         self._old_handlers = {}
+        self._lock = None
 
     @classmethod
     def from_args(cls, state_dir, checkpoint_cfg, *, stage, identity):
@@ -126,6 +128,20 @@ class TrainState:
             return f"none yet (state folder {self.dir}); a rerun starts this stage from step 0"
         return f"{latest[1]} (step {latest[0]}); a rerun resumes from it"
 
+    def lock(self):
+        """Hold the folder for this job: two jobs training the same thing (two Snakemake runs
+        sharing a store) must not overwrite each other's states. The kernel drops the lock
+        when the process dies, however it dies."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"{self.dir}: another job is training from this state folder right now "
+                               "(another Snakemake run on the same store?); wait for it to finish") from None
+
     def remove_partial(self):
         """Temporary folders of a writer that was killed; never taken for a state."""
         for path in self.dir.glob(".tmp-*"):
@@ -135,6 +151,12 @@ class TrainState:
         """The stage wrote its outputs: the state is no longer needed (and must not be resumed
         by a later run with another config)."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.unlock()
+
+    def unlock(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------------------------------
     # Save and restore

@@ -160,8 +160,14 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     """
     start_step, seconds_before = 0, 0.0
     if state is not None:
-        start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
-                                                   optimizer=optimizer, data=data)
+        if accelerator.is_main_process:
+            state.lock()
+        try:
+            start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
+                                                       optimizer=optimizer, data=data)
+        except BaseException:
+            state.unlock()
+            raise
         if start_step:
             print(f"[{stage}] resumed from {state.latest()[1]} at step {start_step}/{total_steps}",
                   flush=True)
@@ -227,6 +233,10 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
                 on_step_end(done)
             if state is not None:
                 after_step(done)
+    except BaseException:
+        if state is not None:  # stopped or failed: the folder is free for the next job
+            state.unlock()
+        raise
     finally:
         if state is not None:
             state.release_signals()

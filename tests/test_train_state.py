@@ -123,6 +123,15 @@ def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
     assert isinstance(opt.param_groups[0]["betas"], tuple)
 
 
+def test_a_second_job_on_the_same_state_folder_is_refused(tmp_path):
+    first = _state(tmp_path)
+    first.lock()
+    with pytest.raises(RuntimeError, match="another job is training from this state folder"):
+        _state(tmp_path).lock()
+    first.finish()
+    _state(tmp_path).lock()  # free again once the first job is done
+
+
 def test_saves_fall_due_by_steps_or_minutes(tmp_path):
     by_steps = _state(tmp_path, every_steps=5)
     assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
