@@ -1,5 +1,7 @@
 # CMT pipeline: teacher -> trajectories -> CMT mid-training -> post-training -> samples -> FD -> report.
 # The DAG lives in workflow/rules/; stage code lives in stages/. Run: snakemake -c2
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -9,6 +11,11 @@ configfile: workflow.source_path("config/default.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+# Impossible combinations of keys, which a schema cannot express; also before any job starts.
+sys.path.insert(0, workflow.basedir)
+from stages import config_checks
+
+config_checks.check(config)
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
 # (Snakemake formats the prefix too, hence the doubled braces inside the f-string.)

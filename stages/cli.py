@@ -16,6 +16,16 @@ def parser(description):
     return p
 
 
+def add_state_args(p):
+    """The resume arguments of a training stage (the rule passes both; without --state-dir the
+    stage runs start to finish and cannot resume)."""
+    p.add_argument("--state-dir", default=None,
+                   help="folder for the resumable training state, outside the rule's outputs")
+    p.add_argument("--checkpoint", type=json.loads, default=None,
+                   help="the config's checkpoint section as JSON (every_steps, every_minutes, slice_kimg)")
+    return p
+
+
 def start(args, stage):
     """Pin torch to the job's threads (more threads than cores slowed a job ninefold here) and
     print the resolved configuration at the top of the log."""

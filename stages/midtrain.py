@@ -8,9 +8,9 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
-from . import checkpoints, cli, losses, shards, training
+from . import atomic, checkpoints, cli, losses, shards, train_state, training
 
-p = cli.parser(__doc__)
+p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
 p.add_argument("--out", required=True, help="model.safetensors to write")
@@ -37,6 +37,9 @@ net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", drop
 ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
+manifest_sha256 = atomic.sha256_file(args.manifest)
+state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain", identity={
+    "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
                                 lpips_weights=mc.get("lpips_weights"))
 if isinstance(distance, torch.nn.Module):
@@ -61,7 +64,7 @@ def loss_fn(step):
 
 elapsed = training.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                       loss_fn=loss_fn)
+                       loss_fn=loss_fn, state=state, data=stream)
 
 if accelerator.is_main_process:
     meta = {k: teacher_meta[k] for k in ("architecture", "sigma_data", "sigma_min", "sigma_max", "time")}
@@ -71,6 +74,8 @@ if accelerator.is_main_process:
         "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
         "train_seconds": elapsed,
         "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
-                   "manifest": {"path": args.manifest, "sha256": checkpoints.atomic.sha256_file(args.manifest)}},
+                   "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
     })
     print(f"[midtrain] wrote {args.out} after {elapsed:.0f}s", flush=True)
+    if state is not None:
+        state.finish()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, cli, datasets, losses, rng, training
+from . import atomic, checkpoints, cli, datasets, losses, rng, train_state, training
 
-p = cli.parser(__doc__)
+p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "teacher", "random"])
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
@@ -40,6 +40,12 @@ if args.init != "random":
 ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
+state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
+    "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
+    "dataset_sha256": atomic.sha256_file(args.dataset)})
+# Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
+# state folder until the end, as a later job could not remake the EMA of an earlier step.
+snapshot_dir = state.dir / "snapshots" if state is not None else Path(args.snapshots)
 
 total = pc["steps"]
 snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
@@ -52,7 +58,7 @@ meta_base.update(precond="ecm", init=args.init, config=cfg,
 def save_snapshot(steps_done):
     name = snapshot_steps.get(steps_done)
     if name is not None and accelerator.is_main_process:
-        checkpoints.save(Path(args.snapshots) / f"{name}.safetensors", ema=ema.module, meta={
+        checkpoints.save(snapshot_dir / f"{name}.safetensors", ema=ema.module, meta={
             **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
             "images_seen": steps_done * pc["batch"], "fraction": steps_done / total})
 
@@ -70,10 +76,17 @@ print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch'
 save_snapshot(0)
 elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                       loss_fn=loss_fn, on_step_end=save_snapshot)
+                       loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
 
 if accelerator.is_main_process:
     checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
         **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
         "train_seconds": elapsed})
+    if state is not None:  # the snapshots become outputs now that the job will succeed
+        for name in snapshot_steps.values():
+            for ext in (".safetensors", ".json"):
+                source = snapshot_dir / (name + ext)
+                atomic.write_bytes(Path(args.snapshots) / source.name, source.read_bytes())
     print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
+    if state is not None:
+        state.finish()

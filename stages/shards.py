@@ -69,30 +69,69 @@ def read_shard(path):
     return [decode_sample(s, str(path)) for s in pipeline]
 
 
-def trajectory_stream(paths, seed, shuffle_buffer=1000, start_epoch=0):
-    """An endless, reproducible stream of decoded trajectories from `paths`.
+class TrajectoryStream:
+    """An endless, reproducible stream of decoded trajectories from `paths`, with a position.
 
     Epoch e visits the shards in a permutation and shuffles samples in a buffer, both seeded by
     (seed, e), so the stream is a pure function of (paths, seed) and never depends on timing.
+    The position (epoch, offset = samples of that epoch handed out) is what a training state
+    saves; a stream set to it skips that many samples of the epoch without decoding them and
+    continues with exactly the samples an uninterrupted stream would give.
     """
-    from .rng import fold
 
-    paths = [str(p) for p in paths]
-    epoch = start_epoch
-    while True:
-        order = np.random.default_rng(fold(seed, epoch, "shard-order")).permutation(len(paths))
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList([paths[i] for i in order]),
+    def __init__(self, paths, seed, shuffle_buffer=1000, epoch=0, offset=0):
+        self.paths = [str(p) for p in paths]
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.epoch, self.offset = epoch, offset
+        self._samples = None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, position):
+        if self._samples is not None:
+            raise RuntimeError("set the stream's position before reading from it")
+        self.epoch, self.offset = int(position["epoch"]), int(position["offset"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._samples is None:
+            self._samples = self._generate()
+        return next(self._samples)
+
+    def _epoch(self, epoch):
+        from .rng import fold
+
+        order = np.random.default_rng(fold(self.seed, epoch, "shard-order")).permutation(len(self.paths))
+        return wds.DataPipeline(
+            wds.SimpleShardList([self.paths[i] for i in order]),
             wds.tarfile_to_samples(handler=wds.reraise_exception),
-            wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=fold(seed, epoch, "samples")),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=fold(self.seed, epoch, "samples")),
         )
-        n = 0
-        for sample in pipeline:
-            n += 1
-            yield decode_sample(sample)
-        if n == 0:
-            raise ValueError(f"no trajectories in {paths}")
-        epoch += 1
+
+    def _generate(self):
+        while True:
+            skip, seen = self.offset, 0
+            for sample in self._epoch(self.epoch):
+                seen += 1
+                if seen <= skip:
+                    continue
+                decoded = decode_sample(sample)
+                self.offset = seen
+                yield decoded
+            if seen == 0:
+                raise ValueError(f"no trajectories in {self.paths}")
+            if seen < skip:
+                raise ValueError(f"epoch {self.epoch} of {self.paths} has {seen} trajectories, fewer than "
+                                 f"the saved position {skip}; the shards changed under a saved state")
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+def trajectory_stream(paths, seed, shuffle_buffer=1000, start_epoch=0):
+    """The stream of `paths` from the start of epoch `start_epoch` (see TrajectoryStream)."""
+    return TrajectoryStream(paths, seed, shuffle_buffer, epoch=start_epoch)
 
 
 def check_manifest(manifest_path, fast=False):
@@ -106,7 +145,8 @@ def check_manifest(manifest_path, fast=False):
     paths = []
     for entry in manifest["shards"]:
         path = Path(entry["path"])
-        fix = f"delete it and rerun `snakemake {path}` to regenerate it"
+        fix = (f"regenerate it with `snakemake --force {path}` (with this run's --configfile and "
+               "--profile options), then rerun the workflow")
         if not path.exists():
             raise FileNotFoundError(f"{path}: trajectory shard listed in {manifest_path} is missing; {fix}")
         size = path.stat().st_size

@@ -3,10 +3,10 @@ sigma, EDM loss weighting), writing model.safetensors + model.json."""
 
 import torch
 
-from . import checkpoints, cli, datasets, losses, networks, rng, training
+from . import atomic, checkpoints, cli, datasets, losses, networks, rng, train_state, training
 from .precond import Precond
 
-p = cli.parser(__doc__)
+p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--dataset", required=True, help="prepared dataset.npz")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 p.add_argument("--key", required=True, help="store key of this teacher (provenance digest)")
@@ -33,6 +33,9 @@ print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters,
 ema = training.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
+dataset_sha256 = atomic.sha256_file(args.dataset)
+state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="train_teacher", identity={
+    "config": cfg, "key": args.key, "dataset_sha256": dataset_sha256})
 
 
 def loss_fn(step):
@@ -43,7 +46,7 @@ def loss_fn(step):
 
 elapsed = training.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
-                       batch=tc["batch"], seed=seed, loss_fn=loss_fn)
+                       batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=state)
 
 # ---- write
 if accelerator.is_main_process:
@@ -52,6 +55,8 @@ if accelerator.is_main_process:
         "sigma_data": cfg["sigma_data"], "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"],
         "time": "sigma", "config": cfg, "steps": tc["steps"], "images_seen": tc["steps"] * tc["batch"],
         "train_seconds": elapsed,
-        "inputs": {"dataset": {"path": args.dataset, "sha256": checkpoints.atomic.sha256_file(args.dataset)}},
+        "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
     })
     print(f"[train_teacher] wrote {args.out} after {elapsed:.0f}s", flush=True)
+    if state is not None:
+        state.finish()

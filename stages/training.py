@@ -6,12 +6,13 @@ and every stage prints the same status line (step, kimg, loss, images/s, sec/kim
 
 import copy
 import math
+import signal
 import sys
 import time
 
 import torch
 
-from . import rng
+from . import rng, train_state
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
@@ -144,39 +145,111 @@ class Status:
 
 
 def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch, seed, loss_fn,
-        on_step_end=None, status_every=100):
-    """Run `total_steps` optimisation steps.
+        on_step_end=None, status_every=100, state=None, data=None):
+    """Run optimisation steps up to `total_steps`; returns the training seconds (all jobs).
 
     `loss_fn(step)` returns per-sample losses for that step; it must draw its randomness from
     generators folded from `step`. Dropout draws come from the global RNG, re-seeded every step
     from (seed, step, rank). `on_step_end(steps_done)` runs after the EMA update (snapshots).
     A non-finite loss or gradient stops the run naming the step: nothing is zeroed or skipped.
+
+    With `state` (a train_state.TrainState) the run is resumable: the newest saved state is
+    restored first (network, EMA, optimizer, step and, through `data.state_dict()` /
+    `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
+    and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises train_state.Interrupted.
     """
+    start_step, seconds_before = 0, 0.0
+    if state is not None:
+        if accelerator.is_main_process:
+            state.lock()
+        try:
+            start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
+                                                       optimizer=optimizer, data=data)
+        except BaseException:
+            state.unlock()
+            raise
+        if start_step:
+            print(f"[{stage}] resumed from {state.latest()[1]} at step {start_step}/{total_steps}",
+                  flush=True)
     status = Status(stage, total_steps, batch, every=status_every)
+    status.step_last = start_step
     params = [p for p in net.parameters() if p.requires_grad]
     rank = accelerator.process_index
+
+    def save(steps_done):
+        if accelerator.is_main_process:
+            state.save(step=steps_done, total_steps=total_steps, batch=batch,
+                       net=accelerator.unwrap_model(net), ema=ema.module, optimizer=optimizer, data=data,
+                       train_seconds=seconds_before + status.elapsed())
+        accelerator.wait_for_everyone()
+
+    def stop(reason, code, steps_done):
+        save(steps_done)
+        print(f"[{stage}] {reason}; state saved at step {steps_done}/{total_steps} in {state.dir}; "
+              "rerun the same command (Snakemake: --retries) to continue", flush=True)
+        raise train_state.Interrupted(code)
+
+    def after_step(done):
+        """Save the state when it is due; on a signal or a finished slice, save it and stop."""
+        if done == total_steps:  # the outputs come next: a kill before they are written loses no step
+            save(done)
+            return
+        signum = any_rank(accelerator, state.signal_received)
+        if signum:
+            stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
+        if any_rank(accelerator, state.slice_done((done - start_step) * batch)):
+            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", train_state.EXIT_SLICE, done)
+        if any_rank(accelerator, state.due(done)):
+            save(done)
+
+    def last_good():
+        return "no state folder (run without --state-dir)" if state is None else state.describe_latest()
+
     net.train()
-    for step in range(total_steps):
-        torch.manual_seed(rng.fold(seed, step, rank, "dropout"))
-        lr = lr_at(step, total_steps, opt_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = loss_fn(step).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
-                                     "Lower the learning rate or check the inputs.")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(params, opt_cfg.get("clip_grad_norm") or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"[{stage}] gradient norm is {float(grad_norm)} at step {step}; "
-                                     "stopping rather than zeroing it.")
-        optimizer.step()
-        ema.update(accelerator.unwrap_model(net), step + 1)
-        status.update(step, loss.item(), lr=lr, grad=float(grad_norm))
-        if on_step_end is not None:
-            on_step_end(step + 1)
-    return status.elapsed()
+    if state is not None:
+        state.catch_signals()
+    try:
+        for step in range(start_step, total_steps):
+            torch.manual_seed(rng.fold(seed, step, rank, "dropout"))
+            lr = lr_at(step, total_steps, opt_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(step).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
+                                         f"Last good state: {last_good()}. "
+                                         "Lower the learning rate or check the inputs.")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, opt_cfg.get("clip_grad_norm") or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"[{stage}] gradient norm is {float(grad_norm)} at step {step}; "
+                                         f"stopping rather than zeroing it. Last good state: {last_good()}.")
+            optimizer.step()
+            done = step + 1
+            ema.update(accelerator.unwrap_model(net), done)
+            status.update(step, loss.item(), lr=lr, grad=float(grad_norm))
+            if on_step_end is not None:
+                on_step_end(done)
+            if state is not None:
+                after_step(done)
+    except BaseException:
+        if state is not None:  # stopped or failed: the folder is free for the next job
+            state.unlock()
+        raise
+    finally:
+        if state is not None:
+            state.release_signals()
+    return seconds_before + status.elapsed()
+
+
+def any_rank(accelerator, value):
+    """`value` (an int or bool) if it is set on any process: stop and save decisions depend on
+    signals and clocks, which differ between processes, and every process must take them."""
+    if accelerator.num_processes == 1:
+        return int(value or 0)
+    flag = torch.tensor([int(value or 0)], device=accelerator.device)
+    return int(accelerator.gather(flag).max().item())
 
 
 def make_accelerator():

@@ -1,12 +1,18 @@
-"""The config schema: defaults fill in, and malformed configs are refused naming the key."""
+"""The config schema and the cross-key checks: defaults fill in, and malformed configs are refused
+naming the key, before any job starts."""
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from stages import config_checks
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
@@ -58,6 +64,14 @@ BAD = [
     ("sampling.steps", [3], "steps"),
     ("dataset.source", "imagenet", "source"),
     ("row", "has space", "row"),
+    ("checkpoint.every_steps", 0, "every_steps"),
+    ("checkpoint.every_minutes", "often", "every_minutes"),
+    ("checkpoint.slice_kimg", -1, "slice_kimg"),
+    ("checkpoint.keep", 2, "keep"),
+    ("sigma_min", 0, "sigma_min"),
+    ("midtrain.distance", "l1", "distance"),
+    ("posttrain.snapshots", [0, 1.5], "snapshots"),
+    ("teacher.optimizer.betas", [0.9], "betas"),
 ]
 
 
@@ -68,3 +82,59 @@ def test_malformed_config_is_refused(path, value, word):
     with pytest.raises(WorkflowError) as err:
         validate(cfg, SCHEMA)
     assert word in str(err.value)
+
+
+# Combinations the schema cannot see: (changes, the key the message starts with).
+IMPOSSIBLE = [
+    ({"midtrain": {"batch": 100}}, "midtrain.batch"),                       # 100 / 16 points per trajectory
+    ({"trajectories": {"num_shards": 1, "per_shard": 4}}, "midtrain.batch"),  # 8 per step from a pool of 4
+    ({"sigma_max": 0.001}, "sigma_max"),                                    # the sigma grid would increase
+    ({"sampling": {"sigma_mid": 100.0}}, "sampling.sigma_mid"),
+    ({"midtrain": {"distance": "pseudo_huber"}}, "midtrain.pseudo_huber_c"),
+    ({"midtrain": {"distance": "lpips", "lpips_weights": "vgg.pth"}}, "midtrain.distance"),  # 8x8 digits
+    ({"midtrain": {"distance": "lpips"}}, "midtrain.lpips_weights"),
+    ({"dataset": {"resolution": 32}}, "dataset.resolution"),
+    ({"posttrain": {"snapshots": [0, 1.0, 0.5]}}, "posttrain.snapshots"),   # the last one is the final model
+    ({"posttrain": {"snapshots": [0, 0.5, 0.501]}}, "posttrain.snapshots"),  # both are p050
+]
+
+
+def merged(changes):
+    cfg = copy.deepcopy(default())
+    for section, value in changes.items():
+        if isinstance(value, dict):
+            cfg[section].update(value)
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def test_default_config_passes_the_cross_key_checks():
+    cfg = default()
+    validate(cfg, SCHEMA)
+    assert config_checks.problems(cfg) == []
+
+
+@pytest.mark.parametrize("changes,key", IMPOSSIBLE, ids=[json.dumps(c)[:40] for c, _ in IMPOSSIBLE])
+def test_impossible_combination_is_refused_naming_the_key(changes, key):
+    cfg = merged(changes)
+    validate(cfg, SCHEMA)  # each value is fine on its own
+    with pytest.raises(config_checks.ConfigError) as err:
+        config_checks.check(cfg)
+    assert f"\n  {key}: " in str(err.value)
+
+
+def test_the_table_has_at_least_20_malformed_configs():
+    assert len(BAD) + len(IMPOSSIBLE) >= 20
+
+
+@pytest.mark.parametrize("changes,key", [({"midtrain": {"stepz": 10}}, "stepz"),
+                                         ({"midtrain": {"batch": 100}}, "midtrain.batch")])
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, changes, key):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(changes))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                             "-d", str(tmp_path), "-c1", "--configfile", str(tmp_path / "bad.yaml")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert key in result.stderr and "Job stats" not in result.stdout + result.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()

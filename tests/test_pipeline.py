@@ -61,6 +61,9 @@ def test_tiny_row_end_to_end(tiny_run):
     # every stage printed progress and throughput into its log
     assert "img/s" in (res / "logs" / "midtrain.log").read_text()
     assert "teacher NFE/s" in (res / "logs" / "trajectory_shard" / "000000.log").read_text()
+    # a training state lives only until its stage has written its outputs
+    assert not list((res / "state").rglob("state.json"))
+    assert not list((tiny_run / "store" / "teachers").glob("*-state"))
     # nothing is left to do
     assert "Nothing to be done" in snakemake(tiny_run, "-n").stdout
 
@@ -83,3 +86,8 @@ def test_sampling_change_keeps_training(tiny_run, tmp_path):
     jobs = planned_jobs(snakemake(tiny_run, "-n", configs=[override(tmp_path, "mid", {"sampling": {"sigma_mid": 0.5}})]))
     assert not {"train_teacher", "midtrain", "posttrain", "trajectory_shard"} & set(jobs), jobs
     assert jobs["sample"] == 9
+
+
+def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
+    change = override(tmp_path, "ckpt", {"checkpoint": {"every_steps": 7, "every_minutes": None, "slice_kimg": 0.5}})
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout

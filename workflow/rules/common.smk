@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import shlex
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
@@ -31,6 +32,9 @@ DATASET = f"{DATASET_DIR}/dataset.npz"
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
 TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
+# Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
+TEACHER_STATE = f"{STORE}/teachers/{TEACHER_KEY}-state"
+STATE = f"{RES}/state"
 
 # The pool size (num_shards) is not part of the spec: shard k is the same whatever the pool size,
 # so growing the pool reuses the shards already made.
@@ -56,3 +60,17 @@ POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+
+
+def state_args(folder):
+    """--state-dir and --checkpoint of a training rule; `folder(wildcards)` is its state folder.
+
+    The param is a function of `output`, which Snakemake's params rerun trigger leaves out: how
+    often a run saves its state, or how it is sliced into jobs, must not make finished training stale.
+    """
+
+    def args(wildcards, output):
+        return (f"--state-dir {shlex.quote(folder(wildcards))} "
+                f"--checkpoint {shlex.quote(as_arg(config['checkpoint']))}")
+
+    return args

@@ -7,6 +7,7 @@ rule train_teacher:
     params:
         cfg=as_arg(TEACHER_CFG),
         key=TEACHER_KEY,
+        state=state_args(lambda w: TEACHER_STATE),
     threads: config["threads"]["teacher"]
     conda:
         "../../envs/cmt.yaml"
@@ -16,4 +17,4 @@ rule train_teacher:
         f"{BENCH}/train_teacher.tsv"
     shell:
         "python -m stages.train_teacher --config {params.cfg:q} --threads {threads} "
-        "--dataset {input} --key {params.key} --out {output.model} > {log} 2>&1"
+        "--dataset {input} --key {params.key} --out {output.model} {params.state} > {log} 2>&1"

@@ -9,6 +9,7 @@ rule midtrain:
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain": config["midtrain"]}),
+        state=state_args(lambda w: f"{STATE}/midtrain"),
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -18,7 +19,7 @@ rule midtrain:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} > {log} 2>&1"
+        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain:
@@ -35,6 +36,7 @@ rule posttrain:
     params:
         cfg=as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"], "posttrain": POSTTRAIN_CFG}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
+        state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -45,4 +47,4 @@ rule posttrain:
     shell:
         "python -m stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
         "--init-model {input.init} --dataset {input.dataset} --out {output.model} "
-        "--snapshots {params.snapshots} > {log} 2>&1"
+        "--snapshots {params.snapshots} {params.state} > {log} 2>&1"

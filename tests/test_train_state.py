@@ -1,0 +1,196 @@
+"""The training state: round trip, refusals, atomic replacement, and fit() stopping and resuming."""
+
+import copy
+import itertools
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+from stages import rng, shards, train_state, training  # noqa: E402
+
+ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.lin(F.dropout(x, p=0.5, training=self.training))
+
+
+def _setup(width=6):
+    torch.manual_seed(0)
+    net = _Tiny(width)
+    ema = training.EMA(net, 0.9, rampup=0.5)
+    return net, ema, training.build_optimizer(net.parameters(), ADAM)
+
+
+def _loss_fn(net, on_step=None):
+    def loss(step):
+        if on_step is not None:
+            on_step(step)
+        x = torch.randn(8, 6, generator=rng.generator(3, step, "data"))
+        return (net(x).squeeze(1) - x.sum(1)).square()
+    return loss
+
+
+def _fit(net, ema, opt, state, total=8, on_step=None):
+    return training.fit(stage="test", accelerator=training.make_accelerator(), net=net, ema=ema, optimizer=opt,
+                        opt_cfg=ADAM, total_steps=total, batch=8, seed=1, loss_fn=_loss_fn(net, on_step),
+                        status_every=1000, state=state)
+
+
+def _state(folder, identity=None, **kw):
+    return train_state.TrainState(folder, stage="test", identity=identity or {"config": {"lr": 1}}, **kw)
+
+
+def _tensors(net, ema, opt):
+    out = {f"net.{k}": v.clone() for k, v in net.state_dict().items()}
+    out.update({f"ema.{k}": v.clone() for k, v in ema.module.state_dict().items()})
+    for i, fields in opt.state_dict()["state"].items():
+        out.update({f"opt.{i}.{k}": v.clone() for k, v in fields.items()})
+    return out
+
+
+def _assert_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_differences_lists_nested_keys():
+    old = {"config": {"midtrain": {"lr": 1e-3, "steps": 10}, "seed": 0}, "teacher_sha256": "a"}
+    new = {"config": {"midtrain": {"lr": 2e-3, "steps": 10, "extra": 1}, "seed": 0}, "teacher_sha256": "b"}
+    assert train_state.differences(old, new) == [
+        "config.midtrain.extra: (absent) in the state, 1 now",
+        "config.midtrain.lr: 0.001 in the state, 0.002 now",
+        'teacher_sha256: "a" in the state, "b" now',
+    ]
+    assert train_state.differences(old, copy.deepcopy(old)) == []
+
+
+def test_fit_signal_then_resume_equals_a_straight_run(tmp_path):
+    net, ema, opt = _setup()
+    _fit(net, ema, opt, _state(tmp_path / "straight"), total=8)
+    straight = _tensors(net, ema, opt)
+
+    net, ema, opt = _setup()
+    sent = []
+
+    def send_usr1(step):
+        if step == 2 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    state = _state(tmp_path / "resumed", every_steps=None)
+    with pytest.raises(train_state.Interrupted) as stop:
+        _fit(net, ema, opt, state, total=8, on_step=send_usr1)
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert [s for s, _ in state.saved()] == [3]  # saved after the step the signal arrived in
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are given back
+
+    net, ema, opt = _setup()  # a fresh process would build everything anew
+    _fit(net, ema, opt, _state(tmp_path / "resumed"), total=8)
+    _assert_equal(_tensors(net, ema, opt), straight)
+    # the comparison is not trivial: two fewer steps give other weights
+    net2, ema2, opt2 = _setup()
+    _fit(net2, ema2, opt2, None, total=6)
+    assert not torch.equal(net2.lin.weight, net.lin.weight)
+
+
+def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
+    net, ema, opt = _setup()
+    state = _state(tmp_path, every_steps=2)
+    _fit(net, ema, opt, state, total=5)
+    assert [s for s, _ in state.saved()] == [5]  # 2 and 4 replaced once a newer one was complete
+    partial = tmp_path / ".tmp-step-000000009-123"
+    partial.mkdir()
+    (partial / "state.safetensors").write_bytes(b"half a file")
+    net, ema, opt = _setup()
+    assert state.restore(net=net, ema=ema.module, optimizer=opt)[0] == 5
+    assert not partial.exists()
+    info = json.loads((tmp_path / "step-000000005" / "state.json").read_text())
+    assert info["format"] == train_state.FORMAT and info["images"] == 40
+    assert info["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]
+    assert isinstance(opt.param_groups[0]["betas"], tuple)
+
+
+def test_a_second_job_on_the_same_state_folder_is_refused(tmp_path):
+    first = _state(tmp_path)
+    first.lock()
+    with pytest.raises(RuntimeError, match="another job is training from this state folder"):
+        _state(tmp_path).lock()
+    first.finish()
+    _state(tmp_path).lock()  # free again once the first job is done
+
+
+def test_saves_fall_due_by_steps_or_minutes(tmp_path):
+    by_steps = _state(tmp_path, every_steps=5)
+    assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
+    assert not _state(tmp_path, every_minutes=60).due(7)
+    assert _state(tmp_path, every_minutes=1e-9).due(7)
+    assert not _state(tmp_path).due(5)  # neither set: only signals, slices and the last step save
+    sliced = _state(tmp_path, slice_kimg=0.1)
+    assert not sliced.slice_done(99) and sliced.slice_done(100)
+
+
+def test_restore_refuses_a_different_architecture_listing_keys(tmp_path):
+    net, ema, opt = _setup()
+    _fit(net, ema, opt, _state(tmp_path), total=2)
+    net, ema, opt = _setup(width=7)
+    with pytest.raises(ValueError, match=r"saved net does not fit(.|\n)*wrong shape: lin.weight"):
+        _state(tmp_path).restore(net=net, ema=ema.module, optimizer=opt)
+
+
+def test_restore_refuses_a_damaged_state(tmp_path):
+    net, ema, opt = _setup()
+    _fit(net, ema, opt, _state(tmp_path), total=2)
+    weights = tmp_path / "step-000000002" / "state.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 differs.*damaged"):
+        _state(tmp_path).restore(net=net, ema=ema.module, optimizer=opt)
+
+
+def test_nan_names_stage_step_and_last_good_state(tmp_path):
+    net, ema, opt = _setup()
+
+    def poison(step):
+        if step == 3:
+            with torch.no_grad():
+                net.lin.bias.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError) as err:
+        _fit(net, ema, opt, _state(tmp_path, every_steps=2), total=8, on_step=poison)
+    assert str(err.value).startswith("[test] loss is nan at step 3;")
+    assert f"Last good state: {tmp_path / 'step-000000002'} (step 2)" in str(err.value)
+
+
+def test_stream_resumes_mid_epoch_exactly(tmp_path):
+    from test_shards import make_samples
+
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"s{k}.tar")
+        shards.write_shard(paths[-1], make_samples(7 * k, 7))
+    straight = shards.TrajectoryStream(paths, 5, shuffle_buffer=3)
+    first = [next(straight)["index"] for _ in range(17)]  # 14 per epoch: stops 3 into epoch 1
+    position = straight.state_dict()
+    assert position == {"epoch": 1, "offset": 3}
+    rest = [next(straight)["index"] for _ in range(20)]
+
+    resumed = shards.TrajectoryStream(paths, 5, shuffle_buffer=3)
+    resumed.load_state_dict(position)
+    assert [s["index"] for s in itertools.islice(resumed, 20)] == rest
+    fresh = shards.TrajectoryStream(paths, 5, shuffle_buffer=3)
+    assert [s["index"] for s in itertools.islice(fresh, 20)] != rest  # the position matters
+    assert sorted(first[:14]) == list(range(14))
