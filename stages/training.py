@@ -158,6 +158,8 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
     and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises train_state.Interrupted.
     """
+    # The EMA copy is made before accelerator.prepare moves the network to its device.
+    ema.module.to(accelerator.device)
     start_step, seconds_before = 0, 0.0
     if state is not None:
         if accelerator.is_main_process:
