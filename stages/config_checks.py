@@ -35,8 +35,6 @@ def problems(cfg):
     elif mid["batch"] // traj["nfe"] > traj["num_shards"] * traj["per_shard"]:
         out.append(f"midtrain.batch: {mid['batch'] // traj['nfe']} trajectories per step, more than the "
                    f"pool of trajectories.num_shards x per_shard = {traj['num_shards'] * traj['per_shard']}")
-    if mid["distance"] == "pseudo_huber" and mid.get("pseudo_huber_c") is None:
-        out.append("midtrain.pseudo_huber_c: distance pseudo_huber needs its c (e.g. 0.03)")
     if mid["distance"] == "lpips":
         resolution = cfg["dataset"].get("resolution", SOURCE_RESOLUTION.get(cfg["dataset"]["source"]))
         if resolution is not None and resolution < LPIPS_MIN_RESOLUTION:

@@ -90,7 +90,6 @@ IMPOSSIBLE = [
     ({"trajectories": {"num_shards": 1, "per_shard": 4}}, "midtrain.batch"),  # 8 per step from a pool of 4
     ({"sigma_max": 0.001}, "sigma_max"),                                    # the sigma grid would increase
     ({"sampling": {"sigma_mid": 100.0}}, "sampling.sigma_mid"),
-    ({"midtrain": {"distance": "pseudo_huber"}}, "midtrain.pseudo_huber_c"),
     ({"midtrain": {"distance": "lpips", "lpips_weights": "vgg.pth"}}, "midtrain.distance"),  # 8x8 digits
     ({"midtrain": {"distance": "lpips"}}, "midtrain.lpips_weights"),
     ({"dataset": {"resolution": 32}}, "dataset.resolution"),
