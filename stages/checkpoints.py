@@ -65,19 +65,23 @@ def load_weights(path, which):
     return state
 
 
-def load_into(module, path, which="ema"):
-    """Load weights into `module`, refusing any mismatch with the differing keys listed."""
-    state = load_weights(path, which)
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+def check_fits(own, saved, what, where):
+    """Refuse `saved` tensors that do not fit the `own` state dict, listing the differing keys."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    wrong = sorted(k for k in set(own) & set(saved) if own[k].shape != saved[k].shape)
     if missing or unexpected or wrong:
-        lines = [f"{path}: '{which}' weights do not fit this architecture"]
+        lines = [f"{where}: {what} do not fit this model"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 lines.append(f"  {title}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
         raise ValueError("\n".join(lines))
+
+
+def load_into(module, path, which="ema"):
+    """Load weights into `module`, refusing any mismatch with the differing keys listed."""
+    state = load_weights(path, which)
+    check_fits(module.state_dict(), state, f"the '{which}' weights", path)
     module.load_state_dict(state)
     return module
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic
+from . import atomic, checkpoints
 
 FORMAT = "cmt-train-state/1"
 # Exit codes of a job that stopped on purpose after saving its state (the rerun continues):
@@ -58,18 +58,6 @@ def differences(saved, current):
             show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
             lines.append(f"{key}: {show(old)} in the state, {show(new)} now")
     return lines
-
-
-def _check_fits(own, saved, what, where):
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    wrong = sorted(k for k in set(own) & set(saved) if own[k].shape != saved[k].shape)
-    if missing or unexpected or wrong:
-        lines = [f"{where}: the saved {what} does not fit this model"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {title}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
-        raise ValueError("\n".join(lines))
 
 
 class TrainState:
@@ -216,7 +204,7 @@ class TrainState:
         tensors = load_file(str(weights))
         for prefix, module in (("net.", net), ("ema.", ema)):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            _check_fits(module.state_dict(), state, prefix[:-1], weights)
+            checkpoints.check_fits(module.state_dict(), state, f"the saved {prefix[:-1]} tensors", weights)
             module.load_state_dict(state)
         optimizer.load_state_dict(_optimizer_state(tensors, info["optimizer"]))
         if data is not None:

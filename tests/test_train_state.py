@@ -146,7 +146,7 @@ def test_restore_refuses_a_different_architecture_listing_keys(tmp_path):
     net, ema, opt = _setup()
     _fit(net, ema, opt, _state(tmp_path), total=2)
     net, ema, opt = _setup(width=7)
-    with pytest.raises(ValueError, match=r"saved net does not fit(.|\n)*wrong shape: lin.weight"):
+    with pytest.raises(ValueError, match=r"saved net tensors do not fit(.|\n)*wrong shape: lin.weight"):
         _state(tmp_path).restore(net=net, ema=ema.module, optimizer=opt)
 
 
