@@ -124,6 +124,13 @@ def _numpy_global(name):
     return getattr(core.multiarray, name)
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """Protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(text, 'latin1')."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise UnsafePickleError(f"_codecs.encode({type(text).__name__}, {encoding!r}) refused")
+    return text.encode("latin1")
+
+
 def _allowed():
     allow = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -139,6 +146,7 @@ def _allowed():
         ("dnnlib", "EasyDict"): InertDict,
         ("numpy", "dtype"): _numpy_dtype,
         ("torch", "device"): torch.device,
+        ("_codecs", "encode"): _latin1_bytes,
     }
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allow[(core, "scalar")] = _numpy_global("scalar")
@@ -155,8 +163,8 @@ ALLOWED = _allowed()
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source):
-        super().__init__(file)
+    def __init__(self, file, source, encoding="ASCII"):
+        super().__init__(file, encoding=encoding)  # latin1 reads Python 2 pickles (CIFAR-10)
         self.source = source
 
     def find_class(self, module, name):
@@ -174,8 +182,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: persistent id {pid!r} refused (not an EDM pickle)")
 
 
-def loads(data: bytes, source="<bytes>"):
-    return RestrictedUnpickler(io.BytesIO(data), source).load()
+def loads(data: bytes, source="<bytes>", encoding="ASCII"):
+    return RestrictedUnpickler(io.BytesIO(data), source, encoding).load()
 
 
 def load(path):

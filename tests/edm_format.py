@@ -69,10 +69,12 @@ class Persistent:
         return self.hook, (meta,)
 
 
-def as_persistent(module, hook, source, class_names=None, init_kwargs=None):
-    """Our module tree in the persistence layout (class names optionally renamed)."""
+def as_persistent(module, hook, source, class_names=None, init_kwargs=None, path=""):
+    """Our module tree in the persistence layout (class names optionally renamed; `init_kwargs`
+    maps a module path, "" for the root, to the init kwargs recorded with it)."""
     children = collections.OrderedDict(
-        (name, None if child is None else as_persistent(child, hook, source, class_names))
+        (name, None if child is None else
+         as_persistent(child, hook, source, class_names, init_kwargs, f"{path}.{name}".lstrip(".")))
         for name, child in module._modules.items())
     if isinstance(module, CONTAINERS):
         clone = module.__class__.__new__(module.__class__)
@@ -82,12 +84,15 @@ def as_persistent(module, hook, source, class_names=None, init_kwargs=None):
     state = dict(module.__dict__)
     state["_modules"] = children
     state["_init_args"] = ()
-    state["_init_kwargs"] = dict(init_kwargs or {})
+    state["_init_kwargs"] = dict((init_kwargs or {}).get(path, {}))
     name = type(module).__name__
     return Persistent(hook, (class_names or {}).get(name, name), source, state)
 
 
-def write_edm_pickle(path, ema, marker, init_kwargs, class_names=None, extra=None):
+OFFICIAL_NAMES = {"Precond": "EDMPrecond", "DDPMpp": "SongUNet", "NoiseEmbedding": "PositionalEmbedding"}
+
+
+def write_edm_pickle(path, ema, marker, init_kwargs, class_names=OFFICIAL_NAMES, extra=None):
     """Write `path` as EDM's training loop does: dict(ema=..., loss_fn=..., augment_pipe=...,
     dataset_kwargs=...), each network a persistence record."""
     with stand_in_modules(marker) as (hook, EasyDict):

@@ -22,7 +22,7 @@ def test_edm_layout_loads_as_inert_data(tmp_path):
     marker = tmp_path / "marker"
     net = randomize(Precond(networks.build(ARCH), "edm"), seed=0)
     kwargs = {"model_channels": 8, "skip_scale": np.sqrt(0.5), "resample_filter": [1, 1]}
-    write_edm_pickle(tmp_path / "net.pkl", net, marker, kwargs, class_names={"Precond": "EDMPrecond"})
+    write_edm_pickle(tmp_path / "net.pkl", net, marker, {"": kwargs})
 
     data = unpickle.load(tmp_path / "net.pkl")
     assert not marker.exists()  # neither the module source nor the persistence hook ran
@@ -74,7 +74,7 @@ def test_code_hidden_inside_a_network_record_is_refused(tmp_path):
     marker = tmp_path / "marker"
     net = Precond(networks.build(ARCH), "edm")
     kwargs = {"model_channels": 8, "hook": RunsShell(marker)}
-    write_edm_pickle(tmp_path / "net.pkl", net, marker, kwargs)
+    write_edm_pickle(tmp_path / "net.pkl", net, marker, {"model": kwargs})
     with pytest.raises(unpickle.UnsafePickleError, match="refused global"):
         unpickle.load(tmp_path / "net.pkl")
     assert not marker.exists()
