@@ -11,15 +11,17 @@ configfile: workflow.source_path("config/default.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/assets.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/trajectories.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/resources.smk"
 
 
 rule all:

@@ -34,18 +34,18 @@ def read_digits(spec):
 CIFAR10_TRAIN = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
 
 
-def write_cifar10_archive(path, images, labels, per_batch=10000):
-    """A tar.gz in the layout of the CIFAR-10 python archive (Python 2 style batch pickles of
-    `data` uint8 [n, 3072] in channel-major order and `labels`). Used for synthetic smoke data."""
+def write_cifar10_archive(path, images, labels):
+    """A tar.gz in the layout of the CIFAR-10 python archive (the images split over five batch
+    pickles of `data` uint8 [n, 3072], channel-major, and `labels`). For synthetic smoke data."""
     import pickle
     import tarfile
 
     with tarfile.open(path, "w:gz") as tar:
-        for i, name in enumerate(CIFAR10_TRAIN):
-            chunk = slice(i * per_batch, (i + 1) * per_batch)
+        parts = zip(np.array_split(images, 5), np.array_split(np.asarray(labels), 5))
+        for i, (name, (imgs, labs)) in enumerate(zip(CIFAR10_TRAIN, parts)):
             batch = {"batch_label": f"training batch {i + 1} of 5",
-                     "data": np.ascontiguousarray(images[chunk].reshape(-1, 3072)),
-                     "labels": [int(v) for v in labels[chunk]], "filenames": []}
+                     "data": np.ascontiguousarray(imgs.reshape(-1, 3072)),
+                     "labels": [int(v) for v in labs], "filenames": []}
             blob = pickle.dumps(batch, protocol=2)
             info = tarfile.TarInfo(name)
             info.size = len(blob)
@@ -73,10 +73,11 @@ def read_cifar10(spec):
         raise ValueError("dataset.resolution: CIFAR-10 images are 32x32; set resolution: 32")
     if spec.get("synthetic"):
         count = spec["synthetic"]
+        if count < 5:
+            raise ValueError("dataset.synthetic: the CIFAR-10 layout has five batches; use at least 5 images")
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "cifar-10-python.tar.gz"
-        write_cifar10_archive(path, synthetic_images(count, 3, 32, seed=0), np.arange(count) % 10,
-                              per_batch=-(-count // 5))
+        write_cifar10_archive(path, synthetic_images(count, 3, 32, seed=0), np.arange(count) % 10)
     else:
         path = Path(spec["path"])
     if not path.exists():

@@ -14,7 +14,16 @@ from cleanfid.fid import frechet_distance
 
 
 def pixel_features(images_uint8, cfg=None):
-    return images_uint8.reshape(images_uint8.shape[0], -1).astype(np.float64) / 127.5 - 1.0
+    """Pixels in [-1, 1], flattened; `pool` > 1 averages pool x pool blocks first (smoke runs of
+    the paper rows: 3,072-d CIFAR pixels would make each matrix square root take minutes)."""
+    x = images_uint8.astype(np.float64) / 127.5 - 1.0
+    pool = (cfg or {}).get("pool", 1)
+    if pool > 1:
+        n, c, h, w = x.shape
+        if h % pool or w % pool:
+            raise ValueError(f"features.pool {pool} does not divide the {h}x{w} images")
+        x = x.reshape(n, c, h // pool, pool, w // pool, pool).mean(axis=(3, 5))
+    return x.reshape(x.shape[0], -1)
 
 
 INCEPTION_FILE = "inception-2015-12-05.pt"

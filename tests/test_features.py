@@ -51,6 +51,14 @@ def test_inception_missing_file_is_named(tmp_path):
         features.extract(np.zeros((1, 3, 8, 8), np.uint8), {"kind": "inception", "model": str(missing)})
 
 
+def test_pooled_pixels():
+    images = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    got = features.extract(images, {"kind": "pixels", "pool": 2})
+    want = (images.astype(np.float64) / 127.5 - 1).reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(2, 12)
+    assert got.shape == (2, 12) and np.allclose(got, want)
+    assert np.isclose(got[0, 0], np.mean([0, 1, 4, 5]) / 127.5 - 1)
+
+
 def test_lpips_random_trunk_32x32():
     torch.manual_seed(0)
     d = losses.LPIPSDistance(None)

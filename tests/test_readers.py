@@ -12,7 +12,7 @@ def test_cifar10_archive(tmp_path):
     images = rng.integers(0, 256, size=(25, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=25)
     path = tmp_path / "cifar-10-python.tar.gz"
-    datasets.write_cifar10_archive(path, images, labels, per_batch=5)
+    datasets.write_cifar10_archive(path, images, labels)
     got, got_labels = datasets.read_cifar10({"path": str(path)})
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
     # channel-major rows: the first 1024 bytes of a row are the red plane

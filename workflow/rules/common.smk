@@ -4,6 +4,10 @@
 import hashlib
 import json
 import os
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from stages.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
@@ -28,8 +32,17 @@ DATASET_KEY = digest({"dataset": config["dataset"], "code": CODE_VERSION["datase
 DATASET_DIR = f"{STORE}/datasets/{config['dataset']['name']}-{DATASET_KEY}"
 DATASET = f"{DATASET_DIR}/dataset.npz"
 
+TEACHER_SOURCE = config["teacher"].get("source", "train")
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
-TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
+if TEACHER_SOURCE == "import":
+    # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
+    # and the sha256 pinned in config, if any; the dataset and training settings play no part.
+    _name = config["teacher"]["asset"]
+    TEACHER_CFG["teacher"] = {**config["teacher"], "url": CATALOG[_name].url}
+    TEACHER_KEY = digest({"import": CATALOG[_name].url, "sha256": config.get("assets", {}).get("sha256", {}).get(_name),
+                          "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
+else:
+    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 
 # The pool size (num_shards) is not part of the spec: shard k is the same whatever the pool size,
@@ -51,6 +64,12 @@ SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config["posttrain"]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
 # Everything of posttrain but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
+
+
+def posttrain_cfg(init):
+    """The `baseline` init (vanilla ECT from the teacher at the row's total budget) is post-training
+    from the teacher with the `baseline` overrides (its steps, q, doubling, ...)."""
+    return {**POSTTRAIN_CFG, **config.get("baseline", {})} if init == "baseline" else POSTTRAIN_CFG
 
 
 def init_model(wildcards):
