@@ -19,8 +19,8 @@ rule prepare_dataset:
 
 rule fid_reference:
     input:
-        DATASET,
-        asset_inputs(FEATURES_CFG.get("model")),
+        dataset=DATASET,
+        inception=asset_inputs(FEATURES_CFG.get("model")),
     output:
         f"{RES}/fid_reference.npz",
     params:
@@ -32,4 +32,4 @@ rule fid_reference:
     benchmark:
         f"{BENCH}/fid_reference.tsv"
     shell:
-        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input[0]} --out {output} > {log} 2>&1"
+        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input.dataset} --out {output} > {log} 2>&1"
