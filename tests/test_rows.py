@@ -76,3 +76,17 @@ def test_cifar10_smoke_through_snakemake(tmp_path):
     assert midtrain["architecture"]["kind"] == "ddpmpp" and midtrain["architecture"]["channels"] == 128
     assert "import_teacher" in (res / "logs" / "import_teacher.log").read_text()
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=configs).stdout
+
+
+def test_teacher_source_is_validated():
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    row = {**base, **yaml.safe_load((ROWS / "cifar10-cmt-ect.yaml").read_text())}
+    validate(row, schema)
+    for teacher, word in [({"source": "import"}, "asset"), ({"source": "train", "asset": "x"}, "steps"),
+                          ({"source": "download", "asset": "x"}, "download")]:
+        with pytest.raises(WorkflowError, match=word):
+            validate({**row, "teacher": teacher}, schema)
