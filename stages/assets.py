@@ -111,13 +111,16 @@ def download(url, dest, timeout=20, chunk=1 << 20):
     os.replace(part, dest)
 
 
-def fetch(names, cfg, log=print):
-    """Fetch every asset in `names` into cfg['dir'] that is not there yet, and check all of them."""
+def fetch(names, cfg, log=print, row_needs=()):
+    """Fetch every asset in `names` into cfg['dir'] that is not there yet, and check all of them.
+    Offline, the error lists every missing file of `names` and `row_needs` (the row's other assets)."""
     folder = Path(cfg["dir"])
     folder.mkdir(parents=True, exist_ok=True)
     pins = cfg.get("sha256") or {}
     assets = {name: resolve(name, cfg) for name in names}
     missing = [n for n, a in assets.items() if not (folder / a.filename).exists()]
+    others = {n: resolve(n, cfg) for n in row_needs if n not in assets}
+    others = {n: a for n, a in others.items() if not (folder / a.filename).exists()}
     for i, name in enumerate(missing):
         asset = assets[name]
         dest = folder / asset.filename
@@ -127,7 +130,8 @@ def fetch(names, cfg, log=print):
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             if isinstance(e, urllib.error.HTTPError):
                 raise
-            todo = "\n".join(f"  {assets[n].url}\n    -> {folder / assets[n].filename}" for n in missing[i:])
+            todo = {**{n: assets[n] for n in missing[i:]}, **others}
+            todo = "\n".join(f"  {a.url}\n    -> {folder / a.filename}" for a in todo.values())
             raise OfflineError(
                 f"cannot download {asset.url} ({e}). No internet here? Run fetch_assets on a machine "
                 f"with access (the login node), or place these files by hand:\n{todo}") from None

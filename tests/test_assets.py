@@ -45,7 +45,7 @@ def test_offline_fails_at_once_with_what_to_place_where(tmp_path):
                                                       "inception-2015-12-05": "http://127.0.0.1:9/inc.pt"}}
     t0 = time.perf_counter()
     with pytest.raises(assets.OfflineError) as err:
-        assets.fetch(["vgg16", "inception-2015-12-05"], cfg, log=lambda m: None)
+        assets.fetch(["vgg16"], cfg, log=lambda m: None, row_needs=["inception-2015-12-05"])
     assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     assert f"-> {tmp_path / 'assets' / 'vgg16-397923af.pth'}" in msg

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
