@@ -17,6 +17,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,3 +123,21 @@ def randomize(module, seed, std=0.2):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def official_kwargs(arch, **override):
+    """The init kwargs EDM's train.py records for --arch=ddpmpp --precond=edm (numpy scalars too)."""
+    precond = {"img_resolution": arch["resolution"], "img_channels": arch["in_channels"], "label_dim": 0,
+               "use_fp16": False, "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": np.float64(0.5),
+               "model_type": "SongUNet", "embedding_type": "positional", "encoder_type": "standard",
+               "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1],
+               "model_channels": arch["channels"], "channel_mult": arch["channel_mult"],
+               "augment_dim": arch["augment_dim"], "dropout": arch["dropout"]}
+    model = {k: v for k, v in precond.items() if k not in ("img_channels", "use_fp16", "sigma_min", "sigma_max",
+                                                           "sigma_data", "model_type")}
+    model.update(in_channels=arch["in_channels"], out_channels=arch["in_channels"],
+                 num_blocks=arch["num_blocks"], attn_resolutions=arch["attn_resolutions"])
+    precond.update(num_blocks=arch["num_blocks"], attn_resolutions=arch["attn_resolutions"])
+    for key, value in override.items():
+        precond[key] = model[key] = value
+    return {"": precond, "model": model}

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,30 +14,12 @@ torch.set_num_threads(1)
 
 from stages import checkpoints, edm_import, networks
 from stages.precond import Precond
-from tests.edm_format import randomize, write_edm_pickle
+from tests.edm_format import official_kwargs, randomize, write_edm_pickle
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small DDPM++ (CIFAR layout at 16 channels, one block per level) keeps the pickle small.
 ARCH = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 16, "channel_mult": [2, 2],
         "num_blocks": 1, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4, "dropout": 0.13}
-
-
-def official_kwargs(arch, **override):
-    """The init kwargs EDM's train.py records for --arch=ddpmpp --precond=edm (numpy scalars too)."""
-    precond = {"img_resolution": arch["resolution"], "img_channels": arch["in_channels"], "label_dim": 0,
-               "use_fp16": False, "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": np.float64(0.5),
-               "model_type": "SongUNet", "embedding_type": "positional", "encoder_type": "standard",
-               "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1],
-               "model_channels": arch["channels"], "channel_mult": arch["channel_mult"],
-               "augment_dim": arch["augment_dim"], "dropout": arch["dropout"]}
-    model = {k: v for k, v in precond.items() if k not in ("img_channels", "use_fp16", "sigma_min", "sigma_max",
-                                                           "sigma_data", "model_type")}
-    model.update(in_channels=arch["in_channels"], out_channels=arch["in_channels"],
-                 num_blocks=arch["num_blocks"], attn_resolutions=arch["attn_resolutions"])
-    precond.update(num_blocks=arch["num_blocks"], attn_resolutions=arch["attn_resolutions"])
-    for key, value in override.items():
-        precond[key] = model[key] = value
-    return {"": precond, "model": model}
 
 
 def make_snapshot(tmp_path, arch=ARCH, **override):

@@ -14,8 +14,7 @@ import yaml
 
 from stages import networks
 from stages.precond import Precond
-from tests.edm_format import write_edm_pickle
-from tests.test_import_teacher import official_kwargs
+from tests.edm_format import official_kwargs, write_edm_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "config" / "rows"
