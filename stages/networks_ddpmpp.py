@@ -17,8 +17,8 @@ checkpoints (`model.enc.32x32_block0.conv0.weight`, ...) so their EMA tensors lo
   single-head self-attention with a 1x1 qkv conv (channels interleaved q, k, v per channel);
 - resampling by the [1, 1] filter: 2x2 box average down, nearest-neighbour up, before the conv.
 - `augment_dim` > 0 adds EDM's augmentation-label embedding `map_augment` (bias-free); the
-  official teachers carry it (augment_dim 9). Augmentation labels are never passed (CMT and ECT
-  train with augment 0), so it only exists to load those weights.
+  official teachers carry it (augment_dim 9). CMT and ECT train with augment 0, so it always sees
+  a zero label and contributes exactly 0; it exists to load those weights one to one.
 """
 
 import math
@@ -174,7 +174,12 @@ class DDPMpp(nn.Module):
         self.dec[f"{resolution}x{resolution}_aux_conv"] = Conv2d(c, in_channels, 3, gain=1e-5)
 
     def forward(self, x, c_noise):
-        emb = F.silu(self.map_layer0(self.map_noise(c_noise)))
+        emb = self.map_noise(c_noise)
+        if self.map_augment is not None:
+            # No augmentation labels (augment 0): the embedding of a zero label adds exactly 0,
+            # and keeps the layer in the graph so that multi-GPU DDP sees no unused parameter.
+            emb = emb + self.map_augment(emb.new_zeros(emb.shape[0], self.map_augment.weight.shape[1]))
+        emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
         skips = []
         for layer in self.enc.values():

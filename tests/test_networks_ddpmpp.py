@@ -119,3 +119,21 @@ def test_small_forward_runs_and_depends_on_noise(arch):
     y0, y1 = net(x, torch.zeros(2)), net(x, torch.ones(2))
     assert y0.shape == x.shape and torch.isfinite(y0).all()
     assert not torch.allclose(y0, y1)
+
+
+def test_augment_embedding_adds_exactly_zero_but_stays_in_the_graph():
+    small = {**CIFAR, "channels": 16, "num_blocks": 1, "dropout": 0.0}
+    torch.manual_seed(3)
+    with_aug = networks.build(small)
+    without = networks.build({**small, "augment_dim": 0})
+    with torch.no_grad():
+        for p in with_aug.parameters():
+            p.normal_(0, 0.1)
+    missing = without.load_state_dict(with_aug.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["map_augment.weight"] and not missing.missing_keys
+    x, c = torch.randn(2, 3, 32, 32), torch.randn(2)
+    out = with_aug(x, c)
+    assert torch.equal(out, without(x, c))
+    out.square().sum().backward()
+    grad = with_aug.map_augment.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0  # DDP sees it used; it never moves
