@@ -40,9 +40,9 @@ def problems(cfg):
         if resolution is not None and resolution < LPIPS_MIN_RESOLUTION:
             out.append(f"midtrain.distance: lpips needs images of at least {LPIPS_MIN_RESOLUTION}x"
                        f"{LPIPS_MIN_RESOLUTION}, dataset.resolution is {resolution}; use l2 or pseudo_huber")
-        if mid.get("lpips_weights") is None:
-            out.append("midtrain.lpips_weights: distance lpips needs the VGG16 trunk weights file "
-                       "(a random trunk is for tests only)")
+        if mid.get("lpips_weights") is None and not cfg["dataset"].get("synthetic"):
+            out.append("midtrain.lpips_weights: distance lpips needs the VGG16 trunk weights (a file or "
+                       "the catalog name vgg16); a random trunk is for tests and smoke runs only")
 
     snapshots = post["snapshots"]
     if list(snapshots) != sorted(snapshots):

@@ -31,7 +31,109 @@ def read_digits(spec):
     return images, digits.target.astype(np.int64)
 
 
-READERS = {"digits": read_digits}
+CIFAR10_TRAIN = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
+
+
+def write_cifar10_archive(path, images, labels):
+    """A tar.gz in the layout of the CIFAR-10 python archive (the images split over five batch
+    pickles of `data` uint8 [n, 3072], channel-major, and `labels`). For synthetic smoke data."""
+    import pickle
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        parts = zip(np.array_split(images, 5), np.array_split(np.asarray(labels), 5))
+        for i, (name, (imgs, labs)) in enumerate(zip(CIFAR10_TRAIN, parts)):
+            batch = {"batch_label": f"training batch {i + 1} of 5",
+                     "data": np.ascontiguousarray(imgs.reshape(-1, 3072)),
+                     "labels": [int(v) for v in labs], "filenames": []}
+            blob = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def synthetic_images(count, channels, resolution, seed):
+    """Smooth random colour fields (not noise, so FD and LPIPS see structure) for smoke runs."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(count, channels, 4, 4)).astype(np.float64)
+    up = np.kron(coarse, np.ones((1, 1, resolution // 4, resolution // 4)))
+    return np.clip(up + rng.normal(0, 8, up.shape), 0, 255).astype(np.uint8)
+
+
+def read_cifar10(spec):
+    """The CIFAR-10 python archive (cifar-10-python.tar.gz): the 50,000 training images, as EDM's
+    dataset_tool takes them. `synthetic: N` writes and reads a N-image archive in that format
+    instead (smoke runs: the real file cannot be downloaded everywhere)."""
+    import tarfile
+    import tempfile
+
+    from . import unpickle
+
+    if spec.get("resolution", 32) != 32:
+        raise ValueError("dataset.resolution: CIFAR-10 images are 32x32; set resolution: 32")
+    if spec.get("synthetic"):
+        count = spec["synthetic"]
+        if count < 5:
+            raise ValueError("dataset.synthetic: the CIFAR-10 layout has five batches; use at least 5 images")
+        tmp = tempfile.TemporaryDirectory()
+        path = Path(tmp.name) / "cifar-10-python.tar.gz"
+        write_cifar10_archive(path, synthetic_images(count, 3, 32, seed=0), np.arange(count) % 10)
+    else:
+        path = Path(spec["path"])
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: CIFAR-10 archive missing; run the fetch_assets rule or place "
+                                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz there")
+    images, labels = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        names = set(tar.getnames())
+        for name in CIFAR10_TRAIN:
+            if name not in names:
+                raise ValueError(f"{path}: {name} missing; not the CIFAR-10 python archive")
+            batch = unpickle.loads(tar.extractfile(name).read(), source=f"{path}:{name}", encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_image_folder(spec):
+    """Every image under `path` (recursive, sorted by relative path) as RGB at `resolution`:
+    centre-cropped to a square, then resized with Lanczos where the size differs (the FFHQ and
+    AFHQv2 sources are square, so this is EDM dataset_tool's Lanczos scaling). Unlabelled.
+    `synthetic: N` writes N PNGs in a temporary folder and reads those (smoke runs)."""
+    import tempfile
+
+    from PIL import Image
+
+    res = spec["resolution"]
+    if spec.get("synthetic"):
+        tmp = tempfile.TemporaryDirectory()
+        root = Path(tmp.name)
+        for i, img in enumerate(synthetic_images(spec["synthetic"], 3, 2 * res, seed=0)):
+            Image.fromarray(img.transpose(1, 2, 0)).save(root / f"{i:05d}.png")
+    else:
+        root = Path(spec["path"])
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found; set "
+                                "dataset.path to the folder of the downloaded FFHQ / AFHQv2 images")
+    out = np.empty((len(files), 3, res, res), dtype=np.uint8)
+    for i, file in enumerate(files):
+        with Image.open(file) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+            if side != res:
+                img = img.resize((res, res), Image.LANCZOS)
+            out[i] = np.asarray(img).transpose(2, 0, 1)
+    return out, np.full(len(files), -1, dtype=np.int64)
+
+
+READERS = {"digits": read_digits, "cifar10": read_cifar10, "image_folder": read_image_folder}
 
 
 def prepare(spec, out_dir):

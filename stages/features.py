@@ -4,7 +4,7 @@
 needs no download, is exactly reproducible, and at 64 dimensions its covariance is well estimated
 from 1,797 images, whereas Inception features (2048-d) of 8x8 digits upsampled to 299x299 would
 measure the upsampling more than the digits and need more samples than the data set holds.
-Inception (clean-fid, the paper's protocol) registers here for the paper rows.
+`inception`: the StyleGAN/EDM Inception TorchScript through clean-fid (the paper rows).
 
 The distance itself is clean-fid's `frechet_distance`, not re-implemented.
 """
@@ -14,10 +14,59 @@ from cleanfid.fid import frechet_distance
 
 
 def pixel_features(images_uint8, cfg=None):
-    return images_uint8.reshape(images_uint8.shape[0], -1).astype(np.float64) / 127.5 - 1.0
+    """Pixels in [-1, 1], flattened; `pool` > 1 averages pool x pool blocks first (smoke runs of
+    the paper rows: 3,072-d CIFAR pixels would make each matrix square root take minutes)."""
+    x = images_uint8.astype(np.float64) / 127.5 - 1.0
+    pool = (cfg or {}).get("pool", 1)
+    if pool > 1:
+        n, c, h, w = x.shape
+        if h % pool or w % pool:
+            raise ValueError(f"features.pool {pool} does not divide the {h}x{w} images")
+        x = x.reshape(n, c, h // pool, pool, w // pool, pool).mean(axis=(3, 5))
+    return x.reshape(x.shape[0], -1)
 
 
-EXTRACTORS = {"pixels": pixel_features}
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def inception_features(images_uint8, cfg):
+    """2048-d pool features of the StyleGAN/EDM Inception TorchScript, through clean-fid's wrapper,
+    loaded from `cfg['model']` (the assets folder; never clean-fid's own download to /tmp).
+
+    resize `inside` (default) feeds uint8 images at native resolution and lets the TorchScript
+    resize them, as EDM's and StyleGAN's FID does (the paper's numbers); `clean` resizes each image
+    to 299x299 with clean-fid's PIL bicubic first (clean-fid's own protocol).
+    """
+    import os
+
+    import torch
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    path = cfg["model"]
+    if os.path.basename(path) != INCEPTION_FILE or not os.path.exists(path):
+        raise FileNotFoundError(f"features.model: {path} must be an existing {INCEPTION_FILE} (run the "
+                                "fetch_assets rule, which places it in the assets folder)")
+    resize = cfg.get("resize", "inside")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = InceptionV3W(os.path.dirname(path) or ".", download=False, resize_inside=resize == "inside")
+    model = model.to(device).eval()
+    resizer = build_resizer("clean") if resize == "clean" else None
+    if images_uint8.shape[1] == 1:
+        images_uint8 = np.repeat(images_uint8, 3, axis=1)
+    out = []
+    batch = cfg.get("batch", 250)
+    for start in range(0, len(images_uint8), batch):
+        chunk = images_uint8[start:start + batch]
+        if resizer is not None:
+            chunk = np.stack([resizer(img.transpose(1, 2, 0)).transpose(2, 0, 1) for img in chunk])
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            out.append(model(x).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+EXTRACTORS = {"pixels": pixel_features, "inception": inception_features}
 
 
 def extract(images_uint8, cfg):

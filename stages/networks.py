@@ -1,6 +1,6 @@
 """Networks. `SmallUNet` is the compact U-Net of the digits default: positional noise embedding,
-residual blocks with scale-shift conditioning, dropout, skip connections. Larger architectures
-(EDM's DDPM++) register in ARCHITECTURES beside it.
+residual blocks with scale-shift conditioning, dropout, skip connections. EDM's DDPM++
+(stages/networks_ddpmpp.py) registers in ARCHITECTURES beside it.
 
 Every network is built from a plain dict (`architecture` in model.json), so a model artifact
 describes itself and loads without pickles.
@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .networks_ddpmpp import DDPMpp
 
 
 class PositionalEmbedding(nn.Module):
@@ -107,7 +109,7 @@ class SmallUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-ARCHITECTURES = {"small_unet": SmallUNet}
+ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp}
 
 
 def build(architecture: dict) -> nn.Module:
@@ -116,6 +118,7 @@ def build(architecture: dict) -> nn.Module:
     kind = arch.pop("kind")
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown network kind {kind!r}; known: {sorted(ARCHITECTURES)}")
-    if "channel_mult" in arch:
-        arch["channel_mult"] = tuple(arch["channel_mult"])
+    for key in ("channel_mult", "attn_resolutions"):
+        if key in arch:
+            arch[key] = tuple(arch[key])
     return ARCHITECTURES[kind](**arch)

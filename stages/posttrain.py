@@ -11,7 +11,8 @@ import torch
 from . import atomic, checkpoints, cli, datasets, losses, rng, train_state, training
 
 p = cli.add_state_args(cli.parser(__doc__))
-p.add_argument("--init", required=True, choices=["cmt", "teacher", "random"])
+p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "baseline"],
+               help="baseline = vanilla ECT from the teacher (the row's `baseline` settings)")
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
 p.add_argument("--dataset", required=True)

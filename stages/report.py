@@ -32,7 +32,8 @@ inits, steps, final = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapsho
 fids = {init: json.load(open(path)) for init, path in zip(inits, args.fid)}
 ceiling = json.load(open(args.ceiling))["teacher"]
 out_dir = Path(args.out).parent
-LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init"}
+LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init",
+          "baseline": "vanilla ECT from the teacher (equal total budget)"}
 
 
 def fd_cell(summary):
@@ -66,6 +67,11 @@ for s in steps:
     holds = all(a < b for a, b in zip(vals, vals[1:]))
     lines.append(f"- {s}-step: {' < '.join(order)} {'holds' if holds else 'does NOT hold'} "
                  f"({', '.join(f'{v:.3f}' for v in vals)}).")
+if "baseline" in inits and "cmt" in inits:
+    for s in steps:
+        cmt, base = (fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in ("cmt", "baseline"))
+        lines.append(f"- {s}-step: CMT + ECT {cmt:.3f} vs vanilla ECT at the same total budget {base:.3f}: "
+                     f"CMT {'better' if cmt < base else 'NOT better'}.")
 lines.append("")
 
 # ---- paper numbers, where the row has them
@@ -88,6 +94,9 @@ def bench(name):
 
 for name, model in models.items():
     meta = checkpoints.read_meta(model)
+    if meta.get("source") == "import":  # an official snapshot: no training here
+        name = "import_teacher"
+        meta = {**meta, "images_seen": 0}
     b = bench(name)
     wall = f"{b[0]:.0f}" if b else "reused from the store"
     rss = f"{b[1]:.0f}" if b else ""

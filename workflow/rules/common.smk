@@ -4,7 +4,12 @@
 import hashlib
 import json
 import os
+import re
 import shlex
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from stages.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
@@ -29,8 +34,17 @@ DATASET_KEY = digest({"dataset": config["dataset"], "code": CODE_VERSION["datase
 DATASET_DIR = f"{STORE}/datasets/{config['dataset']['name']}-{DATASET_KEY}"
 DATASET = f"{DATASET_DIR}/dataset.npz"
 
+TEACHER_SOURCE = config["teacher"].get("source", "train")
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
-TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
+if TEACHER_SOURCE == "import":
+    # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
+    # and the sha256 pinned in config, if any; the dataset and training settings play no part.
+    _name = config["teacher"]["asset"]
+    TEACHER_CFG["teacher"] = {**config["teacher"], "url": CATALOG[_name].url}
+    TEACHER_KEY = digest({"import": CATALOG[_name].url, "sha256": config.get("assets", {}).get("sha256", {}).get(_name),
+                          "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
+else:
+    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 # Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
 TEACHER_STATE = f"{STORE}/teachers/{TEACHER_KEY}-state"
@@ -57,6 +71,12 @@ FINAL_SNAPSHOT = SNAPSHOTS[-1]
 POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 
 
+def posttrain_cfg(init):
+    """The `baseline` init (vanilla ECT from the teacher at the row's total budget) is post-training
+    from the teacher with the `baseline` overrides (its steps, q, doubling, ...)."""
+    return {**POSTTRAIN_CFG, **config.get("baseline", {})} if init == "baseline" else POSTTRAIN_CFG
+
+
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
@@ -74,3 +94,43 @@ def state_args(folder):
                 f"--checkpoint {shlex.quote(as_arg(config['checkpoint']))}")
 
     return args
+
+
+# Files from the internet (stages/assets.py CATALOG). A config value that names a catalog entry
+# (teacher.asset, dataset.asset, features.model, midtrain.lpips_weights) means that file in the
+# assets folder, which fetch_assets (workflow/rules/assets.smk) makes.
+ASSETS_CFG = config.get("assets", {})
+ASSETS_DIR = ASSETS_CFG.get("dir", "assets")
+NEEDED_ASSETS = set()
+
+
+def asset(value):
+    """A catalog name -> its path in the assets folder (and the asset is needed); else `value`."""
+    if isinstance(value, str) and value in CATALOG:
+        NEEDED_ASSETS.add(value)
+        return f"{ASSETS_DIR}/{CATALOG[value].filename}"
+    return value
+
+
+def asset_inputs(*paths):
+    """The asset files among resolved config values: as inputs they make fetch_assets run first."""
+    files = {f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in NEEDED_ASSETS}
+    return [p for p in paths if p in files]
+
+
+# The configuration as the stages see it: catalog names resolved to paths.
+# A smoke variant (dataset.synthetic, pixel features, random LPIPS trunk) needs none of the files
+# its row names, so it runs offline.
+DATASET_SPEC = {k: v for k, v in config["dataset"].items() if k != "asset"}
+if "asset" in config["dataset"] and not config["dataset"].get("synthetic"):
+    DATASET_SPEC["path"] = asset(config["dataset"]["asset"])
+FEATURES_CFG = dict(config["features"])
+if config["features"]["kind"] == "inception":
+    FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
+else:
+    FEATURES_CFG.pop("model", None)
+MIDTRAIN_CFG = dict(config["midtrain"])
+if MIDTRAIN_CFG.get("distance") == "lpips":
+    MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
+if config["teacher"].get("source", "train") == "import":
+    TEACHER_PICKLE = asset(config["teacher"]["asset"])

@@ -1,9 +1,11 @@
 rule prepare_dataset:
+    input:
+        asset_inputs(DATASET_SPEC.get("path")),
     output:
         dataset=DATASET,
         manifest=f"{DATASET_DIR}/manifest.json",
     params:
-        cfg=as_arg(config["dataset"]),
+        cfg=as_arg(DATASET_SPEC),
         out=lambda w, output: os.path.dirname(output.dataset),
     conda:
         "../../envs/cmt.yaml"
@@ -17,11 +19,12 @@ rule prepare_dataset:
 
 rule fid_reference:
     input:
-        DATASET,
+        dataset=DATASET,
+        inception=asset_inputs(FEATURES_CFG.get("model")),
     output:
         f"{RES}/fid_reference.npz",
     params:
-        cfg=as_arg(config["features"]),
+        cfg=as_arg(FEATURES_CFG),
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -29,4 +32,4 @@ rule fid_reference:
     benchmark:
         f"{BENCH}/fid_reference.tsv"
     shell:
-        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input} --out {output} > {log} 2>&1"
+        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input.dataset} --out {output} > {log} 2>&1"

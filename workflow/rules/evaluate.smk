@@ -20,12 +20,13 @@ rule sample:
 rule fid:
     input:
         reference=f"{RES}/fid_reference.npz",
+        inception=asset_inputs(FEATURES_CFG.get("model")),
         samples=expand(f"{RES}/samples/{{{{init}}}}/{{snap}}.npz", snap=SNAPSHOTS),
         models=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.safetensors", snap=SNAPSHOTS),
     output:
         f"{RES}/fid/{{init}}.json",
     params:
-        cfg=as_arg({"features": config["features"], "sampling": config["sampling"]}),
+        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -40,11 +41,12 @@ rule fid:
 rule fid_teacher:
     input:
         reference=f"{RES}/fid_reference.npz",
+        inception=asset_inputs(FEATURES_CFG.get("model")),
         manifest=MANIFEST,
     output:
         f"{RES}/fid/teacher-solver.json",
     params:
-        cfg=as_arg({"features": config["features"], "sampling": config["sampling"]}),
+        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
     conda:
         "../../envs/cmt.yaml"
     log:

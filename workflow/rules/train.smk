@@ -4,11 +4,12 @@ rule midtrain:
     input:
         teacher=TEACHER,
         manifest=MANIFEST,
+        lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain": config["midtrain"]}),
+        cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
         state=state_args(lambda w: f"{STATE}/midtrain"),
     threads: config["threads"]["train"]
     conda:
@@ -32,9 +33,10 @@ rule posttrain:
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
     wildcard_constraints:
-        init="cmt|teacher|random",
+        init="cmt|teacher|random|baseline",
     params:
-        cfg=as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"], "posttrain": POSTTRAIN_CFG}),
+        cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
+                              "posttrain": posttrain_cfg(w.init)}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
     threads: config["threads"]["train"]

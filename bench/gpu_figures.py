@@ -1,0 +1,168 @@
+"""GPU figures of the CIFAR-10 row: teacher forward img/s, trajectory generation traj/s, CMT
+mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, peak
+memory, and the projected GPU-hours of the whole row (cifar10-cmt-ect.yaml budgets).
+
+Runs the project's own code (DDPM++ in stages/networks_ddpmpp.py, the DPM-Solver++ of
+stages/solvers.py, the CMT-CM and ECT losses of stages/losses.py, LPIPS with a random VGG trunk:
+same cost as the real one) on random weights. On one H100 the full run takes a few minutes:
+    python bench/gpu_figures.py --out bench/gpu_figures.json
+On a CPU, prove it works at a tiny size (a narrow network, small batches):
+    python bench/gpu_figures.py --tiny --out /tmp/cpu.json
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import losses, networks, solvers, training  # noqa: E402
+from stages.precond import Precond  # noqa: E402
+
+CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
+         "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4}
+# The row's budgets (config/rows/cifar10-cmt-ect.yaml)
+ROW = {"trajectories": 2_400_000, "nfe": 16, "midtrain_steps": 300_000, "posttrain_steps": {"cmt": 100_000,
+       "baseline": 400_000}, "batch": 128, "fid_images": 2 * 5 * 3 * 50_000, "reference_images": 50_000}
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--tiny", action="store_true", help="CPU proof run: 16 channels, 1 block, batch 16")
+p.add_argument("--repeats", type=int, default=None, help="timed iterations per figure")
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if device.type == "cpu":
+    torch.set_num_threads(1)
+arch = dict(CIFAR, **({"channels": 16, "num_blocks": 1} if args.tiny else {}))
+batch = 16 if args.tiny else ROW["batch"]
+repeats = args.repeats or (2 if args.tiny else 20)
+nfe = 4 if args.tiny else ROW["nfe"]
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset():
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
+
+
+def timed(fn, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def autocast(dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def model(kind="edm", dropout=0.0):
+    torch.manual_seed(0)
+    return Precond(networks.build({**arch, "dropout": dropout}), kind, 0.5, 0.002).to(device)
+
+
+results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "tiny": args.tiny, "architecture": arch, "batch": batch, "nfe": nfe,
+           "repeats": repeats, "figures": {}}
+teacher = model().eval()
+results["parameters"] = sum(p.numel() for p in teacher.parameters())
+x = torch.randn(batch, 3, 32, 32, device=device) * 80
+sigma = torch.full((batch,), 2.0, device=device)
+sigmas = solvers.logsnr_grid(nfe).to(torch.float32)
+
+for dtype in ("fp32", "bf16"):
+    fig = results["figures"].setdefault(dtype, {})
+
+    peak_reset()
+    with torch.no_grad(), autocast(dtype):
+        sec = timed(lambda: teacher(x, sigma))
+    fig["teacher_forward_img_per_s"] = batch / sec
+
+    def denoise(z, s):
+        with autocast(dtype):
+            return teacher(z, torch.full((z.shape[0],), float(s), device=device)).float()
+
+    with torch.no_grad():
+        sec = timed(lambda: solvers.dpm_solver_pp(denoise, x, sigmas, order=3, lower_order_final=True), warmup=0)
+    fig["trajectories_per_s"] = batch / sec
+    fig["teacher_peak_gb"] = peak_gb()
+
+    # CMT-CM mid-training step: batch / nfe trajectories x nfe points, LPIPS, RAdam, EMA
+    peak_reset()
+    student = model("ecm", dropout=0.2).train()
+    ema = training.EMA(student, 0.999)
+    opt = training.build_optimizer(student.parameters(), {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999],
+                                                          "eps": 1e-8})
+    lpips = losses.LPIPSDistance(None).to(device)
+    states = torch.randn(batch // nfe, nfe + 1, 3, 32, 32, device=device)
+
+    def mid_step():
+        with autocast(dtype):
+            loss = losses.cmt_cm_loss(student, states, sigmas.to(device), lpips).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(student, 1)
+
+    sec = timed(mid_step)
+    fig["midtrain_step_img_per_s"] = batch / sec
+    fig["midtrain_peak_gb"] = peak_gb()
+
+    # ECT post-training step at batch 128 (same-network target under no_grad)
+    peak_reset()
+    y = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+
+    def post_step():
+        with autocast(dtype):
+            loss = losses.ect_loss(student, y, g, stage=0, q=4096).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(student, 1)
+
+    sec = timed(post_step)
+    fig["posttrain_step_img_per_s"] = batch / sec
+    fig["posttrain_peak_gb"] = peak_gb()
+    del student, ema, opt, lpips
+
+    # Projection for the whole row on this device (one device, no overlap between jobs)
+    hours = {
+        "trajectories": ROW["trajectories"] / fig["trajectories_per_s"] * (ROW["nfe"] / nfe) / 3600,
+        "midtrain": ROW["midtrain_steps"] * ROW["batch"] / fig["midtrain_step_img_per_s"] / 3600,
+        "posttrain_cmt": ROW["posttrain_steps"]["cmt"] * ROW["batch"] / fig["posttrain_step_img_per_s"] / 3600,
+        "posttrain_baseline": ROW["posttrain_steps"]["baseline"] * ROW["batch"] / fig["posttrain_step_img_per_s"] / 3600,
+        # 1- and 2-step samples: 1.5 student forwards per image on average
+        "sampling": ROW["fid_images"] * 1.5 / fig["teacher_forward_img_per_s"] / 3600,
+    }
+    hours["total"] = sum(hours.values())
+    fig["projected_gpu_hours" if device.type == "cuda" else "projected_device_hours"] = hours
+    print(f"[{dtype}] " + ", ".join(f"{k} {v:.3g}" for k, v in fig.items() if not isinstance(v, dict)), flush=True)
+
+if args.tiny:
+    results["note"] = ("tiny run: 16-channel DDPM++ with one block per level and batch 16; the figures prove the "
+                       "script runs, they are not the row's costs")
+Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+print(json.dumps(results, indent=2))

@@ -1,0 +1,79 @@
+"""fetch_assets: offline it fails at once naming what to place where; online it resumes a partial
+download over HTTP Range and checks the file (tested on a server on 127.0.0.1)."""
+
+import hashlib
+import http.server
+import threading
+import time
+
+import pytest
+
+from stages import assets
+
+PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    requests = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        RangeHandler.requests.append(rng)
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        body = PAYLOAD[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    RangeHandler.requests = []
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+def test_offline_fails_at_once_with_what_to_place_where(tmp_path):
+    cfg = {"dir": str(tmp_path / "assets"), "urls": {"vgg16": "http://127.0.0.1:9/vgg16.pth",
+                                                      "inception-2015-12-05": "http://127.0.0.1:9/inc.pt"}}
+    t0 = time.perf_counter()
+    with pytest.raises(assets.OfflineError) as err:
+        assets.fetch(["vgg16"], cfg, log=lambda m: None, row_needs=["inception-2015-12-05"])
+    assert time.perf_counter() - t0 < 5
+    msg = str(err.value)
+    assert f"-> {tmp_path / 'assets' / 'vgg16-397923af.pth'}" in msg
+    assert f"-> {tmp_path / 'assets' / 'inception-2015-12-05.pt'}" in msg and "place these files" in msg
+
+
+def test_resume_and_checksums(server, tmp_path, monkeypatch):
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    name = "edm-cifar10-32x32-uncond-vp"
+    (folder / f"{name}.pkl.part").write_bytes(PAYLOAD[:1000])  # an interrupted earlier transfer
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    cfg = {"dir": str(folder), "urls": {name: f"{server}/x.pkl"}, "sha256": {name: sha}}
+    assets.fetch([name], cfg, log=lambda m: None)
+    assert (folder / f"{name}.pkl").read_bytes() == PAYLOAD
+    assert RangeHandler.requests == ["bytes=1000-"]
+    assert (folder / f"{name}.pkl.sha256").read_text().split()[0] == sha
+    assert not (folder / f"{name}.pkl.part").exists()
+
+    # a published md5 that the served bytes do not match: refused, and the bad file removed
+    monkeypatch.setitem(assets.CATALOG, "cifar10-python",
+                        assets.Asset("unused", "cifar-10-python.tar.gz", md5="0" * 32))
+    cfg = {"dir": str(folder), "urls": {"cifar10-python": f"{server}/c.tgz"}}
+    with pytest.raises(ValueError, match="md5 is not the published"):
+        assets.fetch(["cifar10-python"], cfg, log=lambda m: None)
+    assert not (folder / "cifar-10-python.tar.gz").exists()
+
+    # a later change to a recorded file is caught
+    (folder / f"{name}.pkl").write_bytes(PAYLOAD[::-1])
+    with pytest.raises(ValueError, match="differs from the one recorded"):
+        assets.fetch([name], {"dir": str(folder)}, log=lambda m: None)

@@ -1,0 +1,72 @@
+"""Inception features through clean-fid with the TorchScript passed explicitly (a small random
+TorchScript stands in for Inception), and LPIPS with a random trunk at 32x32."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+from stages import features, losses
+
+
+class FakeInception(nn.Module):
+    """The interface of inception-2015-12-05.pt: `layers` on [-1, 1] 299x299 input, and
+    forward(uint8-valued images, return_features) that resizes inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2048))
+
+    def forward(self, x, return_features: bool = False):
+        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.layers((x - 128) / 128)
+
+
+@pytest.fixture
+def fake_inception(tmp_path):
+    torch.manual_seed(0)
+    module = torch.jit.script(FakeInception().eval())
+    path = tmp_path / features.INCEPTION_FILE
+    module.save(str(path))
+    return module, path
+
+
+def test_inception_features_come_from_the_given_torchscript(fake_inception):
+    module, path = fake_inception
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
+    got = features.extract(images, {"kind": "inception", "model": str(path), "batch": 2})
+    with torch.no_grad():
+        want = module(torch.from_numpy(images).float(), True).double().numpy()
+    assert got.shape == (5, 2048) and np.allclose(got, want, atol=1e-5)
+
+    clean = features.extract(images, {"kind": "inception", "model": str(path), "resize": "clean"})
+    assert clean.shape == (5, 2048) and not np.allclose(clean, got)  # PIL bicubic, not the bilinear inside
+
+
+def test_inception_missing_file_is_named(tmp_path):
+    missing = tmp_path / features.INCEPTION_FILE
+    with pytest.raises(FileNotFoundError, match="fetch_assets"):
+        features.extract(np.zeros((1, 3, 8, 8), np.uint8), {"kind": "inception", "model": str(missing)})
+
+
+def test_pooled_pixels():
+    images = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    got = features.extract(images, {"kind": "pixels", "pool": 2})
+    want = (images.astype(np.float64) / 127.5 - 1).reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(2, 12)
+    assert got.shape == (2, 12) and np.allclose(got, want)
+    assert np.isclose(got[0, 0], np.mean([0, 1, 4, 5]) / 127.5 - 1)
+
+
+def test_lpips_random_trunk_32x32():
+    torch.manual_seed(0)
+    d = losses.LPIPSDistance(None)
+    a = torch.rand(3, 3, 32, 32) * 2 - 1
+    b = a.clone()
+    b[1] += 0.3 * torch.randn_like(b[1])
+    b[2] = -a[2]
+    dist = d(a, b)
+    assert dist.shape == (3,) and dist[0].abs() < 1e-6
+    assert 0 < dist[1] < dist[2]
+    assert torch.allclose(d(b, a), dist, atol=1e-5)  # symmetric

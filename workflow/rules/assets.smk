@@ -1,0 +1,27 @@
+# fetch_assets: the one rule that touches the network (see `asset` in common.smk), one job per
+# missing file, so files already in place (placed by hand, say) are never touched. It is a local
+# rule: on a cluster it runs on the login node, where there is internet.
+if NEEDED_ASSETS:
+    ASSET_OF_FILE = {CATALOG[name].filename: name for name in NEEDED_ASSETS}
+
+    localrules:
+        fetch_assets,
+
+    rule fetch_assets:
+        output:
+            f"{ASSETS_DIR}/{{asset_file}}",
+        wildcard_constraints:
+            asset_file="|".join(re.escape(f) for f in sorted(ASSET_OF_FILE)),
+        params:
+            cfg=as_arg({**ASSETS_CFG, "dir": ASSETS_DIR}),
+            name=lambda w: ASSET_OF_FILE[w.asset_file],
+            others=lambda w: sorted(n for n in NEEDED_ASSETS if n != ASSET_OF_FILE[w.asset_file]),
+        conda:
+            "../../envs/cmt.yaml"
+        log:
+            f"{LOGS}/fetch_assets/{{asset_file}}.log",
+        benchmark:
+            f"{BENCH}/fetch_assets/{{asset_file}}.tsv"
+        shell:
+            "python -m stages.fetch_assets --config {params.cfg:q} --names {params.name} "
+            "--row-needs {params.others} > {log} 2>&1"
