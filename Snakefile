@@ -11,14 +11,22 @@ configfile: workflow.source_path("config/default.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}; ")
+# Braces doubled twice: once for the f-string, once for the shell formatting of Snakemake.
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/trajectories.smk"
-include: "workflow/rules/train.smk"
+if config["family"] == "mf":
+
+    include: "workflow/rules/meanflow.smk"
+
+else:
+
+    include: "workflow/rules/train.smk"
+
 include: "workflow/rules/evaluate.smk"
 
 

@@ -46,8 +46,12 @@ TRAJ_DIR = f"{STORE}/trajectories/{TRAJ_KEY}"
 SHARD_IDS = [f"{k:06d}" for k in range(config["trajectories"]["num_shards"])]
 MANIFEST = f"{RES}/trajectories/manifest.json"
 
-INITS = config["posttrain"]["inits"]
-SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config["posttrain"]["snapshots"]]
+# family cm: consistency models (midtrain, posttrain = ECT); mf: average-velocity flow maps
+# (midtrain_mf = CMT-MF, posttrain_mf = MeanFlow), rules in meanflow.smk.
+FAMILY = config["family"]
+POST_SECTION = "posttrain_mf" if FAMILY == "mf" else "posttrain"
+INITS = config[POST_SECTION]["inits"]
+SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config[POST_SECTION]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
 # Everything of posttrain but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
