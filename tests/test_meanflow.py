@@ -202,3 +202,30 @@ def test_cmt_mf_with_t_j_zero_is_cm_endpoint_regression_after_conversion():
     cm = losses.squared_l2_distance(consistency(x_in, flowmap.t_to_sigma(t_in[at_end][keep])), ends)
     torch.testing.assert_close(mf[keep], cm, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ends, states[rows, -1][keep])
+
+
+# ----------------------------------------------------------------------------------------------
+# The family key of the schema
+
+
+def test_mf_family_config_validation():
+    from pathlib import Path
+
+    import yaml
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    repo = Path(__file__).resolve().parents[1]
+    schema = str(repo / "workflow" / "schemas" / "config.schema.yaml")
+    base = yaml.safe_load((repo / "config" / "default.yaml").read_text())
+    row = {**base, **yaml.safe_load((repo / "config" / "rows" / "digits-cmt-mf.yaml").read_text())}
+    validate(row, schema)
+    assert row["posttrain_mf"]["inits"] == ["cmt", "random"] and row["sampling"]["t_mid"] == 0.5
+    validate(base, schema)
+    assert base["family"] == "cm"  # the consistency rows need no MeanFlow sections
+    for broken, word in ((dict(row, family="dmd"), "family"),
+                         ({k: v for k, v in row.items() if k != "midtrain_mf"}, "midtrain_mf"),
+                         (dict(row, posttrain_mf={**row["posttrain_mf"], "inits": ["teacher"]}), "teacher"),
+                         (dict(row, posttrain_mf={**row["posttrain_mf"], "ratio_r_neq_t": 1.5}), "ratio_r_neq_t")):
+        with pytest.raises(WorkflowError, match=word):
+            validate(broken, schema)

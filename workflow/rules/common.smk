@@ -60,3 +60,19 @@ POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+
+
+# ---- the MeanFlow family (meanflow.smk)
+MID_MF = config.get("midtrain_mf", {})
+POST_MF = config.get("posttrain_mf", {})
+# Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
+POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
+
+
+def meanflow_steps(wildcards):
+    """Post-training steps of an init: at equal total budget, random also gets the mid-training's
+    images (rounded to whole post-training batches)."""
+    steps = POST_MF["steps"]
+    if wildcards.init == "random" and POST_MF["equal_total_budget"]:
+        steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
+    return steps

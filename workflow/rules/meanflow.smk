@@ -1,21 +1,6 @@
 # The MeanFlow family (family: mf): CMT-MF mid-training on the EDM teacher's trajectories (read in
 # flow-matching time through stages/flowmap.py), then MeanFlow post-training from {cmt, random}.
 # Outputs take the consistency family's paths, so sample, fid and report serve both families.
-MID_MF = config.get("midtrain_mf", {})
-POST_MF = config.get("posttrain_mf", {})
-# Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
-POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
-
-
-def meanflow_steps(wildcards):
-    """Post-training steps of an init: at equal total budget, random also gets the mid-training's
-    images (rounded to whole post-training batches)."""
-    steps = POST_MF["steps"]
-    if wildcards.init == "random" and POST_MF["equal_total_budget"]:
-        steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
-    return steps
-
-
 rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
     priority: 10
