@@ -79,19 +79,24 @@ def mean_velocity_derivative(u, z, r, t, v):
 def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None):
     """The MeanFlow loss at given (z, r, t, v).
 
-    The JVP runs without a graph on `jvp_u` (the bare module: torch.func.jvp cannot pass through a
-    DistributedDataParallel wrapper), then `u` (possibly the DDP wrapper) runs a plain forward with
-    the same dropout mask (the RNG state is restored between the two), so the gradient flows
-    through an ordinary forward that DDP all-reduces. The target is stop-gradient anyway, so no
-    gradient is lost by computing it without a graph.
+    With `jvp_u` (the pipeline's route): torch.func.jvp cannot pass through a DistributedDataParallel
+    wrapper, so the JVP runs without a graph on `jvp_u` (the bare module), then `u` (the wrapper, or
+    the module itself) runs a plain forward with the same dropout mask (the RNG state is restored
+    between the two), and DDP all-reduces the gradient of that forward as usual. Its memory is that
+    of a flow-matching step. Without `jvp_u`: one JVP with a graph on `u`, the gradient through its
+    primal output; the same gradient, but it keeps the tangent's activations (3x the memory of a
+    flow-matching step, bench/RESULTS.md). The target is stop-gradient either way.
     """
-    jvp_u = jvp_u or u
-    devices = [z.device] if z.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
-            _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v)
-    target = v - (t - r).reshape(-1, 1, 1, 1) * dudt
-    return adaptive_weighted(u(z, r, t) - target, p, c)
+    if jvp_u is None:
+        out, dudt = mean_velocity_derivative(u, z, r, t, v)
+    else:
+        devices = [z.device] if z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with torch.no_grad():
+                _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v)
+        out = u(z, r, t)
+    target = (v - (t - r).reshape(-1, 1, 1, 1) * dudt).detach()
+    return adaptive_weighted(out - target, p, c)
 
 
 def flow_matching_loss_at(u, z, t, v, *, p=1.0, c=1e-3):

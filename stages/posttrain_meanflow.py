@@ -49,7 +49,11 @@ prior_images = init_meta["images_seen"] if args.init == "cmt" else 0
 ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
-bare = accelerator.unwrap_model(net)  # the JVP runs on the bare module (see meanflow_loss_at)
+bare = accelerator.unwrap_model(net)
+# The JVP runs without a graph on the bare module and the graph forward goes through the (DDP)
+# wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
+# tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
+jvp_u = bare
 
 snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
 meta_base.update(init=args.init, config=cfg, images_seen_before=prior_images,
@@ -70,7 +74,7 @@ def loss_fn(step):
     x = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
     return meanflow.meanflow_loss(net, x, g, P_mean=pc["P_mean"], P_std=pc["P_std"],
                                   ratio_r_neq_t=pc["ratio_r_neq_t"], p=pc["adaptive_p"],
-                                  c=pc["adaptive_c"], jvp_u=bare)
+                                  c=pc["adaptive_c"], jvp_u=jvp_u)
 
 
 print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({pc['P_mean']}, {pc['P_std']}) "

@@ -1,7 +1,8 @@
 """One rank of a 2-process CPU (gloo) MeanFlow step through training.fit, launched by torchrun from
 tests/test_meanflow_ddp.py. The JVP runs on the bare module, the graph forward on the DDP wrapper;
 each rank writes its gradients after the all-reduce and, for rank 0, the gradients of the same
-two half-batches computed in this one process without DDP (the reference)."""
+two half-batches computed in this one process without DDP by the one-process route (a single JVP
+with a graph): the reference."""
 
 import copy
 import sys
@@ -53,7 +54,8 @@ if rank == 0:  # the same step without DDP: mean over ranks of each rank's mean 
     total = 0
     for k in range(world):
         torch.manual_seed(rng.fold(SEED, 0, k, "dropout"))  # the dropout seed fit gives rank k
-        total = total + half_batch_loss(reference, reference, 0, k).mean() / world
+        # the one-process route: a single JVP with a graph
+        total = total + half_batch_loss(reference, None, 0, k).mean() / world
     total.backward()
     torch.save({n: p.grad.clone() for n, p in reference.named_parameters()}, out / "grads_reference.pt")
 accelerator.wait_for_everyone()
