@@ -27,7 +27,14 @@ include: "workflow/rules/assets.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/trajectories.smk"
-include: "workflow/rules/train.smk"
+if config["family"] == "mf":
+
+    include: "workflow/rules/meanflow.smk"
+
+else:
+
+    include: "workflow/rules/train.smk"
+
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/resources.smk"
 

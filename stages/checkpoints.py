@@ -46,10 +46,15 @@ def read_meta(path):
 
 
 def build_precond(meta, kind=None, dropout=None):
-    """A fresh Precond(network) described by `meta`; optionally another precond kind or dropout."""
+    """A fresh Precond(network) described by `meta`; optionally another precond kind or dropout.
+    Kind "meanflow" is the average-velocity model u(z, r, t) (flowmap.AverageVelocity)."""
     arch = dict(meta["architecture"])
     if dropout is not None:
         arch["dropout"] = dropout
+    if (kind or meta["precond"]) == "meanflow":
+        from .flowmap import AverageVelocity
+
+        return AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=meta["sigma_data"])
     return Precond(networks.build(arch), kind=kind or meta["precond"],
                    sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"])
 

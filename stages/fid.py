@@ -52,7 +52,9 @@ else:
     result["snapshots"] = {}
     for sample_path, model_path in zip(args.samples, args.models):
         meta = checkpoints.read_meta(model_path)
-        entry = {"images_seen": meta["images_seen"], "steps_trained": meta["steps"]}
+        # images_seen_total counts mid-training too (MeanFlow row: compared at equal total budget)
+        entry = {"images_seen": meta["images_seen"], "steps_trained": meta["steps"],
+                 "images_seen_total": meta.get("images_seen_total", meta["images_seen"])}
         with np.load(sample_path) as data:
             for steps in cfg["sampling"]["steps"]:
                 keys = sorted(k for k in data.files if k.startswith(f"images_{steps}step_"))

@@ -2,6 +2,10 @@
 residual blocks with scale-shift conditioning, dropout, skip connections. EDM's DDPM++
 (stages/networks_ddpmpp.py) registers in ARCHITECTURES beside it.
 
+With `dual_time=True` the same U-Net takes a second scalar (MeanFlow's t - r), embedded the same way
+and added to the first before the shared embedding MLP; off by default, so consistency models and
+their stored weights are unchanged.
+
 Every network is built from a plain dict (`architecture` in model.json), so a model artifact
 describes itself and loads without pickles.
 """
@@ -25,7 +29,7 @@ class PositionalEmbedding(nn.Module):
         self.register_buffer("freqs", (1 / max_positions) ** freqs, persistent=False)
 
     def forward(self, x):
-        x = x.to(torch.float32).outer(self.freqs)
+        x = x.to(self.freqs.dtype).outer(self.freqs)  # float32 unless the module is cast (float64 tests)
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
@@ -56,13 +60,17 @@ class ResBlock(nn.Module):
 
 class SmallUNet(nn.Module):
     def __init__(self, in_channels, resolution, channels=32, channel_mult=(1, 2), num_blocks=1,
-                 dropout=0.0, emb_mult=4):
+                 dropout=0.0, emb_mult=4, dual_time=False):
         super().__init__()
+        self.dual_time = bool(dual_time)
         if resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"resolution {resolution} is not divisible by 2^{len(channel_mult) - 1}")
         emb = channels * emb_mult
         self.map_noise = PositionalEmbedding(channels)
         self.map_layer0 = nn.Linear(channels, emb)
+        if self.dual_time:
+            self.map_noise2 = PositionalEmbedding(channels)
+            self.map_layer0_2 = nn.Linear(channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
@@ -91,8 +99,13 @@ class SmallUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise):
-        emb = F.silu(self.map_layer0(self.map_noise(c_noise)))
+    def forward(self, x, c_noise, c_noise2=None):
+        if (c_noise2 is not None) != self.dual_time:
+            raise ValueError(f"this network takes {2 if self.dual_time else 1} time input(s)")
+        emb = self.map_layer0(self.map_noise(c_noise))
+        if self.dual_time:
+            emb = emb + self.map_layer0_2(self.map_noise2(c_noise2))
+        emb = F.silu(emb)
         emb = F.silu(self.map_layer1(emb))
         h = self.conv_in(x)
         hs = [h]

@@ -1,6 +1,10 @@
 """Stage report: the row's table (init x {1-step, 2-step} FD, mean and min over seed ranges), the
 teacher's own solver endpoints as the ceiling, the mid-trained model alone, images seen and wall
-time per stage, an FD-vs-images curve per init and sample grids."""
+time per stage, an FD-vs-images curve per init and sample grids.
+
+Family cm (consistency models, ECT) compares inits at the same post-training budget; family mf
+(MeanFlow) compares at the same total budget (mid + post for the CMT init), so its curves and table
+use images_seen_total."""
 
 import argparse
 import csv
@@ -29,11 +33,19 @@ p.add_argument("--grids", required=True)
 args = p.parse_args()
 cfg = args.config
 inits, steps, final = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"]
+family = cfg.get("family", "cm")
 fids = {init: json.load(open(path)) for init, path in zip(inits, args.fid)}
 ceiling = json.load(open(args.ceiling))["teacher"]
 out_dir = Path(args.out).parent
-LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init",
-          "baseline": "vanilla ECT from the teacher (equal total budget)"}
+if family == "mf":
+    LABELS = {"cmt": "CMT-MF init (ours)", "random": "random init (MeanFlow from scratch)"}
+    TITLE, TWO_STEP = "CMT-MF mid-training, then MeanFlow", f"t_mid = {cfg['sampling']['t_mid']}"
+    IMAGES, X_LABEL = "images_seen_total", "total training kimg (mid + post)"
+else:
+    LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init",
+              "baseline": "vanilla ECT from the teacher (equal total budget)"}
+    TITLE, TWO_STEP = "CMT mid-training, then ECT", f"sigma_mid = {cfg['sampling']['sigma_mid']}"
+    IMAGES, X_LABEL = "images_seen", "post-training kimg"
 
 
 def fd_cell(summary):
@@ -41,18 +53,20 @@ def fd_cell(summary):
 
 
 # ---- table
-lines = [f"# {cfg['row']}: CMT mid-training, then ECT", "",
+lines = [f"# {cfg['row']}: {TITLE}", "",
          f"Fréchet distance ({fids[inits[0]]['features']} features) against the real data, "
          f"mean / min over {cfg['sampling']['num_ranges']} seed ranges of {cfg['sampling']['per_range']} "
-         f"samples; 2-step sampling uses sigma_mid = {cfg['sampling']['sigma_mid']}. Lower is better.", "",
-         "| post-training init | " + " | ".join(f"{s}-step FD" for s in steps) + " | images seen (post) |",
-         "|---|" + "---|" * (len(steps) + 1)]
+         f"samples; 2-step sampling uses {TWO_STEP}. Lower is better.", "",
+         "| post-training init | " + " | ".join(f"{s}-step FD" for s in steps) + " | images seen (post) |"
+         + (" images seen (mid + post) |" if family == "mf" else ""),
+         "|---|" + "---|" * (len(steps) + 1 + (family == "mf"))]
 for init in inits:
     snap = fids[init]["snapshots"][final]
     lines.append(f"| {LABELS[init]} | " + " | ".join(fd_cell(snap[f'{s}step']) for s in steps)
-                 + f" | {snap['images_seen']:,} |")
+                 + f" | {snap['images_seen']:,} |"
+                 + (f" {snap.get('images_seen_total', snap['images_seen']):,} |" if family == "mf" else ""))
 lines.append(f"| teacher's own {ceiling['nfe']}-NFE solver (ceiling) | "
-             + " | ".join(fd_cell(ceiling) for _ in steps) + " | |")
+             + " | ".join(fd_cell(ceiling) for _ in steps) + " | |" + (" |" if family == "mf" else ""))
 lines.append("")
 start = {init: fids[init]["snapshots"][sorted(fids[init]["snapshots"])[0]] for init in inits}
 lines.append("Each initialisation on its own (post-training step 0, i.e. before any post-training): "
@@ -62,6 +76,15 @@ lines.append("")
 
 # ---- ordering check, stated rather than assumed
 order = [i for i in ("cmt", "teacher", "random") if i in inits]
+if family == "mf":
+    lines.append("Budget: the random init trains MeanFlow for as many images as the CMT init's "
+                 "mid-training and post-training together (the CMT-MF step has no JVP and is cheaper; "
+                 "the teacher and its trajectories are further costs of the CMT init, in the cost table). "
+                 "The teacher is the EDM model read in flow-matching time (z = x / (1 + sigma), "
+                 "t = sigma / (1 + sigma)); its trajectories start at sigma_max, t = sigma_max / (1 + sigma_max), "
+                 "and mid-training puts the prior noise x_T / sigma_max in front of them at t = 1, "
+                 "where the 1-step sampler x = z - u(z, 0, 1) starts.")
+    lines.append("")
 for s in steps:
     vals = [fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in order]
     holds = all(a < b for a, b in zip(vals, vals[1:]))
@@ -113,12 +136,12 @@ for ax, s in zip(axes[0], steps):
     for init in inits:
         snaps = fids[init]["snapshots"]
         names = sorted(snaps)
-        x = [snaps[n]["images_seen"] / 1e3 for n in names]
+        x = [snaps[n].get(IMAGES, snaps[n]["images_seen"]) / 1e3 for n in names]
         y = [snaps[n][f"{s}step"]["mean"] for n in names]
         ax.plot(x, y, marker="o", label=LABELS[init])
     ax.axhline(ceiling["mean"], color="grey", ls="--", label=f"teacher {ceiling['nfe']}-NFE solver")
     ax.set_yscale("log")
-    ax.set_xlabel("post-training kimg")
+    ax.set_xlabel(X_LABEL)
     ax.set_ylabel(f"{s}-step FD")
     ax.set_title(f"{cfg['row']}: {s}-step")
     ax.legend(fontsize=8)
@@ -157,7 +180,9 @@ with atomic.atomic_path(args.grids) as tmp:
     fig.savefig(tmp, format="png", dpi=100)
 plt.close(fig)
 
-lines += ["## Figures", "", f"![FD against post-training images]({Path(args.curve).name})", "",
+if cfg.get("notes"):
+    lines += ["## Notes on this row", "", cfg["notes"].strip(), ""]
+lines += ["## Figures", "", f"![FD against training images]({Path(args.curve).name})", "",
           f"![Samples from each init after post-training]({Path(args.grids).name})", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}."]
 atomic.write_text(args.out, "\n".join(lines) + "\n")

@@ -1,8 +1,11 @@
-"""Stage sample: 1-step and 2-step generation with a consistency model's EMA (eval mode).
+"""Stage sample: 1-step and 2-step generation with a model's EMA (eval mode).
 
-1-step: x = f(sigma_max z, sigma_max). 2-step: x1 = f(sigma_max z, sigma_max), then
-x = f(x1 + sigma_mid z', sigma_mid) with fresh z' (PAPER.md 5.1). Sample i of a seed range uses
-noise folded from (seed, i), so a range is the same images whatever the batch size.
+Consistency model: 1-step x = f(sigma_max z, sigma_max). 2-step: x1 = f(sigma_max z, sigma_max),
+then x = f(x1 + sigma_mid z', sigma_mid) with fresh z' (PAPER.md 5.1).
+Average-velocity model (precond "meanflow", flow-matching time): 1-step x = z - u(z, 0, 1) from
+z_1 = z; 2-step: z_mid = z - (1 - t_mid) u(z, t_mid, 1), then x = z_mid - t_mid u(z_mid, 0, t_mid).
+Sample i of a seed range uses noise folded from (seed, i), so a range is the same images whatever
+the batch size, and both kinds of model start from the same z.
 """
 
 import io
@@ -11,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from . import atomic, checkpoints, cli, datasets, rng
+from . import atomic, checkpoints, cli, datasets, flowmap, rng
 
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)
@@ -20,7 +23,9 @@ args = p.parse_args()
 sc = cli.start(args, "sample")
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-net, meta = checkpoints.load(args.model, which="ema", kind="ecm")
+meta = checkpoints.read_meta(args.model)
+average_velocity = meta["precond"] == "meanflow"
+net, meta = checkpoints.load(args.model, which="ema", kind=None if average_velocity else "ecm")
 net = net.to(device).eval()
 arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
@@ -34,12 +39,21 @@ def noise(indices, purpose):
 
 @torch.no_grad()
 def generate(indices, steps):
-    x = net(sigma_max * noise(indices, "z"), sigma_max)
-    if steps == 2:
-        x = net(x + sc["sigma_mid"] * noise(indices, "z-mid"), sc["sigma_mid"])
+    if average_velocity:
+        z = noise(indices, "z")
+        x = flowmap.one_step(net, z) if steps == 1 else flowmap.two_step(net, z, sc["t_mid"])
+    else:
+        x = consistency(indices, steps)
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{args.model}: non-finite samples ({steps}-step)")
     return datasets.to_uint8(x).cpu().numpy()
+
+
+def consistency(indices, steps):
+    x = net(sigma_max * noise(indices, "z"), sigma_max)
+    if steps == 2:
+        x = net(x + sc["sigma_mid"] * noise(indices, "z-mid"), sc["sigma_mid"])
+    return x
 
 
 arrays, t0 = {}, time.perf_counter()

@@ -64,8 +64,12 @@ TRAJ_DIR = f"{STORE}/trajectories/{TRAJ_KEY}"
 SHARD_IDS = [f"{k:06d}" for k in range(config["trajectories"]["num_shards"])]
 MANIFEST = f"{RES}/trajectories/manifest.json"
 
-INITS = config["posttrain"]["inits"]
-SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config["posttrain"]["snapshots"]]
+# family cm: consistency models (midtrain, posttrain = ECT); mf: average-velocity flow maps
+# (midtrain_mf = CMT-MF, posttrain_mf = MeanFlow), rules in meanflow.smk.
+FAMILY = config["family"]
+POST_SECTION = "posttrain_mf" if FAMILY == "mf" else "posttrain"
+INITS = config[POST_SECTION]["inits"]
+SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config[POST_SECTION]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
 # Everything of posttrain but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
@@ -134,3 +138,19 @@ if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":
     TEACHER_PICKLE = asset(config["teacher"]["asset"])
+
+
+# ---- the MeanFlow family (meanflow.smk)
+MID_MF = config.get("midtrain_mf", {})
+POST_MF = config.get("posttrain_mf", {})
+# Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
+POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
+
+
+def meanflow_steps(wildcards):
+    """Post-training steps of an init: at equal total budget, random also gets the mid-training's
+    images (rounded to whole post-training batches)."""
+    steps = POST_MF["steps"]
+    if wildcards.init == "random" and POST_MF["equal_total_budget"]:
+        steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
+    return steps

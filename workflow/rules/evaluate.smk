@@ -70,8 +70,9 @@ rule report:
         curve=f"{RES}/fd_curve.png",
         grids=f"{RES}/samples.png",
     params:
-        cfg=as_arg({"row": ROW, "inits": INITS, "sampling": config["sampling"],
-                    "paper": config.get("paper", {}), "final_snapshot": FINAL_SNAPSHOT}),
+        cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
+                    "paper": config.get("paper", {}), "notes": config.get("notes", ""),
+                    "final_snapshot": FINAL_SNAPSHOT}),
         bench=BENCH,
     conda:
         "../../envs/cmt.yaml"

@@ -1,0 +1,85 @@
+"""Stage midtrain_mf: Consistency Mid-Training for the average-velocity flow map, CMT-MF
+(PAPER.md 3.1, 3.5).
+
+The teacher's trajectories stay in the store as EDM states at their sigmas; here each one is read
+in flow-matching time through flowmap.trajectory_to_flow (z = x / (1 + sigma), t = sigma / (1 + sigma),
+plus the prior noise at t = 1). A step draws `pairs_per_trajectory` random pairs i > j from each of
+batch / pairs_per_trajectory trajectories and regresses u(z_i, t_j, t_i) onto (z_i - z_j) / (t_i - t_j):
+no JVP, no stop-gradient. The student starts from random weights (the paper's MF student is a
+different, larger network than its teacher).
+"""
+
+import numpy as np
+import torch
+
+from . import checkpoints, cli, flowmap, losses, meanflow, rng, shards, training
+
+p = cli.parser(__doc__)
+p.add_argument("--teacher", required=True, help="teacher model.safetensors (architecture and sigma_data)")
+p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p.add_argument("--out", required=True, help="model.safetensors to write")
+args = p.parse_args()
+cfg = cli.start(args, "midtrain_mf")
+mc, seed = cfg["midtrain_mf"], cfg["seed"]
+
+# ---- data
+manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] == "fast")
+P = mc["pairs_per_trajectory"]
+if mc["batch"] % P:
+    raise ValueError(f"midtrain_mf.batch {mc['batch']} is not a multiple of pairs_per_trajectory {P}")
+accelerator = training.make_accelerator()
+world, rank = accelerator.num_processes, accelerator.process_index
+traj_per_step = mc["batch"] // P
+if traj_per_step % world:
+    raise ValueError(f"midtrain_mf: {traj_per_step} trajectories per step cannot be split over {world} processes")
+local_traj = traj_per_step // world
+stream = shards.trajectory_stream(shard_paths, seed, mc["shuffle_buffer"])
+sigma_max = manifest["spec"]["sigma_max"]
+
+# ---- model: the teacher's U-Net with the second time input, random weights
+teacher_meta = checkpoints.read_meta(args.teacher)
+architecture = {**teacher_meta["architecture"], "dropout": mc["dropout"], "dual_time": True}
+meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": teacher_meta["sigma_data"],
+        "sigma_min": teacher_meta["sigma_min"], "sigma_max": teacher_meta["sigma_max"], "time": "flow_t"}
+torch.manual_seed(rng.fold(seed, "midtrain-mf-init"))
+net = checkpoints.build_precond(meta)
+ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
+net, optimizer = accelerator.prepare(net, optimizer)
+distance = losses.make_distance(mc["distance"])
+K = manifest["spec"]["nfe"] + 2  # the solver's K+1 states and the prior noise at t = 1
+print(f"[midtrain_mf] {manifest['total']} trajectories in {len(shard_paths)} shards, {K} points each "
+      f"in flow time; {traj_per_step} trajectories x {P} pairs = batch {mc['batch']}, {mc['steps']} steps, "
+      f"distance {mc['distance']}", flush=True)
+
+
+def next_batch():
+    """This rank's trajectories of the next global batch, in flow-matching time."""
+    chosen = [next(stream) for _ in range(traj_per_step)][rank * local_traj:(rank + 1) * local_traj]
+    states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32))
+    sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float64))
+    z, t = flowmap.trajectory_to_flow(states.double(), sigmas, sigma_max)
+    return z.float().to(accelerator.device), t.float().to(accelerator.device)
+
+
+def loss_fn(step):
+    z, t = next_batch()
+    g = rng.generator(seed, step, rank, "cmt-mf-pairs")
+    return meanflow.cmt_mf_loss(net, z, t, P, g, distance)
+
+
+elapsed = training.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+                       opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
+                       loss_fn=loss_fn)
+
+if accelerator.is_main_process:
+    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
+        **meta, "role": "midtrain", "objective": "cmt-mf", "config": cfg, "steps": mc["steps"],
+        "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
+        "train_seconds": elapsed,
+        "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
+                            "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
+        "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
+                   "manifest": {"path": args.manifest, "sha256": checkpoints.atomic.sha256_file(args.manifest)}},
+    })
+    print(f"[midtrain_mf] wrote {args.out} after {elapsed:.0f}s", flush=True)

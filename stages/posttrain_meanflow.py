@@ -1,0 +1,92 @@
+"""Stage posttrain_meanflow: MeanFlow training from data (PAPER.md 4.4) from one initialisation:
+`cmt` (the CMT-MF mid-trained EMA) or `random` (MeanFlow from scratch, the paper's baseline).
+
+The budget is set by the rule: at equal total budget the random init trains for the mid-training's
+images on top of the post-training's. Snapshots record `images_seen_total` (mid-training images
+included), the axis on which the two inits are compared. Unconditional data, so no CFG.
+"""
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoints, cli, datasets, meanflow, rng, training
+
+p = cli.parser(__doc__)
+p.add_argument("--init", required=True, choices=["cmt", "random"])
+p.add_argument("--init-model", required=True,
+               help="model.safetensors to start from; for --init random the teacher (architecture only)")
+p.add_argument("--dataset", required=True)
+p.add_argument("--out", required=True, help="final model.safetensors")
+p.add_argument("--snapshots", required=True, help="folder for the EMA snapshots p000.safetensors, ...")
+args = p.parse_args()
+cfg = cli.start(args, f"posttrain_meanflow:{args.init}")
+pc, seed, total = cfg["posttrain_mf"], cfg["seed"], cfg["steps"]
+stage_name = f"posttrain_meanflow:{args.init}"
+
+# ---- data
+images, _ = datasets.load(args.dataset)
+accelerator = training.make_accelerator()
+data = torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device)
+world, rank = accelerator.num_processes, accelerator.process_index
+if pc["batch"] % world:
+    raise ValueError(f"posttrain_mf.batch {pc['batch']} is not divisible by {world} processes")
+local_batch = pc["batch"] // world
+
+# ---- model
+init_meta = checkpoints.read_meta(args.init_model)
+if args.init == "cmt" and init_meta["precond"] != "meanflow":
+    raise ValueError(f"{args.init_model}: precond {init_meta['precond']!r}; the cmt init must be a "
+                     "CMT-MF mid-trained model (midtrain_mf)")
+architecture = {**init_meta["architecture"], "dropout": pc["dropout"], "dual_time": True}
+meta_base = {"architecture": architecture, "precond": "meanflow", "sigma_data": init_meta["sigma_data"],
+             "sigma_min": init_meta["sigma_min"], "sigma_max": init_meta["sigma_max"], "time": "flow_t"}
+torch.manual_seed(rng.fold(seed, "random-init"))
+net = checkpoints.build_precond(meta_base)
+if args.init == "cmt":
+    checkpoints.load_into(net, args.init_model, which="ema")
+prior_images = init_meta["images_seen"] if args.init == "cmt" else 0
+ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
+net, optimizer = accelerator.prepare(net, optimizer)
+bare = accelerator.unwrap_model(net)
+# The JVP runs without a graph on the bare module and the graph forward goes through the (DDP)
+# wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
+# tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
+jvp_u = bare
+
+snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
+meta_base.update(init=args.init, config=cfg, images_seen_before=prior_images,
+                 inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
+
+
+def save_snapshot(steps_done):
+    name = snapshot_steps.get(steps_done)
+    if name is not None and accelerator.is_main_process:
+        checkpoints.save(Path(args.snapshots) / f"{name}.safetensors", ema=ema.module, meta={
+            **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
+            "images_seen": steps_done * pc["batch"],
+            "images_seen_total": prior_images + steps_done * pc["batch"], "fraction": steps_done / total})
+
+
+def loss_fn(step):
+    g = rng.generator(seed, step, rank, "meanflow-batch")
+    x = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
+    return meanflow.meanflow_loss(net, x, g, P_mean=pc["P_mean"], P_std=pc["P_std"],
+                                  ratio_r_neq_t=pc["ratio_r_neq_t"], p=pc["adaptive_p"],
+                                  c=pc["adaptive_c"], jvp_u=jvp_u)
+
+
+print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({pc['P_mean']}, {pc['P_std']}) "
+      f"p={pc['adaptive_p']} c={pc['adaptive_c']} batch {pc['batch']} {total} steps "
+      f"(after {prior_images:,} mid-training images), snapshots at steps {sorted(snapshot_steps)}", flush=True)
+save_snapshot(0)
+elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+                       opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
+                       loss_fn=loss_fn, on_step_end=save_snapshot)
+
+if accelerator.is_main_process:
+    checkpoints.save(args.out, net=bare, ema=ema.module, meta={
+        **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
+        "images_seen_total": prior_images + total * pc["batch"], "train_seconds": elapsed})
+    print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)

@@ -1,0 +1,46 @@
+"""End to end: the tiny row in the MeanFlow family (tests/tiny.yaml + tests/tiny-mf.yaml) through
+Snakemake: CMT-MF mid-training, MeanFlow from {cmt, random} at equal total budget, report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [REPO / "tests" / "tiny.yaml", REPO / "tests" / "tiny-mf.yaml"]
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
+           "-c2", "--configfile", *map(str, CONFIGS), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+
+
+def test_tiny_mf_row_end_to_end(tmp_path):
+    result = snakemake(tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    res = tmp_path / "results" / "tiny-mf"
+    report = (res / "report.md").read_text()
+    assert "CMT-MF mid-training, then MeanFlow" in report
+    assert "| CMT-MF init (ours) |" in report and "| random init (MeanFlow from scratch) |" in report
+    for png in ("fd_curve.png", "samples.png"):
+        assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # equal total budget: random trains for mid + post images, cmt for post after mid
+    mid = json.loads((res / "midtrain" / "model.json").read_text())
+    assert mid["precond"] == "meanflow" and mid["time"] == "flow_t" and mid["images_seen"] == 20 * 64
+    cmt = json.loads((res / "fid" / "cmt.json").read_text())["snapshots"]
+    rnd = json.loads((res / "fid" / "random.json").read_text())["snapshots"]
+    assert cmt["p100"]["images_seen"] == 10 * 32 and cmt["p100"]["images_seen_total"] == 20 * 64 + 10 * 32
+    assert rnd["p100"]["images_seen"] == rnd["p100"]["images_seen_total"] == 20 * 64 + 10 * 32
+    assert cmt["p000"]["images_seen_total"] == 20 * 64 and rnd["p000"]["images_seen_total"] == 0
+    for snap in list(cmt.values()) + list(rnd.values()):
+        for steps in ("1step", "2step"):
+            assert len(snap[steps]["per_range"]) == 2
+            assert all(v > 0 and v == v for v in snap[steps]["per_range"])
+    post = json.loads((res / "posttrain" / "cmt" / "model.json").read_text())
+    assert post["precond"] == "meanflow" and post["architecture"]["dual_time"]
+    assert "img/s" in (res / "logs" / "posttrain" / "random.log").read_text()
+    assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout

@@ -1,0 +1,52 @@
+# The MeanFlow family (family: mf): CMT-MF mid-training on the EDM teacher's trajectories (read in
+# flow-matching time through stages/flowmap.py), then MeanFlow post-training from {cmt, random}.
+# Outputs take the consistency family's paths, so sample, fid and report serve both families.
+rule midtrain_mf:
+    # the critical path: ahead of the random init's post-training, which needs no trajectories
+    priority: 10
+    input:
+        teacher=TEACHER,
+        manifest=MANIFEST,
+    output:
+        model=f"{RES}/midtrain/model.safetensors",
+        meta=f"{RES}/midtrain/model.json",
+    params:
+        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
+    threads: config["threads"]["train"]
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/midtrain.log",
+    benchmark:
+        f"{BENCH}/midtrain.tsv"
+    shell:
+        "python -m stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
+        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} > {log} 2>&1"
+
+
+rule posttrain_mf:
+    input:
+        init=init_model,
+        dataset=DATASET,
+    output:
+        model=f"{RES}/posttrain/{{init}}/model.safetensors",
+        meta=f"{RES}/posttrain/{{init}}/model.json",
+        snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
+                         snap=SNAPSHOTS, ext=["safetensors", "json"]),
+    wildcard_constraints:
+        init="cmt|random",
+    params:
+        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w),
+                              "posttrain_mf": POSTTRAIN_MF_CFG}),
+        snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
+    threads: config["threads"]["train"]
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/posttrain/{{init}}.log",
+    benchmark:
+        f"{BENCH}/posttrain/{{init}}.tsv"
+    shell:
+        "python -m stages.posttrain_meanflow --config {params.cfg:q} --threads {threads} "
+        "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
+        "--out {output.model} --snapshots {params.snapshots} > {log} 2>&1"
