@@ -12,9 +12,9 @@ different, larger network than its teacher).
 import numpy as np
 import torch
 
-from . import checkpoints, cli, flowmap, losses, meanflow, rng, shards, training
+from . import atomic, checkpoints, cli, flowmap, losses, meanflow, rng, shards, train_state, training
 
-p = cli.parser(__doc__)
+p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (architecture and sigma_data)")
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
 p.add_argument("--out", required=True, help="model.safetensors to write")
@@ -46,6 +46,9 @@ net = checkpoints.build_precond(meta)
 ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
+manifest_sha256 = atomic.sha256_file(args.manifest)
+state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain_mf", identity={
+    "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"])
 K = manifest["spec"]["nfe"] + 2  # the solver's K+1 states and the prior noise at t = 1
 print(f"[midtrain_mf] {manifest['total']} trajectories in {len(shard_paths)} shards, {K} points each "
@@ -70,7 +73,7 @@ def loss_fn(step):
 
 elapsed = training.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                       loss_fn=loss_fn)
+                       loss_fn=loss_fn, state=state, data=stream)
 
 if accelerator.is_main_process:
     checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
@@ -80,6 +83,8 @@ if accelerator.is_main_process:
         "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
                             "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
         "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
-                   "manifest": {"path": args.manifest, "sha256": checkpoints.atomic.sha256_file(args.manifest)}},
+                   "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
     })
     print(f"[midtrain_mf] wrote {args.out} after {elapsed:.0f}s", flush=True)
+    if state is not None:
+        state.finish()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, cli, datasets, meanflow, rng, training
+from . import atomic, checkpoints, cli, datasets, meanflow, rng, train_state, training
 
-p = cli.parser(__doc__)
+p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "random"])
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random the teacher (architecture only)")
@@ -50,6 +50,12 @@ ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 bare = accelerator.unwrap_model(net)
+state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
+    "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
+    "dataset_sha256": atomic.sha256_file(args.dataset)})
+# Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
+# state folder until the end, as a later job could not remake the EMA of an earlier step.
+snapshot_dir = state.dir / "snapshots" if state is not None else Path(args.snapshots)
 # The JVP runs without a graph on the bare module and the graph forward goes through the (DDP)
 # wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
 # tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
@@ -63,7 +69,7 @@ meta_base.update(init=args.init, config=cfg, images_seen_before=prior_images,
 def save_snapshot(steps_done):
     name = snapshot_steps.get(steps_done)
     if name is not None and accelerator.is_main_process:
-        checkpoints.save(Path(args.snapshots) / f"{name}.safetensors", ema=ema.module, meta={
+        checkpoints.save(snapshot_dir / f"{name}.safetensors", ema=ema.module, meta={
             **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
             "images_seen": steps_done * pc["batch"],
             "images_seen_total": prior_images + steps_done * pc["batch"], "fraction": steps_done / total})
@@ -83,10 +89,17 @@ print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({p
 save_snapshot(0)
 elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                       loss_fn=loss_fn, on_step_end=save_snapshot)
+                       loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
 
 if accelerator.is_main_process:
     checkpoints.save(args.out, net=bare, ema=ema.module, meta={
         **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
         "images_seen_total": prior_images + total * pc["batch"], "train_seconds": elapsed})
+    if state is not None:  # the snapshots become outputs now that the job will succeed
+        for name in snapshot_steps.values():
+            for ext in (".safetensors", ".json"):
+                source = snapshot_dir / (name + ext)
+                atomic.write_bytes(Path(args.snapshots) / source.name, source.read_bytes())
     print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
+    if state is not None:
+        state.finish()

@@ -160,3 +160,36 @@ def test_posttrain_sigterm_saves_and_exits_then_a_changed_config_is_refused_and_
     for name, snap in straight_snapshots.items():  # the snapshots made before the signal survived
         assert_same_tensors(load_file(str(run_dir / "snapshots" / f"{name}.safetensors")), snap, prefixes=("ema.",))
     assert not state_dir.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# MeanFlow post-training (the MeanFlow stages share fit() and its state)
+
+
+def test_posttrain_meanflow_sigkill_and_resume_is_bit_exact(tmp_path):
+    from stagekit import config
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    dataset = make_dataset(tmp_path / "data")
+    cfg = config(posttrain_mf={"steps": 8, "batch": 8, "snapshots": [0, 0.5, 1.0],
+                               "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.95]},
+                               "ema": {"beta": 0.9}})
+    stage_cfg = {"seed": 0, "steps": 8, "posttrain_mf": {k: v for k, v in cfg["posttrain_mf"].items() if k != "inits"}}
+
+    def args(name):
+        run_dir = tmp_path / name
+        return ["--config", json.dumps(stage_cfg), "--init", "random", "--init-model", teacher,
+                "--dataset", dataset, "--out", run_dir / "model.safetensors", "--snapshots",
+                run_dir / "snapshots", *state_args(run_dir / "state", every_steps=4)]
+
+    run_in_process("stages.posttrain_meanflow", args("straight"), keep_state=True)
+    first = run("stages.posttrain_meanflow", args("killed"), faults=["--kill-after-save", 4])
+    assert first.returncode == SIGKILLED, first.log
+    run_in_process("stages.posttrain_meanflow", args("killed"), keep_state=True)
+    straight, _ = load_state(tmp_path / "straight" / "state" / f"step-{8:09d}")
+    resumed, _ = load_state(tmp_path / "killed" / "state" / f"step-{8:09d}")
+    assert_same_tensors(resumed, straight)
+    for name in ("p000", "p050", "p100"):
+        a = load_file(str(tmp_path / "straight" / "snapshots" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "killed" / "snapshots" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

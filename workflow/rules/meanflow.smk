@@ -12,6 +12,7 @@ rule midtrain_mf:
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
+        state=state_args(lambda w: f"{STATE}/midtrain"),
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -21,7 +22,7 @@ rule midtrain_mf:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} > {log} 2>&1"
+        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:
@@ -39,6 +40,7 @@ rule posttrain_mf:
         cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w),
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
+        state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -49,4 +51,4 @@ rule posttrain_mf:
     shell:
         "python -m stages.posttrain_meanflow --config {params.cfg:q} --threads {threads} "
         "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
-        "--out {output.model} --snapshots {params.snapshots} > {log} 2>&1"
+        "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"
