@@ -1,4 +1,5 @@
 rule trajectory_spec:
+    priority: 10
     output:
         f"{TRAJ_DIR}/spec.json",
     params:
