@@ -6,6 +6,8 @@ import json
 import os
 import shlex
 
+# Files in the store are inputs as ancient(): another user's newer copy of the same key must not
+# make this workdir's results stale (the key, not the time, says what a file is).
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
 
@@ -50,6 +52,7 @@ TRAJ_DIR = f"{STORE}/trajectories/{TRAJ_KEY}"
 SHARD_IDS = [f"{k:06d}" for k in range(config["trajectories"]["num_shards"])]
 MANIFEST = f"{RES}/trajectories/manifest.json"
 
+MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k != "spot_check"}
 INITS = config["posttrain"]["inits"]
 SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config["posttrain"]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
@@ -59,7 +62,7 @@ POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
-    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
 
 
 def state_args(folder):
@@ -74,3 +77,9 @@ def state_args(folder):
                 f"--checkpoint {shlex.quote(as_arg(config['checkpoint']))}")
 
     return args
+
+
+def launch_gpus(wildcards, output, resources):
+    """--gpus for stages.launch: the job's gpu resource (0 where no profile sets it). A function of
+    `output` like state_args, so a different GPU count does not make finished training stale."""
+    return int(resources.get("gpu", 0) or 0)

@@ -17,7 +17,7 @@ rule prepare_dataset:
 
 rule fid_reference:
     input:
-        DATASET,
+        ancient(DATASET),
     output:
         f"{RES}/fid_reference.npz",
     params:

@@ -1,6 +1,6 @@
 rule train_teacher:
     input:
-        DATASET,
+        ancient(DATASET),
     output:
         model=TEACHER,
         meta=TEACHER.replace(".safetensors", ".json"),
@@ -8,6 +8,7 @@ rule train_teacher:
         cfg=as_arg(TEACHER_CFG),
         key=TEACHER_KEY,
         state=state_args(lambda w: TEACHER_STATE),
+        gpus=launch_gpus,
     threads: config["threads"]["teacher"]
     conda:
         "../../envs/cmt.yaml"
@@ -16,5 +17,5 @@ rule train_teacher:
     benchmark:
         f"{BENCH}/train_teacher.tsv"
     shell:
-        "python -m stages.train_teacher --config {params.cfg:q} --threads {threads} "
+        "python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} --threads {threads} "
         "--dataset {input} --key {params.key} --out {output.model} {params.state} > {log} 2>&1"
