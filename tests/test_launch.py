@@ -2,6 +2,7 @@
 distinct devices; one real 2-process run through `accelerate launch` on CPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,13 @@ def test_two_processes_through_accelerate_launch(tmp_path):
         "import sys, torch\ntorch.set_num_threads(1)\nfrom accelerate import Accelerator\n"
         "a = Accelerator(cpu=not torch.cuda.is_available())\n"
         "s = a.reduce(torch.tensor([a.process_index + 1.0]), 'sum').item()\n"
-        "print(f'rank {a.process_index} of {a.num_processes} sum {s} args {sys.argv[1:]}', flush=True)\n")
+        "print(f'rank {a.process_index} of {a.num_processes} sum {s} args {sys.argv[1:]}', flush=True)\n"
+        "a.end_training()\n")
     env = {**os.environ, "SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{REPO}:{tmp_path}"}
     run = subprocess.run([sys.executable, "-m", "stages.launch", "--gpus", "2", "probe", "--x", "1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(l for l in run.stdout.splitlines() if l.startswith("rank"))
+    # the two ranks share one pipe: their lines may interleave
+    lines = sorted(re.findall(r"rank \d of \d sum [\d.]+ args \[[^\]]*\]", run.stdout))
     assert lines == ["rank 0 of 2 sum 3.0 args ['--x', '1']", "rank 1 of 2 sum 3.0 args ['--x', '1']"], run.stdout

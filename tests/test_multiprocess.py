@@ -4,6 +4,7 @@ the end through stages.launch (accelerate launch, gloo on CPU) with the global b
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,8 +63,9 @@ def test_midtrain_and_posttrain_under_two_processes(tmp_path):
     mid = launch("stages.midtrain", ["--config", json.dumps(midtrain_config(steps=4)), "--teacher", teacher,
                                      "--manifest", manifest, "--out", tmp_path / "mid.safetensors"], tmp_path)
     assert mid.returncode == 0, mid.stdout[-3000:] + mid.stderr[-3000:]
-    reads = sorted(l for l in mid.stdout.splitlines() if "reads shards" in l)
-    assert len(reads) == 2 and reads[0].startswith("[midtrain] rank 0 of 2"), mid.stdout
+    reads = sorted(re.findall(r"rank (\d) of 2 reads shards \[([^\]]*)\]", mid.stdout))  # lines may interleave
+    assert [r for r, _ in reads] == ["0", "1"], mid.stdout
+    assert reads[0][1].count("shard-") == 2 and reads[1][1].count("shard-") == 1, reads
     meta = checkpoints.read_meta(tmp_path / "mid.safetensors")
     assert meta["images_seen"] == 4 * midtrain_config()["midtrain"]["batch"]  # the global batch
 
