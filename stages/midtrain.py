@@ -8,11 +8,14 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
-from . import atomic, checkpoints, cli, losses, shards, train_state, training
+from . import atomic, checkpoints, cli, datasets, losses, shards, train_state, training, trajectories
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p.add_argument("--dataset", default=None, help="prepared dataset.npz (the spot check of x_T = data_plus_noise)")
+p.add_argument("--spot-check", type=int, default=0,
+               help="trajectories to regenerate from their seeds and compare before training")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 args = p.parse_args()
 cfg = cli.start(args, "midtrain")
@@ -21,6 +24,43 @@ mc, seed = cfg["midtrain"], cfg["seed"]
 # ---- data: every shard checked against the manifest before any step
 manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] == "fast")
 K = manifest["spec"]["nfe"]
+
+
+def spot_check(count):
+    """Regenerate `count` stored trajectories (spread over the pool) from their seeds with the
+    teacher and compare: a shard from another teacher, solver or code version, or one edited
+    in place with its manifest rewritten, stops the run here. Tolerance: another GPU model or
+    batch size changes the last bits, a different trajectory changes everything."""
+    if count == 0:
+        return
+    teacher, meta = checkpoints.load(args.teacher, which="ema")
+    spec = manifest["spec"]
+    data = None
+    if spec["x_T"] == "data_plus_noise":
+        data = torch.from_numpy(datasets.to_model_range(datasets.load(args.dataset)[0]))
+    generator = trajectories.Generator(teacher, meta, spec, torch.device("cpu"), data)
+    picks = np.linspace(0, len(shard_paths) - 1, min(count, len(shard_paths))).round().astype(int)
+    picks = list(picks) + [picks[-1]] * (count - len(picks))
+    per_shard = {}
+    for k, p in enumerate(picks):
+        per_shard.setdefault(int(p), []).append(k)
+    for p, ks in per_shard.items():
+        stored = shards.read_shard(shard_paths[p])
+        for k in ks:
+            s = stored[(k * 7919) % len(stored)]
+            (_, states, sigmas, _), = generator.batch([s["index"]])
+            err = np.abs(states.astype(np.float32) - s["states"].astype(np.float32))
+            scale = np.abs(s["states"].astype(np.float32)) + 1.0
+            if not np.allclose(sigmas, s["sigmas"]) or float((err / scale).max()) > 1e-2:
+                raise ValueError(
+                    f"{shard_paths[p]}: trajectory {s['index']} differs from the one its seed gives with "
+                    f"{args.teacher} (max relative error {float((err / scale).max()):.3g}); the shard is "
+                    f"not this teacher's and solver's: delete {shard_paths[p]} and rerun its "
+                    f"trajectory_shard job (and trajectory_manifest)")
+    print(f"[midtrain] spot check: {count} trajectories regenerated from their seeds match", flush=True)
+
+
+spot_check(args.spot_check)
 if mc["batch"] % K:
     raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")
 accelerator = training.make_accelerator()
@@ -30,7 +70,11 @@ if traj_per_step % world:
     raise ValueError(f"midtrain.batch / {K} = {traj_per_step} trajectories per step cannot be split "
                      f"over {world} processes")
 local_traj = traj_per_step // world
-stream = shards.trajectory_stream(shard_paths, seed, mc["shuffle_buffer"])
+# each rank reads its own shards (no DataLoader workers: ranks x 1)
+stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest["shards"]], seed,
+                                     mc["shuffle_buffer"], rank, world)
+if world > 1:
+    print(f"[midtrain] rank {rank} of {world} reads shards {stream.paths}", flush=True)
 
 # ---- model: teacher weights, ECM preconditioning, the mid-training dropout
 net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"])
@@ -50,8 +94,8 @@ print(f"[midtrain] {manifest['total']} trajectories in {len(shard_paths)} shards
 
 
 def next_batch():
-    """This rank's trajectories of the next global batch (all ranks read the same stream)."""
-    chosen = [next(stream) for _ in range(traj_per_step)][rank * local_traj:(rank + 1) * local_traj]
+    """This rank's share of the next global batch: local_traj trajectories from its own shards."""
+    chosen = [next(stream) for _ in range(local_traj)]
     states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32))
     sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float32))
     return states.to(accelerator.device), sigmas.to(accelerator.device)
@@ -79,3 +123,7 @@ if accelerator.is_main_process:
     print(f"[midtrain] wrote {args.out} after {elapsed:.0f}s", flush=True)
     if state is not None:
         state.finish()
+
+# Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
+# ("terminate called without an active exception") after the outputs were written.
+accelerator.end_training()

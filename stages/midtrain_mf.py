@@ -88,3 +88,4 @@ if accelerator.is_main_process:
     print(f"[midtrain_mf] wrote {args.out} after {elapsed:.0f}s", flush=True)
     if state is not None:
         state.finish()
+accelerator.end_training()

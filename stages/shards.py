@@ -129,6 +129,48 @@ class TrajectoryStream:
             self.epoch, self.offset = self.epoch + 1, 0
 
 
+class RankTrajectoryStream(TrajectoryStream):
+    """Rank `rank` of `world` training processes reads only shards rank, rank + world, ... of
+    `paths` (`counts` trajectories each), so ranks never see the same trajectory in an epoch.
+
+    Every rank takes the same number of trajectories per step, so that number, n, is the one
+    position they share; a saved position is rank 0's (epoch, offset) as TrajectoryStream keeps it,
+    and each rank turns it back into n and then into its own epoch and offset. With world = 1 this
+    is TrajectoryStream itself (same seed, same positions).
+    """
+
+    def __init__(self, paths, counts, seed, shuffle_buffer, rank, world):
+        from .rng import fold
+
+        paths = [str(p) for p in paths]
+        if len(paths) < world:
+            raise ValueError(f"{len(paths)} trajectory shards cannot be split over {world} training processes "
+                             f"(ranks x data workers); make at least {world} shards (trajectories.num_shards) "
+                             "or train with fewer processes")
+        if len(counts) != len(paths):
+            raise ValueError(f"{len(counts)} shard counts for {len(paths)} shards")
+        self.rank, self.world = rank, world
+        self.epoch_len = [sum(counts[r::world]) for r in range(world)]
+        super().__init__(paths[rank::world], seed if world == 1 else fold(seed, rank, "rank-stream"),
+                         shuffle_buffer)
+
+    def _consumed(self, epoch, offset, rank):
+        return epoch * self.epoch_len[rank] + offset
+
+    def state_dict(self):
+        if self.world == 1:
+            return super().state_dict()
+        n = self._consumed(self.epoch, self.offset, self.rank)
+        return {"epoch": n // self.epoch_len[0], "offset": n % self.epoch_len[0]}
+
+    def load_state_dict(self, position):
+        if self.world == 1:
+            return super().load_state_dict(position)
+        n = self._consumed(int(position["epoch"]), int(position["offset"]), 0)
+        mine = self.epoch_len[self.rank]
+        super().load_state_dict({"epoch": n // mine, "offset": n % mine})
+
+
 def trajectory_stream(paths, seed, shuffle_buffer=1000, start_epoch=0):
     """The stream of `paths` from the start of epoch `start_epoch` (see TrajectoryStream)."""
     return TrajectoryStream(paths, seed, shuffle_buffer, epoch=start_epoch)

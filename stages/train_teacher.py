@@ -60,3 +60,7 @@ if accelerator.is_main_process:
     print(f"[train_teacher] wrote {args.out} after {elapsed:.0f}s", flush=True)
     if state is not None:
         state.finish()
+
+# Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
+# ("terminate called without an active exception") after the outputs were written.
+accelerator.end_training()

@@ -1,13 +1,18 @@
 """End to end: the tiny digits row through Snakemake, then what a changed knob reruns."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from stagekit import midtrain_config, run_in_process
+
+from stages import atomic, shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny.yaml"
@@ -91,3 +96,51 @@ def test_sampling_change_keeps_training(tiny_run, tmp_path):
 def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     change = override(tmp_path, "ckpt", {"checkpoint": {"every_steps": 7, "every_minutes": None, "slice_kimg": 0.5}})
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
+
+
+# ---- the team store -------------------------------------------------------------------------
+
+def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):
+    """Another user (another workdir) pointed at the same store plans no dataset, teacher or
+    trajectory job, and a newer copy of every store file (another user rewrote them) makes
+    neither workdir rerun anything: store inputs are ancient()."""
+    store = override(tmp_path, "store", {"store": str(tiny_run / "store")})
+    second = tmp_path / "second"
+    second.mkdir()
+    jobs = planned_jobs(snakemake(second, "-n", configs=[store]))
+    assert not {"prepare_dataset", "train_teacher", "trajectory_spec", "trajectory_shard"} & set(jobs), jobs
+    assert jobs["midtrain"] == 1 and jobs["trajectory_manifest"] == 1
+    later = time.time() + 60
+    for f in (tiny_run / "store").rglob("*"):
+        if f.is_file():
+            os.utime(f, (later, later))
+    assert "Nothing to be done" in snakemake(tiny_run, "-n").stdout
+
+
+def test_spot_check_passes_on_the_real_pool_and_stops_a_tampered_shard(tiny_run, tmp_path):
+    """The tiny run's midtrain regenerated stored trajectories from their seeds; a shard whose
+    trajectories were swapped, with a manifest whose sha256 was rewritten to match, is caught."""
+    assert "spot check: 4 trajectories regenerated from their seeds match" in \
+        (tiny_run / "results" / "tiny" / "logs" / "midtrain.log").read_text()
+    manifest = json.loads((tiny_run / "results" / "tiny" / "trajectories" / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["path"] = str(tiny_run / entry["path"])
+    shard = Path(manifest["shards"][1]["path"])
+    samples = shards.read_shard(shard)
+    tampered = tmp_path / shard.name
+    # each trajectory paired with its neighbour's states: a valid shard, the wrong trajectories
+    shards.write_shard(tampered, [(s["index"], samples[(k + 1) % len(samples)]["states"], s["sigmas"], s["meta"])
+                                  for k, s in enumerate(samples)])
+    manifest["shards"][1].update(path=str(tampered), sha256=atomic.sha256_file(tampered),
+                                 bytes=tampered.stat().st_size)
+    atomic.write_json(tmp_path / "manifest.json", manifest)
+    cfg = yaml.safe_load(TINY.read_text())
+    teacher = next((tiny_run / "store" / "teachers").glob("*/model.safetensors"))
+    dataset = next((tiny_run / "store" / "datasets").glob("*/dataset.npz"))
+    args = ["--config", json.dumps({"seed": 0, "midtrain": midtrain_config(**cfg["midtrain"])["midtrain"]}),
+            "--teacher", teacher, "--manifest", tmp_path / "manifest.json", "--dataset", dataset,
+            "--spot-check", 2, "--out", tmp_path / "out" / "model.safetensors"]
+    with pytest.raises(ValueError, match="differs from the one its seed gives") as err:
+        run_in_process("stages.midtrain", args)
+    assert str(err.value).startswith(f"{tampered}: trajectory ")
+    assert not (tmp_path / "out").exists()

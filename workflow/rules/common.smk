@@ -11,6 +11,8 @@ import sys
 sys.path.insert(0, workflow.basedir)
 from stages.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
 
+# Files in the store are inputs as ancient(): another user's newer copy of the same key must not
+# make this workdir's results stale (the key, not the time, says what a file is).
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
 
@@ -83,7 +85,7 @@ def posttrain_cfg(init):
 
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
-    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
 
 
 def state_args(folder):
@@ -133,7 +135,8 @@ if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
 else:
     FEATURES_CFG.pop("model", None)
-MIDTRAIN_CFG = dict(config["midtrain"])
+# The spot check is how the inputs are verified, not how the model is trained: changing it reruns nothing.
+MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k != "spot_check"}
 if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":
@@ -154,3 +157,9 @@ def meanflow_steps(wildcards):
     if wildcards.init == "random" and POST_MF["equal_total_budget"]:
         steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
     return steps
+
+
+def launch_gpus(wildcards, output, resources):
+    """--gpus for stages.launch: the job's gpu resource (0 where no profile sets it). A function of
+    `output` like state_args, so a different GPU count does not make finished training stale."""
+    return int(resources.get("gpu", 0) or 0)

@@ -19,7 +19,7 @@ rule prepare_dataset:
 
 rule fid_reference:
     input:
-        dataset=DATASET,
+        dataset=ancient(DATASET),
         inception=asset_inputs(FEATURES_CFG.get("model")),
     output:
         f"{RES}/fid_reference.npz",

@@ -63,7 +63,7 @@ rule report:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
         samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
-        models=[TEACHER, f"{RES}/midtrain/model.safetensors"]
+        models=[ancient(TEACHER), f"{RES}/midtrain/model.safetensors"]
         + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
     output:
         report=f"{RES}/report.md",

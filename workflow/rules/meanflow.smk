@@ -5,7 +5,7 @@ rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
     priority: 10
     input:
-        teacher=TEACHER,
+        teacher=ancient(TEACHER),
         manifest=MANIFEST,
     output:
         model=f"{RES}/midtrain/model.safetensors",
@@ -13,6 +13,7 @@ rule midtrain_mf:
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
         state=state_args(lambda w: f"{STATE}/midtrain"),
+        gpus=launch_gpus,
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -21,14 +22,14 @@ rule midtrain_mf:
     benchmark:
         f"{BENCH}/midtrain.tsv"
     shell:
-        "python -m stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
+        "python -m stages.launch --gpus {params.gpus} stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
         "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:
     input:
         init=init_model,
-        dataset=DATASET,
+        dataset=ancient(DATASET),
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -41,6 +42,7 @@ rule posttrain_mf:
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
+        gpus=launch_gpus,
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -49,6 +51,6 @@ rule posttrain_mf:
     benchmark:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
-        "python -m stages.posttrain_meanflow --config {params.cfg:q} --threads {threads} "
+        "python -m stages.launch --gpus {params.gpus} stages.posttrain_meanflow --config {params.cfg:q} --threads {threads} "
         "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
         "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"

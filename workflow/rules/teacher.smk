@@ -4,7 +4,7 @@ if TEACHER_SOURCE == "train":
 
     rule train_teacher:
         input:
-            DATASET,
+            ancient(DATASET),
         output:
             model=TEACHER,
             meta=TEACHER.replace(".safetensors", ".json"),
@@ -12,6 +12,7 @@ if TEACHER_SOURCE == "train":
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
             state=state_args(lambda w: TEACHER_STATE),
+            gpus=launch_gpus,
         threads: config["threads"]["teacher"]
         conda:
             "../../envs/cmt.yaml"
@@ -20,7 +21,8 @@ if TEACHER_SOURCE == "train":
         benchmark:
             f"{BENCH}/train_teacher.tsv"
         shell:
-            "python -m stages.train_teacher --config {params.cfg:q} --threads {threads} "
+            "python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
+            "--threads {threads} "
             "--dataset {input} --key {params.key} --out {output.model} {params.state} > {log} 2>&1"
 
 else:

@@ -2,15 +2,19 @@ rule midtrain:
     # the critical path: ahead of the post-training runs that need no trajectories
     priority: 10
     input:
-        teacher=TEACHER,
+        teacher=ancient(TEACHER),
         manifest=MANIFEST,
         lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
+        dataset=ancient(DATASET),
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
+        # how many trajectories to re-check is no part of what training makes (a function of output)
+        spot_check=lambda w, output: config["midtrain"]["spot_check"],
         state=state_args(lambda w: f"{STATE}/midtrain"),
+        gpus=launch_gpus,
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -19,14 +23,15 @@ rule midtrain:
     benchmark:
         f"{BENCH}/midtrain.tsv"
     shell:
-        "python -m stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
+        "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
+        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} --spot-check {params.spot_check} "
+        "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain:
     input:
         init=init_model,
-        dataset=DATASET,
+        dataset=ancient(DATASET),
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -39,6 +44,7 @@ rule posttrain:
                               "posttrain": posttrain_cfg(w.init)}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
+        gpus=launch_gpus,
     threads: config["threads"]["train"]
     conda:
         "../../envs/cmt.yaml"
@@ -47,6 +53,6 @@ rule posttrain:
     benchmark:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
-        "python -m stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
+        "python -m stages.launch --gpus {params.gpus} stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
         "--init-model {input.init} --dataset {input.dataset} --out {output.model} "
         "--snapshots {params.snapshots} {params.state} > {log} 2>&1"

@@ -17,9 +17,9 @@ rule trajectory_spec:
 rule trajectory_shard:
     priority: 10
     input:
-        teacher=TEACHER,
-        spec=f"{TRAJ_DIR}/spec.json",
-        dataset=DATASET,
+        teacher=ancient(TEACHER),
+        spec=ancient(f"{TRAJ_DIR}/spec.json"),
+        dataset=ancient(DATASET),
     output:
         f"{TRAJ_DIR}/shard-{{shard}}.tar",
     wildcard_constraints:
@@ -43,9 +43,9 @@ rule trajectory_shard:
 rule trajectory_manifest:
     priority: 10
     input:
-        spec=f"{TRAJ_DIR}/spec.json",
-        teacher=TEACHER,
-        shards=expand(f"{TRAJ_DIR}/shard-{{shard}}.tar", shard=SHARD_IDS),
+        spec=ancient(f"{TRAJ_DIR}/spec.json"),
+        teacher=ancient(TEACHER),
+        shards=[ancient(p) for p in expand(f"{TRAJ_DIR}/shard-{{shard}}.tar", shard=SHARD_IDS)],
     output:
         MANIFEST,
     conda:

@@ -1,0 +1,78 @@
+"""Training under 2 processes: mid-training ranks read disjoint shards and resume at the right
+place; a pool with fewer shards than ranks stops with a clear error; mid- and post-training run to
+the end through stages.launch (accelerate launch, gloo on CPU) with the global batch of 1 process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from stagekit import (REPO, make_dataset, make_teacher, make_trajectories, midtrain_config,  # noqa: E402
+                      posttrain_config)
+
+from stages import checkpoints, shards
+
+
+def indices(stream, n):
+    return [next(stream)["index"] for _ in range(n)]
+
+
+def test_ranks_read_disjoint_shards_and_share_one_position(tmp_path):
+    manifest = json.loads(make_trajectories(tmp_path, num_shards=5, per_shard=3).read_text())
+    paths = [e["path"] for e in manifest["shards"]]
+    counts = [e["count"] for e in manifest["shards"]]
+    ranks = [shards.RankTrajectoryStream(paths, counts, 0, 4, r, 2) for r in range(2)]
+    assert set(ranks[0].paths).isdisjoint(ranks[1].paths) and sorted(ranks[0].paths + ranks[1].paths) == paths
+    # one epoch of each rank: every trajectory of its own shards once (rank 0: 3 shards, rank 1: 2)
+    firsts = [indices(ranks[0], 9), indices(ranks[1], 6)]
+    assert sorted(firsts[0] + firsts[1]) == list(range(15))
+    # both ranks took 7 samples; rank 0's saved position restores each rank where it was
+    for r in range(2):
+        ranks[r] = shards.RankTrajectoryStream(paths, counts, 0, 4, r, 2)
+        indices(ranks[r], 7)
+    saved = ranks[0].state_dict()
+    for r in range(2):
+        expected = indices(ranks[r], 5)
+        resumed = shards.RankTrajectoryStream(paths, counts, 0, 4, r, 2)
+        resumed.load_state_dict(saved)
+        assert indices(resumed, 5) == expected, r
+    # one process is the plain stream
+    single = shards.RankTrajectoryStream(paths, counts, 0, 4, 0, 1)
+    assert indices(single, 15) == indices(shards.TrajectoryStream(paths, 0, 4), 15)
+
+
+def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
+    manifest = json.loads(make_trajectories(tmp_path, num_shards=1, per_shard=3).read_text())
+    with pytest.raises(ValueError, match="1 trajectory shards cannot be split over 2 training processes"):
+        shards.RankTrajectoryStream([manifest["shards"][0]["path"]], [3], 0, 4, 0, 2)
+
+
+def launch(module, args, tmp_path):
+    """Two processes, as in a SLURM job given two GPUs (none here: accelerate falls back to gloo)."""
+    env = {**os.environ, "SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.launch", "--gpus", "2", module, *map(str, args),
+                           "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_midtrain_and_posttrain_under_two_processes(tmp_path):
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    manifest = make_trajectories(tmp_path / "traj", num_shards=3, per_shard=4)
+    mid = launch("stages.midtrain", ["--config", json.dumps(midtrain_config(steps=4)), "--teacher", teacher,
+                                     "--manifest", manifest, "--out", tmp_path / "mid.safetensors"], tmp_path)
+    assert mid.returncode == 0, mid.stdout[-3000:] + mid.stderr[-3000:]
+    reads = sorted(re.findall(r"rank (\d) of 2 reads shards \[([^\]]*)\]", mid.stdout))  # lines may interleave
+    assert [r for r, _ in reads] == ["0", "1"], mid.stdout
+    assert reads[0][1].count("shard-") == 2 and reads[1][1].count("shard-") == 1, reads
+    meta = checkpoints.read_meta(tmp_path / "mid.safetensors")
+    assert meta["images_seen"] == 4 * midtrain_config()["midtrain"]["batch"]  # the global batch
+
+    cfg = posttrain_config(steps=4, batch=8)
+    post = launch("stages.posttrain", ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", teacher,
+                                       "--dataset", make_dataset(tmp_path / "data"),
+                                       "--out", tmp_path / "post.safetensors", "--snapshots", tmp_path / "snaps"],
+                  tmp_path)
+    assert post.returncode == 0, post.stdout[-3000:] + post.stderr[-3000:]
+    assert checkpoints.read_meta(tmp_path / "post.safetensors")["images_seen"] == 4 * 8
