@@ -6,7 +6,6 @@ No pickles are written; a model loads from these two files alone.
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from . import atomic, networks
@@ -33,6 +32,13 @@ def save(path, *, net=None, ema=None, meta):
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
     meta["sha256"] = atomic.sha256_file(path)
     atomic.write_json(json_path(path), meta)
+
+
+def copy(src_dir, names, dst_dir):
+    """Copy the model files `<name>.safetensors` + `<name>.json` from one folder to another, atomically."""
+    for name in names:
+        for ext in (".safetensors", ".json"):
+            atomic.write_bytes(Path(dst_dir) / (name + ext), (Path(src_dir) / (name + ext)).read_bytes())
 
 
 def read_meta(path):

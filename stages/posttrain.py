@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, checkpoints, cli, datasets, losses, rng, train_state, training
+from . import atomic, checkpoints, cli, losses, rng, train_state, training
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "baseline"],
@@ -24,13 +24,9 @@ pc, seed = cfg["posttrain"], cfg["seed"]
 stage_name = f"posttrain:{args.init}"
 
 # ---- data
-images, _ = datasets.load(args.dataset)
 accelerator = training.make_accelerator()
-data = torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device)
-world, rank = accelerator.num_processes, accelerator.process_index
-if pc["batch"] % world:
-    raise ValueError(f"posttrain.batch {pc['batch']} is not divisible by {world} processes")
-local_batch = pc["batch"] // world
+data, local_batch = training.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch")
+rank = accelerator.process_index
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -84,10 +80,7 @@ if accelerator.is_main_process:
         **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
         "train_seconds": elapsed})
     if state is not None:  # the snapshots become outputs now that the job will succeed
-        for name in snapshot_steps.values():
-            for ext in (".safetensors", ".json"):
-                source = snapshot_dir / (name + ext)
-                atomic.write_bytes(Path(args.snapshots) / source.name, source.read_bytes())
+        checkpoints.copy(snapshot_dir, snapshot_steps.values(), args.snapshots)
     print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
     if state is not None:
         state.finish()

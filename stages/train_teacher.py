@@ -3,7 +3,7 @@ sigma, EDM loss weighting), writing model.safetensors + model.json."""
 
 import torch
 
-from . import atomic, checkpoints, cli, datasets, losses, networks, rng, train_state, training
+from . import atomic, checkpoints, cli, losses, networks, rng, train_state, training
 from .precond import Precond
 
 p = cli.add_state_args(cli.parser(__doc__))
@@ -15,17 +15,13 @@ cfg = cli.start(args, "train_teacher")
 tc, seed = cfg["teacher"], cfg["seed"]
 
 # ---- data
-images, _ = datasets.load(args.dataset)
 accelerator = training.make_accelerator()
-data = torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device)
-world, rank = accelerator.num_processes, accelerator.process_index
-if tc["batch"] % world:
-    raise ValueError(f"teacher.batch {tc['batch']} is not divisible by {world} processes")
-local_batch = tc["batch"] // world
+data, local_batch = training.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch")
+rank = accelerator.process_index
 
 # ---- model
 torch.manual_seed(rng.fold(seed, "teacher-init"))
-architecture = {**cfg["network"], "in_channels": images.shape[1], "resolution": images.shape[2],
+architecture = {**cfg["network"], "in_channels": data.shape[1], "resolution": data.shape[2],
                 "dropout": tc["dropout"]}
 net = Precond(networks.build(architecture), "edm", cfg["sigma_data"], cfg["sigma_min"])
 print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "

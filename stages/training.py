@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import rng, train_state
+from . import datasets, rng, train_state
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
@@ -252,6 +252,16 @@ def any_rank(accelerator, value):
         return int(value or 0)
     flag = torch.tensor([int(value or 0)], device=accelerator.device)
     return int(accelerator.gather(flag).max().item())
+
+
+def load_images(path, accelerator, batch, key):
+    """The prepared dataset at `path` as a [-1, 1] tensor on the device, and this process's share
+    of the global `batch` (config key `key`), which must split evenly over the processes."""
+    images, _ = datasets.load(path)
+    world = accelerator.num_processes
+    if batch % world:
+        raise ValueError(f"{key} {batch} is not divisible by {world} processes")
+    return torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device), batch // world
 
 
 def make_accelerator():

@@ -5,7 +5,6 @@ a generator folded from (seed, i), and each shard is solved in fixed micro-batch
 the spec. So shard k is the same bytes whoever makes it and however the jobs are split.
 """
 
-import json
 import time
 
 import torch
