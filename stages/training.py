@@ -196,12 +196,14 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         if done == total_steps:  # the outputs come next: a kill before they are written loses no step
             save(done)
             return
-        signum = any_rank(accelerator, state.signal_received)
+        # one collective per step for the three decisions, not one each
+        signum, slice_done, due = any_rank(accelerator, state.signal_received,
+                                           state.slice_done((done - start_step) * batch), state.due(done))
         if signum:
             stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
-        if any_rank(accelerator, state.slice_done((done - start_step) * batch)):
+        if slice_done:
             stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", train_state.EXIT_SLICE, done)
-        if any_rank(accelerator, state.due(done)):
+        if due:
             save(done)
 
     def last_good():
@@ -245,13 +247,14 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     return seconds_before + status.elapsed()
 
 
-def any_rank(accelerator, value):
-    """`value` (an int or bool) if it is set on any process: stop and save decisions depend on
-    signals and clocks, which differ between processes, and every process must take them."""
+def any_rank(accelerator, *values):
+    """Each of `values` (ints or bools) as its maximum over all processes: stop and save decisions
+    depend on signals and clocks, which differ between processes, and every process must take them."""
+    local = [int(v or 0) for v in values]
     if accelerator.num_processes == 1:
-        return int(value or 0)
-    flag = torch.tensor([int(value or 0)], device=accelerator.device)
-    return int(accelerator.gather(flag).max().item())
+        return local
+    flags = torch.tensor([local], device=accelerator.device)
+    return [int(v) for v in accelerator.gather(flags).max(dim=0).values.tolist()]
 
 
 def load_images(path, accelerator, batch, key):
