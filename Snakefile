@@ -13,7 +13,7 @@ configfile: workflow.source_path("config/default.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 # Impossible combinations of keys, which a schema cannot express; also before any job starts.
 sys.path.insert(0, workflow.basedir)
-from stages import config_checks
+from stages.config import checks as config_checks
 
 config_checks.check(config)
 

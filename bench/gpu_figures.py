@@ -2,8 +2,8 @@
 mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, peak
 memory, and the projected GPU-hours of the whole row (cifar10-cmt-ect.yaml budgets).
 
-Runs the project's own code (DDPM++ in stages/networks_ddpmpp.py, the DPM-Solver++ of
-stages/solvers.py, the CMT-CM and ECT losses of stages/losses.py, LPIPS with a random VGG trunk:
+Runs the project's own code (DDPM++ in stages/networks/ddpmpp.py, the DPM-Solver++ of
+stages/method/solvers.py, the CMT-CM and ECT losses of stages/method/losses.py, LPIPS with a random VGG trunk:
 same cost as the real one) on random weights. On one H100 the full run takes a few minutes:
     python bench/gpu_figures.py --out bench/gpu_figures.json
 On a CPU, prove it works at a tiny size (a narrow network, small batches):
@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import losses, networks, solvers, training  # noqa: E402
-from stages.precond import Precond  # noqa: E402
+from stages.method import losses, solvers  # noqa: E402
+from stages import networks  # noqa: E402
+from stages.training import loop  # noqa: E402
+from stages.networks.precond import Precond  # noqa: E402
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
          "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4}
@@ -112,8 +114,8 @@ for dtype in ("fp32", "bf16"):
     # CMT-CM mid-training step: batch / nfe trajectories x nfe points, LPIPS, RAdam, EMA
     peak_reset()
     student = model("ecm", dropout=0.2).train()
-    ema = training.EMA(student, 0.999)
-    opt = training.build_optimizer(student.parameters(), {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999],
+    ema = loop.EMA(student, 0.999)
+    opt = loop.build_optimizer(student.parameters(), {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999],
                                                           "eps": 1e-8})
     lpips = losses.LPIPSDistance(None).to(device)
     states = torch.randn(batch // nfe, nfe + 1, 3, 32, 32, device=device)

@@ -30,7 +30,8 @@ def run_variant(name, batch, steps, threads, channels):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from stages import checkpoints, meanflow
+    from stages.files import checkpoints
+    from stages.method import meanflow
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from . import datasets, features
+from stages.data import datasets, features
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")

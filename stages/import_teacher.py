@@ -2,7 +2,8 @@
 -> our model.safetensors (EMA weights under `ema.`) + model.json (DDPM++ architecture, EDM
 preconditioning)."""
 
-from . import atomic, checkpoints, cli, edm_import
+from stages.files import atomic, checkpoints, edm_import
+from stages.runtime import cli
 
 p = cli.parser(__doc__)
 p.add_argument("--pickle", required=True, help="the EDM snapshot, e.g. assets/edm-cifar10-32x32-uncond-vp.pkl")

@@ -8,7 +8,11 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
-from . import atomic, checkpoints, cli, datasets, losses, shards, train_state, training, trajectories
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.data import datasets, shards
+from stages.method import losses, trajectories
+from stages.training import loop, resume
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
@@ -63,7 +67,7 @@ def spot_check(count):
 spot_check(args.spot_check)
 if mc["batch"] % K:
     raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")
-accelerator = training.make_accelerator()
+accelerator = loop.make_accelerator()
 world, rank = accelerator.num_processes, accelerator.process_index
 traj_per_step = mc["batch"] // K
 if traj_per_step % world:
@@ -78,11 +82,11 @@ if world > 1:
 
 # ---- model: teacher weights, ECM preconditioning, the mid-training dropout
 net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"])
-ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
-optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
+ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 manifest_sha256 = atomic.sha256_file(args.manifest)
-state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain", identity={
+state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain", identity={
     "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
                                 lpips_weights=mc.get("lpips_weights"))
@@ -106,7 +110,7 @@ def loss_fn(step):
     return losses.cmt_cm_loss(net, states, sigmas, distance)
 
 
-elapsed = training.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+elapsed = loop.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
                        loss_fn=loss_fn, state=state, data=stream)
 

@@ -12,7 +12,11 @@ different, larger network than its teacher).
 import numpy as np
 import torch
 
-from . import atomic, checkpoints, cli, flowmap, losses, meanflow, rng, shards, train_state, training
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.method import flowmap, losses, meanflow
+from stages.training import loop, resume, rng
+from stages.data import shards
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (architecture and sigma_data)")
@@ -27,7 +31,7 @@ manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] =
 P = mc["pairs_per_trajectory"]
 if mc["batch"] % P:
     raise ValueError(f"midtrain_mf.batch {mc['batch']} is not a multiple of pairs_per_trajectory {P}")
-accelerator = training.make_accelerator()
+accelerator = loop.make_accelerator()
 world, rank = accelerator.num_processes, accelerator.process_index
 traj_per_step = mc["batch"] // P
 if traj_per_step % world:
@@ -43,11 +47,11 @@ meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": teach
         "sigma_min": teacher_meta["sigma_min"], "sigma_max": teacher_meta["sigma_max"], "time": "flow_t"}
 torch.manual_seed(rng.fold(seed, "midtrain-mf-init"))
 net = checkpoints.build_precond(meta)
-ema = training.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
-optimizer = training.build_optimizer(net.parameters(), mc["optimizer"])
+ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 manifest_sha256 = atomic.sha256_file(args.manifest)
-state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain_mf", identity={
+state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain_mf", identity={
     "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"])
 K = manifest["spec"]["nfe"] + 2  # the solver's K+1 states and the prior noise at t = 1
@@ -71,7 +75,7 @@ def loss_fn(step):
     return meanflow.cmt_mf_loss(net, z, t, P, g, distance)
 
 
-elapsed = training.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+elapsed = loop.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
                        loss_fn=loss_fn, state=state, data=stream)
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, checkpoints, cli, losses, rng, train_state, training
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.method import losses
+from stages.training import loop, resume, rng
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "baseline"],
@@ -24,8 +27,8 @@ pc, seed = cfg["posttrain"], cfg["seed"]
 stage_name = f"posttrain:{args.init}"
 
 # ---- data
-accelerator = training.make_accelerator()
-data, local_batch = training.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch")
+accelerator = loop.make_accelerator()
+data, local_batch = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch")
 rank = accelerator.process_index
 
 # ---- model
@@ -34,10 +37,10 @@ torch.manual_seed(rng.fold(seed, "random-init"))
 net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"])
 if args.init != "random":
     checkpoints.load_into(net, args.init_model, which="ema")
-ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
-optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
+ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
-state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
+state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
     "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
     "dataset_sha256": atomic.sha256_file(args.dataset)})
 # Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
@@ -71,7 +74,7 @@ def loss_fn(step):
 print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch']} {total} steps, "
       f"snapshots at steps {sorted(snapshot_steps)}", flush=True)
 save_snapshot(0)
-elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
                        loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
 

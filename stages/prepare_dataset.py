@@ -4,7 +4,7 @@ import argparse
 import json
 import time
 
-from . import datasets
+from stages.data import datasets
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `dataset` config section as JSON")

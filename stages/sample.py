@@ -14,7 +14,11 @@ import time
 import numpy as np
 import torch
 
-from . import atomic, checkpoints, cli, datasets, flowmap, rng
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.data import datasets
+from stages.method import flowmap
+from stages.training import rng
 
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)

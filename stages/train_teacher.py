@@ -3,8 +3,12 @@ sigma, EDM loss weighting), writing model.safetensors + model.json."""
 
 import torch
 
-from . import atomic, checkpoints, cli, losses, networks, rng, train_state, training
-from .precond import Precond
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.method import losses
+from stages import networks
+from stages.training import loop, resume, rng
+from stages.networks.precond import Precond
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--dataset", required=True, help="prepared dataset.npz")
@@ -15,8 +19,8 @@ cfg = cli.start(args, "train_teacher")
 tc, seed = cfg["teacher"], cfg["seed"]
 
 # ---- data
-accelerator = training.make_accelerator()
-data, local_batch = training.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch")
+accelerator = loop.make_accelerator()
+data, local_batch = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch")
 rank = accelerator.process_index
 
 # ---- model
@@ -26,11 +30,11 @@ architecture = {**cfg["network"], "in_channels": data.shape[1], "resolution": da
 net = Precond(networks.build(architecture), "edm", cfg["sigma_data"], cfg["sigma_min"])
 print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "
       f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
-ema = training.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
-optimizer = training.build_optimizer(net.parameters(), tc["optimizer"])
+ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
+optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 dataset_sha256 = atomic.sha256_file(args.dataset)
-state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage="train_teacher", identity={
+state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="train_teacher", identity={
     "config": cfg, "key": args.key, "dataset_sha256": dataset_sha256})
 
 
@@ -40,7 +44,7 @@ def loss_fn(step):
     return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"])
 
 
-elapsed = training.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
+elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
                        batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=state)
 

@@ -6,7 +6,7 @@ import json
 import os
 import tarfile
 
-from . import atomic, checkpoints
+from stages.files import atomic, checkpoints
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--spec", required=True)

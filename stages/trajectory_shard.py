@@ -9,7 +9,10 @@ import time
 
 import torch
 
-from . import checkpoints, cli, datasets, shards, trajectories
+from stages.files import checkpoints
+from stages.runtime import cli
+from stages.data import datasets, shards
+from stages.method import trajectories
 
 p = cli.parser(__doc__)
 p.add_argument("--teacher", required=True, help="teacher model.safetensors")

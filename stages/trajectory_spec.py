@@ -4,7 +4,7 @@ always says what made it."""
 import argparse
 import json
 
-from . import atomic
+from stages.files import atomic
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the resolved trajectory spec")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import train_state, training  # noqa: E402
+from stages.training import loop, resume  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     module, *rest = sys.argv[split + 1:]
 
     if opts.kill_after_save is not None:
-        save = train_state.TrainState.save
+        save = resume.TrainState.save
 
         def save_then_die(self, *, step, **kw):
             out = save(self, step=step, **kw)
@@ -38,10 +38,10 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
 
-        train_state.TrainState.save = save_then_die
+        resume.TrainState.save = save_then_die
 
     if opts.kill_while_saving is not None:
-        write = train_state.write_tensors
+        write = resume.write_tensors
 
         def write_half_then_die(path, tensors):
             write(path, tensors)
@@ -50,18 +50,18 @@ def main():
                 Path(path).write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train_state.write_tensors = write_half_then_die
+        resume.write_tensors = write_half_then_die
 
     if opts.signal_at is not None:
         at, name = opts.signal_at.split(":")
-        lr_at = training.lr_at
+        lr_at = loop.lr_at
 
         def lr_at_and_signal(step, total_steps, cfg):
             if step == int(at):
                 os.kill(os.getpid(), getattr(signal, name))
             return lr_at(step, total_steps, cfg)
 
-        training.lr_at = lr_at_and_signal
+        loop.lr_at = lr_at_and_signal
 
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

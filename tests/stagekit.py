@@ -13,8 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from snakemake.utils import validate
 
-from stages import atomic, checkpoints, datasets, networks, shards, solvers
-from stages.precond import Precond
+from stages.files import atomic, checkpoints
+from stages.data import datasets, shards
+from stages import networks
+from stages.method import solvers
+from stages.networks.precond import Precond
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
@@ -131,10 +134,10 @@ def run_in_process(module, args, keep_state=False):
 
     import pytest
 
-    from stages import train_state
+    from stages.training import resume
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [module, *map(str, args), "--threads", "1"])
         if keep_state:
-            patch.setattr(train_state.TrainState, "finish", lambda self: None)
+            patch.setattr(resume.TrainState, "finish", lambda self: None)
         runpy.run_module(module, run_name="__main__")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stages import assets
+from stages.files import assets
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
 

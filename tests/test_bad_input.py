@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 from stagekit import (REPO, make_teacher, make_trajectories, midtrain_config, run_in_process,  # noqa: E402
                       state_args)
 
-from stages import losses, shards  # noqa: E402
+from stages.method import losses  # noqa: E402
+from stages.data import shards  # noqa: E402
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ def test_shard_writer_killed_mid_write_leaves_no_shard_and_the_old_one_intact(tm
     code = f"""
 import os, signal, sys
 sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
-from stages import shards
+from stages.data import shards
 from test_shards import make_samples
 def samples():
     yield from make_samples(10, 2)

@@ -8,8 +8,9 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add synchronisation
 
-from stages import atomic, checkpoints, networks
-from stages.precond import Precond
+from stages.files import atomic, checkpoints
+from stages import networks
+from stages.networks.precond import Precond
 
 ARCH = {"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "dropout": 0.0}

@@ -12,7 +12,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from stages import config_checks
+from stages.config import checks
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
@@ -111,15 +111,15 @@ def merged(changes):
 def test_default_config_passes_the_cross_key_checks():
     cfg = default()
     validate(cfg, SCHEMA)
-    assert config_checks.problems(cfg) == []
+    assert checks.problems(cfg) == []
 
 
 @pytest.mark.parametrize("changes,key", IMPOSSIBLE, ids=[json.dumps(c)[:40] for c, _ in IMPOSSIBLE])
 def test_impossible_combination_is_refused_naming_the_key(changes, key):
     cfg = merged(changes)
     validate(cfg, SCHEMA)  # each value is fine on its own
-    with pytest.raises(config_checks.ConfigError) as err:
-        config_checks.check(cfg)
+    with pytest.raises(checks.ConfigError) as err:
+        checks.check(cfg)
     assert f"\n  {key}: " in str(err.value)
 
 

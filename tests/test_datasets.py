@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages import atomic, datasets, features
+from stages.files import atomic
+from stages.data import datasets, features
 
 
 @pytest.fixture(scope="module")

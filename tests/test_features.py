@@ -8,7 +8,8 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-from stages import features, losses
+from stages.data import features
+from stages.method import losses
 
 
 class FakeInception(nn.Module):

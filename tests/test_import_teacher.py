@@ -12,8 +12,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from stages import checkpoints, edm_import, networks
-from stages.precond import Precond
+from stages.files import checkpoints, edm_import
+from stages import networks
+from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, randomize, write_edm_pickle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 # Tiny tensors: intra-op threads only add synchronisation (100x slower on a busy 2-core box).
 torch.set_num_threads(1)
 
-from stages import losses
+from stages.method import losses
 
 # ----------------------------------------------------------------------------------------------
 # Distances
@@ -291,7 +291,7 @@ def test_ect_loss_target_and_student_share_the_dropout_mask():
 def test_ect_loss_with_real_dropout_network_reproduces_from_global_seed():
     """Same global seed -> same value: the fork leaves the student pass's draws as they were."""
     from stages import networks
-    from stages.precond import Precond
+    from stages.networks.precond import Precond
 
     torch.manual_seed(0)
     net = networks.build({"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8,

@@ -8,7 +8,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from stages import flowmap, losses, meanflow, networks  # noqa: E402
+from stages.method import flowmap, losses, meanflow  # noqa: E402
+from stages import networks  # noqa: E402
 
 
 def tiny_u(dtype=torch.float64, dropout=0.0, seed=0):

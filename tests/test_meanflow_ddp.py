@@ -1,5 +1,5 @@
 """The MeanFlow JVP under multi-process training: 2 CPU processes (torchrun, gloo) take one step
-through training.fit; their all-reduced gradients agree with each other and with the gradient
+through loop.fit; their all-reduced gradients agree with each other and with the gradient
 of the same global batch computed in one process."""
 
 import os

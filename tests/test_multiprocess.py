@@ -12,7 +12,8 @@ import pytest
 from stagekit import (REPO, make_dataset, make_teacher, make_trajectories, midtrain_config,  # noqa: E402
                       posttrain_config)
 
-from stages import checkpoints, shards
+from stages.files import checkpoints
+from stages.data import shards
 
 
 def indices(stream, n):

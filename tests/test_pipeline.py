@@ -12,7 +12,8 @@ import pytest
 import yaml
 from stagekit import midtrain_config, run_in_process
 
-from stages import atomic, shards
+from stages.files import atomic
+from stages.data import shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny.yaml"

@@ -9,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 
 from stages import networks
-from stages.precond import Precond, ecm_boundary_coefficients, edm_coefficients
+from stages.networks.precond import Precond, ecm_boundary_coefficients, edm_coefficients
 
 SD, SMIN = 0.5, 0.002
 ARCH = {"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8, "channel_mult": [1, 2],

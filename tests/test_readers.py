@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import datasets
+from stages.data import datasets
 
 
 def test_cifar10_archive(tmp_path):

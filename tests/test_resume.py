@@ -18,7 +18,7 @@ from stagekit import (assert_same_tensors, load_state, make_dataset, make_teache
                       make_trajectories, midtrain_config, posttrain_config, run, run_in_process,
                       state_args)
 
-from stages import train_state  # noqa: E402
+from stages.training import resume  # noqa: E402
 
 N = 12  # steps of every run here; the kills fall at N / 2
 SIGKILLED = -signal.SIGKILL
@@ -74,7 +74,7 @@ def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_stra
     args = mid_args(mid, "sliced", slice_kimg=N // 2 * 8 / 1000)  # N/2 steps of 8 images per job
     with pytest.raises(SystemExit) as stop:
         run_in_process("stages.midtrain", args)
-    assert stop.value.code == train_state.EXIT_SLICE
+    assert stop.value.code == resume.EXIT_SLICE
     state_dir = mid["dir"] / "sliced" / "state"
     assert sorted(p.name for p in state_dir.glob("step-*")) == [f"step-{N // 2:09d}"]
     assert not (mid["dir"] / "sliced" / "model.safetensors").exists()
@@ -182,10 +182,10 @@ def test_posttrain_meanflow_sigkill_and_resume_is_bit_exact(tmp_path):
                 "--dataset", dataset, "--out", run_dir / "model.safetensors", "--snapshots",
                 run_dir / "snapshots", *state_args(run_dir / "state", every_steps=4)]
 
-    run_in_process("stages.posttrain_meanflow", args("straight"), keep_state=True)
-    first = run("stages.posttrain_meanflow", args("killed"), faults=["--kill-after-save", 4])
+    run_in_process("stages.posttrain_mf", args("straight"), keep_state=True)
+    first = run("stages.posttrain_mf", args("killed"), faults=["--kill-after-save", 4])
     assert first.returncode == SIGKILLED, first.log
-    run_in_process("stages.posttrain_meanflow", args("killed"), keep_state=True)
+    run_in_process("stages.posttrain_mf", args("killed"), keep_state=True)
     straight, _ = load_state(tmp_path / "straight" / "state" / f"step-{8:09d}")
     resumed, _ = load_state(tmp_path / "killed" / "state" / f"step-{8:09d}")
     assert_same_tensors(resumed, straight)

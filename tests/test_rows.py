@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from stages import networks
-from stages.precond import Precond
+from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, write_edm_pickle
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from stages import atomic, shards
+from stages.files import atomic
+from stages.data import shards
 
 K1 = 17  # 16 NFE -> 17 states
 

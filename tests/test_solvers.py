@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from stages import solvers
+from stages.method import solvers
 
 MU = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64).view(1, 3, 1, 1)
 S = torch.tensor([0.7, 0.3, 1.2], dtype=torch.float64).view(1, 3, 1, 1)

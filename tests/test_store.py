@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import numpy as np
 
-from stages import shards
+from stages.data import shards
 
 
 def samples(count=64):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from stages import rng, shards, train_state, training  # noqa: E402
+from stages.training import loop, resume, rng  # noqa: E402
+from stages.data import shards  # noqa: E402
 
 ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 
@@ -29,8 +30,8 @@ class _Tiny(torch.nn.Module):
 def _setup(width=6):
     torch.manual_seed(0)
     net = _Tiny(width)
-    ema = training.EMA(net, 0.9, rampup=0.5)
-    return net, ema, training.build_optimizer(net.parameters(), ADAM)
+    ema = loop.EMA(net, 0.9, rampup=0.5)
+    return net, ema, loop.build_optimizer(net.parameters(), ADAM)
 
 
 def _loss_fn(net, on_step=None):
@@ -43,13 +44,13 @@ def _loss_fn(net, on_step=None):
 
 
 def _fit(net, ema, opt, state, total=8, on_step=None):
-    return training.fit(stage="test", accelerator=training.make_accelerator(), net=net, ema=ema, optimizer=opt,
+    return loop.fit(stage="test", accelerator=loop.make_accelerator(), net=net, ema=ema, optimizer=opt,
                         opt_cfg=ADAM, total_steps=total, batch=8, seed=1, loss_fn=_loss_fn(net, on_step),
                         status_every=1000, state=state)
 
 
 def _state(folder, identity=None, **kw):
-    return train_state.TrainState(folder, stage="test", identity=identity or {"config": {"lr": 1}}, **kw)
+    return resume.TrainState(folder, stage="test", identity=identity or {"config": {"lr": 1}}, **kw)
 
 
 def _tensors(net, ema, opt):
@@ -69,12 +70,12 @@ def _assert_equal(a, b):
 def test_differences_lists_nested_keys():
     old = {"config": {"midtrain": {"lr": 1e-3, "steps": 10}, "seed": 0}, "teacher_sha256": "a"}
     new = {"config": {"midtrain": {"lr": 2e-3, "steps": 10, "extra": 1}, "seed": 0}, "teacher_sha256": "b"}
-    assert train_state.differences(old, new) == [
+    assert resume.differences(old, new) == [
         "config.midtrain.extra: (absent) in the state, 1 now",
         "config.midtrain.lr: 0.001 in the state, 0.002 now",
         'teacher_sha256: "a" in the state, "b" now',
     ]
-    assert train_state.differences(old, copy.deepcopy(old)) == []
+    assert resume.differences(old, copy.deepcopy(old)) == []
 
 
 def test_fit_signal_then_resume_equals_a_straight_run(tmp_path):
@@ -91,7 +92,7 @@ def test_fit_signal_then_resume_equals_a_straight_run(tmp_path):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     state = _state(tmp_path / "resumed", every_steps=None)
-    with pytest.raises(train_state.Interrupted) as stop:
+    with pytest.raises(resume.Interrupted) as stop:
         _fit(net, ema, opt, state, total=8, on_step=send_usr1)
     assert stop.value.code == 128 + signal.SIGUSR1
     assert [s for s, _ in state.saved()] == [3]  # saved after the step the signal arrived in
@@ -118,7 +119,7 @@ def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
     assert state.restore(net=net, ema=ema.module, optimizer=opt)[0] == 5
     assert not partial.exists()
     info = json.loads((tmp_path / "step-000000005" / "state.json").read_text())
-    assert info["format"] == train_state.FORMAT and info["images"] == 40
+    assert info["format"] == resume.FORMAT and info["images"] == 40
     assert info["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]
     assert isinstance(opt.param_groups[0]["betas"], tuple)
 

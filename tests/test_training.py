@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add synchronisation
 
-from stages import rng, training
+from stages.training import loop, rng
 
 RADAM = {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 ADAM = {**RADAM, "name": "adam"}
@@ -29,11 +29,11 @@ def _count_unrectified(beta2, horizon=10_000):
 
 @pytest.mark.parametrize("beta2", [0.999, 0.99, 0.95])
 def test_radam_unrectified_steps_matches_independent_count(beta2):
-    assert training.radam_unrectified_steps(beta2) == _count_unrectified(beta2)
+    assert loop.radam_unrectified_steps(beta2) == _count_unrectified(beta2)
 
 
 def test_radam_unrectified_steps_value_for_paper_betas():
-    assert training.radam_unrectified_steps(0.999) == 5
+    assert loop.radam_unrectified_steps(0.999) == 5
 
 
 def test_radam_unrectified_steps_match_torch_radam():
@@ -48,18 +48,18 @@ def test_radam_unrectified_steps_match_torch_radam():
         (1000.0 * p).backward()
         opt.step()
         raw.append(abs(p.item() - before) > 0.5)
-    n = training.radam_unrectified_steps(0.999)
+    n = loop.radam_unrectified_steps(0.999)
     assert raw == [True] * n + [False] * (12 - n)
 
 
 def test_lr_zero_on_unrectified_radam_steps_only():
-    n = training.radam_unrectified_steps(0.999)
+    n = loop.radam_unrectified_steps(0.999)
     total = 100
     for step in range(n):
-        assert training.lr_at(step, total, RADAM) == 0.0
-        assert training.lr_at(step, total, ADAM) == pytest.approx(2e-4 * (1 - step / total))
-    assert training.lr_at(n, total, RADAM) == pytest.approx(2e-4 * (1 - n / total))
-    assert training.lr_at(0, total, {**RADAM, "skip_unrectified": False}) == pytest.approx(2e-4)
+        assert loop.lr_at(step, total, RADAM) == 0.0
+        assert loop.lr_at(step, total, ADAM) == pytest.approx(2e-4 * (1 - step / total))
+    assert loop.lr_at(n, total, RADAM) == pytest.approx(2e-4 * (1 - n / total))
+    assert loop.lr_at(0, total, {**RADAM, "skip_unrectified": False}) == pytest.approx(2e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,32 +68,32 @@ def test_lr_zero_on_unrectified_radam_steps_only():
 
 def test_linear_to_zero():
     total = 1000
-    n = training.radam_unrectified_steps(0.999)
+    n = loop.radam_unrectified_steps(0.999)
     for step in (n, 10, 250, 500, 999):
-        assert training.lr_at(step, total, RADAM) == pytest.approx(2e-4 * (1 - step / total), rel=1e-12)
-    assert training.lr_at(total, total, RADAM) == 0.0
-    assert training.lr_at(total + 5, total, RADAM) == 0.0  # never negative
+        assert loop.lr_at(step, total, RADAM) == pytest.approx(2e-4 * (1 - step / total), rel=1e-12)
+    assert loop.lr_at(total, total, RADAM) == 0.0
+    assert loop.lr_at(total + 5, total, RADAM) == 0.0  # never negative
 
 
 def test_constant():
     cfg = {**ADAM, "lr": 1e-3, "schedule": "constant"}
-    assert {training.lr_at(s, 50, cfg) for s in range(50)} == {1e-3}
+    assert {loop.lr_at(s, 50, cfg) for s in range(50)} == {1e-3}
 
 
 def test_warmup():
     cfg = {**ADAM, "lr": 1e-3, "schedule": "constant", "warmup_steps": 4}
-    assert [training.lr_at(s, 100, cfg) for s in range(6)] == pytest.approx(
+    assert [loop.lr_at(s, 100, cfg) for s in range(6)] == pytest.approx(
         [0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3])
     cfg = {**cfg, "schedule": "linear_to_zero"}
-    assert training.lr_at(1, 100, cfg) == pytest.approx(1e-3 * 2 / 4 * (1 - 1 / 100))
-    assert training.lr_at(10, 100, cfg) == pytest.approx(1e-3 * 0.9)
+    assert loop.lr_at(1, 100, cfg) == pytest.approx(1e-3 * 2 / 4 * (1 - 1 / 100))
+    assert loop.lr_at(10, 100, cfg) == pytest.approx(1e-3 * 0.9)
 
 
 def test_unknown_schedule_and_optimizer_rejected():
     with pytest.raises(ValueError, match="schedule"):
-        training.lr_at(0, 10, {**ADAM, "schedule": "cosine"})
+        loop.lr_at(0, 10, {**ADAM, "schedule": "cosine"})
     with pytest.raises(ValueError, match="optimizer"):
-        training.build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**ADAM, "name": "sgd"})
+        loop.build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**ADAM, "name": "sgd"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,9 +108,9 @@ class _One(torch.nn.Module):
 
 
 def test_beta_at():
-    assert training.EMA(_One(), 0.999).beta_at(1) == 0.999
-    assert training.EMA(_One(), 0.999).beta_at(10**6) == 0.999
-    ema = training.EMA(_One(), 0.999, rampup=0.05)
+    assert loop.EMA(_One(), 0.999).beta_at(1) == 0.999
+    assert loop.EMA(_One(), 0.999).beta_at(10**6) == 0.999
+    ema = loop.EMA(_One(), 0.999, rampup=0.05)
     for n in (1, 10, 100, 1000, 13_862, 13_863, 10**5):
         want = min(0.999, 0.5 ** (1 / (0.05 * n)))
         assert ema.beta_at(n) == pytest.approx(want, rel=1e-12)
@@ -123,7 +123,7 @@ def test_beta_at():
 @pytest.mark.parametrize("rampup", [None, 0.5])
 def test_ema_update_hand_formula(rampup):
     net = _One(1.0)
-    ema = training.EMA(net, 0.9, rampup=rampup)
+    ema = loop.EMA(net, 0.9, rampup=rampup)
     assert not ema.module.training and not ema.module.w.requires_grad
     expected = 1.0
     for step, value in enumerate([3.0, -2.0, 5.0], start=1):
@@ -156,8 +156,8 @@ class _Tiny(torch.nn.Module):
 
 def _run(seed, net, total_steps=6, opt_cfg=None, loss_override=None, on_step_end=None):
     opt_cfg = opt_cfg or {**ADAM, "lr": 1e-2, "schedule": "constant"}
-    ema = training.EMA(net, 0.9)
-    optimizer = training.build_optimizer(net.parameters(), opt_cfg)
+    ema = loop.EMA(net, 0.9)
+    optimizer = loop.build_optimizer(net.parameters(), opt_cfg)
     target = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5])
 
     def loss_fn(step):
@@ -167,7 +167,7 @@ def _run(seed, net, total_steps=6, opt_cfg=None, loss_override=None, on_step_end
         x = torch.randn(8, 6, generator=g)
         return (net(x).squeeze(1) - x @ target).square()
 
-    training.fit(stage="test", accelerator=training.make_accelerator(), net=net, ema=ema,
+    loop.fit(stage="test", accelerator=loop.make_accelerator(), net=net, ema=ema,
                  optimizer=optimizer, opt_cfg=opt_cfg, total_steps=total_steps, batch=8, seed=seed,
                  loss_fn=loss_fn, on_step_end=on_step_end, status_every=1000)
     return net, ema
@@ -242,7 +242,7 @@ def test_fit_applies_lr_schedule_and_radam_skips_unrectified_steps(monkeypatch):
     cfg = {**RADAM, "lr": 1e-2}
     net = _fresh_net()
     init = net.lin.weight.detach().clone()
-    n = training.radam_unrectified_steps(0.999)
+    n = loop.radam_unrectified_steps(0.999)
     total = n + 3
     built = []
 
@@ -250,12 +250,12 @@ def test_fit_applies_lr_schedule_and_radam_skips_unrectified_steps(monkeypatch):
         built.append(torch.optim.RAdam(params, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"]))
         return built[-1]
 
-    monkeypatch.setattr(training, "build_optimizer", build)
+    monkeypatch.setattr(loop, "build_optimizer", build)
     seen = []
     _run(5, net, total_steps=total, opt_cfg=cfg,
          on_step_end=lambda done: seen.append((built[0].param_groups[0]["lr"], torch.equal(net.lin.weight, init))))
     lrs = [lr for lr, _ in seen]
-    assert lrs == pytest.approx([training.lr_at(s, total, cfg) for s in range(total)])
+    assert lrs == pytest.approx([loop.lr_at(s, total, cfg) for s in range(total)])
     assert lrs[:n] == [0.0] * n
     # lr 0 on RAdam's raw-gradient steps: the weights do not move until step n
     assert [unchanged for _, unchanged in seen] == [True] * n + [False] * 3

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import checkpoints, networks, rng, shards
-from stages.precond import Precond
+from stages.files import checkpoints
+from stages import networks
+from stages.training import rng
+from stages.data import shards
+from stages.networks.precond import Precond
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
@@ -64,7 +67,7 @@ def test_trajectory_is_a_function_of_seed_and_index(teacher, tmp_path):
 
 def test_stored_states_are_the_solver_states(teacher, tmp_path):
     """The stored trajectory equals a direct solve with the same teacher (up to fp16 storage)."""
-    from stages import solvers
+    from stages.method import solvers
 
     make_shard(teacher, tmp_path / "s.tar", 0)
     first = shards.read_shard(tmp_path / "s.tar")[0]

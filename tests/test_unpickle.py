@@ -10,8 +10,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from stages import networks, unpickle
-from stages.precond import Precond
+from stages import networks
+from stages.files import unpickle
+from stages.networks.precond import Precond
 from tests.edm_format import randomize, write_edm_pickle
 
 ARCH = {"kind": "small_unet", "in_channels": 3, "resolution": 8, "channels": 8, "channel_mult": [1, 2],

@@ -1,4 +1,4 @@
-"""One rank of a 2-process CPU (gloo) MeanFlow step through training.fit, launched by torchrun from
+"""One rank of a 2-process CPU (gloo) MeanFlow step through loop.fit, launched by torchrun from
 tests/test_meanflow_ddp.py. The JVP runs on the bare module, the graph forward on the DDP wrapper;
 each rank writes its gradients after the all-reduce and, for rank 0, the gradients of the same
 two half-batches computed in this one process without DDP by the one-process route (a single JVP
@@ -12,13 +12,15 @@ import torch
 
 torch.set_num_threads(1)
 
-from stages import flowmap, meanflow, networks, rng, training  # noqa: E402
+from stages.method import flowmap, meanflow  # noqa: E402
+from stages import networks  # noqa: E402
+from stages.training import loop, rng  # noqa: E402
 
 out = Path(sys.argv[1])
 SEED, GLOBAL_BATCH = 3, 8
 OPT = {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "schedule": "constant"}
 
-accelerator = training.make_accelerator()
+accelerator = loop.make_accelerator()
 world, rank = accelerator.num_processes, accelerator.process_index
 assert world == 2, f"expected 2 processes, got {world}"
 torch.manual_seed(0)
@@ -39,12 +41,12 @@ def half_batch_loss(u, bare, step, k):
     return meanflow.meanflow_loss(u, x, g, ratio_r_neq_t=0.5, jvp_u=bare)
 
 
-ema = training.EMA(net, 0.9)
-optimizer = training.build_optimizer(net.parameters(), OPT)
+ema = loop.EMA(net, 0.9)
+optimizer = loop.build_optimizer(net.parameters(), OPT)
 ddp, optimizer = accelerator.prepare(net, optimizer)
 assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)
 bare = accelerator.unwrap_model(ddp)
-training.fit(stage="ddp-check", accelerator=accelerator, net=ddp, ema=ema, optimizer=optimizer,
+loop.fit(stage="ddp-check", accelerator=accelerator, net=ddp, ema=ema, optimizer=optimizer,
              opt_cfg=OPT, total_steps=1, batch=GLOBAL_BATCH, seed=SEED,
              loss_fn=lambda step: half_batch_loss(ddp, bare, step, rank))
 torch.save({n: p.grad.clone() for n, p in bare.named_parameters()}, out / f"grads_rank{rank}.pt")

@@ -9,7 +9,7 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
+from stages.files.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
 
 # Files in the store are inputs as ancient(): another user's newer copy of the same key must not
 # make this workdir's results stale (the key, not the time, says what a file is).
@@ -102,7 +102,7 @@ def state_args(folder):
     return args
 
 
-# Files from the internet (stages/assets.py CATALOG). A config value that names a catalog entry
+# Files from the internet (stages/files/assets.py CATALOG). A config value that names a catalog entry
 # (teacher.asset, dataset.asset, features.model, midtrain.lpips_weights) means that file in the
 # assets folder, which fetch_assets (workflow/rules/assets.smk) makes.
 ASSETS_CFG = config.get("assets", {})

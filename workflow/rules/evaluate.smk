@@ -54,7 +54,7 @@ rule fid_teacher:
     benchmark:
         f"{BENCH}/fid/teacher-solver.tsv"
     shell:
-        "python -m stages.fid --config {params.cfg:q} --reference {input.reference} "
+        "python -m stages.fid_teacher --config {params.cfg:q} --reference {input.reference} "
         "--manifest {input.manifest} --out {output} > {log} 2>&1"
 
 

@@ -1,5 +1,5 @@
 # The MeanFlow family (family: mf): CMT-MF mid-training on the EDM teacher's trajectories (read in
-# flow-matching time through stages/flowmap.py), then MeanFlow post-training from {cmt, random}.
+# flow-matching time through stages/method/flowmap.py), then MeanFlow post-training from {cmt, random}.
 # Outputs take the consistency family's paths, so sample, fid and report serve both families.
 rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
@@ -51,6 +51,6 @@ rule posttrain_mf:
     benchmark:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
-        "python -m stages.launch --gpus {params.gpus} stages.posttrain_meanflow --config {params.cfg:q} --threads {threads} "
+        "python -m stages.launch --gpus {params.gpus} stages.posttrain_mf --config {params.cfg:q} --threads {threads} "
         "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
         "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from . import atomic
+from stages.files import atomic
 
 
 def encode_npy(array) -> bytes:
@@ -102,7 +102,7 @@ class TrajectoryStream:
         return next(self._samples)
 
     def _epoch(self, epoch):
-        from .rng import fold
+        from stages.training.rng import fold
 
         order = np.random.default_rng(fold(self.seed, epoch, "shard-order")).permutation(len(self.paths))
         return wds.DataPipeline(
@@ -140,7 +140,7 @@ class RankTrajectoryStream(TrajectoryStream):
     """
 
     def __init__(self, paths, counts, seed, shuffle_buffer, rank, world):
-        from .rng import fold
+        from stages.training.rng import fold
 
         paths = [str(p) for p in paths]
         if len(paths) < world:

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import atomic
+from stages.files import atomic
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Turn an official EDM training snapshot (.pkl) into our Precond(DDPM++) teacher.
 
-The pickle is read by stages/unpickle.py (no embedded code runs). Its `ema` entry must be an
+The pickle is read by stages/files/unpickle.py (no embedded code runs). Its `ema` entry must be an
 `EDMPrecond` around a `SongUNet` of the DDPM++ configuration (positional embedding, standard
 encoder/decoder, [1, 1] resampling, unconditional); the architecture comes from the init kwargs the
 persistence records carry (the SongUNet defaults where a kwarg was not passed), and every tensor
@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from . import networks, unpickle
-from .precond import Precond
+from stages import networks
+from stages.files import unpickle
+from stages.networks.precond import Precond
 
 # Defaults of the official SongUNet / EDMPrecond signatures, for kwargs a snapshot did not record.
 SONGUNET_DEFAULTS = {"model_channels": 128, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4,
@@ -49,7 +50,7 @@ def architecture_of(ema, path="<pickle>"):
     for key, want in REQUIRED.items():
         if kw[key] != want:
             raise ValueError(f"{path}: SongUNet {key}={kw[key]!r}; only {want!r} (DDPM++, unconditional) "
-                             "is implemented by stages/networks_ddpmpp.py")
+                             "is implemented by stages/networks/ddpmpp.py")
     if kw.get("use_fp16"):
         print(f"[import_teacher] note: {path} was trained with use_fp16; the import runs it in fp32")
     resolution = kw.get("img_resolution")

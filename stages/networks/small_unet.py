@@ -1,13 +1,9 @@
-"""Networks. `SmallUNet` is the compact U-Net of the digits default: positional noise embedding,
-residual blocks with scale-shift conditioning, dropout, skip connections. EDM's DDPM++
-(stages/networks_ddpmpp.py) registers in ARCHITECTURES beside it.
+"""The compact U-Net of the digits default: positional noise embedding, residual blocks with
+scale-shift conditioning, dropout, skip connections.
 
 With `dual_time=True` the same U-Net takes a second scalar (MeanFlow's t - r), embedded the same way
 and added to the first before the shared embedding MLP; off by default, so consistency models and
 their stored weights are unchanged.
-
-Every network is built from a plain dict (`architecture` in model.json), so a model artifact
-describes itself and loads without pickles.
 """
 
 import math
@@ -15,8 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .networks_ddpmpp import DDPMpp
 
 
 class PositionalEmbedding(nn.Module):
@@ -120,18 +114,3 @@ class SmallUNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp}
-
-
-def build(architecture: dict) -> nn.Module:
-    """Build a raw network from its description, e.g. {"kind": "small_unet", "channels": 32, ...}."""
-    arch = dict(architecture)
-    kind = arch.pop("kind")
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"unknown network kind {kind!r}; known: {sorted(ARCHITECTURES)}")
-    for key in ("channel_mult", "attn_resolutions"):
-        if key in arch:
-            arch[key] = tuple(arch[key])
-    return ARCHITECTURES[kind](**arch)

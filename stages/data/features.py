@@ -85,11 +85,21 @@ def frechet(stats_a, stats_b):
     return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
 
 
+def score(images_uint8, cfg, reference):
+    """Fréchet distance of `images_uint8` against `reference` (mu, sigma) in the feature space `cfg`."""
+    return frechet(statistics(extract(images_uint8, cfg)), reference)
+
+
+def summary(values):
+    """Scores over seed ranges: each one, their mean and their minimum (the paper reports one of them)."""
+    return {"per_range": [float(v) for v in values], "mean": float(np.mean(values)), "min": float(np.min(values))}
+
+
 def save_statistics(path, mu, sigma, **meta):
     import io
     import json
 
-    from . import atomic
+    from stages.files import atomic
 
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))

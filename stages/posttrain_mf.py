@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, checkpoints, cli, meanflow, rng, train_state, training
+from stages.files import atomic, checkpoints
+from stages.runtime import cli
+from stages.method import meanflow
+from stages.training import loop, resume, rng
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "random"])
@@ -25,8 +28,8 @@ pc, seed, total = cfg["posttrain_mf"], cfg["seed"], cfg["steps"]
 stage_name = f"posttrain_meanflow:{args.init}"
 
 # ---- data
-accelerator = training.make_accelerator()
-data, local_batch = training.load_images(args.dataset, accelerator, pc["batch"], "posttrain_mf.batch")
+accelerator = loop.make_accelerator()
+data, local_batch = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain_mf.batch")
 rank = accelerator.process_index
 
 # ---- model
@@ -42,11 +45,11 @@ net = checkpoints.build_precond(meta_base)
 if args.init == "cmt":
     checkpoints.load_into(net, args.init_model, which="ema")
 prior_images = init_meta["images_seen"] if args.init == "cmt" else 0
-ema = training.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
-optimizer = training.build_optimizer(net.parameters(), pc["optimizer"])
+ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 bare = accelerator.unwrap_model(net)
-state = train_state.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
+state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
     "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
     "dataset_sha256": atomic.sha256_file(args.dataset)})
 # Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
@@ -83,7 +86,7 @@ print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({p
       f"p={pc['adaptive_p']} c={pc['adaptive_c']} batch {pc['batch']} {total} steps "
       f"(after {prior_images:,} mid-training images), snapshots at steps {sorted(snapshot_steps)}", flush=True)
 save_snapshot(0)
-elapsed = training.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
+elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                        opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
                        loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
 

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from . import datasets, rng, train_state
+from stages.data import datasets
+from stages.training import resume, rng
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
@@ -153,10 +154,10 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     from (seed, step, rank). `on_step_end(steps_done)` runs after the EMA update (snapshots).
     A non-finite loss or gradient stops the run naming the step: nothing is zeroed or skipped.
 
-    With `state` (a train_state.TrainState) the run is resumable: the newest saved state is
+    With `state` (a resume.TrainState) the run is resumable: the newest saved state is
     restored first (network, EMA, optimizer, step and, through `data.state_dict()` /
     `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
-    and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises train_state.Interrupted.
+    and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises resume.Interrupted.
     """
     # The EMA copy is made before accelerator.prepare moves the network to its device.
     ema.module.to(accelerator.device)
@@ -189,7 +190,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         save(steps_done)
         print(f"[{stage}] {reason}; state saved at step {steps_done}/{total_steps} in {state.dir}; "
               "rerun the same command (Snakemake: --retries) to continue", flush=True)
-        raise train_state.Interrupted(code)
+        raise resume.Interrupted(code)
 
     def after_step(done):
         """Save the state when it is due; on a signal or a finished slice, save it and stop."""
@@ -202,7 +203,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         if signum:
             stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
         if slice_done:
-            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", train_state.EXIT_SLICE, done)
+            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", resume.EXIT_SLICE, done)
         if due:
             save(done)
 

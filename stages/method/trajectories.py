@@ -4,7 +4,8 @@ trajectory_shard stage writes and what mid-training's spot check regenerates."""
 import numpy as np
 import torch
 
-from . import rng, solvers
+from stages.training import rng
+from stages.method import solvers
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

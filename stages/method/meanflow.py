@@ -6,7 +6,7 @@ Each loss returns per-sample values [B]; the training loop takes the mean.
 
 import torch
 
-from . import losses
+from stages.method import losses
 
 # ----------------------------------------------------------------------------------------------
 # CMT-MF: for states i > j of a teacher trajectory (t_i > t_j), regress u(z_i, t_j, t_i) onto the

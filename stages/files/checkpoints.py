@@ -8,8 +8,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from . import atomic, networks
-from .precond import Precond
+from stages.files import atomic
+from stages import networks
+from stages.networks.precond import Precond
 
 FORMAT = "cmt-model/1"
 
@@ -58,7 +59,7 @@ def build_precond(meta, kind=None, dropout=None):
     if dropout is not None:
         arch["dropout"] = dropout
     if (kind or meta["precond"]) == "meanflow":
-        from .flowmap import AverageVelocity
+        from stages.method.flowmap import AverageVelocity
 
         return AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=meta["sigma_data"])
     return Precond(networks.build(arch), kind=kind or meta["precond"],

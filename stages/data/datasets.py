@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from stages.files import atomic
 
 FORMAT = "cmt-dataset/1"
 
@@ -67,7 +67,7 @@ def read_cifar10(spec):
     import tarfile
     import tempfile
 
-    from . import unpickle
+    from stages.files import unpickle
 
     if spec.get("resolution", 32) != 32:
         raise ValueError("dataset.resolution: CIFAR-10 images are 32x32; set resolution: 32")

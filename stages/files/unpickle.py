@@ -173,7 +173,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise UnsafePickleError(
                 f"{self.source}: refused global {module}.{name}: it is not on the allow-list of "
-                "stages/unpickle.py (tensor rebuilds, plain containers, EDM persistence records). "
+                "stages/files/unpickle.py (tensor rebuilds, plain containers, EDM persistence records). "
                 "This file is not an EDM network pickle as expected, or it tries to run code; "
                 "check where it came from (its sha256 is in fetch_assets' list)."
             ) from None

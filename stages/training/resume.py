@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic, checkpoints
+from stages.files import atomic, checkpoints
 
 FORMAT = "cmt-train-state/1"
 # Exit codes of a job that stopped on purpose after saving its state (the rerun continues):

@@ -1,0 +1,33 @@
+"""Stage fid_teacher: Fréchet distance of the teacher's own solver endpoints (the final states of
+the trajectory shards), split into seed ranges like the samples: the ceiling that mid-training
+distils."""
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from stages.data import datasets, features, shards
+from stages.files import atomic
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
+p.add_argument("--reference", required=True)
+p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p.add_argument("--out", required=True)
+args = p.parse_args()
+cfg = args.config
+reference = features.load_statistics(args.reference)
+
+manifest, paths = shards.check_manifest(args.manifest, fast=True)
+ends = np.concatenate([np.stack([s["states"][-1] for s in shards.read_shard(p)]) for p in paths])
+n, k = cfg["sampling"]["per_range"], cfg["sampling"]["num_ranges"]
+if len(ends) < n:
+    raise ValueError(f"{args.manifest}: {len(ends)} trajectories, fewer than one seed range ({n})")
+k = min(k, len(ends) // n)
+images = datasets.to_uint8(torch.from_numpy(ends.astype(np.float32))).numpy()
+teacher = features.summary([features.score(images[r * n:(r + 1) * n], cfg["features"], reference) for r in range(k)])
+teacher["nfe"] = manifest["spec"]["nfe"]
+atomic.write_json(args.out, {"features": cfg["features"]["kind"], "reference": args.reference, "teacher": teacher})
+print(f"[fid_teacher] teacher endpoints: FD {teacher['mean']:.4f} (mean of {k} ranges)", flush=True)

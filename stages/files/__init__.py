@@ -1,0 +1,1 @@
+"""Files and formats: atomic writes, model files, the restricted unpickler, official-weight imports, downloadable assets."""

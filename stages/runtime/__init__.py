@@ -1,0 +1,1 @@
+"""How a stage process starts: arguments, threads and numerical settings."""
