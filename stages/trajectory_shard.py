@@ -2,7 +2,10 @@
 
 Trajectory i is a pure function of (teacher, solver spec, base seed, i): its start noise comes from
 a generator folded from (seed, i), and each shard is solved in fixed micro-batches that belong to
-the spec. So shard k is the same bytes whoever makes it and however the jobs are split.
+the spec, so how the jobs are split never changes a shard. Floating point does: another thread
+count, CPU instruction set or GPU model may change the last bits of the solver states (not the
+start point, sigmas or metadata), so copies made in different settings agree within the spot
+check's tolerance rather than byte for byte; the manifest records the bytes actually present.
 """
 
 import time

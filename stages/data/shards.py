@@ -2,8 +2,9 @@
 
 Sample `<index:09d>`: `states.npy` (all solver states, [K+1, C, H, W], fp16 by default),
 `sigmas.npy` (float64 [K+1]), `meta.json` (index, seed, data index if the start used data).
-Tars are written with fixed metadata (mtime 0, fixed owner) and pre-encoded members, so a shard is
-the same bytes whoever makes it; it is written under a temporary name and renamed.
+Tars are written with fixed metadata (mtime 0, fixed owner) and pre-encoded members, so equal
+trajectories give equal bytes (the solver's states may differ in their last bits between machines
+and thread counts: stages/trajectory_shard.py); a shard is written under a temporary name and renamed.
 """
 
 import io
