@@ -10,6 +10,9 @@ min_version("9.0")
 configfile: workflow.source_path("config/default.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 # Impossible combinations of keys, which a schema cannot express; also before any job starts.
 sys.path.insert(0, workflow.basedir)

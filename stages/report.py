@@ -30,6 +30,8 @@ p.add_argument("--benchmarks", required=True, help="the row's benchmarks folder"
 p.add_argument("--out", required=True)
 p.add_argument("--curve", required=True)
 p.add_argument("--grids", required=True)
+p.add_argument("--table", required=True, help="results.csv: ours and the paper's per method")
+p.add_argument("--midtrain-fid", default=None, help="fid/midtrain.json: the mid-trained model alone")
 args = p.parse_args()
 cfg = args.config
 inits, steps, final = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"]
@@ -97,12 +99,16 @@ if "baseline" in inits and "cmt" in inits:
                      f"CMT {'better' if cmt < base else 'NOT better'}.")
 lines.append("")
 
-# ---- paper numbers, where the row has them
-if cfg.get("paper"):
-    lines += ["## The paper's numbers for this row", "", "```", json.dumps(cfg["paper"], indent=2), "```", ""]
+# ---- the mid-trained model alone, scored as the official mid-training evaluation does
+if args.midtrain_fid:
+    mid = json.load(open(args.midtrain_fid))["snapshots"]["final"]
+    lines.append(f"The mid-trained model alone (its EMA, sampled as the official mid-training evaluation "
+                 f"does, 2-step sigma_mid = {cfg['sampling']['sigma_mid_midtrain']}): "
+                 + ", ".join(f"{s}-step {fd_cell(mid[f'{s}step'])}" for s in steps)
+                 + f" after {mid['images_seen']:,} mid-training images.")
+    lines.append("")
 
-# ---- cost per stage
-lines += ["## Cost per stage", "", "| stage | images seen | wall time (s) | max RSS (MB) |", "|---|---|---|---|"]
+# ---- cost per stage: wall time and peak memory from Snakemake's benchmarks
 models = dict(zip(["train_teacher", "midtrain"] + [f"posttrain/{i}" for i in inits], args.models))
 
 
@@ -115,20 +121,81 @@ def bench(name):
     return float(row["s"]), float(row["max_rss"]) if row["max_rss"] not in ("-", "NA") else float("nan")
 
 
+images, seconds = {}, {}
+cost = ["## Cost per stage", "", "| stage | images seen | wall time (s) | max RSS (MB) |", "|---|---|---|---|"]
 for name, model in models.items():
     meta = checkpoints.read_meta(model)
     if meta.get("source") == "import":  # an official snapshot: no training here
         name = "import_teacher"
         meta = {**meta, "images_seen": 0}
     b = bench(name)
-    wall = f"{b[0]:.0f}" if b else "reused from the store"
-    rss = f"{b[1]:.0f}" if b else ""
-    lines.append(f"| {name} | {meta['images_seen']:,} | {wall} | {rss} |")
+    images[name], seconds[name] = meta["images_seen"], b[0] if b else None
+    cost.append(f"| {name} | {meta['images_seen']:,} | {f'{b[0]:.0f}' if b else 'reused from the store'} | "
+                f"{f'{b[1]:.0f}' if b else ''} |")
 shard_times = [bench(f"trajectory_shard/{p.stem}") for p in sorted(Path(args.benchmarks, "trajectory_shard").glob("*.tsv"))]
 if shard_times:
-    lines.append(f"| trajectory_shard x{len(shard_times)} | | {sum(t[0] for t in shard_times):.0f} | "
-                 f"{max(t[1] for t in shard_times):.0f} |")
-lines.append("")
+    seconds["trajectories"] = sum(t[0] for t in shard_times)
+    cost.append(f"| trajectory_shard x{len(shard_times)} | | {seconds['trajectories']:.0f} | "
+                f"{max(t[1] for t in shard_times):.0f} |")
+cost.append("")
+
+# ---- ours against the paper: one table, method by method
+paper = cfg.get("paper") or {}
+methods = paper.get("methods", {})
+
+
+def our_budget(init):
+    """Mimg per stage of this init's route and its measured seconds (None where reused)."""
+    post = fids[init]["snapshots"][final]["images_seen"] / 1e6
+    if init == "cmt":
+        mid = images["midtrain"] / 1e6
+        secs = [seconds.get("midtrain"), seconds.get(f"posttrain/{init}"), seconds.get("trajectories")]
+        return {"midtrain": mid, "posttrain": post}, secs
+    return {"posttrain": post}, [seconds.get(f"posttrain/{init}")]
+
+
+def mimg(budget):
+    return " + ".join(f"{v:g} {k}" for k, v in budget.items()) + (f" = {sum(budget.values()):g}" if len(budget) > 1 else "")
+
+
+def fid_cell(ours, theirs):
+    if theirs is None:
+        return [f"{ours:.3f}", "", ""]
+    diff = f"{ours - theirs:+.2f}" if paper.get("comparable", True) else "n/a"
+    return [f"{ours:.3f}", f"{theirs:g}", diff]
+
+
+table = [["method", *[f"{s}-step {col}" for s in steps for col in ("ours", "paper", "difference")],
+          "Mimg (ours)", "Mimg (paper)", "wall time (ours, s)"]]
+for init in inits:
+    entry = methods.get(init, {})
+    ours = fids[init]["snapshots"][final]
+    budget, secs = our_budget(init)
+    known = [s for s in secs if s is not None]
+    row = [entry.get("label", LABELS[init])]
+    for s in steps:
+        row += fid_cell(ours[f"{s}step"]["mean"], entry.get(f"{s}step"))
+    row += [mimg(budget), mimg(entry["budget_mimg"]) if entry.get("budget_mimg") else "",
+            f"{sum(known):.0f}" + ("" if len(known) == len(secs) else " (part reused)") if known else "reused"]
+    table.append(row)
+with atomic.atomic_path(args.table) as tmp:
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(table)
+if methods:
+    lines += ["## Ours and the paper's, method by method", "",
+              f"Ours: mean over seed ranges, {fids[inits[0]]['features']} features. Paper: {paper.get('source', '')}."]
+    if not paper.get("comparable", True):
+        lines += ["", "The paper's numbers are for another data set and model size than this row's: they are "
+                      "shown for orientation, and no difference is computed."]
+    lines += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    for extra in ("gpu_hours", "notes"):
+        rows = [(methods[i].get("label", LABELS.get(i, i)), methods[i][extra]) for i in methods if extra in methods[i]]
+        for label, value in rows:
+            shown = ", ".join(f"{k} {v:g}" for k, v in value.items()) if isinstance(value, dict) else value
+            lines.append(f"- Paper, {label}: {extra.replace('_', '-')} {shown}.")
+    lines.append("")
+lines += cost
 
 # ---- FD curve
 fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)

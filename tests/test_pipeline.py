@@ -74,6 +74,26 @@ def test_tiny_row_end_to_end(tiny_run):
     assert "Nothing to be done" in snakemake(tiny_run, "-n").stdout
 
 
+def test_report_table_and_snakemake_html_report(tiny_run):
+    """report.md says how the mid-trained model alone scores; results.csv holds one row per init;
+    `snakemake --report` builds a self-contained page with the results table, curves and grids."""
+    res = tiny_run / "results" / "tiny"
+    report = (res / "report.md").read_text()
+    assert "The mid-trained model alone" in report and "sigma_mid = 0.77569" in report
+    mid = json.loads((res / "fid" / "midtrain.json").read_text())["snapshots"]["final"]
+    assert mid["images_seen"] == 20 * 64 and mid["2step"]["mean"] > 0
+    rows = (res / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("method,1-step ours,1-step paper,1-step difference,2-step ours")
+    assert [r.split(",")[0] for r in rows[1:]] == ["CMT init (ours)", "teacher (diffusion) init", "random init"]
+    page = tiny_run / "report.html"
+    result = snakemake(tiny_run, "--report", page)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    html = page.read_text()
+    for name in ("results.csv", "fd_curve.png", "samples.png"):
+        assert name in html, name
+    assert "each post-training init against training images" in html  # a caption
+
+
 def test_posttrain_knob_reruns_only_posttrain_onward(tiny_run, tmp_path):
     jobs = planned_jobs(snakemake(tiny_run, "-n", configs=[override(tmp_path, "q", {"posttrain": {"q": 512}})]))
     assert jobs.pop("posttrain") == 3
@@ -91,7 +111,7 @@ def test_solver_change_reruns_trajectories_onward_not_teacher(tiny_run, tmp_path
 def test_sampling_change_keeps_training(tiny_run, tmp_path):
     jobs = planned_jobs(snakemake(tiny_run, "-n", configs=[override(tmp_path, "mid", {"sampling": {"sigma_mid": 0.5}})]))
     assert not {"train_teacher", "midtrain", "posttrain", "trajectory_shard"} & set(jobs), jobs
-    assert jobs["sample"] == 9
+    assert jobs["sample"] == 9  # 3 inits x 3 snapshots; the mid-trained model keeps its own sigma_mid
 
 
 def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):

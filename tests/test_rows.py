@@ -69,7 +69,10 @@ def test_cifar10_smoke_through_snakemake(tmp_path):
     assert not (tmp_path / "marker").exists()  # nothing from the pickle ran
     report = (res / "report.md").read_text()
     assert "vanilla ECT from the teacher" in report and "CMT + ECT" in report
-    assert '"2step": 1.97' in report  # the paper's numbers beside ours
+    # one table: ours and the paper's per method, the difference, budgets in Mimg per stage
+    assert "| CMT + ECT | " in report and "| 1.97 | " in report and "38.4 midtrain + 12.8 posttrain = 51.2" in report
+    assert "| vanilla ECT, equal total budget | " in report and "| 51.2 |" in report
+    assert "The mid-trained model alone" in report and "sigma_mid = 0.77569" in report
     for init in ("cmt", "baseline"):
         fid = json.loads((res / "fid" / f"{init}.json").read_text())
         assert fid["snapshots"]["p100"]["2step"]["per_range"][0] > 0

@@ -88,6 +88,25 @@ def init_model(wildcards):
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
 
 
+def sampled_model(init, snap):
+    """The model a sample job draws from: a post-training snapshot, or (init `midtrain`, snapshot
+    `final`) the mid-trained model itself, scored on its own as the official mid-training evaluation does."""
+    if init == "midtrain":
+        return f"{RES}/midtrain/model.safetensors"
+    return f"{RES}/posttrain/{init}/snapshots/{snap}.safetensors"
+
+
+def sampling_cfg(wildcards):
+    """The sampling section, with the mid-training evaluation's sigma_mid for the mid-trained model."""
+    if wildcards.init == "midtrain":
+        return {**config["sampling"], "sigma_mid": config["sampling"]["sigma_mid_midtrain"]}
+    return config["sampling"]
+
+
+def scored_snapshots(wildcards):
+    return ["final"] if wildcards.init == "midtrain" else SNAPSHOTS
+
+
 def state_args(folder):
     """--state-dir and --checkpoint of a training rule; `folder(wildcards)` is its state folder.
 

@@ -1,10 +1,10 @@
 rule sample:
     input:
-        f"{RES}/posttrain/{{init}}/snapshots/{{snap}}.safetensors",
+        lambda w: sampled_model(w.init, w.snap),
     output:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
-        cfg=as_arg(config["sampling"]),
+        cfg=lambda w: as_arg(sampling_cfg(w)),
     threads: config["threads"]["light"]
     conda:
         "../../envs/cmt.yaml"
@@ -21,12 +21,12 @@ rule fid:
     input:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
-        samples=expand(f"{RES}/samples/{{{{init}}}}/{{snap}}.npz", snap=SNAPSHOTS),
-        models=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.safetensors", snap=SNAPSHOTS),
+        samples=lambda w: [f"{RES}/samples/{w.init}/{s}.npz" for s in scored_snapshots(w)],
+        models=lambda w: [sampled_model(w.init, s) for s in scored_snapshots(w)],
     output:
         f"{RES}/fid/{{init}}.json",
     params:
-        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        cfg=lambda w: as_arg({"features": FEATURES_CFG, "sampling": sampling_cfg(w)}),
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -65,15 +65,18 @@ rule report:
         samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
         models=[ancient(TEACHER), f"{RES}/midtrain/model.safetensors"]
         + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
+        midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
     output:
         report=f"{RES}/report.md",
-        curve=f"{RES}/fd_curve.png",
-        grids=f"{RES}/samples.png",
+        table=report(f"{RES}/results.csv", caption="../report/results.rst", category="Results"),
+        curve=report(f"{RES}/fd_curve.png", caption="../report/fd_curve.rst", category="Results"),
+        grids=report(f"{RES}/samples.png", caption="../report/samples.rst", category="Results"),
     params:
         cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
                     "final_snapshot": FINAL_SNAPSHOT}),
         bench=BENCH,
+        midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -83,4 +86,5 @@ rule report:
     shell:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
         "--samples {input.samples} --models {input.models} --benchmarks {params.bench} "
-        "--out {output.report} --curve {output.curve} --grids {output.grids} > {log} 2>&1"
+        "--out {output.report} --curve {output.curve} --grids {output.grids} --table {output.table} "
+        "{params.midtrain} > {log} 2>&1"
