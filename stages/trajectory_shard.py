@@ -51,5 +51,5 @@ def samples():
               f"traj/s {rate:.1f}  teacher NFE/s {rate * spec['nfe']:.0f}", flush=True)
 
 
-count = shards.write_shard(args.out, samples())
+count = shards.write_shard(args.out, samples(), background=True)
 print(f"[trajectory_shard] wrote {count} trajectories to {args.out}", flush=True)

@@ -27,12 +27,57 @@ def decode_npy(data: bytes):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def write_shard(path, samples):
-    """Write an iterable of (index, states, sigmas, meta) to `path` atomically; returns the count."""
+def in_background(iterable, depth=2):
+    """Iterate `iterable` in a thread, `depth` items ahead of the consumer.
+
+    The trajectory stage's producer is the teacher's solve (torch releases the GIL inside its ops)
+    and its consumer encodes and writes tar members (Python): run one beside the other, the writing
+    hides behind the solve instead of adding to it. An exception in the producer is raised in the
+    consumer, at the item where it happened.
+    """
+    import queue
+    import threading
+
+    items, done = queue.Queue(maxsize=depth), object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        items.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((True, done))
+        except BaseException as e:  # handed to the consumer, never swallowed
+            items.put((False, e))
+
+    thread = threading.Thread(target=produce, name="shard-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def write_shard(path, samples, background=False):
+    """Write an iterable of (index, states, sigmas, meta) to `path` atomically; returns the count.
+    background=True produces the samples in a thread while this one writes (in_background)."""
     count = 0
     with atomic.atomic_path(path) as tmp:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
-            for index, states, sigmas, meta in samples:
+            for index, states, sigmas, meta in (in_background(samples) if background else samples):
                 sink.write({
                     "__key__": f"{index:09d}",
                     "states.npy": encode_npy(states),

@@ -1,0 +1,182 @@
+"""How fast the pipeline's data path is against its physical bounds, as ratios measured side by side
+in one run (CPU here, GPU where there is one):
+
+1. trajectory stage: seconds per trajectory of what trajectory_shard does (start points, the
+   DPM-Solver++ solve, fp16 conversion, encoding and writing the shard) / (NFE x the teacher's
+   forward time per image at the same batch). Everything above 1 is overhead; bound 1.10.
+2. mid-training input pipeline: trajectories per second the shard reader delivers to the step
+   (TrajectoryStream: tar reading, decoding, shuffle buffer, stacking into the step's tensors) /
+   trajectories per second the CMT-CM step consumes (forward, backward, optimizer, EMA at the
+   row's batch). Bound: at least 3 (the step never waits on data).
+
+Runs the project's own code on the digits default's network (config/default.yaml) with random
+weights, or on a row's network with --config. Results are printed and, with --out, written as JSON.
+
+    python bench/pipeline_ratios.py                    # digits default
+    python bench/pipeline_ratios.py --out bench/ratios-cpu.json
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import networks  # noqa: E402
+from stages.data import shards  # noqa: E402
+from stages.method import losses, trajectories  # noqa: E402
+from stages.networks.precond import Precond  # noqa: E402
+from stages.training import loop  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--config", default=None, help="a row config layered on config/default.yaml (its network, nfe, batches)")
+p.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (the median is reported)")
+p.add_argument("--threads", type=int, default=1, help="torch threads (the pipeline runs 1 per job on CPU)")
+p.add_argument("--out", default=None)
+args = p.parse_args()
+
+cfg = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+if args.config:
+    for key, value in yaml.safe_load(Path(args.config).read_text()).items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.set_num_threads(args.threads)
+resolution = cfg["dataset"].get("resolution", 8)
+channels = 1 if cfg["dataset"]["source"] == "digits" else 3
+arch = {**cfg["network"], "in_channels": channels, "resolution": resolution, "dropout": 0.0}
+traj = cfg["trajectories"]
+nfe, solve_batch = traj.get("nfe", 16), traj.get("batch", 512)
+spec = {"solver": "dpm_solver_pp", "order": traj.get("order", 3), "lower_order_final": True, "nfe": nfe,
+        "x_T": "noise", "seed": 1, "per_shard": solve_batch, "batch": solve_batch,
+        "dtype": traj.get("dtype", "float16"), "sigma_max": cfg["sigma_max"], "sigma_min": cfg["sigma_min"]}
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeats=args.repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+torch.manual_seed(0)
+teacher = Precond(networks.build(arch), "edm", cfg["sigma_data"], cfg["sigma_min"]).to(device).eval()
+with torch.no_grad():  # a denoiser that is not the identity: the zero-initialised output layer perturbed
+    for name, param in teacher.named_parameters():
+        if param.abs().sum() == 0 and param.ndim > 1:
+            param.normal_(0, 0.05)
+results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "threads": args.threads, "architecture": arch,
+           "parameters": sum(q.numel() for q in teacher.parameters()), "nfe": nfe}
+
+# ---- 1. trajectory stage against NFE teacher forwards
+x = cfg["sigma_max"] * torch.randn(solve_batch, channels, resolution, resolution, device=device)
+sigma = torch.full((solve_batch,), 2.0, device=device)
+with torch.no_grad():
+    forward = median_seconds(lambda: teacher(x, sigma))
+generator = trajectories.Generator(teacher, {"architecture": arch}, spec, device)
+tmp = Path(tempfile.mkdtemp())
+per_shard = traj.get("per_shard", 4 * solve_batch)
+first = [0]
+
+
+def make_shard(path, background=True):
+    """One shard as trajectory_shard makes it (solver batches produced in a thread while the tar is
+    written), over a new range of indices each time."""
+    indices = list(range(first[0], first[0] + per_shard))
+    first[0] += per_shard
+
+    def samples():
+        for lo in range(0, per_shard, solve_batch):
+            yield from generator.batch(indices[lo:lo + solve_batch])
+
+    shards.write_shard(path, samples(), background=background)
+
+
+stage = median_seconds(lambda: make_shard(tmp / "shard.tar"), repeats=max(1, args.repeats // 2))
+# the same with the tar written after each solver batch, in the solving thread (the lever's effect)
+foreground = median_seconds(lambda: make_shard(tmp / "fg.tar", background=False), repeats=max(1, args.repeats // 2))
+per_traj, bound = stage / per_shard, nfe * forward / solve_batch
+results["trajectory_stage"] = {
+    "batch": solve_batch, "per_shard": per_shard, "teacher_forward_s": forward, "stage_s_per_shard": stage,
+    "s_per_trajectory": per_traj, "nfe_forwards_s_per_trajectory": bound, "ratio": per_traj / bound,
+    "bound": 1.10, "ratio_writing_in_the_solving_thread": foreground / per_shard / bound}
+
+# ---- 2. shard reader against the CMT-CM step
+mc = cfg["midtrain"]
+per_step = mc["batch"] // nfe
+paths = [tmp / "shard.tar"]  # one shard read round and round: the reader's cost does not depend on pool size
+stream = shards.TrajectoryStream(paths, seed=0, shuffle_buffer=mc.get("shuffle_buffer", 1000))
+
+
+def next_batch():
+    """What stages/midtrain.py does per step to get its trajectories onto the device."""
+    chosen = [next(stream) for _ in range(per_step)]
+    states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32)).to(device)
+    sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float32)).to(device)
+    return states, sigmas
+
+
+for _ in range(2 * len(paths)):  # fill the shuffle buffer first: steady state, not start-up
+    next_batch()
+reader = median_seconds(lambda: [next_batch() for _ in range(20)], warmup=0) / 20
+student = Precond(networks.build({**arch, "dropout": mc.get("dropout", 0.1)}), "ecm", cfg["sigma_data"],
+                  cfg["sigma_min"]).to(device).train()
+student.load_state_dict(teacher.state_dict())
+ema = loop.EMA(student, 0.999)
+opt_cfg = {"betas": [0.9, 0.999], "eps": 1e-8, **mc["optimizer"]}
+optimizer = loop.build_optimizer(student.parameters(), opt_cfg)
+distance = losses.make_distance(mc.get("distance", "l2"))
+states, sigmas = next_batch()
+
+
+def step():
+    loss = losses.cmt_cm_loss(student, states, sigmas, distance).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema.update(student, 1)
+
+
+train_step = median_seconds(step)
+results["input_pipeline"] = {
+    "trajectories_per_step": per_step, "reader_s_per_step": reader, "step_s": train_step,
+    "reader_traj_per_s": per_step / reader, "step_traj_per_s": per_step / train_step,
+    "ratio": train_step / reader, "bound": 3.0}
+
+# ---- print and record
+r1, r2 = results["trajectory_stage"], results["input_pipeline"]
+print(f"device {results['device']}, torch {results['torch']}, threads {args.threads}, "
+      f"{arch['kind']} {results['parameters']:,} parameters, NFE {nfe}")
+print(f"1. trajectory stage: {1e3 * r1['s_per_trajectory']:.3f} ms/trajectory vs NFE x forward "
+      f"{1e3 * r1['nfe_forwards_s_per_trajectory']:.3f} ms/trajectory (batch {solve_batch}, {per_shard} per shard): ratio "
+      f"{r1['ratio']:.3f} (bound <= {r1['bound']}: {'met' if r1['ratio'] <= r1['bound'] else 'NOT met'}); "
+      f"writing in the solving thread instead: {r1['ratio_writing_in_the_solving_thread']:.3f}")
+print(f"2. input pipeline: reader {r2['reader_traj_per_s']:.0f} traj/s vs step {r2['step_traj_per_s']:.0f} traj/s "
+      f"({per_step} trajectories per step): ratio {r2['ratio']:.2f} "
+      f"(bound >= {r2['bound']}: {'met' if r2['ratio'] >= r2['bound'] else 'NOT met'})")
+if args.out:
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
