@@ -132,7 +132,8 @@ class Block(nn.Module):
         super().__init__()
         self.out_channels, self.flavor, self.resample_mode = cout, flavor, resample_mode
         self.num_heads = cout // channels_per_head if attention else 0
-        self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
+        self.dropout, self.clip_act = dropout, clip_act
+        self.res_balance, self.attn_balance = res_balance, attn_balance
         self.emb_gain = nn.Parameter(torch.zeros([]))
         # encoder blocks project the main path to the new width before the residual branch reads it
         self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, (3, 3))

@@ -72,7 +72,8 @@ class Precond(nn.Module):
                              f"[batch, {self.label_dim}] as precond(x, sigma, labels)")
         if not labels.is_floating_point() or tuple(labels.shape) != (batch, self.label_dim):
             raise ValueError(f"{name}: labels must be one-hot floats of shape [{batch}, {self.label_dim}], got "
-                             f"{labels.dtype} {tuple(labels.shape)} (class indices: F.one_hot(y, {self.label_dim}).float())")
+                             f"{labels.dtype} {tuple(labels.shape)} "
+                             f"(from class indices y: F.one_hot(y, {self.label_dim}).float())")
         return labels.to(torch.float32)
 
     def forward(self, x, sigma, labels=None):
