@@ -1,9 +1,11 @@
-"""Write pickles in the layout of NVlabs EDM's `torch_utils.persistence` without the official code.
+"""Write pickles in the layout of NVlabs EDM's and EDM2's `torch_utils.persistence` without the
+official code.
 
 Each module of a network becomes a call `torch_utils.persistence._reconstruct_persistent_obj(meta)`
 with meta = {type: 'class', version: 6, module_src, class_name, state: the module's __dict__ (with
 `_init_args`/`_init_kwargs`)}; torch.nn containers stay plain torch.nn classes; the top level is
-the dict EDM's training loop writes (ema, loss_fn, augment_pipe, dataset_kwargs).
+the dict EDM's training loop writes (ema, loss_fn, augment_pipe, dataset_kwargs), or EDM2's
+EasyDict (encoder, dataset_kwargs, loss_fn, ema) with the network in float16.
 
 The stand-in `torch_utils.persistence` and `dnnlib.util` modules exist only while a pickle is
 written (pickle looks globals up by name). Their functions, and the embedded module source, write a
@@ -12,6 +14,7 @@ marker file if anything ever executes them: tests assert that the marker never a
 
 import collections
 import contextlib
+import copy
 import pickle
 import sys
 import types
@@ -141,3 +144,47 @@ def official_kwargs(arch, **override):
     for key, value in override.items():
         precond[key] = model[key] = value
     return {"": precond, "model": model}
+
+
+# ---- EDM2 ----------------------------------------------------------------------------------------
+
+EDM2_NAMES = {"EDM2Precond": "Precond", "EDM2UNet": "UNet", "Block": "Block", "MPConv": "MPConv",
+              "MPFourier": "MPFourier"}
+
+
+def edm2_encoder_state(kind):
+    """The state EDM2's encoders pickle: nothing for pixels; for the SD-VAE its name, batch size and
+    the latent normalisation as float32 numpy arrays (scale = final_std / raw_std, bias = final_mean -
+    raw_mean * scale, with the default raw statistics), the VAE itself dropped (None)."""
+    if kind == "rgb":
+        return "StandardRGBEncoder", {"_init_args": (), "_init_kwargs": {}}
+    scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])
+    bias = np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale
+    return "StabilityVAEEncoder", {"vae_name": "stabilityai/sd-vae-ft-mse", "scale": scale, "bias": bias,
+                                   "batch_size": 8, "_vae": None, "_init_args": (), "_init_kwargs": {}}
+
+
+def edm2_kwargs(arch, **extra):
+    """The init kwargs EDM2's train_edm2.py records on the Precond and the UNet: the dataset's
+    interface and the preset's width and dropout (plus `extra`, settings passed explicitly)."""
+    kw = {"img_resolution": arch["resolution"], "img_channels": arch["in_channels"],
+          "label_dim": arch["label_dim"], "model_channels": arch["channels"], "dropout": arch["dropout"], **extra}
+    return {"": dict(kw), "unet": dict(kw)}
+
+
+def write_edm2_pickle(path, ema, marker, init_kwargs, encoder="vae", encoder_state=None, class_names=EDM2_NAMES):
+    """Write `path` as EDM2's training loop / reconstruct_phema do: EasyDict(encoder, dataset_kwargs,
+    loss_fn, ema), the network in float16, each module and the encoder a persistence record."""
+    ema = copy.deepcopy(ema).eval().requires_grad_(False).to(torch.float16)
+    with stand_in_modules(marker) as (hook, EasyDict):
+        source = marker_source(marker)
+        name, state = edm2_encoder_state(encoder)
+        data = EasyDict(
+            encoder=Persistent(hook, name, source, encoder_state or state),
+            dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="img64.zip",
+                                    use_labels=True),
+            loss_fn=Persistent(hook, "EDM2Loss", source, {"P_mean": -0.8, "P_std": 1.6, "sigma_data": 0.5,
+                                                          "_init_args": (), "_init_kwargs": {}}),
+            ema=as_persistent(ema, hook, source, class_names, init_kwargs))
+        Path(path).write_bytes(pickle.dumps(data))
+    return data

@@ -77,3 +77,15 @@ def test_resume_and_checksums(server, tmp_path, monkeypatch):
     (folder / f"{name}.pkl").write_bytes(PAYLOAD[::-1])
     with pytest.raises(ValueError, match="differs from the one recorded"):
         assets.fetch([name], {"dir": str(folder)}, log=lambda m: None)
+
+
+def test_edm2_catalog_names_and_urls():
+    base = "https://nvlabs-fi-cdn.nvidia.com/edm2"
+    for name in ("edm2-img64-s-1073741-0.075", "edm2-img64-xl-0671088-0.040", "edm2-img512-xxl-0939524-0.070",
+                 "edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", "edm2-img512-m-2147483-0.100",
+                 "edm2-img512-s-2147483-0.130"):
+        asset = assets.resolve(name, {})
+        assert (asset.url, asset.filename) == (f"{base}/posthoc-reconstructions/{name}.pkl", f"{name}.pkl")
+    for name in ("img512", "img64"):
+        asset = assets.resolve(f"edm2-dataset-refs-{name}", {})
+        assert (asset.url, asset.filename) == (f"{base}/dataset-refs/{name}.pkl", f"edm2-dataset-refs-{name}.pkl")

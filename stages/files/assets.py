@@ -7,8 +7,8 @@ URL to place at which path.
 
 Checks: the publisher's md5 where one is published (CIFAR-10), torchvision's sha256 prefix in the
 file name (VGG16), a sha256 pinned in config `assets.sha256` where given. Files without a published
-checksum (the EDM pickles and the Inception TorchScript) get their sha256 recorded beside them on
-first download (`<file>.sha256`) and checked against that record afterwards; pin it in the config
+checksum (the EDM and EDM2 pickles and the Inception TorchScript) get their sha256 recorded beside them
+on first download (`<file>.sha256`) and checked against that record afterwards; pin it in the config
 to check the first download too.
 """
 
@@ -43,6 +43,18 @@ CATALOG = {
     "vgg16": Asset("https://download.pytorch.org/models/vgg16-397923af.pth", "vgg16-397923af.pth",
                    sha256_prefix="397923af"),
 }
+# EDM2's post-hoc EMA reconstructions, named <preset>-<training kimg>-<EMA length sigma_rel>:
+# ImageNet-64 teachers (S as in ECT's recipe, XL), ImageNet-512 CMT teacher (XXL 0.070), ECD teacher
+# (XXL 0.075) and autoguidance guide (M 0.155), and the 512 eval decoder / latent-VGG encoder pickles.
+EDM2 = "https://nvlabs-fi-cdn.nvidia.com/edm2"
+for _name in ("edm2-img64-s-1073741-0.075", "edm2-img64-xl-0671088-0.040", "edm2-img512-xxl-0939524-0.070",
+              "edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", "edm2-img512-m-2147483-0.100",
+              "edm2-img512-s-2147483-0.130"):
+    CATALOG[_name] = Asset(f"{EDM2}/posthoc-reconstructions/{_name}.pkl", f"{_name}.pkl")
+# EDM2's FID reference statistics (a pickle of numpy arrays, key `fid`: mu, sigma) of its datasets.
+for _name in ("img512", "img64"):
+    CATALOG[f"edm2-dataset-refs-{_name}"] = Asset(f"{EDM2}/dataset-refs/{_name}.pkl",
+                                                  f"edm2-dataset-refs-{_name}.pkl")
 
 
 class OfflineError(RuntimeError):

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 from stages.files import atomic
 from stages import networks
-from stages.networks.precond import Precond
 
 FORMAT = "cmt-model/1"
 
@@ -62,8 +61,8 @@ def build_precond(meta, kind=None, dropout=None):
         from stages.method.flowmap import AverageVelocity
 
         return AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=meta["sigma_data"])
-    return Precond(networks.build(arch), kind=kind or meta["precond"],
-                   sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"])
+    return networks.build_precond(arch, kind=kind or meta["precond"],
+                                  sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"])
 
 
 def load_weights(path, which):

@@ -25,15 +25,6 @@ REQUIRED = {"embedding_type": "positional", "channel_mult_noise": 1, "encoder_ty
             "decoder_type": "standard", "resample_filter": [1, 1], "label_dim": 0}
 
 
-def _plain(value):
-    """numpy scalars and tuples from the pickle as JSON-friendly Python values."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
-        return value.item()
-    return value
-
-
 def architecture_of(ema, path="<pickle>"):
     """(architecture dict for networks.build, sigma_data) of an EDMPrecond record."""
     if not isinstance(ema, unpickle.PersistentRecord) or ema.class_name != "EDMPrecond":
@@ -44,8 +35,8 @@ def architecture_of(ema, path="<pickle>"):
     if not isinstance(model, unpickle.PersistentRecord) or model.class_name != "SongUNet":
         found = getattr(model, "class_name", type(model).__name__)
         raise ValueError(f"{path}: the EDMPrecond wraps {found}, expected SongUNet (DDPM++)")
-    precond_kw = {k: _plain(v) for k, v in ema.init_kwargs.items()}
-    model_kw = {k: _plain(v) for k, v in model.init_kwargs.items()}
+    precond_kw = {k: unpickle.plain(v) for k, v in ema.init_kwargs.items()}
+    model_kw = {k: unpickle.plain(v) for k, v in model.init_kwargs.items()}
     kw = {**SONGUNET_DEFAULTS, **precond_kw, **model_kw}
     for key, want in REQUIRED.items():
         if kw[key] != want:

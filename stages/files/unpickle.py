@@ -1,4 +1,4 @@
-"""Read the official EDM `persistence` pickles (.pkl) without executing any of their code.
+"""Read the official EDM and EDM2 `persistence` pickles (.pkl) without executing any of their code.
 
 An EDM pickle stores each network object as a call `torch_utils.persistence._reconstruct_persistent_obj
 (meta)`, where `meta` holds the *source code of the Python module* that defined the class, the class
@@ -14,6 +14,9 @@ name and the object's state (its `__dict__`: `_parameters`, `_buffers`, `_module
   `Sequential`): these become inert records (`PersistentRecord`, `InertObject`, `InertDict`) that
   keep the data (class name, module source as a string, state) and run nothing.
 Any other global is refused with `UnsafePickleError` naming it; nothing after it is evaluated.
+EDM2's pickles need nothing more: their top level is an EasyDict, their networks and encoders are
+persistence records, the networks' tensors float16, the SD-VAE encoder's scale and bias float32
+numpy arrays (checked on pickles written by the official code).
 """
 
 import collections
@@ -189,6 +192,17 @@ def loads(data: bytes, source="<bytes>", encoding="ASCII"):
 def load(path):
     with open(path, "rb") as f:
         return RestrictedUnpickler(f, str(path)).load()
+
+
+def plain(value):
+    """Numpy scalars and arrays, tuples and lists from a pickle as JSON-friendly Python values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _module_state(obj, where):

@@ -30,28 +30,60 @@ def ecm_boundary_coefficients(sigma, sigma_data, sigma_min):
 
 
 class Precond(nn.Module):
-    """Wraps a raw network `model(x, c_noise)`; call as `precond(x, sigma)` with sigma of shape [B]."""
+    """Wraps a raw network; call as `precond(x, sigma)` with sigma of shape [B] (or a scalar).
+
+    A class-conditional network (one with `label_dim` > 0, e.g. EDM2's) is called
+    `model(x, c_noise, labels)` and needs `precond(x, sigma, labels)` with one-hot labels
+    [B, label_dim]; an unconditional one is called `model(x, c_noise)` and refuses labels."""
+
+    network_name = "model"  # attribute of the raw network, hence the prefix of its tensors' names
 
     def __init__(self, model, kind="edm", sigma_data=0.5, sigma_min=0.002):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"precond kind {kind!r} is not one of {KINDS}")
-        self.model = model
+        setattr(self, self.network_name, model)
         self.kind = kind
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
+
+    @property
+    def network(self):
+        return getattr(self, self.network_name)
+
+    @property
+    def label_dim(self):
+        return int(getattr(self.network, "label_dim", 0) or 0)
 
     def coefficients(self, sigma):
         if self.kind == "ecm" and not self.training:
             return ecm_boundary_coefficients(sigma, self.sigma_data, self.sigma_min)
         return edm_coefficients(sigma, self.sigma_data)
 
-    def forward(self, x, sigma):
+    def check_labels(self, labels, batch):
+        """One-hot float labels [batch, label_dim] for a conditional network, None otherwise."""
+        name = type(self.network).__name__
+        if not self.label_dim:
+            if labels is not None:
+                raise ValueError(f"{name} is unconditional (label_dim 0) but class labels were given")
+            return None
+        if labels is None:
+            raise ValueError(f"{name} is class-conditional (label_dim {self.label_dim}): pass one-hot labels "
+                             f"[batch, {self.label_dim}] as precond(x, sigma, labels)")
+        if not labels.is_floating_point() or tuple(labels.shape) != (batch, self.label_dim):
+            raise ValueError(f"{name}: labels must be one-hot floats of shape [{batch}, {self.label_dim}], got "
+                             f"{labels.dtype} {tuple(labels.shape)} "
+                             f"(from class indices y: F.one_hot(y, {self.label_dim}).float())")
+        return labels.to(torch.float32)
+
+    def forward(self, x, sigma, labels=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        labels = self.check_labels(labels, x.shape[0])
         c_skip, c_out, c_in = self.coefficients(sigma)
         c_noise = sigma.log().flatten() / 4
-        f = self.model((c_in * x).to(torch.float32), c_noise)
+        x_in = (c_in * x).to(torch.float32)
+        f = self.network(x_in, c_noise) if labels is None else self.network(x_in, c_noise, labels)
         return c_skip * x + c_out * f.to(torch.float32)
