@@ -6,9 +6,9 @@ Nothing else in the pipeline opens a network connection. Offline, it fails at on
 URL to place at which path.
 
 Checks: the publisher's md5 where one is published (CIFAR-10), torchvision's sha256 prefix in the
-file name (VGG16), the sha256 the Hugging Face hub publishes for a large file (the SD-VAE weights), a
-sha256 pinned in config `assets.sha256` where given. Files without a published
-checksum (the EDM pickles and the Inception TorchScript) get their sha256 recorded beside them on
+file name (VGG16), the sha256 the Hugging Face hub publishes for a large file (the SD-VAE weights),
+a sha256 pinned in config `assets.sha256` where given. Files without a published checksum (the EDM
+pickles, the Inception TorchScript, the SD-VAE config) get their sha256 recorded beside them on
 first download (`<file>.sha256`) and checked against that record afterwards; pin it in the config
 to check the first download too.
 
