@@ -8,7 +8,7 @@ from stages.files import assets
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `assets` config section as JSON")
-p.add_argument("--names", nargs="+", required=True, help="catalog names to fetch (stages/files/assets.py)")
+p.add_argument("--names", nargs="+", required=True, help="catalog or folder names to fetch (stages/files/assets.py)")
 p.add_argument("--row-needs", nargs="*", default=[], help="the row's other assets (listed too when offline)")
 args = p.parse_args()
 assets.fetch(args.names, args.config, log=lambda msg: print(msg, flush=True), row_needs=args.row_needs)
