@@ -1,8 +1,10 @@
-"""Training objectives: EDM denoising (teacher), CMT-CM (mid-training), ECT (post-training).
+"""Training objectives: EDM denoising (teacher), CMT-CM (mid-training), ECT and ECD (post-training).
 
 Each loss returns per-sample values [B]; the training loop takes the mean. Distances are
 per-sample too, over all pixels of a sample.
 """
+
+import contextlib
 
 import torch
 
@@ -147,3 +149,93 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
     pred = student(x_t, t)
     dist = pseudo_huber_distance(pred, target, c) if c > 0 else l2_distance(pred, target)
     return dist / (t - r)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECD (easy consistency distillation) and the ECT of the ImageNet-512 code (docs/method.md, ECD):
+# the target point x_r comes from one Heun step of the (autoguided) teacher from t to r instead of
+# the shared noise, the distance is pseudo-Huber with c = 0.06 weighted by the "snrpk" weight
+# 1/t^2 + 1/sigma_data^2 = (t^2 + sd^2) / (t sd)^2, and there is no 1 / (t - r).
+
+
+def guided_denoiser(teacher, guide=None, weight=1.0):
+    """D_g(x; s) = g + w (D_ref - g) with g the guide (autoguidance: a smaller, less trained model
+    of the same task; w = 2.05 for the paper's ImageNet-512 ECD). w = 1 or no guide: D_ref alone."""
+    if guide is None or weight == 1.0:
+        if guide is not None:
+            raise ValueError("guided_denoiser: a guide network with weight 1 would be evaluated for nothing")
+        return lambda x, sigma, labels=None: _call(teacher, x, sigma, labels)
+
+    def denoise(x, sigma, labels=None):
+        g = _call(guide, x, sigma, labels)
+        return g + weight * (_call(teacher, x, sigma, labels) - g)
+
+    return denoise
+
+
+def _call(net, x, sigma, labels):
+    return net(x, sigma) if labels is None else net(x, sigma, labels)
+
+
+def heun_step(denoise, x_t, t, r, labels=None):
+    """One Heun step of the PF-ODE dx/ds = (x - D(x; s)) / s from t to r > 0 (per-sample [B] times):
+    d = (x_t - D(x_t; t)) / t, x' = x_t + (r - t) d, d' = (x' - D(x'; r)) / r,
+    x_r = x_t + (r - t) (d + d') / 2: two evaluations of the denoiser."""
+    if not bool((r > 0).all()):
+        raise ValueError("heun_step: r must be > 0 (the second slope divides by r)")
+    tt, rr = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+    d = (x_t - denoise(x_t, t, labels)) / tt
+    x_euler = x_t + (rr - tt) * d
+    d2 = (x_euler - denoise(x_euler, r, labels)) / rr
+    return x_t + (rr - tt) * 0.5 * (d + d2)
+
+
+def snr_plus_one_weight(t, sigma_data):
+    """The 512 code's "snrpk" weight (t^2 + sd^2) / (t sd)^2 = 1/t^2 + 1/sd^2 (EDM's loss weight)."""
+    return (t**2 + sigma_data**2) / (t * sigma_data) ** 2
+
+
+def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None, target_context=None):
+    """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2): the target is the same network
+    under no_grad with the same dropout mask and, for EDM2 students, forced weight normalisation off
+    (`target_context`, a factory of a context manager such as
+    `lambda: edm2.forced_weight_norm(net, False)`: the target pass must not re-normalise the weights
+    in place, which the official code also avoids, and the prediction's pass does it once)."""
+    devices = [x_t.device] if x_t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), (target_context or contextlib.nullcontext)():
+            target = _call(student, x_r, r, labels)
+    pred = _call(student, x_t, t, labels)
+    return pseudo_huber_distance(pred, target, c) * snr_plus_one_weight(t, sigma_data)
+
+
+def _times(y, generator, stage, q, k, b, P_mean, P_std):
+    n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
+    t = (P_mean + P_std * n).exp()
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
+    r = ect_r(t, stage, q, k, b)
+    return t.to(y.dtype), r.to(y.dtype), eps.to(y.dtype)  # drawn in float32 whatever y's precision
+
+
+def ecd_loss(student, y, generator, denoise, *, stage=0, q=1024, k=8.0, b=1.0, P_mean=-0.8, P_std=1.6,
+             c=0.06, sigma_data=0.5, labels=None, target_context=None):
+    """ECD: t ~ logN(P_mean, P_std), r from the sigmoid map, x_t = y + t eps, x_r from one Heun step
+    of the teacher's denoiser `denoise` (guided_denoiser) from t to r, then consistency_pair_loss."""
+    t, r, eps = _times(y, generator, stage, q, k, b, P_mean, P_std)
+    x_t = y + t.view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        x_r = heun_step(denoise, x_t, t, r, labels)
+    return consistency_pair_loss(student, x_t, t, x_r, r, c=c, sigma_data=sigma_data, labels=labels,
+                                 target_context=target_context)
+
+
+def ect_snr_loss(student, y, generator, *, stage=0, q=1024, k=8.0, b=1.0, P_mean=-0.8, P_std=1.6, c=0.06,
+                 sigma_data=0.5, labels=None, target_context=None):
+    """The ImageNet-512 code's ECT: x_r = y + r eps with the shared noise (no teacher), the same
+    distance and weight as ecd_loss."""
+    t, r, eps = _times(y, generator, stage, q, k, b, P_mean, P_std)
+    if not bool((r > 0).all()):
+        raise ValueError(f"ect_snr_loss: r = 0 for some t (q = {q}); use q > {1 + k}")
+    x_t, x_r = y + t.view(-1, 1, 1, 1) * eps, y + r.view(-1, 1, 1, 1) * eps
+    return consistency_pair_loss(student, x_t, t, x_r, r, c=c, sigma_data=sigma_data, labels=labels,
+                                 target_context=target_context)
