@@ -2,7 +2,8 @@
 describes itself and loads without pickles:
 
 - `small_unet`: the compact U-Net of the digits default (small_unet.py);
-- `ddpmpp`: EDM's DDPM++ with the official checkpoint names (ddpmpp.py).
+- `ddpmpp`: EDM's DDPM++ with the official checkpoint names (ddpmpp.py);
+- `dit`: the DiT/SiT transformer with MeanFlow's two time inputs, presets MF-B/4 ... MF-XL/2 (dit.py).
 
 Preconditioning (EDM, ECM) wraps a raw network into a denoiser or consistency function (precond.py).
 """
@@ -12,7 +13,15 @@ from torch import nn
 from stages.networks.ddpmpp import DDPMpp
 from stages.networks.small_unet import SmallUNet
 
-ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp}
+
+def dit(**architecture):
+    # imported on first use: timm takes seconds to import, which only the DiT rows should pay
+    from stages.networks.dit import DiT
+
+    return DiT(**architecture)
+
+
+ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp, "dit": dit}
 
 
 def build(architecture: dict) -> nn.Module:
