@@ -76,7 +76,8 @@ def test_cfg_velocity_hand_values_interval_and_dropped_rows():
     labels_in = torch.where(dropped, torch.tensor(2), labels)
     loss = meanflow.meanflow_loss_at(u, z, r, t, got, p=0.0, labels=labels_in)
     u_vals = [0.5 + 1.2 - 0.2 + 0.1, 0.25 + 1.8 - 0.1 - 0.3, -0.5 + 0.6 - 0.3 + 0.7, -1 + 1.5 - 0.5 - 0.3]
-    targets = [1.488 - 0.4 * (0.5 * 1.488 + 2), -1.0 - 0.8 * (0.5 * -1.0 + 2), 2.0 - 0.0, -0.36 - 0.25 * (0.5 * -0.36 + 2)]
+    targets = [1.488 - 0.4 * (0.5 * 1.488 + 2), -1.0 - 0.8 * (0.5 * -1.0 + 2), 2.0 - 0.0,
+               -0.36 - 0.25 * (0.5 * -0.36 + 2)]
     want = torch.tensor([(a - b) ** 2 for a, b in zip(u_vals, targets)], dtype=torch.float64)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
 

@@ -135,11 +135,13 @@ class DiT(nn.Module):
             sizes = dict(zip(SIZE_KEYS, PRESETS[preset]))
         missing = [k for k, v in sizes.items() if v is None]
         if missing:
-            raise ValueError(f"DiT: missing {missing}; give a preset ({sorted(PRESETS)}) or all of {list(SIZE_KEYS)}")
+            raise ValueError(f"DiT: missing {missing}; give a preset ({sorted(PRESETS)}) "
+                             f"or all of {list(SIZE_KEYS)}")
         if not dual_time:
             raise ValueError("the MeanFlow DiT always takes two times (t and t - r); dual_time must be true")
         if dropout:
-            raise ValueError(f"the DiT has no dropout (DiT and MeanFlow train without it); got dropout {dropout}, set 0")
+            raise ValueError(f"the DiT has no dropout (DiT and MeanFlow train without it); "
+                             f"got dropout {dropout}, set 0")
         depth, hidden, patch, heads = (sizes[k] for k in SIZE_KEYS)
         if resolution % patch:
             raise ValueError(f"DiT: resolution {resolution} is not divisible by patch_size {patch}")
