@@ -1,12 +1,18 @@
 """Objectives of the average-velocity model u(z, r, t): CMT-MF mid-training (PAPER.md 3.1, 3.5)
 and MeanFlow post-training (PAPER.md 4.4). Flow-matching time: z_t = (1 - t) x + t eps, t = 1 noise.
 
-Each loss returns per-sample values [B]; the training loop takes the mean.
+Each loss returns per-sample values [B]; the training loop takes the mean. Class-conditional
+models take `labels` [B] int64; unconditional rows pass none, and their losses draw and compute
+exactly what they did before labels existed.
 """
+
+import contextlib
+import dataclasses
+import functools
 
 import torch
 
-from stages.method import losses
+from stages.method import flowmap, losses
 
 # ----------------------------------------------------------------------------------------------
 # CMT-MF: for states i > j of a teacher trajectory (t_i > t_j), regress u(z_i, t_j, t_i) onto the
@@ -36,9 +42,13 @@ def cmt_mf_pairs(z, t, pairs_per_trajectory, generator):
     return flat(z_i), flat(t_j), flat(t_i), flat(target)
 
 
-def cmt_mf_loss(u, z, t, pairs_per_trajectory, generator, distance=losses.squared_l2_distance):
+def cmt_mf_loss(u, z, t, pairs_per_trajectory, generator, distance=losses.squared_l2_distance, labels=None):
+    """`labels` [T]: each trajectory's class (the teacher's, null where it ran unconditionally),
+    given to the student with every pair drawn from that trajectory."""
     inputs, r, t_in, target = cmt_mf_pairs(z, t, pairs_per_trajectory, generator)
-    return distance(u(inputs, r, t_in), target)
+    if labels is not None:
+        labels = labels.to(z.device).repeat_interleave(pairs_per_trajectory)
+    return distance(flowmap.call_u(u, inputs, r, t_in, labels), target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,13 +81,17 @@ def adaptive_weighted(delta, p=1.0, c=1e-3):
     return sq / (sq.detach() + c) ** p
 
 
-def mean_velocity_derivative(u, z, r, t, v):
+def mean_velocity_derivative(u, z, r, t, v, labels=None):
     """(u(z, r, t), du/dt) with du/dt = v d_z u + 0 d_r u + 1 d_t u, by one forward-mode JVP."""
+    if labels is not None:
+        u = functools.partial(u, labels=labels)
     return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None):
-    """The MeanFlow loss at given (z, r, t, v).
+def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None):
+    """The MeanFlow loss at given (z, r, t, v); with guidance, v is the guided field (cfg_velocity),
+    which then is both the JVP's tangent and the target's velocity: the model learns the average
+    velocity of the guided flow, whose states move with dz/dt = v_tilde.
 
     With `jvp_u` (the pipeline's route): torch.func.jvp cannot pass through a DistributedDataParallel
     wrapper, so the JVP runs without a graph on `jvp_u` (the bare module), then `u` (the wrapper, or
@@ -88,26 +102,126 @@ def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None):
     flow-matching step, bench/RESULTS.md). The target is stop-gradient either way.
     """
     if jvp_u is None:
-        out, dudt = mean_velocity_derivative(u, z, r, t, v)
+        out, dudt = mean_velocity_derivative(u, z, r, t, v, labels)
     else:
         devices = [z.device] if z.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             with torch.no_grad():
-                _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v)
-        out = u(z, r, t)
+                _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v, labels)
+        out = flowmap.call_u(u, z, r, t, labels)
     target = (v - (t - r).reshape(-1, 1, 1, 1) * dudt).detach()
     return adaptive_weighted(out - target, p, c)
 
 
-def flow_matching_loss_at(u, z, t, v, *, p=1.0, c=1e-3):
+def flow_matching_loss_at(u, z, t, v, *, p=1.0, c=1e-3, labels=None):
     """Plain flow matching on the instantaneous velocity u(z, t, t) = v, same weighting."""
-    return adaptive_weighted(u(z, t, t) - v, p, c)
+    return adaptive_weighted(flowmap.call_u(u, z, t, t, labels) - v, p, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance in the target (MeanFlow, Geng et al. 2025, sec. 4.2 and its appendix on
+# improved CFG; the official JAX code `guidance_fn`, `cond_drop`). The network learns the guided
+# field itself, so one step samples with guidance at no extra cost:
+#
+#     v_tilde = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null)
+#
+# for t_min <= t <= t_max, and v_tilde = v outside (omega -> 1, kappa -> 0). Both u's are the
+# current network's instantaneous velocities, without gradient. The guided field is the CFG field
+# at the effective scale omega / (1 - kappa); kappa = 0 is plain CFG, omega v + (1 - omega) u_uncond.
+# Label dropout: a fraction of the labels becomes the null class, and those rows keep v (they learn
+# the unconditional field the guidance evaluates).
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    omega: float
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.kappa < 1:
+            raise ValueError(f"guidance kappa must be in [0, 1), got {self.kappa}")
+        if not self.omega > 0:
+            raise ValueError(f"guidance omega must be > 0, got {self.omega}")
+        if not 0 <= self.t_min <= self.t_max <= 1:
+            raise ValueError(f"guidance interval needs 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
+
+    @property
+    def effective_scale(self):
+        return self.omega / (1 - self.kappa)
+
+
+def drop_labels(labels, null_class, p, generator):
+    """(labels with each replaced by `null_class` with probability p, the boolean mask of those)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"label dropout must be in [0, 1), got {p}")
+    if labels.dtype != torch.int64 or labels.ndim != 1:
+        raise ValueError(f"labels must be an int64 vector, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise ValueError(f"labels must lie in 0..{null_class} ({null_class} = null class), "
+                         f"got {int(labels.min())}..{int(labels.max())}")
+    dropped = (torch.rand(len(labels), generator=generator, dtype=torch.float64) < p).to(labels.device)
+    return torch.where(dropped, torch.full_like(labels, null_class), labels), dropped
+
+
+def guided_velocity(v, u_cond, u_uncond, omega, kappa):
+    """omega v + kappa u_cond + (1 - omega - kappa) u_uncond (u_cond unused when kappa = 0)."""
+    if kappa == 0:
+        return omega * v + (1 - omega) * u_uncond
+    return omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    # the official code evaluates the guidance with train=False; restore every submodule's own flag
+    flags = [(m, m.training) for m in module.modules()] if isinstance(module, torch.nn.Module) else []
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def cfg_velocity(u, z, t, v, labels, dropped, null_class, guidance):
+    """v_tilde per sample: guided where guidance.t_min <= t <= t_max and the label was kept, else v.
+    `u` is evaluated (no gradient, eval mode) only on those rows: at r = t, conditional and
+    unconditional in one batch when kappa > 0."""
+    inside = (t >= guidance.t_min) & (t <= guidance.t_max) & ~dropped
+    if not bool(inside.any()):
+        return v
+    zi, ti, yi = z[inside], t[inside], labels[inside]
+    null = torch.full_like(yi, null_class)
+    with torch.no_grad(), _eval_mode(u):
+        if guidance.kappa == 0:
+            u_cond, u_uncond = None, u(zi, ti, ti, null)
+        else:
+            both = u(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.cat([ti, ti]), torch.cat([yi, null]))
+            u_cond, u_uncond = both.chunk(2)
+    guided = v.clone()
+    guided[inside] = guided_velocity(v[inside], u_cond, u_uncond, guidance.omega, guidance.kappa)
+    return guided
 
 
 def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, p=1.0, c=1e-3,
-                  jvp_u=None):
+                  jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None):
+    """MeanFlow from data x. With `labels` [B] (a class-conditional model): label dropout to
+    `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the target.
+    The guidance runs on `jvp_u` where given (the bare module), else on `u`."""
     r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t)
     r, t = r.to(x.dtype).to(x.device), t.to(x.dtype).to(x.device)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype).to(x.device)
     z, v = linear_path(x, eps, t)
-    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u)
+    if labels is None:
+        if guidance is not None or label_dropout:
+            raise ValueError("meanflow_loss: guidance and label dropout need class labels (labels=None given)")
+        return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u)
+    if null_class is None:
+        raise ValueError("meanflow_loss: class labels need the model's null_class")
+    labels = labels.to(x.device)
+    labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator)
+    if guidance is not None:
+        v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
+    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in)

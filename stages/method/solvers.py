@@ -1,4 +1,9 @@
-"""Teacher ODE solvers on the EDM probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
+"""Teacher trajectory solvers, two kinds by the time they run in:
+
+- in sigma, on the EDM probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (`SOLVERS`):
+  DPM-Solver++ for the EDM teachers;
+- in flow time, t = 1 noise to t = 0 data on z_t = (1 - t) x + t eps (`FLOW_SOLVERS`): MeanFlow's
+  multi-step sampler for an average-velocity teacher u(z, r, t) (`meanflow_sampler`).
 
 `dpm_solver_pp` is DPM-Solver++ (Lu et al. 2022), multistep, data prediction, the 'dpmsolver'
 variant, written from its equations for the EDM schedule (alpha = 1, sigma_t = t, so the half
@@ -18,6 +23,8 @@ Orders warm up 1, 2, 3 and, with lower_order_final, fall back to 2 and 1 on the 
 import math
 
 import torch
+
+from stages.method import flowmap
 
 
 def logsnr_grid(nfe, sigma_max=80.0, sigma_min=0.002, dtype=torch.float64):
@@ -81,3 +88,44 @@ def dpm_solver_pp(denoise, x, sigmas, order=3, lower_order_final=True):
 
 
 SOLVERS = {"dpm_solver_pp": dpm_solver_pp}
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow time
+
+
+def flow_time_grid(steps, dtype=torch.float64):
+    """t_k = 1 - k / steps, k = 0..steps: the uniform grid of MeanFlow's multi-step sampler."""
+    if steps < 1:
+        raise ValueError(f"flow_time_grid: steps must be >= 1, got {steps}")
+    return (1 - torch.arange(steps + 1, dtype=torch.float64) / steps).to(dtype)
+
+
+def meanflow_sampler(u, z, times, labels=None):
+    """MeanFlow's multi-step sampler (Geng et al. 2025): z_r = z_t - (t - r) u(z_t, r, t) from
+    times[0] to times[-1]. Each step is exact for the exact average velocity, so the states are the
+    flow map's values at the grid's times, whatever their spacing.
+
+    `u(z, r, t[, labels])` takes r, t as [B] tensors in z's dtype; `labels` [B] (class-conditional
+    teachers) go to every call. Returns (states [B, K+1, ...] with z itself first, times float64
+    [K+1]); N steps cost N calls. Non-finite outputs raise, as in `dpm_solver_pp`.
+    """
+    times = torch.as_tensor(times, dtype=torch.float64).flatten()
+    if len(times) < 2 or not bool((times[:-1] > times[1:]).all()):
+        raise ValueError(f"meanflow_sampler: times must decrease strictly (noise first), got {times.tolist()}")
+    if times[0] > 1 or times[-1] < 0:
+        raise ValueError(f"meanflow_sampler: times must lie in [0, 1], got {times.tolist()}")
+    batch = z.shape[0]
+    states = [z]
+    for i, (t, r) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
+        t_b = torch.full((batch,), t, dtype=z.dtype, device=z.device)
+        r_b = torch.full((batch,), r, dtype=z.dtype, device=z.device)
+        velocity = flowmap.call_u(u, z, r_b, t_b, labels)
+        if not torch.isfinite(velocity).all():
+            raise FloatingPointError(f"teacher output is not finite at t={t:g} (step {i})")
+        z = z - (t - r) * velocity
+        states.append(z)
+    return torch.stack(states, dim=1), times
+
+
+FLOW_SOLVERS = {"meanflow": meanflow_sampler}

@@ -4,7 +4,8 @@ describes itself and loads without pickles:
 - `small_unet`: the compact U-Net of the digits default (small_unet.py);
 - `ddpmpp`: EDM's DDPM++ with the official checkpoint names (ddpmpp.py);
 - `edm2`: EDM2's magnitude-preserving U-Net with the official pickle names, class-conditional
-  (edm2.py; `edm2.preset(name)` gives the architecture of an EDM2 preset).
+  (edm2.py; `edm2.preset(name)` gives the architecture of an EDM2 preset);
+- `dit`: the DiT/SiT transformer with MeanFlow's two time inputs, presets MF-B/4 ... MF-XL/2 (dit.py).
 
 Preconditioning (EDM, ECM) wraps a raw network into a denoiser or consistency function (precond.py);
 `build_precond` picks the wrapper whose tensor names match the network's official checkpoints.
@@ -17,7 +18,15 @@ from stages.networks.edm2 import EDM2Precond, EDM2UNet
 from stages.networks.precond import Precond
 from stages.networks.small_unet import SmallUNet
 
-ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp, "edm2": EDM2UNet}
+
+def dit(**architecture):
+    # imported on first use: timm takes seconds to import, which only the DiT rows should pay
+    from stages.networks.dit import DiT
+
+    return DiT(**architecture)
+
+
+ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp, "edm2": EDM2UNet, "dit": dit}
 # EDM2's pickles hold the raw network under `unet.` beside an uncertainty head; the others use Precond.
 PRECONDS = {"edm2": EDM2Precond}
 
