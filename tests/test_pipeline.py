@@ -99,6 +99,33 @@ def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 
+def planned_resources(result, rule):
+    """[(resources dict, shell command)] of the dry run's jobs of `rule`."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n)", result.stdout):
+        if re.search(rf"^rule {rule}:$", block, re.M):
+            line = re.search(r"^\s+resources: (.*)$", block, re.M).group(1)
+            found.append((dict(kv.split("=", 1) for kv in line.split(", ")),
+                          re.search(r"^Shell command: (.*)$", block, re.M).group(1)))
+    return found
+
+
+def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):
+    """--set-resources beats the row's `resources:` (what README, profiles and the launcher's
+    messages tell users to do); the row beats --default-resources."""
+    result = snakemake(tmp_path, "-n", "--set-resources", "midtrain:gpu=4", "midtrain:runtime=2880",
+                       "midtrain:mem=16G", "--default-resources", "runtime=5", "mem_mb=100")
+    (mid, command), = planned_resources(result, "midtrain")
+    assert (mid["gpu"], mid["runtime"], mid["mem_mb"]) == ("4", "2880", "16000"), mid
+    assert "stages.launch --gpus 4 " in command
+    for res, command in planned_resources(result, "posttrain"):  # the row's values, not the defaults'
+        assert (res["gpu"], res["runtime"], res["mem_mb"]) == ("1", "720", "8000"), res
+        assert "stages.launch --gpus 1 " in command
+    (res, _), = planned_resources(result, "all")  # no row entry: the defaults
+    assert (res["runtime"], res["mem_mb"]) == ("5", "100"), res
+
+
 # ---- the team store -------------------------------------------------------------------------
 
 def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):
