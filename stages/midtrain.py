@@ -10,61 +10,22 @@ import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.data import datasets, shards
+from stages.data import shards
 from stages.method import losses, trajectories
 from stages.training import loop, resume
 
-p = cli.add_state_args(cli.parser(__doc__))
+p = cli.add_trajectory_args(cli.add_state_args(cli.parser(__doc__)))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
-p.add_argument("--manifest", required=True, help="trajectory manifest.json")
-p.add_argument("--dataset", default=None, help="prepared dataset.npz (the spot check of x_T = data_plus_noise)")
-p.add_argument("--spot-check", type=int, default=0,
-               help="trajectories to regenerate from their seeds and compare before training")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 args = p.parse_args()
 cfg = cli.start(args, "midtrain")
 mc, seed = cfg["midtrain"], cfg["seed"]
 
-# ---- data: every shard checked against the manifest before any step
-manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] == "fast")
+# ---- data: every shard checked against the manifest, and a few regenerated, before any step
+manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
 K = manifest["spec"]["nfe"]
-
-
-def spot_check(count):
-    """Regenerate `count` stored trajectories (spread over the pool) from their seeds with the
-    teacher and compare: a shard from another teacher, solver or code version, or one edited
-    in place with its manifest rewritten, stops the run here. Tolerance: another GPU model or
-    batch size changes the last bits, a different trajectory changes everything."""
-    if count == 0:
-        return
-    teacher, meta = checkpoints.load(args.teacher, which="ema")
-    spec = manifest["spec"]
-    data = None
-    if spec["x_T"] == "data_plus_noise":
-        data = torch.from_numpy(datasets.to_model_range(datasets.load(args.dataset)[0]))
-    generator = trajectories.Generator(teacher, meta, spec, torch.device("cpu"), data)
-    picks = np.linspace(0, len(shard_paths) - 1, min(count, len(shard_paths))).round().astype(int)
-    picks = list(picks) + [picks[-1]] * (count - len(picks))
-    per_shard = {}
-    for k, p in enumerate(picks):
-        per_shard.setdefault(int(p), []).append(k)
-    for p, ks in per_shard.items():
-        stored = shards.read_shard(shard_paths[p])
-        for k in ks:
-            s = stored[(k * 7919) % len(stored)]
-            (_, states, sigmas, _), = generator.batch([s["index"]])
-            err = np.abs(states.astype(np.float32) - s["states"].astype(np.float32))
-            scale = np.abs(s["states"].astype(np.float32)) + 1.0
-            if not np.allclose(sigmas, s["sigmas"]) or float((err / scale).max()) > 1e-2:
-                raise ValueError(
-                    f"{shard_paths[p]}: trajectory {s['index']} differs from the one its seed gives with "
-                    f"{args.teacher} (max relative error {float((err / scale).max()):.3g}); the shard is "
-                    f"not this teacher's and solver's: delete {shard_paths[p]} and rerun its "
-                    f"trajectory_shard job (and trajectory_manifest)")
-    print(f"[midtrain] spot check: {count} trajectories regenerated from their seeds match", flush=True)
-
-
-spot_check(args.spot_check)
+if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset):
+    print(f"[midtrain] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
 if mc["batch"] % K:
     raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")
 accelerator = loop.make_accelerator()

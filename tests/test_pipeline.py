@@ -126,6 +126,13 @@ def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_p
     assert (res["runtime"], res["mem_mb"]) == ("5", "100"), res
 
 
+def test_input_checks_make_no_training_stale(tiny_run, tmp_path):
+    """midtrain.verify and midtrain.spot_check say how the trajectories are checked, not what
+    mid-training makes: changing them reruns nothing."""
+    change = override(tmp_path, "checks", {"midtrain": {"verify": "fast", "spot_check": 1}})
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
+
+
 # ---- the team store -------------------------------------------------------------------------
 
 def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):

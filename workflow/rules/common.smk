@@ -71,6 +71,11 @@ MANIFEST = f"{RES}/trajectories/manifest.json"
 FAMILY = config["family"]
 POST_SECTION = "posttrain_mf" if FAMILY == "mf" else "posttrain"
 INITS = config[POST_SECTION]["inits"]
+# Snapshots at fractions of the post-training budget, in any order in the config: the list is kept
+# sorted (so reordering it reruns nothing), and the final snapshot is the largest fraction.
+for _section in ("posttrain", "posttrain_mf"):
+    if _section in config:
+        config[_section]["snapshots"] = sorted(config[_section]["snapshots"])
 SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config[POST_SECTION]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
 # Everything of posttrain but the list of inits: adding an init must not rerun the others.
@@ -86,6 +91,16 @@ def posttrain_cfg(init):
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
+
+
+def trajectory_checks(section):
+    """--verify and --spot-check of a mid-training rule, from config section `section`. A function of
+    `output`, like state_args: how the inputs are checked makes nothing that training makes stale."""
+
+    def args(wildcards, output):
+        return f"--verify {config[section]['verify']} --spot-check {int(config[section]['spot_check'])}"
+
+    return args
 
 
 def state_args(folder):
@@ -135,8 +150,10 @@ if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
 else:
     FEATURES_CFG.pop("model", None)
-# The spot check is how the inputs are verified, not how the model is trained: changing it reruns nothing.
-MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k != "spot_check"}
+# How the trajectories are checked (verify, spot_check) is not how the model is trained: changing it
+# reruns nothing (see trajectory_checks).
+INPUT_CHECKS = ("verify", "spot_check")
+MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k not in INPUT_CHECKS}
 if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":
@@ -145,6 +162,7 @@ if config["teacher"].get("source", "train") == "import":
 
 # ---- the MeanFlow family (meanflow.smk)
 MID_MF = config.get("midtrain_mf", {})
+MIDTRAIN_MF_CFG = {k: v for k, v in MID_MF.items() if k not in INPUT_CHECKS}
 POST_MF = config.get("posttrain_mf", {})
 # Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}

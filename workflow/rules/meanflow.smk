@@ -7,11 +7,13 @@ rule midtrain_mf:
     input:
         teacher=ancient(TEACHER),
         manifest=MANIFEST,
+        dataset=ancient(DATASET),
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
+        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG}),
+        checks=trajectory_checks("midtrain_mf"),
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
@@ -23,7 +25,8 @@ rule midtrain_mf:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
+        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
+        "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:

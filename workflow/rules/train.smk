@@ -11,8 +11,7 @@ rule midtrain:
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
-        # how many trajectories to re-check is no part of what training makes (a function of output)
-        spot_check=lambda w, output: config["midtrain"]["spot_check"],
+        checks=trajectory_checks("midtrain"),
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
@@ -24,7 +23,7 @@ rule midtrain:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} --spot-check {params.spot_check} "
+        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
         "--out {output.model} {params.state} > {log} 2>&1"
 
 
