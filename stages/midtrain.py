@@ -12,7 +12,8 @@ from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.data import shards
 from stages.method import losses, trajectories
-from stages.training import loop, resume
+from stages.training import loop
+from stages.training.job import TrainingJob
 
 p = cli.add_trajectory_args(cli.add_state_args(cli.parser(__doc__)))
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
@@ -47,8 +48,8 @@ ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 manifest_sha256 = atomic.sha256_file(args.manifest)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain", identity={
-    "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
+job = TrainingJob(args, cfg, stage="midtrain", accelerator=accelerator, identity={
+    "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
                                 lpips_weights=mc.get("lpips_weights"))
 if isinstance(distance, torch.nn.Module):
@@ -72,23 +73,13 @@ def loss_fn(step):
 
 
 elapsed = loop.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
-                       opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                       loss_fn=loss_fn, state=state, data=stream)
+                   opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
+                   loss_fn=loss_fn, state=job.state, data=stream)
 
-if accelerator.is_main_process:
-    meta = {k: teacher_meta[k] for k in ("architecture", "sigma_data", "sigma_min", "sigma_max", "time")}
-    meta["architecture"] = {**meta["architecture"], "dropout": mc["dropout"]}
-    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
-        **meta, "role": "midtrain", "precond": "ecm", "config": cfg, "steps": mc["steps"],
-        "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
-        "train_seconds": elapsed,
-        "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
-                   "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
-    })
-    print(f"[midtrain] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-
-# Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
-# ("terminate called without an active exception") after the outputs were written.
-accelerator.end_training()
+meta = {k: teacher_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
+    **meta, "architecture": {**teacher_meta["architecture"], "dropout": mc["dropout"]}, "role": "midtrain",
+    "precond": "ecm", "trajectories_seen": mc["steps"] * traj_per_step,
+    "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
+               "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
+})

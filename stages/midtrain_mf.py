@@ -15,7 +15,8 @@ import torch
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.method import flowmap, losses, meanflow, trajectories
-from stages.training import loop, resume, rng
+from stages.training import loop, rng
+from stages.training.job import TrainingJob
 from stages.data import shards
 
 p = cli.add_trajectory_args(cli.add_state_args(cli.parser(__doc__)))
@@ -56,8 +57,8 @@ ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 manifest_sha256 = atomic.sha256_file(args.manifest)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain_mf", identity={
-    "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
+job = TrainingJob(args, cfg, stage="midtrain_mf", accelerator=accelerator, identity={
+    "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"])
 K = manifest["spec"]["nfe"] + 2  # the solver's K+1 states and the prior noise at t = 1
 print(f"[midtrain_mf] {manifest['total']} trajectories in {len(shard_paths)} shards, {K} points each "
@@ -82,20 +83,13 @@ def loss_fn(step):
 
 
 elapsed = loop.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
-                       opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                       loss_fn=loss_fn, state=state, data=stream)
+                   opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
+                   loss_fn=loss_fn, state=job.state, data=stream)
 
-if accelerator.is_main_process:
-    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
-        **meta, "role": "midtrain", "objective": "cmt-mf", "config": cfg, "steps": mc["steps"],
-        "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
-        "train_seconds": elapsed,
-        "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
-                            "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
-        "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
-                   "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
-    })
-    print(f"[midtrain_mf] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-accelerator.end_training()
+job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
+    **meta, "role": "midtrain", "objective": "cmt-mf", "trajectories_seen": mc["steps"] * traj_per_step,
+    "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
+                        "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
+    "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
+               "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
+})
