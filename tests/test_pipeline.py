@@ -150,6 +150,24 @@ def test_input_checks_make_no_training_stale(tiny_run, tmp_path):
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 
+def test_a_run_sliced_into_more_jobs_than_retries_finishes_in_one_invocation(tmp_path):
+    """checkpoint.slice_kimg 0.064 (2 steps of 32 images) cuts an 8-step teacher into 4 jobs (three
+    exit 75, which Snakemake counts as failures) and the random init's 4 steps into 2: with
+    --retries 1 and no margin one invocation still finishes, each training rule retrying as often
+    as its slices need."""
+    change = override(tmp_path, "slices", {"checkpoint": {"slice_kimg": 0.064, "retry_margin": 0},
+                                           "teacher": {"steps": 8}, "posttrain": {"steps": 4}})
+    result = snakemake(tmp_path, "--retries", "1", "results/tiny/posttrain/random/model.safetensors",
+                       configs=[change])
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert (result.stdout + result.stderr).count("Trying to restart job") == 3 + 1
+    teacher = json.loads(next((tmp_path / "store" / "teachers").glob("*/model.json")).read_text())
+    post = json.loads((tmp_path / "results" / "tiny" / "posttrain" / "random" / "model.json").read_text())
+    assert (teacher["steps"], post["steps"]) == (8, 4)
+    assert not list((tmp_path / "store" / "teachers").glob("*-state"))
+    assert not list((tmp_path / "results" / "tiny" / "state").rglob("state.json"))
+
+
 # ---- the team store -------------------------------------------------------------------------
 
 def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):

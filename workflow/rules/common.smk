@@ -3,6 +3,7 @@
 # same teacher and solver share one copy, and a different teacher or solver gets a new folder.
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -93,6 +94,23 @@ def init_model(wildcards):
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
 
 
+def slice_retries(*budgets):
+    """`retries:` of a training rule whose jobs train `budgets`, (steps, batch) pairs (its inits').
+
+    With checkpoint.slice_kimg each job trains one slice and exits 75, which Snakemake counts as a
+    failure: a run of N slices needs N - 1 retries to finish in one invocation, and
+    checkpoint.retry_margin more are left for preemptions and time limits. (A rule's `retries:`
+    replaces --retries, which Snakemake reads only after the workflow is parsed.) Unsliced, None:
+    --retries (the SLURM profile's `retries: 3`) applies as to every other rule. Slices are counted
+    as stages/training/resume.py ends them.
+    """
+    slice_kimg = config["checkpoint"]["slice_kimg"]
+    if slice_kimg is None:
+        return None
+    slices = max(math.ceil(steps / math.ceil(1000.0 * slice_kimg / batch)) for steps, batch in budgets)
+    return slices - 1 + config["checkpoint"]["retry_margin"]
+
+
 def trajectory_checks(section):
     """--verify and --spot-check of a mid-training rule, from config section `section`. A function of
     `output`, like state_args: how the inputs are checked makes nothing that training makes stale."""
@@ -168,11 +186,11 @@ POST_MF = config.get("posttrain_mf", {})
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 
 
-def meanflow_steps(wildcards):
+def meanflow_steps(init):
     """Post-training steps of an init: at equal total budget, random also gets the mid-training's
     images (rounded to whole post-training batches)."""
     steps = POST_MF["steps"]
-    if wildcards.init == "random" and POST_MF["equal_total_budget"]:
+    if init == "random" and POST_MF["equal_total_budget"]:
         steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
     return steps
 

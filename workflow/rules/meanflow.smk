@@ -17,6 +17,7 @@ rule midtrain_mf:
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries((MID_MF["steps"], MID_MF["batch"]))
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -41,12 +42,13 @@ rule posttrain_mf:
     wildcard_constraints:
         init="cmt|random",
     params:
-        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w),
+        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries(*[(meanflow_steps(i), POST_MF["batch"]) for i in INITS])
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -15,6 +15,7 @@ rule midtrain:
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries((config["midtrain"]["steps"], config["midtrain"]["batch"]))
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -45,6 +46,7 @@ rule posttrain:
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries(*[(posttrain_cfg(i)["steps"], posttrain_cfg(i)["batch"]) for i in INITS])
     conda:
         "../../envs/cmt.yaml"
     log:
