@@ -155,6 +155,28 @@ def test_snapshots_in_any_order_pass_the_checks():
         assert checks.problems(cfg) == []
 
 
+def test_batches_the_jobs_gpus_cannot_share_are_refused_naming_the_rule():
+    cfg, mf = default(), mf_row()
+    validate(cfg, SCHEMA)
+    validate(mf, SCHEMA)
+    assert checks.process_problems(cfg, {"train_teacher": 2, "midtrain": 4, "posttrain": 8, "sample": 3}) == []
+    found = checks.process_problems(cfg, {"posttrain": 3, "midtrain": 16})
+    assert [m.split(":")[0] for m in found] == ["resources.midtrain.gpu"] * 2 + ["resources.posttrain.gpu"], found
+    assert "midtrain.batch / trajectories.nfe = 8 trajectories per step" in found[0]
+    assert "trajectories.num_shards is 4" in found[1] and "posttrain.batch = 128" in found[2]
+    found = checks.process_problems(mf, {"midtrain_mf": 3, "posttrain_mf": 2})
+    assert len(found) == 1 and found[0].startswith("resources.midtrain_mf.gpu: 3 GPUs"), found
+
+
+def test_snakemake_refuses_gpus_that_cannot_share_a_batch_before_any_job(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                             "-d", str(tmp_path), "-c1", "--set-resources", "posttrain:gpu=3"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "resources.posttrain.gpu: 3 GPUs" in result.stderr and "Job stats" not in result.stdout + result.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
+
+
 def test_dual_time_networks_are_the_ones_that_take_a_second_time_input():
     import inspect
 

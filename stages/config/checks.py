@@ -100,8 +100,51 @@ def snapshot_problems(section, snapshots, budgets):
     return []
 
 
+def process_problems(cfg, gpus):
+    """Batches that cannot be split over the processes of a job, one per GPU it asks for (`gpus`:
+    rule -> its gpu resource, the row's or the command line's): a job would fail only once it runs."""
+    out = []
+    traj = cfg["trajectories"]
+
+    def split(rule, key, count, unit):
+        n = gpus.get(rule, 0)
+        if n > 1 and count % n:
+            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each) cannot share {key} = {count} "
+                       f"{unit} evenly; ask for a divisor of {count} (--set-resources {rule}:gpu=N)")
+
+    def shards(rule):
+        n = gpus.get(rule, 0)
+        if n > traj["num_shards"]:
+            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each, reading their own shards) but "
+                       f"trajectories.num_shards is {traj['num_shards']}; ask for at most that many")
+
+    if cfg["teacher"].get("source", "train") == "train":
+        split("train_teacher", "teacher.batch", cfg["teacher"]["batch"], "images")
+    if cfg.get("family", "cm") == "mf":
+        mid, post = cfg["midtrain_mf"], cfg["posttrain_mf"]
+        split("midtrain_mf", "midtrain_mf.batch / pairs_per_trajectory",
+              mid["batch"] // mid["pairs_per_trajectory"], "trajectories per step")
+        shards("midtrain_mf")
+        split("posttrain_mf", "posttrain_mf.batch", post["batch"], "images")
+    else:
+        mid, post = cfg["midtrain"], cfg["posttrain"]
+        split("midtrain", "midtrain.batch / trajectories.nfe", mid["batch"] // traj["nfe"], "trajectories per step")
+        shards("midtrain")
+        split("posttrain", "posttrain.batch", post["batch"], "images")
+        if "baseline" in post["inits"] and "batch" in cfg.get("baseline", {}):
+            split("posttrain", "baseline.batch", cfg["baseline"]["batch"], "images")
+    return out
+
+
 def check(cfg):
     """Raise ConfigError listing every problem of `cfg`."""
     found = problems(cfg)
+    if found:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))
+
+
+def check_processes(cfg, gpus):
+    """Raise ConfigError listing every batch that the jobs' GPUs cannot split."""
+    found = process_problems(cfg, gpus)
     if found:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))

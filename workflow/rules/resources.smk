@@ -19,3 +19,12 @@ for _name, _res in config.get("resources", {}).items():
             workflow.resource_settings.overwrite_resources.get(_name, {})))
     elif _name not in CONDITIONAL_RULES:
         raise ValueError(f"config resources: no rule named {_name!r} in this workflow")
+
+
+# A job starts one process per GPU: a batch they cannot share would fail only once the job runs.
+_gpus = {}
+for _rule in workflow.rules:
+    _gpu = _rule.resources.get("gpu")
+    if not _gpu.is_evaluable() and isinstance(_gpu.value, int):
+        _gpus[_rule.name] = _gpu.value
+config_checks.check_processes(config, _gpus)
