@@ -116,11 +116,11 @@ def planned_resources(result, rule=None):
 def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):
     """--set-resources beats the row's `resources:` (what README, profiles and the launcher's
     messages tell users to do); the row beats --default-resources."""
-    result = snakemake(tmp_path, "-n", "--set-resources", "midtrain:gpu=4", "midtrain:runtime=2880",
+    result = snakemake(tmp_path, "-n", "--set-resources", "midtrain:gpu=2", "midtrain:runtime=2880",
                        "midtrain:mem=16G", "--default-resources", "runtime=5", "mem_mb=100")
     (_, mid, command), = planned_resources(result, "midtrain")
-    assert (mid["gpu"], mid["runtime"], mid["mem_mb"]) == ("4", "2880", "16000"), mid
-    assert "stages.launch --gpus 4 " in command
+    assert (mid["gpu"], mid["runtime"], mid["mem_mb"]) == ("2", "2880", "16000"), mid
+    assert "stages.launch --gpus 2 " in command
     for _, res, command in planned_resources(result, "posttrain"):  # the row's values, not the defaults'
         assert (res["gpu"], res["runtime"], res["mem_mb"]) == ("1", "720", "8000"), res
         assert "stages.launch --gpus 1 " in command
