@@ -14,20 +14,22 @@ import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.method import flowmap, losses, meanflow
-from stages.training import loop, resume, rng
+from stages.method import flowmap, losses, meanflow, trajectories
+from stages.training import loop, rng
+from stages.training.job import TrainingJob
 from stages.data import shards
 
-p = cli.add_state_args(cli.parser(__doc__))
-p.add_argument("--teacher", required=True, help="teacher model.safetensors (architecture and sigma_data)")
-p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p = cli.add_trajectory_args(cli.add_state_args(cli.parser(__doc__)))
+p.add_argument("--teacher", required=True, help="teacher model.safetensors (architecture, sigma_data, spot check)")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 args = p.parse_args()
 cfg = cli.start(args, "midtrain_mf")
 mc, seed = cfg["midtrain_mf"], cfg["seed"]
 
-# ---- data
-manifest, shard_paths = shards.check_manifest(args.manifest, fast=mc["verify"] == "fast")
+# ---- data: every shard checked against the manifest, and a few regenerated, before any step
+manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
+if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset):
+    print(f"[midtrain_mf] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
 P = mc["pairs_per_trajectory"]
 if mc["batch"] % P:
     raise ValueError(f"midtrain_mf.batch {mc['batch']} is not a multiple of pairs_per_trajectory {P}")
@@ -37,7 +39,11 @@ traj_per_step = mc["batch"] // P
 if traj_per_step % world:
     raise ValueError(f"midtrain_mf: {traj_per_step} trajectories per step cannot be split over {world} processes")
 local_traj = traj_per_step // world
-stream = shards.trajectory_stream(shard_paths, seed, mc["shuffle_buffer"])
+# each rank reads its own shards, as midtrain (with one process: the plain stream of all shards)
+stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest["shards"]], seed,
+                                     mc["shuffle_buffer"], rank, world)
+if world > 1:
+    print(f"[midtrain_mf] rank {rank} of {world} reads shards {stream.paths}", flush=True)
 sigma_max = manifest["spec"]["sigma_max"]
 
 # ---- model: the teacher's U-Net with the second time input, random weights
@@ -51,8 +57,8 @@ ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 manifest_sha256 = atomic.sha256_file(args.manifest)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="midtrain_mf", identity={
-    "config": cfg, "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
+job = TrainingJob(args, cfg, stage="midtrain_mf", accelerator=accelerator, identity={
+    "teacher_sha256": teacher_meta["sha256"], "manifest_sha256": manifest_sha256})
 distance = losses.make_distance(mc["distance"])
 K = manifest["spec"]["nfe"] + 2  # the solver's K+1 states and the prior noise at t = 1
 print(f"[midtrain_mf] {manifest['total']} trajectories in {len(shard_paths)} shards, {K} points each "
@@ -61,8 +67,9 @@ print(f"[midtrain_mf] {manifest['total']} trajectories in {len(shard_paths)} sha
 
 
 def next_batch():
-    """This rank's trajectories of the next global batch, in flow-matching time."""
-    chosen = [next(stream) for _ in range(traj_per_step)][rank * local_traj:(rank + 1) * local_traj]
+    """This rank's share of the next global batch: local_traj trajectories from its own shards,
+    in flow-matching time."""
+    chosen = [next(stream) for _ in range(local_traj)]
     states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32))
     sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float64))
     z, t = flowmap.trajectory_to_flow(states.double(), sigmas, sigma_max)
@@ -76,20 +83,13 @@ def loss_fn(step):
 
 
 elapsed = loop.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
-                       opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                       loss_fn=loss_fn, state=state, data=stream)
+                   opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
+                   loss_fn=loss_fn, state=job.state, data=stream)
 
-if accelerator.is_main_process:
-    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
-        **meta, "role": "midtrain", "objective": "cmt-mf", "config": cfg, "steps": mc["steps"],
-        "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,
-        "train_seconds": elapsed,
-        "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
-                            "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
-        "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
-                   "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
-    })
-    print(f"[midtrain_mf] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-accelerator.end_training()
+job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
+    **meta, "role": "midtrain", "objective": "cmt-mf", "trajectories_seen": mc["steps"] * traj_per_step,
+    "time_convention": {"trajectories": "sigma (EDM), converted by flowmap.trajectory_to_flow",
+                        "model": "flow-matching t in [0, 1], t = 1 noise; z = x_sigma / (1 + sigma)"},
+    "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
+               "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
+})

@@ -4,14 +4,13 @@ go into both the trained network and its EMA. EMA snapshots at fixed fractions o
 (step 0 included: the initialisation itself) are what the FD curve is drawn from.
 """
 
-from pathlib import Path
-
 import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.method import losses
-from stages.training import loop, resume, rng
+from stages.training import loop, rng
+from stages.training.job import TrainingJob
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "baseline"],
@@ -40,27 +39,15 @@ if args.init != "random":
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
-    "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
-    "dataset_sha256": atomic.sha256_file(args.dataset)})
-# Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
-# state folder until the end, as a later job could not remake the EMA of an earlier step.
-snapshot_dir = state.dir / "snapshots" if state is not None else Path(args.snapshots)
 
+# ---- the job: resumable state, EMA snapshots, what the model files say
+job = TrainingJob(args, cfg, stage=stage_name, accelerator=accelerator, identity={
+    "init": args.init, "init_sha256": init_meta["sha256"], "dataset_sha256": atomic.sha256_file(args.dataset)})
 total = pc["steps"]
-snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
-meta_base = {k: init_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
-meta_base["architecture"] = {**init_meta["architecture"], "dropout": pc["dropout"]}
-meta_base.update(precond="ecm", init=args.init, config=cfg,
-                 inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
-
-
-def save_snapshot(steps_done):
-    name = snapshot_steps.get(steps_done)
-    if name is not None and accelerator.is_main_process:
-        checkpoints.save(snapshot_dir / f"{name}.safetensors", ema=ema.module, meta={
-            **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
-            "images_seen": steps_done * pc["batch"], "fraction": steps_done / total})
+meta = {k: init_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+meta.update(architecture={**init_meta["architecture"], "dropout": pc["dropout"]}, precond="ecm", init=args.init,
+            inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
+snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)
 
 
 def loss_fn(step):
@@ -72,22 +59,10 @@ def loss_fn(step):
 
 
 print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch']} {total} steps, "
-      f"snapshots at steps {sorted(snapshot_steps)}", flush=True)
-save_snapshot(0)
+      f"snapshots at steps {sorted(snapshots.steps)}", flush=True)
+snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
-                       opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                       loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
+                   opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state)
 
-if accelerator.is_main_process:
-    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
-        **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
-        "train_seconds": elapsed})
-    if state is not None:  # the snapshots become outputs now that the job will succeed
-        checkpoints.copy(snapshot_dir, snapshot_steps.values(), args.snapshots)
-    print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-
-# Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
-# ("terminate called without an active exception") after the outputs were written.
-accelerator.end_training()
+job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

@@ -6,14 +6,13 @@ images on top of the post-training's. Snapshots record `images_seen_total` (mid-
 included), the axis on which the two inits are compared. Unconditional data, so no CFG.
 """
 
-from pathlib import Path
-
 import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.method import meanflow
-from stages.training import loop, resume, rng
+from stages.training import loop, rng
+from stages.training.job import TrainingJob
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "random"])
@@ -38,40 +37,28 @@ if args.init == "cmt" and init_meta["precond"] != "meanflow":
     raise ValueError(f"{args.init_model}: precond {init_meta['precond']!r}; the cmt init must be a "
                      "CMT-MF mid-trained model (midtrain_mf)")
 architecture = {**init_meta["architecture"], "dropout": pc["dropout"], "dual_time": True}
-meta_base = {"architecture": architecture, "precond": "meanflow", "sigma_data": init_meta["sigma_data"],
-             "sigma_min": init_meta["sigma_min"], "sigma_max": init_meta["sigma_max"], "time": "flow_t"}
+meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": init_meta["sigma_data"],
+        "sigma_min": init_meta["sigma_min"], "sigma_max": init_meta["sigma_max"], "time": "flow_t"}
 torch.manual_seed(rng.fold(seed, "random-init"))
-net = checkpoints.build_precond(meta_base)
+net = checkpoints.build_precond(meta)
 if args.init == "cmt":
     checkpoints.load_into(net, args.init_model, which="ema")
 prior_images = init_meta["images_seen"] if args.init == "cmt" else 0
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
-bare = accelerator.unwrap_model(net)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage_name, identity={
-    "config": cfg, "init": args.init, "init_sha256": init_meta["sha256"],
-    "dataset_sha256": atomic.sha256_file(args.dataset)})
-# Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in its
-# state folder until the end, as a later job could not remake the EMA of an earlier step.
-snapshot_dir = state.dir / "snapshots" if state is not None else Path(args.snapshots)
 # The JVP runs without a graph on the bare module and the graph forward goes through the (DDP)
 # wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
 # tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
-jvp_u = bare
+jvp_u = accelerator.unwrap_model(net)
 
-snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
-meta_base.update(init=args.init, config=cfg, images_seen_before=prior_images,
-                 inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
-
-
-def save_snapshot(steps_done):
-    name = snapshot_steps.get(steps_done)
-    if name is not None and accelerator.is_main_process:
-        checkpoints.save(snapshot_dir / f"{name}.safetensors", ema=ema.module, meta={
-            **meta_base, "role": "posttrain-snapshot", "steps": steps_done,
-            "images_seen": steps_done * pc["batch"],
-            "images_seen_total": prior_images + steps_done * pc["batch"], "fraction": steps_done / total})
+# ---- the job: resumable state, EMA snapshots, what the model files say (images_seen_total:
+# the mid-training's images included, the axis on which the two inits are compared)
+job = TrainingJob(args, cfg, stage=stage_name, accelerator=accelerator, images_before=prior_images, identity={
+    "init": args.init, "init_sha256": init_meta["sha256"], "dataset_sha256": atomic.sha256_file(args.dataset)})
+meta.update(init=args.init, images_seen_before=prior_images,
+            inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
+snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)
 
 
 def loss_fn(step):
@@ -84,19 +71,10 @@ def loss_fn(step):
 
 print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({pc['P_mean']}, {pc['P_std']}) "
       f"p={pc['adaptive_p']} c={pc['adaptive_c']} batch {pc['batch']} {total} steps "
-      f"(after {prior_images:,} mid-training images), snapshots at steps {sorted(snapshot_steps)}", flush=True)
-save_snapshot(0)
+      f"(after {prior_images:,} mid-training images), snapshots at steps {sorted(snapshots.steps)}", flush=True)
+snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
-                       opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                       loss_fn=loss_fn, on_step_end=save_snapshot, state=state)
+                   opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state)
 
-if accelerator.is_main_process:
-    checkpoints.save(args.out, net=bare, ema=ema.module, meta={
-        **meta_base, "role": "posttrain", "steps": total, "images_seen": total * pc["batch"],
-        "images_seen_total": prior_images + total * pc["batch"], "train_seconds": elapsed})
-    if state is not None:  # the snapshots become outputs now that the job will succeed
-        checkpoints.copy(snapshot_dir, snapshot_steps.values(), args.snapshots)
-    print(f"[{stage_name}] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-accelerator.end_training()
+job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

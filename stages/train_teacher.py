@@ -7,7 +7,8 @@ from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.method import losses
 from stages import networks
-from stages.training import loop, resume, rng
+from stages.training import loop, rng
+from stages.training.job import TrainingJob
 from stages.networks.precond import Precond
 
 p = cli.add_state_args(cli.parser(__doc__))
@@ -34,8 +35,8 @@ ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 dataset_sha256 = atomic.sha256_file(args.dataset)
-state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage="train_teacher", identity={
-    "config": cfg, "key": args.key, "dataset_sha256": dataset_sha256})
+job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, identity={
+    "key": args.key, "dataset_sha256": dataset_sha256})
 
 
 def loss_fn(step):
@@ -46,21 +47,11 @@ def loss_fn(step):
 
 elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
-                       batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=state)
+                       batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=job.state)
 
 # ---- write
-if accelerator.is_main_process:
-    checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
-        "role": "teacher", "key": args.key, "architecture": architecture, "precond": "edm",
-        "sigma_data": cfg["sigma_data"], "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"],
-        "time": "sigma", "config": cfg, "steps": tc["steps"], "images_seen": tc["steps"] * tc["batch"],
-        "train_seconds": elapsed,
-        "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
-    })
-    print(f"[train_teacher] wrote {args.out} after {elapsed:.0f}s", flush=True)
-    if state is not None:
-        state.finish()
-
-# Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
-# ("terminate called without an active exception") after the outputs were written.
-accelerator.end_training()
+job.finish(net, ema, steps=tc["steps"], batch=tc["batch"], train_seconds=elapsed, meta={
+    "role": "teacher", "key": args.key, "architecture": architecture, "precond": "edm",
+    "sigma_data": cfg["sigma_data"], "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"],
+    "time": "sigma", "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
+})

@@ -3,6 +3,7 @@ naming the key, before any job starts."""
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,25 +94,40 @@ IMPOSSIBLE = [
     ({"midtrain": {"distance": "lpips", "lpips_weights": "vgg.pth"}}, "midtrain.distance"),  # 8x8 digits
     ({"midtrain": {"distance": "lpips"}}, "midtrain.lpips_weights"),
     ({"dataset": {"resolution": 32}}, "dataset.resolution"),
-    ({"posttrain": {"snapshots": [0, 1.0, 0.5]}}, "posttrain.snapshots"),   # the last one is the final model
     ({"posttrain": {"snapshots": [0, 0.5, 0.501]}}, "posttrain.snapshots"),  # both are p050
+    ({"posttrain": {"inits": ["cmt", "baseline"], "snapshots": [0, 0.5, 0.52]},  # baseline: steps 5, 5
+      "baseline": {"steps": 10}}, "posttrain.snapshots"),
+]
+# The MeanFlow family (config/rows/digits-cmt-mf.yaml): what would fail inside its jobs.
+IMPOSSIBLE_MF = [
+    ({"midtrain_mf": {"batch": 130}}, "midtrain_mf.batch"),                  # 130 / 16 pairs per trajectory
+    ({"trajectories": {"num_shards": 1, "per_shard": 4}}, "midtrain_mf.batch"),  # 8 per step from a pool of 4
+    ({"network": {"kind": "ddpmpp"}}, "network.kind"),                      # no dual-time DDPM++
+    ({"posttrain_mf": {"snapshots": [0, 0.5, 0.504]}}, "posttrain_mf.snapshots"),  # both are p050
+    ({"posttrain_mf": {"steps": 4, "snapshots": [0, 0.5, 0.6]}}, "posttrain_mf.snapshots"),  # steps 2, 2
 ]
 
 
-def merged(changes):
-    cfg = copy.deepcopy(default())
+def mf_row():
+    cfg = default()
+    cfg.update(yaml.safe_load((REPO / "config" / "rows" / "digits-cmt-mf.yaml").read_text()))
+    return cfg
+
+
+def merged(changes, base=default):
+    cfg = copy.deepcopy(base())
     for section, value in changes.items():
         if isinstance(value, dict):
-            cfg[section].update(value)
+            cfg.setdefault(section, {}).update(value)
         else:
             cfg[section] = value
     return cfg
 
 
 def test_default_config_passes_the_cross_key_checks():
-    cfg = default()
-    validate(cfg, SCHEMA)
-    assert checks.problems(cfg) == []
+    for cfg in (default(), mf_row()):
+        validate(cfg, SCHEMA)
+        assert checks.problems(cfg) == []
 
 
 @pytest.mark.parametrize("changes,key", IMPOSSIBLE, ids=[json.dumps(c)[:40] for c, _ in IMPOSSIBLE])
@@ -123,8 +139,56 @@ def test_impossible_combination_is_refused_naming_the_key(changes, key):
     assert f"\n  {key}: " in str(err.value)
 
 
+@pytest.mark.parametrize("changes,key", IMPOSSIBLE_MF, ids=[json.dumps(c)[:40] for c, _ in IMPOSSIBLE_MF])
+def test_impossible_meanflow_combination_is_refused_naming_the_key(changes, key):
+    cfg = merged(changes, base=mf_row)
+    validate(cfg, SCHEMA)
+    with pytest.raises(checks.ConfigError) as err:
+        checks.check(cfg)
+    assert f"\n  {key}: " in str(err.value)
+
+
+def test_snapshots_in_any_order_pass_the_checks():
+    for cfg in (merged({"posttrain": {"snapshots": [0, 1.0, 0.5]}}),
+                merged({"posttrain_mf": {"snapshots": [1.0, 0, 0.5]}}, base=mf_row)):
+        validate(cfg, SCHEMA)
+        assert checks.problems(cfg) == []
+
+
+def test_batches_the_jobs_gpus_cannot_share_are_refused_naming_the_rule():
+    cfg, mf = default(), mf_row()
+    validate(cfg, SCHEMA)
+    validate(mf, SCHEMA)
+    assert checks.process_problems(cfg, {"train_teacher": 2, "midtrain": 4, "posttrain": 8, "sample": 3}) == []
+    found = checks.process_problems(cfg, {"posttrain": 3, "midtrain": 16})
+    assert [m.split(":")[0] for m in found] == ["resources.midtrain.gpu"] * 2 + ["resources.posttrain.gpu"], found
+    assert "midtrain.batch / trajectories.nfe = 8 trajectories per step" in found[0]
+    assert "trajectories.num_shards is 4" in found[1] and "posttrain.batch = 128" in found[2]
+    found = checks.process_problems(mf, {"midtrain_mf": 3, "posttrain_mf": 2})
+    assert len(found) == 1 and found[0].startswith("resources.midtrain_mf.gpu: 3 GPUs"), found
+
+
+def test_snakemake_refuses_gpus_that_cannot_share_a_batch_before_any_job(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                             "-d", str(tmp_path), "-c1", "--set-resources", "posttrain:gpu=3"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "resources.posttrain.gpu: 3 GPUs" in result.stderr and "Job stats" not in result.stdout + result.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
+
+
+def test_dual_time_networks_are_the_ones_that_take_a_second_time_input():
+    import inspect
+
+    from stages import networks
+
+    takes = {kind for kind, cls in networks.ARCHITECTURES.items()
+             if "dual_time" in inspect.signature(cls).parameters}
+    assert checks.DUAL_TIME_NETWORKS == takes
+
+
 def test_the_table_has_at_least_20_malformed_configs():
-    assert len(BAD) + len(IMPOSSIBLE) >= 20
+    assert len(BAD) + len(IMPOSSIBLE) + len(IMPOSSIBLE_MF) >= 20
 
 
 @pytest.mark.parametrize("changes,key", [({"midtrain": {"stepz": 10}}, "stepz"),
@@ -137,3 +201,18 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, changes, key):
     assert result.returncode != 0
     assert key in result.stderr and "Job stats" not in result.stdout + result.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("family", ["cm", "mf"])
+def test_the_largest_snapshot_is_the_final_whatever_the_order(tmp_path, family):
+    """[0, 1.0, 0.5]: the report presents p100 as the final model, not the last-listed p050."""
+    section = "posttrain_mf" if family == "mf" else "posttrain"
+    (tmp_path / "order.yaml").write_text(yaml.safe_dump({section: {"snapshots": [0, 1.0, 0.5]}}))
+    configs = [REPO / "tests" / "tiny.yaml"] + ([REPO / "tests" / "tiny-mf.yaml"] if family == "mf" else [])
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                             "-d", str(tmp_path), "-c1", "-n", "--configfile", *map(str, configs),
+                             str(tmp_path / "order.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = re.search(r"^Shell command: python -m stages.report (.*)$", result.stdout, re.M).group(1)
+    assert '"final_snapshot": "p100"' in report
+    assert "results/tiny" in report and "/samples/cmt/p100.npz" in report and "p050.npz" not in report

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,53 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     # the two ranks share one pipe: their lines may interleave
     lines = sorted(re.findall(r"rank \d of \d sum [\d.]+ args \[[^\]]*\]", run.stdout))
     assert lines == ["rank 0 of 2 sum 3.0 args ['--x', '1']", "rank 1 of 2 sum 3.0 args ['--x', '1']"], run.stdout
+
+
+def test_one_process_stages_claim_their_devices_too(tmp_path):
+    """trajectory_shard, sample, fid, fid_teacher, fid_reference: one process on the devices the job
+    claimed (its first one is the stage's cuda:0), never a device another job holds."""
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2"}
+    n1, first, fds1 = launch.plan(2, env, tmp_path, one_process=True)
+    n2, second, fds2 = launch.plan(1, env, tmp_path, one_process=True)
+    assert (n1, n2, len(fds1), len(fds2)) == (1, 1, 2, 1)
+    assert sorted(first.split(",") + [second]) == ["0", "1", "2"]
+    # under SLURM the job's allocation stands
+    assert launch.plan(2, {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "4,5"}, tmp_path, one_process=True) == (1, None, [])
+
+
+PROBE = ("import os, sys, time\n"
+         "print('visible', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+         "time.sleep(float(sys.argv[1]))\n")
+
+
+def launch_probe(tmp_path, *options, hold=0.0, env=None):
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "PYTHONPATH": f"{REPO}:{tmp_path}", **(env or {})}
+    env.pop("SLURM_JOB_ID", None)
+    return subprocess.Popen([sys.executable, "-m", "stages.launch", "--gpus", "1", "--one-process",
+                             "--lock-folder", str(tmp_path / "locks"), *options, "probe", str(hold), "--out", "x.npz"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_concurrent_one_process_jobs_run_on_distinct_devices(tmp_path):
+    jobs = [launch_probe(tmp_path, hold=3.0) for _ in range(2)]
+    outs = [job.communicate(timeout=60) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outs
+    seen = sorted(re.search(r"visible (\S+)", out).group(1) for out, _ in outs)
+    assert seen == ["0", "1"], outs
+
+
+def test_a_claim_that_cannot_be_had_stops_after_the_timeout_naming_the_holder(tmp_path):
+    held = launch.claim(["0", "1"], 2, tmp_path / "locks", holder="stages.midtrain results/r/midtrain/model.safetensors")
+    start = time.monotonic()
+    for job in (launch_probe(tmp_path, "--claim-timeout", "1"), launch_probe(tmp_path, env={"CMT_CLAIM_TIMEOUT": "1"})):
+        out, err = job.communicate(timeout=60)  # before: it waited forever
+        assert job.returncode != 0 and "visible" not in out
+        assert "[launch] waiting for 1 free GPU(s) of ['0', '1']" in err
+        assert f"GPU 0: pid {os.getpid()} stages.midtrain results/r/midtrain/model.safetensors" in err
+        assert "free after 1 s" in err and "--resources gpu=2" in err and "CMT_CLAIM_TIMEOUT" in err
+    assert time.monotonic() - start < 30
+    for _, fd in held:
+        os.close(fd)
+    job = launch_probe(tmp_path, "--claim-timeout", "1")  # freed: the claim succeeds at once
+    assert job.communicate(timeout=60)[0].startswith("visible ") and job.returncode == 0

@@ -77,3 +77,23 @@ def test_midtrain_and_posttrain_under_two_processes(tmp_path):
                   tmp_path)
     assert post.returncode == 0, post.stdout[-3000:] + post.stderr[-3000:]
     assert checkpoints.read_meta(tmp_path / "post.safetensors")["images_seen"] == 4 * 8
+
+
+def test_midtrain_mf_ranks_read_disjoint_shards(tmp_path):
+    """CMT-MF mid-training splits the pool by rank as midtrain does: each rank reads its own
+    shards and takes its share of the global batch from them."""
+    from stagekit import config
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    manifest = make_trajectories(tmp_path / "traj", num_shards=3, per_shard=4)
+    cfg = config(midtrain_mf={"steps": 3, "batch": 8, "pairs_per_trajectory": 4, "shuffle_buffer": 4,
+                              "optimizer": {"name": "adam", "lr": 1e-3}, "ema": {"beta": 0.9}})
+    mid = launch("stages.midtrain_mf", ["--config", json.dumps({"seed": 0, "midtrain_mf": cfg["midtrain_mf"]}),
+                                        "--teacher", teacher, "--manifest", manifest,
+                                        "--out", tmp_path / "mid.safetensors"], tmp_path)
+    assert mid.returncode == 0, mid.stdout[-3000:] + mid.stderr[-3000:]
+    reads = sorted(re.findall(r"rank (\d) of 2 reads shards \[([^\]]*)\]", mid.stdout))
+    assert [r for r, _ in reads] == ["0", "1"], mid.stdout
+    assert reads[0][1].count("shard-") == 2 and reads[1][1].count("shard-") == 1, reads
+    meta = checkpoints.read_meta(tmp_path / "mid.safetensors")
+    assert meta["images_seen"] == 3 * 8 and meta["trajectories_seen"] == 3 * 2  # the global batch

@@ -119,6 +119,75 @@ def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 
+def planned_resources(result, rule=None):
+    """[(rule, resources dict, shell command)] of the dry run's jobs (of `rule`, or all)."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n)", result.stdout):
+        name = re.search(r"^(?:local)?rule (\w+):$", block, re.M)
+        if name and rule in (None, name.group(1)):
+            line = re.search(r"^\s+resources: (.*)$", block, re.M).group(1)
+            command = re.search(r"^Shell command: (.*)$", block, re.M)
+            found.append((name.group(1), dict(kv.split("=", 1) for kv in line.split(", ")),
+                          command.group(1) if command else ""))
+    return found
+
+
+def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):
+    """--set-resources beats the row's `resources:` (what README, profiles and the launcher's
+    messages tell users to do); the row beats --default-resources."""
+    result = snakemake(tmp_path, "-n", "--set-resources", "midtrain:gpu=2", "midtrain:runtime=2880",
+                       "midtrain:mem=16G", "--default-resources", "runtime=5", "mem_mb=100")
+    (_, mid, command), = planned_resources(result, "midtrain")
+    assert (mid["gpu"], mid["runtime"], mid["mem_mb"]) == ("2", "2880", "16000"), mid
+    assert "stages.launch --gpus 2 " in command
+    for _, res, command in planned_resources(result, "posttrain"):  # the row's values, not the defaults'
+        assert (res["gpu"], res["runtime"], res["mem_mb"]) == ("1", "720", "8000"), res
+        assert "stages.launch --gpus 1 " in command
+    (_, res, _), = planned_resources(result, "all")  # no row entry: the defaults
+    assert (res["runtime"], res["mem_mb"]) == ("5", "100"), res
+
+
+def test_every_job_that_asks_for_a_gpu_claims_it_through_the_launcher(tmp_path):
+    """On a workstation with several GPUs, concurrent jobs get distinct devices only through
+    stages.launch's claims: every job with a gpu resource starts its stage through it."""
+    result = snakemake(tmp_path, "-n", "--set-resources", "fid_reference:gpu=1", "sample:gpu=2")
+    jobs = planned_resources(result)
+    gpu_rules = {rule for rule, res, _ in jobs if int(res.get("gpu", 0))}
+    assert {"train_teacher", "trajectory_shard", "fid_reference", "fid_teacher", "midtrain", "posttrain",
+            "sample", "fid"} <= gpu_rules, gpu_rules
+    for rule, res, command in jobs:
+        if int(res.get("gpu", 0)):
+            assert f"python -m stages.launch --gpus {res['gpu']} " in command, (rule, command)
+            # the stages that are not data-parallel take their devices in one process
+            assert ("--one-process" in command) == (rule not in {"train_teacher", "midtrain", "posttrain"}), rule
+
+
+def test_input_checks_make_no_training_stale(tiny_run, tmp_path):
+    """midtrain.verify and midtrain.spot_check say how the trajectories are checked, not what
+    mid-training makes: changing them reruns nothing."""
+    change = override(tmp_path, "checks", {"midtrain": {"verify": "fast", "spot_check": 1}})
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
+
+
+def test_a_run_sliced_into_more_jobs_than_retries_finishes_in_one_invocation(tmp_path):
+    """checkpoint.slice_kimg 0.064 (2 steps of 32 images) cuts an 8-step teacher into 4 jobs (three
+    exit 75, which Snakemake counts as failures) and the random init's 4 steps into 2: with
+    --retries 1 and no margin one invocation still finishes, each training rule retrying as often
+    as its slices need."""
+    change = override(tmp_path, "slices", {"checkpoint": {"slice_kimg": 0.064, "retry_margin": 0},
+                                           "teacher": {"steps": 8}, "posttrain": {"steps": 4}})
+    result = snakemake(tmp_path, "--retries", "1", "results/tiny/posttrain/random/model.safetensors",
+                       configs=[change])
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert (result.stdout + result.stderr).count("Trying to restart job") == 3 + 1
+    teacher = json.loads(next((tmp_path / "store" / "teachers").glob("*/model.json")).read_text())
+    post = json.loads((tmp_path / "results" / "tiny" / "posttrain" / "random" / "model.json").read_text())
+    assert (teacher["steps"], post["steps"]) == (8, 4)
+    assert not list((tmp_path / "store" / "teachers").glob("*-state"))
+    assert not list((tmp_path / "results" / "tiny" / "state").rglob("state.json"))
+
+
 # ---- the team store -------------------------------------------------------------------------
 
 def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):

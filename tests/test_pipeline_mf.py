@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "tests" / "tiny.yaml", REPO / "tests" / "tiny-mf.yaml"]
@@ -43,4 +44,9 @@ def test_tiny_mf_row_end_to_end(tmp_path):
     post = json.loads((res / "posttrain" / "cmt" / "model.json").read_text())
     assert post["precond"] == "meanflow" and post["architecture"]["dual_time"]
     assert "img/s" in (res / "logs" / "posttrain" / "random.log").read_text()
+    # midtrain_mf regenerated stored trajectories from their seeds before its first step
+    assert "spot check: 4 trajectories regenerated from their seeds match" in (res / "logs" / "midtrain.log").read_text()
     assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
+    # how the trajectories are checked is not what mid-training makes: changing it reruns nothing
+    (tmp_path / "checks.yaml").write_text(yaml.safe_dump({"midtrain_mf": {"verify": "fast", "spot_check": 1}}))
+    assert "Nothing to be done" in snakemake(tmp_path, str(tmp_path / "checks.yaml"), "-n").stdout

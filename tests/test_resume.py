@@ -85,6 +85,25 @@ def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_stra
     assert not state_dir.exists()  # the outputs are written: the state is gone
 
 
+def test_midtrain_ctrl_c_saves_and_exits_and_the_rerun_is_bit_exact(mid, mid_straight, capsys):
+    """Ctrl-C sends SIGINT to Snakemake's process group: the stage saves like on SIGTERM, no
+    KeyboardInterrupt losing the steps since the last save."""
+    args = mid_args(mid, "interrupted")
+    state_dir = mid["dir"] / "interrupted" / "state"
+    first = run("stages.midtrain", args, faults=["--signal-at", "3:SIGINT"])
+    assert first.returncode == 128 + signal.SIGINT, first.log
+    assert "received SIGINT" in first.log and "state saved at step 4/12" in first.log
+    assert "KeyboardInterrupt" not in first.log
+    assert sorted(p.name for p in state_dir.glob("step-*")) == ["step-000000004"]
+
+    capsys.readouterr()
+    run_in_process("stages.midtrain", args, keep_state=True)
+    assert f"resumed from {state_dir / 'step-000000004'} at step 4/12" in capsys.readouterr().out
+    tensors, info = load_state(state_dir / f"step-{N:09d}")
+    assert_same_tensors(tensors, mid_straight[0])
+    assert info["data"] == mid_straight[1]["data"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Post-training
 

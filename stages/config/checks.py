@@ -5,6 +5,9 @@ the schema (so before any job starts). Every message starts with the key to chan
 SOURCE_RESOLUTION = {"digits": 8}
 # LPIPS's VGG trunk pools five times; below 16x16 its deepest features are empty.
 LPIPS_MIN_RESOLUTION = 16
+# Networks with MeanFlow's second time input (dual_time); tests/test_config.py keeps this in step
+# with stages/networks (this module imports no torch: the Snakefile runs it on every dry run).
+DUAL_TIME_NETWORKS = {"small_unet"}
 
 
 class ConfigError(ValueError):
@@ -14,27 +17,30 @@ class ConfigError(ValueError):
 def problems(cfg):
     """Messages for impossible combinations in a schema-validated config (defaults filled in)."""
     out = []
-    traj, mid, post = cfg["trajectories"], cfg["midtrain"], cfg["posttrain"]
-
     if not cfg["sigma_max"] > cfg["sigma_min"]:
         out.append(f"sigma_max: {cfg['sigma_max']} must be above sigma_min {cfg['sigma_min']} "
                    "(the solver's sigma grid decreases from sigma_max to sigma_min)")
-    sigma_mid = cfg["sampling"]["sigma_mid"]
-    if 2 in cfg["sampling"]["steps"] and not cfg["sigma_min"] < sigma_mid < cfg["sigma_max"]:
-        out.append(f"sampling.sigma_mid: {sigma_mid} must lie between sigma_min {cfg['sigma_min']} "
-                   f"and sigma_max {cfg['sigma_max']} for 2-step sampling")
-
     fixed = SOURCE_RESOLUTION.get(cfg["dataset"]["source"])
     if fixed is not None and cfg["dataset"].get("resolution", fixed) != fixed:
         out.append(f"dataset.resolution: {cfg['dataset']['resolution']}, but {cfg['dataset']['source']} "
                    f"images are {fixed}x{fixed}")
+    if cfg.get("family", "cm") == "mf":
+        out += meanflow_problems(cfg)
+    else:
+        out += consistency_problems(cfg)
+    return out
 
-    if mid["batch"] % traj["nfe"]:
-        out.append(f"midtrain.batch: {mid['batch']} is not a multiple of trajectories.nfe = {traj['nfe']} "
-                   "(a step sees whole trajectories, nfe points each)")
-    elif mid["batch"] // traj["nfe"] > traj["num_shards"] * traj["per_shard"]:
-        out.append(f"midtrain.batch: {mid['batch'] // traj['nfe']} trajectories per step, more than the "
-                   f"pool of trajectories.num_shards x per_shard = {traj['num_shards'] * traj['per_shard']}")
+
+def consistency_problems(cfg):
+    """family cm: midtrain (CMT-CM), posttrain (ECT), 2-step sampling through sigma_mid."""
+    out = []
+    traj, mid, post = cfg["trajectories"], cfg["midtrain"], cfg["posttrain"]
+    sigma_mid = cfg["sampling"]["sigma_mid"]
+    if 2 in cfg["sampling"]["steps"] and not cfg["sigma_min"] < sigma_mid < cfg["sigma_max"]:
+        out.append(f"sampling.sigma_mid: {sigma_mid} must lie between sigma_min {cfg['sigma_min']} "
+                   f"and sigma_max {cfg['sigma_max']} for 2-step sampling")
+    out += trajectories_per_step("midtrain", mid["batch"], traj["nfe"], "trajectories.nfe", traj,
+                                 "a step sees whole trajectories, nfe points each")
     if mid["distance"] == "lpips":
         resolution = cfg["dataset"].get("resolution", SOURCE_RESOLUTION.get(cfg["dataset"]["source"]))
         if resolution is not None and resolution < LPIPS_MIN_RESOLUTION:
@@ -43,21 +49,102 @@ def problems(cfg):
         if mid.get("lpips_weights") is None and not cfg["dataset"].get("synthetic"):
             out.append("midtrain.lpips_weights: distance lpips needs the VGG16 trunk weights (a file or "
                        "the catalog name vgg16); a random trunk is for tests and smoke runs only")
+    budgets = [post["steps"]]
+    if "baseline" in post["inits"]:
+        budgets.append(cfg.get("baseline", {}).get("steps", post["steps"]))
+    out += snapshot_problems("posttrain", post["snapshots"], budgets)
+    return out
 
-    snapshots = post["snapshots"]
-    if list(snapshots) != sorted(snapshots):
-        out.append(f"posttrain.snapshots: {snapshots} must be increasing (the last one is the final model's)")
+
+def meanflow_problems(cfg):
+    """family mf: midtrain_mf (CMT-MF), posttrain_mf (MeanFlow) on a dual-time network."""
+    out = []
+    traj, mid, post = cfg["trajectories"], cfg["midtrain_mf"], cfg["posttrain_mf"]
+    kind = cfg["network"]["kind"]
+    if kind not in DUAL_TIME_NETWORKS:
+        out.append(f"network.kind: {kind} has no second time input, which the average velocity "
+                   f"u(z, r, t) of family mf needs; use {' or '.join(sorted(DUAL_TIME_NETWORKS))}")
+    out += trajectories_per_step("midtrain_mf", mid["batch"], mid["pairs_per_trajectory"],
+                                 "midtrain_mf.pairs_per_trajectory", traj,
+                                 "a step draws pairs_per_trajectory pairs from each of its trajectories")
+    budgets = [post["steps"]]
+    if "random" in post["inits"] and post["equal_total_budget"]:  # as meanflow_steps in common.smk
+        budgets.append(post["steps"] + round(mid["steps"] * mid["batch"] / post["batch"]))
+    out += snapshot_problems("posttrain_mf", post["snapshots"], budgets)
+    return out
+
+
+def trajectories_per_step(section, batch, per_trajectory, per_key, traj, why):
+    """A mid-training batch of whole trajectories, no more of them than the pool holds."""
+    if batch % per_trajectory:
+        return [f"{section}.batch: {batch} is not a multiple of {per_key} = {per_trajectory} ({why})"]
+    pool = traj["num_shards"] * traj["per_shard"]
+    if batch // per_trajectory > pool:
+        return [f"{section}.batch: {batch // per_trajectory} trajectories per step, more than the pool of "
+                f"trajectories.num_shards x per_shard = {pool}"]
+    return []
+
+
+def snapshot_problems(section, snapshots, budgets):
+    """Snapshots may come in any order (the workflow sorts them, the largest is the final model's),
+    but two must not share a name (percent) or, at any of the `budgets` (steps), a step."""
     names = [round(100 * f) for f in snapshots]
-    steps = [round(f * post["steps"]) for f in snapshots]
-    if len(set(names)) < len(names) or len(set(steps)) < len(steps):
-        out.append(f"posttrain.snapshots: {snapshots} name or reach the same snapshot twice "
-                   f"(percent {names}, steps {steps} of {post['steps']}); keep them at least 1% and one step apart")
+    if len(set(names)) < len(names):
+        return [f"{section}.snapshots: {snapshots} name the same snapshot twice (percent {names}); "
+                "keep them at least 1% apart"]
+    for total in budgets:
+        steps = [round(f * total) for f in snapshots]
+        if len(set(steps)) < len(steps):
+            return [f"{section}.snapshots: {snapshots} reach the same step twice (steps {steps} of {total}); "
+                    "keep them at least one step apart"]
+    return []
 
+
+def process_problems(cfg, gpus):
+    """Batches that cannot be split over the processes of a job, one per GPU it asks for (`gpus`:
+    rule -> its gpu resource, the row's or the command line's): a job would fail only once it runs."""
+    out = []
+    traj = cfg["trajectories"]
+
+    def split(rule, key, count, unit):
+        n = gpus.get(rule, 0)
+        if n > 1 and count % n:
+            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each) cannot share {key} = {count} "
+                       f"{unit} evenly; ask for a divisor of {count} (--set-resources {rule}:gpu=N)")
+
+    def shards(rule):
+        n = gpus.get(rule, 0)
+        if n > traj["num_shards"]:
+            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each, reading their own shards) but "
+                       f"trajectories.num_shards is {traj['num_shards']}; ask for at most that many")
+
+    if cfg["teacher"].get("source", "train") == "train":
+        split("train_teacher", "teacher.batch", cfg["teacher"]["batch"], "images")
+    if cfg.get("family", "cm") == "mf":
+        mid, post = cfg["midtrain_mf"], cfg["posttrain_mf"]
+        split("midtrain_mf", "midtrain_mf.batch / pairs_per_trajectory",
+              mid["batch"] // mid["pairs_per_trajectory"], "trajectories per step")
+        shards("midtrain_mf")
+        split("posttrain_mf", "posttrain_mf.batch", post["batch"], "images")
+    else:
+        mid, post = cfg["midtrain"], cfg["posttrain"]
+        split("midtrain", "midtrain.batch / trajectories.nfe", mid["batch"] // traj["nfe"], "trajectories per step")
+        shards("midtrain")
+        split("posttrain", "posttrain.batch", post["batch"], "images")
+        if "baseline" in post["inits"] and "batch" in cfg.get("baseline", {}):
+            split("posttrain", "baseline.batch", cfg["baseline"]["batch"], "images")
     return out
 
 
 def check(cfg):
     """Raise ConfigError listing every problem of `cfg`."""
     found = problems(cfg)
+    if found:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))
+
+
+def check_processes(cfg, gpus):
+    """Raise ConfigError listing every batch that the jobs' GPUs cannot split."""
+    found = process_problems(cfg, gpus)
     if found:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))

@@ -1,11 +1,13 @@
 """Teacher trajectories as pure functions of (teacher, solver spec, base seed, index): what the
-trajectory_shard stage writes and what mid-training's spot check regenerates."""
+trajectory_shard stage writes and what the mid-training stages' spot check regenerates."""
 
 import numpy as np
 import torch
 
-from stages.training import rng
+from stages.data import datasets, shards
+from stages.files import checkpoints
 from stages.method import solvers
+from stages.training import rng
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -51,3 +53,37 @@ class Generator:
                 raise FloatingPointError(f"trajectory {i} overflows {self.spec['dtype']}; store float32")
             out.append((i, stored, self.sigmas.numpy(), meta))
         return out
+
+
+def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None):
+    """Regenerate `count` stored trajectories (spread over the pool) from their seeds with the
+    teacher and compare: a shard from another teacher, solver or code version, or one edited in
+    place with its manifest rewritten, stops the run here, naming the shard to delete. `spec` is
+    the manifest's. Tolerance: another GPU model or batch size changes the last bits, a different
+    trajectory changes everything. Returns the number of trajectories checked."""
+    if count == 0:
+        return 0
+    teacher, meta = checkpoints.load(teacher_path, which="ema")
+    data = None
+    if spec["x_T"] == "data_plus_noise":
+        data = torch.from_numpy(datasets.to_model_range(datasets.load(dataset_path)[0]))
+    generator = Generator(teacher, meta, spec, torch.device("cpu"), data)
+    picks = np.linspace(0, len(shard_paths) - 1, min(count, len(shard_paths))).round().astype(int)
+    picks = list(picks) + [picks[-1]] * (count - len(picks))
+    per_shard = {}
+    for k, p in enumerate(picks):
+        per_shard.setdefault(int(p), []).append(k)
+    for p, ks in per_shard.items():
+        stored = shards.read_shard(shard_paths[p])
+        for k in ks:
+            s = stored[(k * 7919) % len(stored)]
+            (_, states, sigmas, _), = generator.batch([s["index"]])
+            err = np.abs(states.astype(np.float32) - s["states"].astype(np.float32))
+            scale = np.abs(s["states"].astype(np.float32)) + 1.0
+            if not np.allclose(sigmas, s["sigmas"]) or float((err / scale).max()) > 1e-2:
+                raise ValueError(
+                    f"{shard_paths[p]}: trajectory {s['index']} differs from the one its seed gives with "
+                    f"{teacher_path} (max relative error {float((err / scale).max()):.3g}); the shard is "
+                    f"not this teacher's and solver's: delete {shard_paths[p]} and rerun its "
+                    f"trajectory_shard job (and trajectory_manifest)")
+    return count

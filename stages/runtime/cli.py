@@ -26,6 +26,19 @@ def add_state_args(p):
     return p
 
 
+def add_trajectory_args(p):
+    """The trajectory inputs of a mid-training stage and how they are checked before the first
+    step. The rule passes --verify and --spot-check apart from --config: they change nothing that
+    training makes, so changing them reruns nothing."""
+    p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+    p.add_argument("--dataset", default=None, help="prepared dataset.npz (the spot check of x_T = data_plus_noise)")
+    p.add_argument("--verify", choices=["full", "fast"], default="full",
+                   help="check every shard against the manifest: size and sha256 (full) or size only (fast)")
+    p.add_argument("--spot-check", type=int, default=0,
+                   help="trajectories to regenerate from their seeds with the teacher and compare before training")
+    return p
+
+
 def start(args, stage):
     """Pin torch to the job's threads (more threads than cores slowed a job ninefold here) and
     print the resolved configuration at the top of the log."""

@@ -157,7 +157,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     With `state` (a resume.TrainState) the run is resumable: the newest saved state is
     restored first (network, EMA, optimizer, step and, through `data.state_dict()` /
     `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
-    and a signal (SIGTERM, SIGUSR1) or a finished slice saves it and raises resume.Interrupted.
+    and a signal (resume.SIGNALS: SIGTERM, SIGUSR1, SIGINT) or a finished slice saves it and raises resume.Interrupted.
     """
     # The EMA copy is made before accelerator.prepare moves the network to its device.
     ema.module.to(accelerator.device)

@@ -30,7 +30,10 @@ FORMAT = "cmt-train-state/1"
 # a signal exits as a process killed by it would (128 + signal number), a finished slice with
 # EX_TEMPFAIL ("temporary failure, try again").
 EXIT_SLICE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SLURM sends SIGTERM (or the SIGUSR1 its --signal asks for) before a time limit or preemption;
+# Ctrl-C sends SIGINT to Snakemake's whole process group, jobs included, and left to Python it
+# is a KeyboardInterrupt that loses every step since the last save.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Interrupted(SystemExit):
@@ -224,7 +227,7 @@ class TrainState:
         return self.slice_images is not None and images_this_job >= self.slice_images
 
     def catch_signals(self):
-        """SIGTERM / SIGUSR1 (SLURM's warning before a time limit) only set a flag: the loop saves
+        """SIGNALS (SLURM's warning before a time limit, Ctrl-C) only set a flag: the loop saves
         the state at the end of the current step and exits."""
         def handler(signum, frame):
             self.signal_received = signum

@@ -3,6 +3,7 @@
 # same teacher and solver share one copy, and a different teacher or solver gets a new folder.
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -71,6 +72,11 @@ MANIFEST = f"{RES}/trajectories/manifest.json"
 FAMILY = config["family"]
 POST_SECTION = "posttrain_mf" if FAMILY == "mf" else "posttrain"
 INITS = config[POST_SECTION]["inits"]
+# Snapshots at fractions of the post-training budget, in any order in the config: the list is kept
+# sorted (so reordering it reruns nothing), and the final snapshot is the largest fraction.
+for _section in ("posttrain", "posttrain_mf"):
+    if _section in config:
+        config[_section]["snapshots"] = sorted(config[_section]["snapshots"])
 SNAPSHOTS = [f"p{round(100 * f):03d}" for f in config[POST_SECTION]["snapshots"]]
 FINAL_SNAPSHOT = SNAPSHOTS[-1]
 # Everything of posttrain but the list of inits: adding an init must not rerun the others.
@@ -105,6 +111,33 @@ def sampling_cfg(wildcards):
 
 def scored_snapshots(wildcards):
     return ["final"] if wildcards.init == "midtrain" else SNAPSHOTS
+
+
+def slice_retries(*budgets):
+    """`retries:` of a training rule whose jobs train `budgets`, (steps, batch) pairs (its inits').
+
+    With checkpoint.slice_kimg each job trains one slice and exits 75, which Snakemake counts as a
+    failure: a run of N slices needs N - 1 retries to finish in one invocation, and
+    checkpoint.retry_margin more are left for preemptions and time limits. (A rule's `retries:`
+    replaces --retries, which Snakemake reads only after the workflow is parsed.) Unsliced, None:
+    --retries (the SLURM profile's `retries: 3`) applies as to every other rule. Slices are counted
+    as stages/training/resume.py ends them.
+    """
+    slice_kimg = config["checkpoint"]["slice_kimg"]
+    if slice_kimg is None:
+        return None
+    slices = max(math.ceil(steps / math.ceil(1000.0 * slice_kimg / batch)) for steps, batch in budgets)
+    return slices - 1 + config["checkpoint"]["retry_margin"]
+
+
+def trajectory_checks(section):
+    """--verify and --spot-check of a mid-training rule, from config section `section`. A function of
+    `output`, like state_args: how the inputs are checked makes nothing that training makes stale."""
+
+    def args(wildcards, output):
+        return f"--verify {config[section]['verify']} --spot-check {int(config[section]['spot_check'])}"
+
+    return args
 
 
 def state_args(folder):
@@ -154,8 +187,10 @@ if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
 else:
     FEATURES_CFG.pop("model", None)
-# The spot check is how the inputs are verified, not how the model is trained: changing it reruns nothing.
-MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k != "spot_check"}
+# How the trajectories are checked (verify, spot_check) is not how the model is trained: changing it
+# reruns nothing (see trajectory_checks).
+INPUT_CHECKS = ("verify", "spot_check")
+MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k not in INPUT_CHECKS}
 if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":
@@ -164,16 +199,17 @@ if config["teacher"].get("source", "train") == "import":
 
 # ---- the MeanFlow family (meanflow.smk)
 MID_MF = config.get("midtrain_mf", {})
+MIDTRAIN_MF_CFG = {k: v for k, v in MID_MF.items() if k not in INPUT_CHECKS}
 POST_MF = config.get("posttrain_mf", {})
 # Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 
 
-def meanflow_steps(wildcards):
+def meanflow_steps(init):
     """Post-training steps of an init: at equal total budget, random also gets the mid-training's
     images (rounded to whole post-training batches)."""
     steps = POST_MF["steps"]
-    if wildcards.init == "random" and POST_MF["equal_total_budget"]:
+    if init == "random" and POST_MF["equal_total_budget"]:
         steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
     return steps
 

@@ -25,6 +25,7 @@ rule fid_reference:
         f"{RES}/fid_reference.npz",
     params:
         cfg=as_arg(FEATURES_CFG),
+        gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -32,4 +33,5 @@ rule fid_reference:
     benchmark:
         f"{BENCH}/fid_reference.tsv"
     shell:
-        "python -m stages.fid_reference --config {params.cfg:q} --dataset {input.dataset} --out {output} > {log} 2>&1"
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_reference "
+        "--config {params.cfg:q} --dataset {input.dataset} --out {output} > {log} 2>&1"

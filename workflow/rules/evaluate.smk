@@ -5,6 +5,7 @@ rule sample:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
         cfg=lambda w: as_arg(sampling_cfg(w)),
+        gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
         "../../envs/cmt.yaml"
@@ -13,7 +14,8 @@ rule sample:
     benchmark:
         f"{BENCH}/sample/{{init}}/{{snap}}.tsv"
     shell:
-        "python -m stages.sample --config {params.cfg:q} --threads {threads} --model {input} "
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.sample "
+        "--config {params.cfg:q} --threads {threads} --model {input} "
         "--out {output} > {log} 2>&1"
 
 
@@ -27,6 +29,7 @@ rule fid:
         f"{RES}/fid/{{init}}.json",
     params:
         cfg=lambda w: as_arg({"features": FEATURES_CFG, "sampling": sampling_cfg(w)}),
+        gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -34,7 +37,8 @@ rule fid:
     benchmark:
         f"{BENCH}/fid/{{init}}.tsv"
     shell:
-        "python -m stages.fid --config {params.cfg:q} --reference {input.reference} "
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.fid "
+        "--config {params.cfg:q} --reference {input.reference} "
         "--samples {input.samples} --models {input.models} --out {output} > {log} 2>&1"
 
 
@@ -47,6 +51,7 @@ rule fid_teacher:
         f"{RES}/fid/teacher-solver.json",
     params:
         cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -54,7 +59,8 @@ rule fid_teacher:
     benchmark:
         f"{BENCH}/fid/teacher-solver.tsv"
     shell:
-        "python -m stages.fid_teacher --config {params.cfg:q} --reference {input.reference} "
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_teacher "
+        "--config {params.cfg:q} --reference {input.reference} "
         "--manifest {input.manifest} --out {output} > {log} 2>&1"
 
 

@@ -7,14 +7,17 @@ rule midtrain_mf:
     input:
         teacher=ancient(TEACHER),
         manifest=MANIFEST,
+        dataset=ancient(DATASET),
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
+        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG}),
+        checks=trajectory_checks("midtrain_mf"),
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries((MID_MF["steps"], MID_MF["batch"]))
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -23,7 +26,8 @@ rule midtrain_mf:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
+        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
+        "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:
@@ -38,12 +42,13 @@ rule posttrain_mf:
     wildcard_constraints:
         init="cmt|random",
     params:
-        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w),
+        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries(*[(meanflow_steps(i), POST_MF["batch"]) for i in INITS])
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -14,6 +14,7 @@ if TEACHER_SOURCE == "train":
             state=state_args(lambda w: TEACHER_STATE),
             gpus=launch_gpus,
         threads: config["threads"]["teacher"]
+        retries: slice_retries((config["teacher"]["steps"], config["teacher"]["batch"]))
         conda:
             "../../envs/cmt.yaml"
         log:

@@ -11,11 +11,11 @@ rule midtrain:
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
-        # how many trajectories to re-check is no part of what training makes (a function of output)
-        spot_check=lambda w, output: config["midtrain"]["spot_check"],
+        checks=trajectory_checks("midtrain"),
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries((config["midtrain"]["steps"], config["midtrain"]["batch"]))
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -24,7 +24,7 @@ rule midtrain:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} --spot-check {params.spot_check} "
+        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
         "--out {output.model} {params.state} > {log} 2>&1"
 
 
@@ -46,6 +46,7 @@ rule posttrain:
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
+    retries: slice_retries(*[(posttrain_cfg(i)["steps"], posttrain_cfg(i)["batch"]) for i in INITS])
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -27,6 +27,7 @@ rule trajectory_shard:
     params:
         cfg=as_arg(TRAJ_SPEC),
         index=lambda w: int(w.shard),
+        gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
         "../../envs/cmt.yaml"
@@ -35,7 +36,8 @@ rule trajectory_shard:
     benchmark:
         f"{BENCH}/trajectory_shard/{{shard}}.tsv"
     shell:
-        "python -m stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.trajectory_shard "
+        "--config {params.cfg:q} --threads {threads} "
         "--teacher {input.teacher} --dataset {input.dataset} --shard {params.index} --out {output} "
         "> {log} 2>&1"
 

@@ -1,0 +1,85 @@
+"""What every training stage does around loop.fit, in one place: the resumable state its rule
+asked for (--state-dir, --checkpoint), EMA snapshots at fractions of the budget, the model file it
+writes (with the config and the images it saw), and the teardown once the outputs are written.
+
+A stage keeps what is its own (data, model, loss, the metadata of its model) and reads
+    job = TrainingJob(args, cfg, stage=..., accelerator=..., identity=...)
+    elapsed = loop.fit(..., state=job.state)
+    job.finish(net, ema, meta=..., steps=..., batch=..., train_seconds=elapsed)
+"""
+
+from pathlib import Path
+
+from stages.files import checkpoints
+from stages.training import resume
+
+
+def snapshot_name(fraction):
+    """p000, p025, ..., p100: the snapshot at `fraction` of the budget (workflow/rules/common.smk
+    names the rule's outputs the same way)."""
+    return f"p{round(100 * fraction):03d}"
+
+
+class TrainingJob:
+    """One job of a training stage (a job may be one slice of a longer run).
+
+    `identity` is what a resumed run must share with the one that saved the state, besides the
+    stage's config (the digests of its inputs, ...). `images_before` is what the initialisation has
+    already seen (the MeanFlow rows compare inits at equal total images): given, the model files
+    also record `images_seen_total`.
+    """
+
+    def __init__(self, args, cfg, *, stage, accelerator, identity, images_before=None):
+        self.args, self.cfg, self.stage, self.accelerator = args, cfg, stage, accelerator
+        self.images_before = images_before
+        self.state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage,
+                                                 identity={"config": cfg, **identity})
+        self.snapshot_set = None
+
+    def images(self, steps, batch):
+        seen = {"steps": steps, "images_seen": steps * batch}
+        if self.images_before is not None:
+            seen["images_seen_total"] = self.images_before + steps * batch
+        return seen
+
+    def snapshots(self, fractions, *, total_steps, batch, ema, meta):
+        """EMA snapshots at `fractions` of `total_steps` into the rule's --snapshots folder; pass
+        the result's `save` to loop.fit as on_step_end."""
+        # Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in
+        # its state folder until the end, as a later job could not remake the EMA of an earlier step.
+        folder = self.state.dir / "snapshots" if self.state is not None else Path(self.args.snapshots)
+        self.snapshot_set = Snapshots(self, fractions, total_steps, batch, ema, meta, folder)
+        return self.snapshot_set
+
+    def finish(self, net, ema, *, meta, steps, batch, train_seconds):
+        """Every rank calls it after loop.fit: the main process writes --out (network and EMA) with
+        `meta` plus the config and the images seen, publishes the snapshots and deletes the state."""
+        if self.accelerator.is_main_process:
+            checkpoints.save(self.args.out, net=self.accelerator.unwrap_model(net), ema=ema.module, meta={
+                **meta, "config": self.cfg, **self.images(steps, batch), "train_seconds": train_seconds})
+            if self.snapshot_set is not None and self.state is not None:
+                # the snapshots become outputs now that the job will succeed
+                checkpoints.copy(self.snapshot_set.folder, self.snapshot_set.steps.values(), self.args.snapshots)
+            print(f"[{self.stage}] wrote {self.args.out} after {train_seconds:.0f}s", flush=True)
+            if self.state is not None:
+                self.state.finish()
+        # Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
+        # ("terminate called without an active exception") after the outputs were written.
+        self.accelerator.end_training()
+
+
+class Snapshots:
+    """The EMA at fixed fractions of the budget (step 0 included: the initialisation itself), what
+    the FD curve is drawn from. `steps` maps each snapshot's step to its name."""
+
+    def __init__(self, job, fractions, total_steps, batch, ema, meta, folder):
+        self.job, self.total, self.batch, self.ema, self.meta = job, total_steps, batch, ema, meta
+        self.folder = folder
+        self.steps = {round(f * total_steps): snapshot_name(f) for f in fractions}
+
+    def save(self, steps_done):
+        name = self.steps.get(steps_done)
+        if name is not None and self.job.accelerator.is_main_process:
+            checkpoints.save(self.folder / f"{name}.safetensors", ema=self.ema.module, meta={
+                **self.meta, "config": self.job.cfg, "role": "posttrain-snapshot",
+                **self.job.images(steps_done, self.batch), "fraction": steps_done / self.total})
