@@ -48,10 +48,15 @@ def problems(cfg):
     if list(snapshots) != sorted(snapshots):
         out.append(f"posttrain.snapshots: {snapshots} must be increasing (the last one is the final model's)")
     names = [round(100 * f) for f in snapshots]
-    steps = [round(f * post["steps"]) for f in snapshots]
-    if len(set(names)) < len(names) or len(set(steps)) < len(steps):
-        out.append(f"posttrain.snapshots: {snapshots} name or reach the same snapshot twice "
-                   f"(percent {names}, steps {steps} of {post['steps']}); keep them at least 1% and one step apart")
+    # the baseline init takes the same snapshots of its own number of steps
+    runs = [("posttrain", post)] + ([("baseline", cfg.get("baseline", post))] if "baseline" in post["inits"] else [])
+    for section, run in runs:
+        steps = [round(f * run["steps"]) for f in snapshots]
+        if len(set(names)) < len(names) or len(set(steps)) < len(steps):
+            out.append(f"posttrain.snapshots: {snapshots} name or reach the same snapshot twice "
+                       f"(percent {names}, steps {steps} of {section}.steps {run['steps']}); keep them at "
+                       "least 1% and one step apart")
+            break
 
     return out
 
