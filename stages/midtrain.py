@@ -1,4 +1,4 @@
-"""Stage midtrain: Consistency Mid-Training, CMT-CM (PAPER.md 3.1-3.2).
+"""Stage midtrain: Consistency Mid-Training, CMT-CM (docs/method.md#cmt-cm).
 
 The student starts from the teacher's weights (EMA too) with the ECM preconditioning, and maps
 each of the K pre-final states of a teacher trajectory, at its sigma, to the trajectory's final
@@ -80,8 +80,10 @@ stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest[
 if world > 1:
     print(f"[midtrain] rank {rank} of {world} reads shards {stream.paths}", flush=True)
 
-# ---- model: teacher weights, ECM preconditioning, the mid-training dropout
-net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"])
+# ---- model: teacher weights, ECM preconditioning with the student's boundary (not the teacher's
+# grid end: docs/method.md#preconditioning), the mid-training dropout
+net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"],
+                                     sigma_min=cfg["sigma_boundary"])
 ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -115,8 +117,9 @@ elapsed = loop.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, 
                        loss_fn=loss_fn, state=state, data=stream)
 
 if accelerator.is_main_process:
-    meta = {k: teacher_meta[k] for k in ("architecture", "sigma_data", "sigma_min", "sigma_max", "time")}
+    meta = {k: teacher_meta[k] for k in ("architecture", "sigma_data", "sigma_max", "time")}
     meta["architecture"] = {**meta["architecture"], "dropout": mc["dropout"]}
+    meta["sigma_min"] = cfg["sigma_boundary"]  # the eval-mode boundary that build_precond reads
     checkpoints.save(args.out, net=accelerator.unwrap_model(net), ema=ema.module, meta={
         **meta, "role": "midtrain", "precond": "ecm", "config": cfg, "steps": mc["steps"],
         "images_seen": mc["steps"] * mc["batch"], "trajectories_seen": mc["steps"] * traj_per_step,

@@ -1,4 +1,4 @@
-"""Stage posttrain: ECT consistency training from data (PAPER.md 4.1), from one initialisation:
+"""Stage posttrain: ECT consistency training from data (docs/method.md#ect), from one initialisation:
 `cmt` (the mid-trained EMA), `teacher` (the diffusion model) or `random`. The weights of the init
 go into both the trained network and its EMA. EMA snapshots at fixed fractions of the budget
 (step 0 included: the initialisation itself) are what the FD curve is drawn from.
@@ -34,7 +34,9 @@ rank = accelerator.process_index
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
 torch.manual_seed(rng.fold(seed, "random-init"))
-net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"])
+# The boundary of the consistency function is the config's, whatever the init: a teacher's model.json
+# carries its solver grid's end there (docs/method.md#preconditioning).
+net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"], sigma_min=cfg["sigma_boundary"])
 if args.init != "random":
     checkpoints.load_into(net, args.init_model, which="ema")
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
@@ -49,7 +51,8 @@ snapshot_dir = state.dir / "snapshots" if state is not None else Path(args.snaps
 
 total = pc["steps"]
 snapshot_steps = {round(f * total): f"p{round(100 * f):03d}" for f in pc["snapshots"]}
-meta_base = {k: init_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+meta_base = {k: init_meta[k] for k in ("sigma_data", "sigma_max", "time")}
+meta_base["sigma_min"] = cfg["sigma_boundary"]
 meta_base["architecture"] = {**init_meta["architecture"], "dropout": pc["dropout"]}
 meta_base.update(precond="ecm", init=args.init, config=cfg,
                  inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})

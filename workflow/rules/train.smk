@@ -10,7 +10,7 @@ rule midtrain:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
+        cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG}),
         # how many trajectories to re-check is no part of what training makes (a function of output)
         spot_check=lambda w, output: config["midtrain"]["spot_check"],
         state=state_args(lambda w: f"{STATE}/midtrain"),
@@ -41,7 +41,7 @@ rule posttrain:
         init="cmt|teacher|random|baseline",
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
-                              "posttrain": posttrain_cfg(w.init)}),
+                              "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init)}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
