@@ -29,8 +29,7 @@ def save(path, *, net=None, ema=None, meta):
                 tensors[prefix + name] = value.detach().to("cpu").contiguous()
     if not tensors:
         raise ValueError("save: nothing to save (no net and no ema)")
-    # the TF32 flags the weights were computed under (docs/method.md#precision), unless the stage
-    # that made them says otherwise (a copy of a model made elsewhere)
+    # the TF32 flags of the process that computed the weights (docs/method.md#precision)
     meta = {"format": FORMAT, "tf32": precision.flags(), **meta}
     with atomic.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
