@@ -13,16 +13,32 @@ configfile: workflow.source_path("config/default.yaml")
 report: "workflow/report/workflow.rst"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-# Impossible combinations of keys, which a schema cannot express; also before any job starts.
+# Snakemake merged default.yaml, the --configfile files and --config; assemble it again with what
+# Snakemake does not do: the files a row `extends` beneath it, `{row}` in an overlay's row name,
+# numbers in nested --config values (Snakemake passes them as strings), the baseline filled in
+# from posttrain (stages/config/layers.py; config/README.md).
 sys.path.insert(0, workflow.basedir)
 from stages.config import checks as config_checks
+from stages.config import layers as config_layers
 
+_assembled = config_layers.assemble(
+    None if workflow.config_settings.replace_workflow_config else f"{workflow.basedir}/config/default.yaml",
+    configfiles=workflow.config_settings.configfiles,
+    command_line=workflow.config_settings.config,
+    schema=config_layers.load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"),
+)
+config.clear()
+config.update(_assembled)
+validate(config, "workflow/schemas/config.schema.yaml")
+# Impossible combinations of keys, which a schema cannot express; also before any job starts.
 config_checks.check(config)
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
 # (Snakemake formats the prefix too, hence the doubled braces inside the f-string.)
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# CMT_TF32 carries `tf32` to every stage (stages/runtime/precision.py): through the environment,
+# not a param, as it changes the last bits of a result and not what it is, so it reruns nothing.
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+             f"export CMT_TF32={int(config['tf32'])}; ")
 
 
 include: "workflow/rules/common.smk"

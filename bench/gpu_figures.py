@@ -26,10 +26,11 @@ from stages.method import losses, solvers  # noqa: E402
 from stages import networks  # noqa: E402
 from stages.training import loop  # noqa: E402
 from stages.networks.precond import Precond  # noqa: E402
+from stages.runtime import precision  # noqa: E402
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
          "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4}
-# The row's budgets (config/rows/cifar10-cmt-ect.yaml)
+# The row's budgets (config/rows/cifar10-cmt-ect.yaml over config/rows/base/pixel-ect.yaml)
 ROW = {"trajectories": 2_400_000, "nfe": 16, "midtrain_steps": 300_000, "posttrain_steps": {"cmt": 100_000,
        "baseline": 400_000}, "batch": 128, "fid_images": 2 * 5 * 3 * 50_000, "reference_images": 50_000}
 
@@ -40,6 +41,7 @@ p.add_argument("--out", required=True)
 args = p.parse_args()
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+precision.apply()  # TF32 as the rows run (CMT_TF32, off unless set): cuDNN's default would be on
 if device.type == "cpu":
     torch.set_num_threads(1)
 arch = dict(CIFAR, **({"channels": 16, "num_blocks": 1} if args.tiny else {}))

@@ -10,6 +10,7 @@ import numpy as np
 
 from stages.data import features
 from stages.files import atomic, checkpoints
+from stages.runtime import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
@@ -19,6 +20,7 @@ p.add_argument("--models", nargs="+", required=True, help="the snapshot models t
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = args.config
+precision.apply()  # Inception features on a GPU: TF32 as the config says
 reference = features.load_statistics(args.reference)
 if len(args.models) != len(args.samples):
     raise ValueError("--models must list one model per --samples file")

@@ -4,12 +4,14 @@ import argparse
 import json
 
 from stages.data import datasets, features
+from stages.runtime import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")
 p.add_argument("--dataset", required=True)
 p.add_argument("--out", required=True)
 args = p.parse_args()
+precision.apply()  # Inception features on a GPU: TF32 as the config says
 
 images, _ = datasets.load(args.dataset)
 feats = features.extract(images, args.config)

@@ -10,6 +10,7 @@ import torch
 
 from stages.data import datasets, features, shards
 from stages.files import atomic
+from stages.runtime import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
@@ -18,6 +19,7 @@ p.add_argument("--manifest", required=True, help="trajectory manifest.json")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = args.config
+precision.apply()  # Inception features on a GPU: TF32 as the config says
 reference = features.load_statistics(args.reference)
 
 manifest, paths = shards.check_manifest(args.manifest, fast=True)

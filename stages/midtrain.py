@@ -1,4 +1,4 @@
-"""Stage midtrain: Consistency Mid-Training, CMT-CM (PAPER.md 3.1-3.2).
+"""Stage midtrain: Consistency Mid-Training, CMT-CM (docs/method.md#cmt-cm).
 
 The student starts from the teacher's weights (EMA too) with the ECM preconditioning, and maps
 each of the K pre-final states of a teacher trajectory, at its sigma, to the trajectory's final
@@ -42,8 +42,10 @@ stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest[
 if world > 1:
     print(f"[midtrain] rank {rank} of {world} reads shards {stream.paths}", flush=True)
 
-# ---- model: teacher weights, ECM preconditioning, the mid-training dropout
-net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"])
+# ---- model: teacher weights, ECM preconditioning with the student's boundary (not the teacher's
+# grid end: docs/method.md#preconditioning), the mid-training dropout
+net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"],
+                                     sigma_min=cfg["sigma_boundary"])
 ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -76,7 +78,8 @@ elapsed = loop.fit(stage="midtrain", accelerator=accelerator, net=net, ema=ema, 
                    opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
                    loss_fn=loss_fn, state=job.state, data=stream)
 
-meta = {k: teacher_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+meta = {k: teacher_meta[k] for k in ("sigma_data", "sigma_max", "time")}
+meta["sigma_min"] = cfg["sigma_boundary"]  # the eval-mode boundary that build_precond reads
 job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
     **meta, "architecture": {**teacher_meta["architecture"], "dropout": mc["dropout"]}, "role": "midtrain",
     "precond": "ecm", "trajectories_seen": mc["steps"] * traj_per_step,

@@ -1,5 +1,5 @@
 """Stage midtrain_mf: Consistency Mid-Training for the average-velocity flow map, CMT-MF
-(PAPER.md 3.1, 3.5).
+(docs/method.md#meanflow).
 
 The teacher's trajectories stay in the store as EDM states at their sigmas; here each one is read
 in flow-matching time through flowmap.trajectory_to_flow (z = x / (1 + sigma), t = sigma / (1 + sigma),

@@ -1,4 +1,4 @@
-"""Stage posttrain: ECT consistency training from data (PAPER.md 4.1), from one initialisation:
+"""Stage posttrain: ECT consistency training from data (docs/method.md#ect), from one initialisation:
 `cmt` (the mid-trained EMA), `teacher` (the diffusion model) or `random`. The weights of the init
 go into both the trained network and its EMA. EMA snapshots at fixed fractions of the budget
 (step 0 included: the initialisation itself) are what the FD curve is drawn from.
@@ -33,7 +33,9 @@ rank = accelerator.process_index
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
 torch.manual_seed(rng.fold(seed, "random-init"))
-net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"])
+# The boundary of the consistency function is the config's, whatever the init: a teacher's model.json
+# carries its solver grid's end there (docs/method.md#preconditioning).
+net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"], sigma_min=cfg["sigma_boundary"])
 if args.init != "random":
     checkpoints.load_into(net, args.init_model, which="ema")
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
@@ -44,7 +46,8 @@ net, optimizer = accelerator.prepare(net, optimizer)
 job = TrainingJob(args, cfg, stage=stage_name, accelerator=accelerator, identity={
     "init": args.init, "init_sha256": init_meta["sha256"], "dataset_sha256": atomic.sha256_file(args.dataset)})
 total = pc["steps"]
-meta = {k: init_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")}
+meta = {k: init_meta[k] for k in ("sigma_data", "sigma_max", "time")}
+meta["sigma_min"] = cfg["sigma_boundary"]  # the eval-mode boundary, whatever the init's own
 meta.update(architecture={**init_meta["architecture"], "dropout": pc["dropout"]}, precond="ecm", init=args.init,
             inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
 snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)

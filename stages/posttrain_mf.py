@@ -1,4 +1,4 @@
-"""Stage posttrain_meanflow: MeanFlow training from data (PAPER.md 4.4) from one initialisation:
+"""Stage posttrain_meanflow: MeanFlow training from data (docs/method.md#meanflow) from one initialisation:
 `cmt` (the CMT-MF mid-trained EMA) or `random` (MeanFlow from scratch, the paper's baseline).
 
 The budget is set by the rule: at equal total budget the random init trains for the mid-training's

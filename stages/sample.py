@@ -1,7 +1,7 @@
 """Stage sample: 1-step and 2-step generation with a model's EMA (eval mode).
 
 Consistency model: 1-step x = f(sigma_max z, sigma_max). 2-step: x1 = f(sigma_max z, sigma_max),
-then x = f(x1 + sigma_mid z', sigma_mid) with fresh z' (PAPER.md 5.1).
+then x = f(x1 + sigma_mid z', sigma_mid) with fresh z' (docs/method.md#sampling).
 Average-velocity model (precond "meanflow", flow-matching time): 1-step x = z - u(z, 0, 1) from
 z_1 = z; 2-step: z_mid = z - (1 - t_mid) u(z, t_mid, 1), then x = z_mid - t_mid u(z_mid, 0, t_mid).
 Sample i of a seed range uses noise folded from (seed, i), so a range is the same images whatever

@@ -47,7 +47,7 @@ def midtrain_config(**midtrain):
     cfg = config(trajectories={"nfe": NFE}, midtrain={
         "steps": 12, "batch": 2 * NFE, "shuffle_buffer": 4, "optimizer": {"name": "radam", "lr": 1e-3,
         "betas": [0.9, 0.99]}, "ema": {"beta": 0.9, "rampup": 0.1}, **midtrain})
-    return {"seed": cfg["seed"], "midtrain": cfg["midtrain"]}
+    return {"seed": cfg["seed"], "sigma_boundary": cfg["sigma_boundary"], "midtrain": cfg["midtrain"]}
 
 
 def posttrain_config(**posttrain):
@@ -55,7 +55,8 @@ def posttrain_config(**posttrain):
         "steps": 12, "batch": 8, "q": 4, "double_every": 4, "snapshots": [0, 0.5, 1.0],
         "optimizer": {"name": "adam", "lr": 1e-3}, "ema": {"beta": 0.9, "rampup": 0.1}, **posttrain})
     post = {k: v for k, v in cfg["posttrain"].items() if k != "inits"}
-    return {"seed": cfg["seed"], "sigma_min": cfg["sigma_min"], "posttrain": post}
+    return {"seed": cfg["seed"], "sigma_min": cfg["sigma_min"], "sigma_boundary": cfg["sigma_boundary"],
+            "posttrain": post}
 
 
 def make_teacher(path):

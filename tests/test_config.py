@@ -13,14 +13,22 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from stages.config import checks
+from stages.config import checks, layers
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 
+ROWS = REPO / "config" / "rows"
+DEFAULT = REPO / "config" / "default.yaml"
+# Overlays apply on top of a row; every other file under config/rows is a row or a base a row extends.
+OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yaml", "afhqv2-64-cmt-ect.yaml"],
+            "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"]}
+
+
 def default():
-    return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    """config/default.yaml as the workflow assembles it (the baseline filled in from posttrain)."""
+    return layers.assemble(DEFAULT)
 
 
 def test_default_config_is_valid_and_gets_defaults():
@@ -32,11 +40,29 @@ def test_default_config_is_valid_and_gets_defaults():
     assert cfg["midtrain"]["optimizer"]["betas"] == [0.9, 0.999]
 
 
-def test_every_row_config_is_valid():
-    for row in sorted((REPO / "config" / "rows").glob("*.yaml")):
-        cfg = default()
-        cfg.update(yaml.safe_load(row.read_text()))
-        validate(cfg, SCHEMA)
+def row_stacks():
+    """Every row file alone and every overlay on each of its rows, as --configfile lists."""
+    files = {str(p.relative_to(ROWS)) for p in ROWS.rglob("*.yaml")}
+    bases = {f for f in files if f.startswith("base/")}
+    rows = sorted(files - bases - set(OVERLAYS))
+    return [[ROWS / r] for r in rows] + [[ROWS / r, ROWS / o] for o, rs in OVERLAYS.items() for r in rs]
+
+
+@pytest.mark.parametrize("stack", row_stacks(), ids=lambda s: "+".join(p.stem for p in s))
+def test_every_row_config_is_valid(stack):
+    cfg = layers.assemble(DEFAULT, stack)
+    validate(cfg, SCHEMA)
+    assert checks.problems(cfg) == []
+
+
+def test_every_base_is_extended_by_a_row():
+    used = set()
+    for stack in row_stacks():
+        text = stack[0].read_text()
+        for line in text.splitlines():
+            if line.startswith("extends:"):
+                used.add((stack[0].parent / line.split(":", 1)[1].strip()).resolve())
+    assert {p.resolve() for p in (ROWS / "base").glob("*.yaml")} <= used
 
 
 def set_key(cfg, path, value):
@@ -73,6 +99,11 @@ BAD = [
     ("midtrain.distance", "l1", "distance"),
     ("posttrain.snapshots", [0, 1.5], "snapshots"),
     ("teacher.optimizer.betas", [0.9], "betas"),
+    ("posttrain.stepz", 10, "stepz"),                     # posttrain shares $defs/ect: still closed
+    ("baseline.optimizer.schedule", "cosine", "schedule"),
+    ("baseline.qq", 2, "qq"),
+    ("sigma_boundary", 0, "sigma_boundary"),
+    ("tf32", "yes", "tf32"),
 ]
 
 
@@ -97,6 +128,8 @@ IMPOSSIBLE = [
     ({"posttrain": {"snapshots": [0, 0.5, 0.501]}}, "posttrain.snapshots"),  # both are p050
     ({"posttrain": {"inits": ["cmt", "baseline"], "snapshots": [0, 0.5, 0.52]},  # baseline: steps 5, 5
       "baseline": {"steps": 10}}, "posttrain.snapshots"),
+    ({"posttrain": {"inits": ["cmt", "baseline"], "snapshots": [0, 0.5, 1.0]}, "baseline": {"steps": 1}},
+     "posttrain.snapshots"),  # the baseline's 1 step: p000 and p050 are both step 0
 ]
 # The MeanFlow family (config/rows/digits-cmt-mf.yaml): what would fail inside its jobs.
 IMPOSSIBLE_MF = [
@@ -216,3 +249,16 @@ def test_the_largest_snapshot_is_the_final_whatever_the_order(tmp_path, family):
     report = re.search(r"^Shell command: python -m stages.report (.*)$", result.stdout, re.M).group(1)
     assert '"final_snapshot": "p100"' in report
     assert "results/tiny" in report and "/samples/cmt/p100.npz" in report and "p050.npz" not in report
+
+
+def dry_run(workdir, *args):
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                           "-d", str(workdir), "-c1", "-n", "-p", *args], capture_output=True, text=True, cwd=workdir)
+
+
+def test_a_command_line_string_where_a_number_belongs_says_what_to_do(tmp_path):
+    # (a nested number that parses is read back: test_pipeline's dry run with posttrain q 512)
+    result = dry_run(tmp_path, "--config", 'posttrain={"q": "5l2"}')
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "Job stats" not in log
+    assert "posttrain.q: got the string '5l2' where the schema expects number" in log and "--configfile" in log

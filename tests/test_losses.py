@@ -143,13 +143,48 @@ def test_ect_r_stage_divides_dt_by_q_power():
     assert (t[-1] - losses.ect_r(t, 0, 4096)[-1]).item() == pytest.approx(20 / 4096, rel=1e-6)
 
 
-def test_ect_stage():
+def test_ect_stage_off():
     assert losses.ect_stage(0, None) == 0
     assert losses.ect_stage(123_456, None) == 0
     assert losses.ect_stage(123_456, 0) == 0
-    assert losses.ect_stage(24_999, 25_000) == 0
-    assert losses.ect_stage(25_000, 25_000) == 1
-    assert losses.ect_stage(75_001, 25_000) == 3
+
+
+def test_ect_stage_doubles_one_iteration_after_the_multiple():
+    # By hand, for ECT's run_ecm.sh (250 ticks of 100 iterations = 25k): the first tick is one
+    # iteration (0-based 0), tick k >= 1 holds iterations 100(k - 1) + 1 .. 100k, and after tick k
+    # the stage becomes k // 250. Tick 250 ends with iteration 25,000, so 25,001 is the first at stage 1.
+    for step, stage in [(0, 0), (1, 0), (24_999, 0), (25_000, 0), (25_001, 1), (50_000, 1),
+                        (50_001, 2), (75_000, 2), (75_001, 3)]:
+        assert losses.ect_stage(step, 25_000) == stage, step
+    # double_every 1 (the smoke rows): iterations 0 and 1 at stage 0, then one more per iteration
+    assert [losses.ect_stage(s, 1) for s in range(5)] == [0, 0, 1, 2, 3]
+
+
+def _official_stages(total_iterations, iterations_per_tick, double_ticks):
+    """The stage each iteration runs at, counted as the official ECT loop counts it: images are
+    added after each iteration, a tick ends when it has seen its images (tick 0 after one
+    iteration), and at the end of a tick the tick counter goes up and the stage becomes
+    (counter - 1) // double_ticks."""
+    batch = 128
+    cur_nimg = cur_tick = tick_start = stage = 0
+    stages = []
+    for _ in range(total_iterations):
+        stages.append(stage)
+        cur_nimg += batch
+        if cur_tick != 0 and cur_nimg < tick_start + iterations_per_tick * batch:
+            continue
+        cur_tick += 1
+        tick_start = cur_nimg
+        stage = max(stage, (cur_tick - 1) // double_ticks)
+    return stages
+
+
+@pytest.mark.parametrize("per_tick,double_ticks", [(100, 3), (7, 2), (1, 1)])
+def test_ect_stage_matches_the_official_tick_count(per_tick, double_ticks):
+    official = _official_stages(12 * per_tick * double_ticks + 5, per_tick, double_ticks)
+    ours = [losses.ect_stage(s, per_tick * double_ticks) for s in range(len(official))]
+    assert ours == official
+    assert official.index(1) == per_tick * double_ticks + 1
 
 
 def _draws(seed, batch, shape, P_mean=-1.1, P_std=2.0):

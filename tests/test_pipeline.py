@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from stagekit import midtrain_config, run_in_process
 
-from stages.files import atomic
+from stages.files import atomic, checkpoints
 from stages.data import shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,35 @@ def test_report_table_and_snakemake_html_report(tiny_run):
     for name in ("results.csv", "fd_curve.png", "samples.png"):
         assert name in html, name
     assert "each post-training init against training images" in html  # a caption
+
+
+def test_models_carry_the_boundary_and_the_precision_of_the_config(tiny_run):
+    """The ECM boundary (sigma_boundary 0.003, not the grid's 0.002) reaches every consistency
+    model a stage wrote, whatever its init, and sampling reads it from there; tiny.yaml's tf32
+    reached every training stage."""
+    res = tiny_run / "results" / "tiny"
+    teacher = json.loads(next((tiny_run / "store" / "teachers").glob("*/model.json")).read_text())
+    assert teacher["sigma_min"] == 0.002 and teacher["tf32"] == {"matmul": True, "cudnn": True}
+    made = [res / "midtrain" / "model.safetensors"] + [
+        res / "posttrain" / init / name for init in ("cmt", "teacher", "random")
+        for name in ("model.safetensors", "snapshots/p000.safetensors")]
+    for path in made:
+        meta = checkpoints.read_meta(path)
+        assert meta["sigma_min"] == 0.003 and meta["tf32"] == {"matmul": True, "cudnn": True}, path
+        model = checkpoints.build_precond(meta).eval()
+        c_skip, c_out, _ = model.coefficients(torch.tensor(0.821, dtype=torch.float64))
+        assert (round(c_skip.item(), 6), round(c_out.item(), 6)) == (0.271998, 0.425479), path
+
+
+def test_precision_and_one_key_from_the_command_line(tiny_run):
+    # TF32 changes the last bits, not what a stage computes: it reruns nothing
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", "--config", "tf32=false").stdout
+    # --config with a nested number (arrives as a string) reruns post-training with it
+    result = snakemake(tiny_run, "-n", "-p", "--config", 'posttrain={"q": 512}')
+    jobs = planned_jobs(result)
+    assert jobs.pop("posttrain") == 3 and set(jobs) <= {"sample", "fid", "report", "all"}, jobs
+    commands = [line for line in result.stdout.splitlines() if "stages.posttrain " in line]
+    assert len(commands) == 3 and all('"q": 512,' in c for c in commands)
 
 
 def test_posttrain_knob_reruns_only_posttrain_onward(tiny_run, tmp_path):
@@ -227,7 +257,7 @@ def test_spot_check_passes_on_the_real_pool_and_stops_a_tampered_shard(tiny_run,
     cfg = yaml.safe_load(TINY.read_text())
     teacher = next((tiny_run / "store" / "teachers").glob("*/model.safetensors"))
     dataset = next((tiny_run / "store" / "datasets").glob("*/dataset.npz"))
-    args = ["--config", json.dumps({"seed": 0, "midtrain": midtrain_config(**cfg["midtrain"])["midtrain"]}),
+    args = ["--config", json.dumps(midtrain_config(**cfg["midtrain"])),
             "--teacher", teacher, "--manifest", tmp_path / "manifest.json", "--dataset", dataset,
             "--spot-check", 2, "--out", tmp_path / "out" / "model.safetensors"]
     with pytest.raises(ValueError, match="differs from the one its seed gives") as err:

@@ -1,4 +1,4 @@
-"""EDM / ECM preconditioning (PAPER.md section 2) against hand-computed coefficients."""
+"""EDM / ECM preconditioning (docs/method.md#preconditioning) against hand-computed coefficients."""
 
 import math
 
@@ -100,6 +100,24 @@ def test_ecm_boundary_coefficients_formula():
         assert c_out[i].item() == pytest.approx((s - SMIN) * SD / math.sqrt(s**2 + SD**2), rel=1e-12, abs=1e-300)
         assert c_in[i].item() == pytest.approx(1 / math.sqrt(s**2 + SD**2), rel=1e-12)
     assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0
+
+
+@pytest.mark.parametrize("boundary, c_skip, c_out", [(0.003, 0.271998, 0.425479), (0.002, 0.271515, 0.425999)])
+def test_ecm_boundary_at_the_two_step_sigma(boundary, c_skip, c_out):
+    # sigma_mid = 0.821: the official ECMPrecond's boundary 0.003 against the grid's end 0.002
+    # (by hand: 0.25 / (0.818^2 + 0.25) and 0.818 * 0.5 / sqrt(0.821^2 + 0.25))
+    got = ecm_boundary_coefficients(torch.tensor(0.821, dtype=torch.float64), SD, boundary)
+    assert (round(got[0].item(), 6), round(got[1].item(), 6)) == (c_skip, c_out)
+
+
+def test_the_boundary_from_the_config_reaches_the_model_a_stage_builds():
+    from stages.files import checkpoints
+
+    teacher_meta = {"architecture": ARCH, "precond": "edm", "sigma_data": SD, "sigma_min": 0.002}
+    student = checkpoints.build_precond(teacher_meta, kind="ecm", sigma_min=0.003).eval()
+    c_skip, c_out, _ = student.coefficients(torch.tensor(0.821, dtype=torch.float64))
+    assert (round(c_skip.item(), 6), round(c_out.item(), 6)) == (0.271998, 0.425479)
+    assert checkpoints.build_precond({**teacher_meta, "precond": "ecm"}).sigma_min == 0.002
 
 
 class _Recorder(torch.nn.Module):

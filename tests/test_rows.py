@@ -1,6 +1,8 @@
-"""The paper rows: each row's dry run lists every job of the row and of its vanilla-ECT baseline;
-the CIFAR-10 smoke variant runs every stage through Snakemake with the real DDPM++, importing a
-teacher pickle in the official EDM format (random weights) from the assets folder, offline."""
+"""The paper rows: each row's dry run lists every job of the row and of its vanilla-ECT baseline,
+with the store keys the rows had before they shared a base; the smoke overlay's dry run on each
+row; the constant-learning-rate baseline variant. The CIFAR-10 smoke variant runs every stage
+through Snakemake with the real DDPM++, importing a teacher pickle in the official EDM format
+(random weights) from the assets folder, offline."""
 
 import json
 import re
@@ -33,24 +35,88 @@ def planned_jobs(result):
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
-# The FFHQ and AFHQv2 rows differ from CIFAR-10 only in values (schema-checked by test_config);
-# one dry run keeps the suite short. Their smoke variants were run by hand (bench/RESULTS.md).
-@pytest.mark.parametrize("row", ["cifar10-cmt-ect"])
+# Store folders of the paper rows as they were before the rows shared config/rows/base/: the
+# same keys mean the same dataset, teacher and shards (a team's store stays valid).
+STORE_KEYS = {
+    "cifar10-cmt-ect": ["datasets/cifar10-dc44f6543e40a559", "teachers/73e9fc9f6a3395f6",
+                        "trajectories/5526a12f7e9bcae0"],
+    "ffhq64-cmt-ect": ["datasets/ffhq-64x64-894f672cfdc093d7", "teachers/243bae126b64ad3c",
+                       "trajectories/5b11f96844378897"],
+    "afhqv2-64-cmt-ect": ["datasets/afhqv2-64x64-3805e8cfc68f9925", "teachers/3ffbac4ae8d80184",
+                          "trajectories/bcf7f4a2783132ac"],
+}
+PAPER_ROWS = sorted(STORE_KEYS)
+
+
+def row_jobs(row):
+    return {"fetch_assets": 4 if row.startswith("cifar10") else 3, "import_teacher": 1, "prepare_dataset": 1,
+            "fid_reference": 1, "trajectory_spec": 1, "trajectory_shard": 480, "trajectory_manifest": 1,
+            "midtrain": 1, "posttrain": 2, "sample": 10, "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.parametrize("row", PAPER_ROWS)
 def test_row_dry_run_lists_the_row_and_its_baseline(row, tmp_path):
-    result = snakemake(tmp_path, "-n", configs=[ROWS / f"{row}.yaml"])
-    jobs = planned_jobs(result)
-    assert jobs == {"fetch_assets": 4 if row.startswith("cifar10") else 3, "import_teacher": 1, "prepare_dataset": 1, "fid_reference": 1,
-                    "trajectory_spec": 1, "trajectory_shard": 480, "trajectory_manifest": 1, "midtrain": 1,
-                    "posttrain": 2, "sample": 10, "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / f"{row}.yaml"])
+    assert planned_jobs(result) == row_jobs(row)
     out = result.stdout
     assert "--init baseline" in out and "--init cmt" in out
     assert '"double_every": 25000' in out and '"q": 2,' in out and '"steps": 400000' in out  # vanilla ECT
+    q = {"cifar10-cmt-ect": 4096, "ffhq64-cmt-ect": 512, "afhqv2-64-cmt-ect": 1024}[row]
+    assert f'"q": {q},' in out and '"schedule": "constant"' not in out
     assert '"distance": "lpips"' in out and '"lpips_weights": "assets/vgg16-397923af.pth"' in out
     assert "gpu=1" in out  # the row's SLURM hints reach the jobs
+    for key in STORE_KEYS[row]:
+        assert f"store/{key}/" in out, key
+
+
+@pytest.mark.parametrize("row", PAPER_ROWS)
+def test_smoke_overlay_on_each_row(row):
+    from snakemake.utils import validate
+
+    from stages.config import checks, layers
+
+    cfg = layers.assemble(REPO / "config" / "default.yaml", [ROWS / f"{row}.yaml", ROWS / "smoke" / "pixel-ect.yaml"])
+    validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    checks.check(cfg)
+    assert cfg["row"] == f"{row}-smoke" and cfg["dataset"]["synthetic"] == 16
+    assert cfg["network"] == layers.assemble(REPO / "config" / "default.yaml", [ROWS / f"{row}.yaml"])["network"]
+    # the overlay's resources replace the row's 64 GB / days, rule by rule (files merge key by key)
+    used = {rule: r for rule, r in cfg["resources"].items() if not rule.endswith("_mf")}  # the MeanFlow rules: another family
+    assert all(r["gpu"] == 0 and r["mem_mb"] <= 8000 and r["runtime"] <= 15 for r in used.values()), used
+
+
+def test_smoke_overlay_dry_run(tmp_path):
+    # CIFAR-10's smoke variant runs in full below; the FFHQ and AFHQv2 rows share one layout
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "afhqv2-64-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml"])
+    assert planned_jobs(result) == {"prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1,
+                                    "trajectory_spec": 1, "trajectory_shard": 1, "trajectory_manifest": 1,
+                                    "midtrain": 1, "posttrain": 2, "sample": 2, "fid": 2, "fid_teacher": 1,
+                                    "report": 1, "all": 1}
+    out = result.stdout
+    assert "results/afhqv2-64-cmt-ect-smoke/report.md" in out
+    mem = [int(m) for m in re.findall(r"mem_mb=(\d+)", out)]
+    assert mem and max(mem) <= 8000 and "gpu=1" not in out
+
+
+def test_baseline_variant_with_a_constant_learning_rate(tmp_path):
+    variant = ROWS / "variants" / "cifar10-cmt-ect-baseline-constant-lr.yaml"
+    result = snakemake(tmp_path, "-n", "-p", configs=[variant])
+    jobs = planned_jobs(result)
+    assert jobs["posttrain"] == 1 and jobs["sample"] == 5 and jobs["fid"] == 1
+    out = result.stdout
+    post = [line for line in out.splitlines() if "stages.posttrain " in line]
+    assert len(post) == 1 and "--init baseline" in post[0]
+    cfg = json.loads(re.search(r"--config '(.*?)'", post[0]).group(1))["posttrain"]
+    assert cfg["optimizer"]["schedule"] == "constant" and cfg["optimizer"]["lr"] == 1.0e-4
+    assert cfg["optimizer"]["name"] == "radam" and cfg["q"] == 2 and cfg["steps"] == 400000
+    for key in STORE_KEYS["cifar10-cmt-ect"]:  # the row's store: nothing made twice
+        assert f"store/{key}/" in out, key
 
 
 def test_cifar10_smoke_through_snakemake(tmp_path):
-    row = yaml.safe_load((ROWS / "cifar10-cmt-ect.yaml").read_text())
+    from stages.config import layers
+
+    row = layers.assemble(REPO / "config" / "default.yaml", [ROWS / "cifar10-cmt-ect.yaml"])
     arch = {**row["network"], "in_channels": 3, "resolution": 32, "dropout": 0.13}
     torch.manual_seed(0)
     teacher = Precond(networks.build(arch), "edm", 0.5).eval()  # EDM-style init: random, real size
@@ -61,7 +127,7 @@ def test_cifar10_smoke_through_snakemake(tmp_path):
     imported = tmp_path / "import.yaml"
     imported.write_text(yaml.safe_dump({"teacher": {"source": "import"}}))
 
-    configs = [ROWS / "cifar10-cmt-ect.yaml", ROWS / "smoke" / "cifar10-cmt-ect.yaml", imported]
+    configs = [ROWS / "cifar10-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml", imported]
     result = snakemake(tmp_path, configs=configs)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     res = tmp_path / "results" / "cifar10-cmt-ect-smoke"
@@ -86,9 +152,10 @@ def test_teacher_source_is_validated():
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
+    from stages.config import layers
+
     schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
-    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    row = {**base, **yaml.safe_load((ROWS / "cifar10-cmt-ect.yaml").read_text())}
+    row = layers.assemble(REPO / "config" / "default.yaml", [ROWS / "cifar10-cmt-ect.yaml"])
     validate(row, schema)
     for teacher, word in [({"source": "import"}, "asset"), ({"source": "train", "asset": "x"}, "steps"),
                           ({"source": "download", "asset": "x"}, "download")]:

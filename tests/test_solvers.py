@@ -119,7 +119,7 @@ def test_first_order_step_is_ddim(order):
 
 
 def test_second_order_step_matches_hand_formula():
-    """Step 2 of a 3-step grid is the DPM-Solver++(2M) 'dpmsolver' update of PAPER.md 3.2."""
+    """Step 2 of a 3-step grid is the DPM-Solver++(2M) 'dpmsolver' update (docs/method.md#trajectories)."""
     sigmas = [3.0, 1.0, 0.4, 0.1]
     lam = [-math.log(s) for s in sigmas]
     x0 = torch.tensor([0.4, -0.9, 1.7], dtype=torch.float64)

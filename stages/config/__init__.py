@@ -1,1 +1,2 @@
-"""Config checks across keys (run by the Snakefile before any job starts) and command-line overrides."""
+"""The configuration: how the workflow assembles it from files and the command line (layers.py)
+and the checks across keys that run before any job starts (checks.py)."""

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from stages.files import atomic
 from stages import networks
+from stages.runtime import precision
 
 FORMAT = "cmt-model/1"
 
@@ -27,7 +28,8 @@ def save(path, *, net=None, ema=None, meta):
                 tensors[prefix + name] = value.detach().to("cpu").contiguous()
     if not tensors:
         raise ValueError("save: nothing to save (no net and no ema)")
-    meta = {"format": FORMAT, **meta}
+    # the TF32 flags of the process that computed the weights (docs/method.md#precision)
+    meta = {"format": FORMAT, "tf32": precision.flags(), **meta}
     with atomic.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
     meta["sha256"] = atomic.sha256_file(path)
@@ -51,8 +53,9 @@ def read_meta(path):
     return meta
 
 
-def build_precond(meta, kind=None, dropout=None):
-    """A fresh Precond(network) described by `meta`; optionally another precond kind or dropout.
+def build_precond(meta, kind=None, dropout=None, sigma_min=None):
+    """A fresh Precond(network) described by `meta`; optionally another precond kind, dropout or
+    boundary sigma_min (a teacher's grid end becomes its consistency student's sigma_boundary).
     Kind "meanflow" is the average-velocity model u(z, r, t) (flowmap.AverageVelocity)."""
     arch = dict(meta["architecture"])
     if dropout is not None:
@@ -61,8 +64,8 @@ def build_precond(meta, kind=None, dropout=None):
         from stages.method.flowmap import AverageVelocity
 
         return AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=meta["sigma_data"])
-    return networks.build_precond(arch, kind=kind or meta["precond"],
-                                  sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"])
+    return networks.build_precond(arch, kind=kind or meta["precond"], sigma_data=meta["sigma_data"],
+                                  sigma_min=meta["sigma_min"] if sigma_min is None else sigma_min)
 
 
 def load_weights(path, which):
@@ -97,9 +100,9 @@ def load_into(module, path, which="ema"):
     return module
 
 
-def load(path, which="ema", kind=None, dropout=None):
+def load(path, which="ema", kind=None, dropout=None, sigma_min=None):
     """Build the model described beside `path` and load its `which` weights; returns (module, meta)."""
     meta = read_meta(path)
-    module = build_precond(meta, kind=kind, dropout=dropout)
+    module = build_precond(meta, kind=kind, dropout=dropout, sigma_min=sigma_min)
     load_into(module, path, which)
     return module, meta

@@ -1,6 +1,6 @@
 """The flow-matching side of the pipeline: the one place that converts between EDM's sigma
 parameterisation and the linear interpolant of flow matching, and the average-velocity model
-u(z, r, t) of MeanFlow (PAPER.md 3.5, 4.4).
+u(z, r, t) of MeanFlow (docs/method.md#meanflow).
 
 EDM (VE):        x_sigma = x + sigma eps,               sigma in [0, inf)
 flow matching:   z_t = (1 - t) x + t eps, t = 1 noise,  t in [0, 1]

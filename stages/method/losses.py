@@ -92,7 +92,7 @@ def edm_loss(denoiser, y, generator, sigma_data, P_mean=-1.2, P_std=1.2):
 
 
 # ----------------------------------------------------------------------------------------------
-# CMT-CM (PAPER.md 3.2): every pre-final trajectory state, at its sigma, regresses onto the
+# CMT-CM (docs/method.md#cmt-cm): every pre-final trajectory state, at its sigma, regresses onto the
 # trajectory's final state. Uniform over time points, no stop-gradient, no weighting.
 
 
@@ -112,7 +112,7 @@ def cmt_cm_loss(student, states, sigmas, distance):
 
 
 # ----------------------------------------------------------------------------------------------
-# ECT (Geng et al. 2024; PAPER.md 4.1).
+# ECT (Geng et al. 2024; docs/method.md#ect).
 
 
 def ect_r(t, stage, q, k=8.0, b=1.0):
@@ -122,8 +122,14 @@ def ect_r(t, stage, q, k=8.0, b=1.0):
 
 
 def ect_stage(step, double_every):
-    """The q-doubling stage: floor(step / double_every), or 0 when doubling is off."""
-    return 0 if not double_every else step // double_every
+    """The q-doubling stage of 0-based iteration `step`, or 0 when doubling is off.
+
+    As the official loops (locuslab/ect, sony/cmt ct_training_loop) count it: their first tick is
+    one iteration long, each later tick `double_every / double_ticks` iterations, and after tick
+    k they set the stage to k // double_ticks; so iteration s >= 1 runs at (s - 1) // double_every,
+    and the first doubled iteration is s = double_every + 1, not double_every
+    (docs/method.md#ect)."""
+    return 0 if not double_every else max(step - 1, 0) // double_every
 
 
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,

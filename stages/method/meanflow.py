@@ -1,5 +1,5 @@
-"""Objectives of the average-velocity model u(z, r, t): CMT-MF mid-training (PAPER.md 3.1, 3.5)
-and MeanFlow post-training (PAPER.md 4.4). Flow-matching time: z_t = (1 - t) x + t eps, t = 1 noise.
+"""Objectives of the average-velocity model u(z, r, t): CMT-MF mid-training (docs/method.md#meanflow)
+and MeanFlow post-training (docs/method.md#meanflow). Flow-matching time: z_t = (1 - t) x + t eps, t = 1 noise.
 
 Each loss returns per-sample values [B]; the training loop takes the mean. Class-conditional
 models take `labels` [B] int64; unconditional rows pass none, and their losses draw and compute

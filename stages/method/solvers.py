@@ -17,7 +17,7 @@ with h = lambda' - lambda, r_k = h_k / h over the previous intervals, and for or
     D1_0 = (D0 - D_-1) / r0,  D1_1 = (D_-1 - D_-2) / r1,
     D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1).
 Orders warm up 1, 2, 3 and, with lower_order_final, fall back to 2 and 1 on the last two steps
-(PAPER.md 3.2). N steps cost exactly N denoiser calls: none at the final sigma.
+(docs/method.md#trajectories). N steps cost exactly N denoiser calls: none at the final sigma.
 """
 
 import math

@@ -34,7 +34,7 @@ class Generator:
         g = rng.generator(self.spec["seed"], i, "x_T")
         x = self.spec["sigma_max"] * torch.randn(self.shape, generator=g)
         meta = {"index": i, "seed": self.spec["seed"]}
-        if self.data is not None:  # the official code's start: a real image plus 80 z (PAPER.md 10.1)
+        if self.data is not None:  # the official code's start: a real image plus 80 z (docs/method.md#paper-and-code)
             j = int(torch.randint(len(self.data), (1,), generator=g))
             x = self.data[j] + x
             meta["data_index"] = j

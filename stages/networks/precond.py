@@ -1,4 +1,4 @@
-"""Preconditioning of a raw network F into a denoiser / consistency function (PAPER.md section 2).
+"""Preconditioning of a raw network F into a denoiser / consistency function (docs/method.md#preconditioning).
 
 EDM:  D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
       c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2),

@@ -40,10 +40,13 @@ def add_trajectory_args(p):
 
 
 def start(args, stage):
-    """Pin torch to the job's threads (more threads than cores slowed a job ninefold here) and
-    print the resolved configuration at the top of the log."""
+    """Pin torch to the job's threads (more threads than cores slowed a job ninefold here), set
+    TF32 from the config (precision.py) and print the resolved configuration at the top of the log."""
     import torch
 
+    from stages.runtime import precision
+
+    tf32 = precision.apply()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     try:
@@ -51,6 +54,6 @@ def start(args, stage):
     except RuntimeError:  # already set by an earlier import in this process
         pass
     print(f"[{stage}] python {platform.python_version()} torch {torch.__version__} "
-          f"threads {threads} cuda {torch.cuda.is_available()}", flush=True)
+          f"threads {threads} cuda {torch.cuda.is_available()} tf32 {tf32}", flush=True)
     print(f"[{stage}] argv {' '.join(sys.argv[1:])}", flush=True)
     return args.config

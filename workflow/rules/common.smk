@@ -85,8 +85,11 @@ POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 
 def posttrain_cfg(init):
     """The `baseline` init (vanilla ECT from the teacher at the row's total budget) is post-training
-    from the teacher with the `baseline` overrides (its steps, q, doubling, ...)."""
-    return {**POSTTRAIN_CFG, **config.get("baseline", {})} if init == "baseline" else POSTTRAIN_CFG
+    from the teacher with the `baseline` section: the row's overrides over posttrain's settings,
+    merged by the Snakefile (stages/config/layers.py). The snapshots are the row's."""
+    if init == "baseline":
+        return {**config["baseline"], "snapshots": config["posttrain"]["snapshots"]}
+    return POSTTRAIN_CFG
 
 
 def init_model(wildcards):

@@ -10,7 +10,7 @@ rule midtrain:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain": MIDTRAIN_CFG}),
+        cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG}),
         checks=trajectory_checks("midtrain"),
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
@@ -41,7 +41,7 @@ rule posttrain:
         init="cmt|teacher|random|baseline",
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
-                              "posttrain": posttrain_cfg(w.init)}),
+                              "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init)}),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,

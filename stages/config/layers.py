@@ -1,0 +1,228 @@
+"""How the workflow assembles its configuration (the Snakefile calls `assemble`; config/README.md
+says the same for users):
+
+1. `config/default.yaml`;
+2. each `--configfile` in the order given, each with the files it `extends` beneath it
+   (`extends: base/pixel-ect.yaml`, a path relative to the extending file);
+3. `--config` from the command line on top.
+
+Every layer is merged into the one below it key by key (dicts recursively, anything else,
+lists included, replaced), as Snakemake merges its own config files: an empty dict changes
+nothing. A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
+overlay serves every row. Then strings the schema does not allow where it expects a number,
+boolean or null are read as YAML (Snakemake reads every nested `--config` value as a string),
+and the `baseline` section is filled in from `posttrain` (a row writes only what differs).
+Only stdlib, PyYAML and jsonschema: the Snakefile imports this before any job starts.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from stages.config.checks import ConfigError
+
+# libyaml's parser where PyYAML has it (ten times faster; Snakemake parses every file once more)
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# Sections of posttrain that belong to the row, not to one ECT run: the baseline keeps them.
+ROW_LEVEL_POSTTRAIN_KEYS = ("inits", "snapshots")
+
+
+def deep_merge(base, extra):
+    """`extra` over `base`, dicts merged key by key (a new dict; neither input changes)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path):
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=LOADER)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def with_bases(path, _chain=()):
+    """The layers a config file stands for: what it `extends` (recursively), then the file itself."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ConfigError(f"{path}: `extends` loops back to it through {' -> '.join(map(str, _chain))}")
+    data = read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: {base!r} must be one path (relative to this file)")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends: {base} names no file (looked for {base_path})")
+    return with_bases(base_path, (*_chain, path)) + [data]
+
+
+def apply_layer(config, layer):
+    layer = dict(layer)
+    if isinstance(layer.get("row"), str) and "{row}" in layer["row"]:
+        layer["row"] = layer["row"].replace("{row}", str(config.get("row", "")))
+    return deep_merge(config, layer)
+
+
+def expand_baseline(config):
+    """`baseline` = posttrain's ECT settings under the row's `baseline` overrides, merged the same
+    way as config files (so `baseline: {optimizer: {schedule: constant}}` changes the schedule
+    alone). Snapshots and the list of inits stay the row's."""
+    post = {k: v for k, v in config.get("posttrain", {}).items() if k not in ROW_LEVEL_POSTTRAIN_KEYS}
+    overrides = config.get("baseline") or {}
+    for key in ROW_LEVEL_POSTTRAIN_KEYS:
+        if key in overrides:
+            raise ConfigError(f"baseline.{key}: set posttrain.{key}; the baseline init shares the row's")
+    config["baseline"] = deep_merge(post, overrides)
+    return config
+
+
+# ---- strings from the command line, read back as the types the schema expects
+
+def _resolve(node, root):
+    """A schema node and the nodes it pulls in through $ref / allOf (their properties apply too)."""
+    out = [node]
+    ref = node.get("$ref")
+    if ref is not None:
+        if not ref.startswith("#/"):
+            raise ValueError(f"schema: only local references are supported, got {ref!r}")
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        out += _resolve(target, root)
+    for sub in node.get("allOf", []):
+        out += _resolve(sub, root)
+    return out
+
+
+def _child(node, key, root):
+    nodes = _resolve(node, root)
+    for n in nodes:
+        if key in n.get("properties", {}):
+            return n["properties"][key]
+    for n in nodes:
+        if isinstance(n.get("additionalProperties"), dict):
+            return n["additionalProperties"]
+    return None
+
+
+def _items(node, root):
+    for n in _resolve(node, root):
+        if isinstance(n.get("items"), dict):
+            return n["items"]
+    return None
+
+
+def _readings(text):
+    """What a string could have meant: int, float, then YAML (true, null, 1.0e-4, [1, 2])."""
+    out = []
+    for parse in (int, float, yaml.safe_load):
+        try:
+            value = parse(text)
+        except (ValueError, yaml.YAMLError):
+            continue
+        if not isinstance(value, str):
+            out.append(value)
+    return out
+
+
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null",
+              list: "array", dict: "object"}
+
+
+def _expected(node, root):
+    types = set()
+    for n in _resolve(node, root):
+        t = n.get("type")
+        if t is not None:
+            types.update([t] if isinstance(t, str) else t)
+        if "enum" in n:
+            types.update(JSON_TYPES[type(v)] for v in n["enum"])
+    return types
+
+
+def restore_types(config, schema):
+    """Read strings back as the number, boolean, null or list the schema expects, in place.
+
+    Returns messages for strings that read as nothing the schema allows where it expects no
+    string at all (`posttrain.q: 'many'`); a string the schema allows is never touched."""
+    from jsonschema import Draft202012Validator
+
+    validators = {}
+
+    def allowed(value, node):
+        if id(node) not in validators:
+            validators[id(node)] = Draft202012Validator({**node, "$defs": schema.get("$defs", {})})
+        return validators[id(node)].is_valid(value)
+
+    problems = []
+
+    def walk(value, node, path):
+        if node is None:  # a key the schema does not know: validation names it
+            return value
+        if isinstance(value, dict):
+            for key in list(value):
+                value[key] = walk(value[key], _child(node, key, schema), f"{path}.{key}" if path else key)
+            return value
+        if isinstance(value, list):
+            item = _items(node, schema)
+            return [walk(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, str) or allowed(value, node):
+            return value
+        readings = _readings(value)
+        for reading in readings:
+            if allowed(reading, node):
+                return reading
+        if readings:  # a number, but out of range: validation's message names the bound
+            return readings[0]
+        expected = _expected(node, schema)
+        if expected and "string" not in expected:
+            problems.append(
+                f"{path}: got the string {value!r} where the schema expects "
+                f"{' or '.join(sorted(expected))}. Nested values given with --config arrive as "
+                f"strings and are read back when they parse, e.g. "
+                f"--config posttrain='{{\"q\": 512}}'; check the value, or set it in a --configfile")
+        return value
+
+    walk(config, schema, "")
+    return problems
+
+
+def load_schema(path):
+    return yaml.load(Path(path).read_text(), Loader=LOADER)
+
+
+def assemble(default, configfiles=(), command_line=None, schema=None):
+    """The workflow's configuration before schema validation (see the module docstring).
+
+    default: config/default.yaml (None: start empty, Snakemake's --replace-workflow-config);
+    configfiles: the --configfile paths in order; command_line: the dict Snakemake parsed from
+    --config; schema: the schema as a dict (types of command-line strings are restored from it).
+    """
+    config = read_yaml(default) if default is not None else {}
+    for path in configfiles:
+        for layer in with_bases(path):
+            config = apply_layer(config, layer)
+    if command_line:
+        config = apply_layer(config, json.loads(json.dumps(dict(command_line))))
+    if schema is not None:
+        problems = restore_types(config, schema)
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return expand_baseline(config)
