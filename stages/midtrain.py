@@ -8,7 +8,7 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
-from stages.files import atomic, checkpoints
+from stages.files import atomic, checkpoints, store
 from stages.runtime import cli
 from stages.data import datasets, shards
 from stages.method import losses, trajectories
@@ -59,8 +59,8 @@ def spot_check(count):
                 raise ValueError(
                     f"{shard_paths[p]}: trajectory {s['index']} differs from the one its seed gives with "
                     f"{args.teacher} (max relative error {float((err / scale).max()):.3g}); the shard is "
-                    f"not this teacher's and solver's: delete {shard_paths[p]} and rerun its "
-                    f"trajectory_shard job (and trajectory_manifest)")
+                    "not this teacher's and solver's: "
+                    + store.remake_command(manifest["shards"][p].get("receipt")))
     print(f"[midtrain] spot check: {count} trajectories regenerated from their seeds match", flush=True)
 
 

@@ -63,8 +63,8 @@ rule report:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
         samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
-        models=[ancient(TEACHER), f"{RES}/midtrain/model.safetensors"]
-        + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
+        teacher=TEACHER_RECEIPT,
+        models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
     output:
         report=f"{RES}/report.md",
         curve=f"{RES}/fd_curve.png",
@@ -74,6 +74,7 @@ rule report:
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
                     "final_snapshot": FINAL_SNAPSHOT}),
         bench=BENCH,
+        teacher=TEACHER,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -82,5 +83,5 @@ rule report:
         f"{BENCH}/report.tsv"
     shell:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
-        "--samples {input.samples} --models {input.models} --benchmarks {params.bench} "
+        "--samples {input.samples} --models {params.teacher:q} {input.models} --benchmarks {params.bench} "
         "--out {output.report} --curve {output.curve} --grids {output.grids} > {log} 2>&1"

@@ -5,13 +5,14 @@ rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
     priority: 10
     input:
-        teacher=ancient(TEACHER),
+        teacher=TEACHER_RECEIPT,
         manifest=MANIFEST,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain_mf": MID_MF}),
+        teacher=TEACHER,
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
@@ -23,13 +24,13 @@ rule midtrain_mf:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
+        "--teacher {params.teacher:q} --manifest {input.manifest} --out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:
     input:
-        init=init_model,
-        dataset=ancient(DATASET),
+        init=init_input,
+        dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -40,6 +41,8 @@ rule posttrain_mf:
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w),
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
+        init=init_model,
+        dataset=DATASET,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
@@ -52,5 +55,5 @@ rule posttrain_mf:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain_mf --config {params.cfg:q} --threads {threads} "
-        "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
+        "--init {wildcards.init} --init-model {params.init:q} --dataset {params.dataset:q} "
         "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"
