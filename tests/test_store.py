@@ -262,5 +262,34 @@ def test_a_signal_to_the_wrapper_alone_waits_for_the_stage(item):
 
 def test_remake_command_names_the_receipt():
     assert store.remake_command("results/r/receipts/shards/000001.json") == (
-        "remake it with `snakemake --force results/r/receipts/shards/000001.json --config store_remake=true` "
+        "remake it with `snakemake --force results/r/receipts/shards/000001.json --config store_remake=True` "
         "(add this run's --configfile, --config and --profile options), then rerun the workflow")
+
+
+def test_check_manifest_tells_a_remade_shard_from_a_damaged_one(tmp_path):
+    """A teammate remade the shard (on another GPU the bytes differ): take the new copy, do not
+    remake it again (two workdirs would remake it in turn); a damaged shard is remade."""
+    shard = tmp_path / "store" / "shard-000000.tar"
+    shards.write_shard(shard, samples(4))
+    with store.ItemLock([shard]):
+        store.write_record([shard], "k")
+    receipt = "results/r/receipts/shards/000000.json"
+    entry = {"path": str(shard), "receipt": receipt, "count": 4, "bytes": shard.stat().st_size,
+             "sha256": atomic.sha256_file(shard)}
+    atomic.write_json(tmp_path / "manifest.json", {"shards": [entry]})
+    shards.check_manifest(tmp_path / "manifest.json")
+
+    shards.write_shard(shard, samples(5))  # made again, other bytes, with its record
+    with store.ItemLock([shard]):
+        store.write_record([shard], "k")
+    for fast in (False, True):
+        with pytest.raises(ValueError, match="the store's copy was made again") as err:
+            shards.check_manifest(tmp_path / "manifest.json", fast=fast)
+        assert f"take the new copy with `snakemake --force {receipt}`" in str(err.value)
+
+    data = bytearray(shard.read_bytes())  # now damaged: it matches neither the manifest nor its record
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bytes, manifest") as err:
+        shards.check_manifest(tmp_path / "manifest.json")
+    assert str(err.value).endswith(store.remake_command(receipt))

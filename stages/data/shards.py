@@ -191,19 +191,18 @@ def check_manifest(manifest_path, fast=False):
             raise FileNotFoundError(f"{path}: trajectory shard listed in {manifest_path} is missing; "
                                     + store.remake_command(entry.get("receipt")))
         size = path.stat().st_size
+        digest = None if fast else atomic.sha256_file(path)
         if size != entry["bytes"]:
             raise ValueError(f"{path}: {size} bytes, manifest {manifest_path} says {entry['bytes']}; "
-                             + _fix(path, entry))
-        if not fast:
-            digest = atomic.sha256_file(path)
-            if digest != entry["sha256"]:
-                raise ValueError(f"{path}: sha256 differs from manifest {manifest_path}; the shard was altered; "
-                                 + _fix(path, entry, digest))
+                             + _fix(path, entry, size, digest))
+        if digest is not None and digest != entry["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from manifest {manifest_path}; the shard was altered; "
+                             + _fix(path, entry, size, digest))
         paths.append(path)
     return manifest, paths
 
 
-def _fix(path, entry, digest=None):
+def _fix(path, entry, size, digest):
     """How to repair a shard that differs from this workdir's manifest. If the store's record of it
     differs too and the file matches the record, someone made the shard again after this workdir
     took its receipt (on another GPU the bytes differ): take that copy instead of remaking it."""
@@ -212,7 +211,7 @@ def _fix(path, entry, digest=None):
     if receipt and record is not None:
         made = record["files"][0]
         if ((made["bytes"], made["sha256"]) != (entry["bytes"], entry["sha256"])
-                and digest in (None, made["sha256"])):
+                and size == made["bytes"] and digest in (None, made["sha256"])):
             return (f"the store's copy was made again (by {record['made']['by']} at {record['made']['at']}) "
                     f"after this workdir took it: take the new copy with `snakemake --force {receipt}` (add "
                     "this run's --configfile, --config and --profile options), then rerun the workflow")

@@ -66,7 +66,7 @@ def remake_command(receipt):
     """The one command that regenerates a damaged or wrong store file, for error messages."""
     if not receipt:
         return "rerun the job that made it"
-    return (f"remake it with `snakemake --force {receipt} --config store_remake=true` (add this run's "
+    return (f"remake it with `snakemake --force {receipt} --config store_remake=True` (add this run's "
             "--configfile, --config and --profile options), then rerun the workflow")
 
 
