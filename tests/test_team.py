@@ -177,7 +177,7 @@ def test_killing_one_run_mid_teacher_leaves_the_other_to_finish(team):
     assert run(alice, config, "--unlock").returncode == 0
     finish(snakemake(alice, config), alice)
     assert f"[store] {teacher}: complete in the store" in (alice / teacher_log).read_text()
-    assert "localrule train_teacher_from_store" in (alice / "snakemake.out").read_text()
+    assert "rule train_teacher_from_store:" in (alice / "snakemake.out").read_text()
     watch.stop()
     counts = made([alice, bob])
     assert len(counts) == ITEMS and set(counts.values()) == {1}, counts

@@ -120,10 +120,13 @@ def write_record(files, key, *, adopted=False, seconds=None):
     """
     entries = [{"name": Path(f).name, "bytes": Path(f).stat().st_size, "sha256": atomic.sha256_file(f)}
                for f in files]
-    for f in files[1:]:
+    for f in files[1:] if adopted else ():
         if str(f).endswith(".json"):
-            stated = json.loads(Path(f).read_text()).get("sha256")
-            if adopted and stated is not None and stated != entries[0]["sha256"]:
+            try:
+                stated = json.loads(Path(f).read_text()).get("sha256")
+            except (json.JSONDecodeError, AttributeError):
+                raise InconsistentItem(f"{f}: not a JSON object") from None
+            if stated is not None and stated != entries[0]["sha256"]:
                 raise InconsistentItem(f"{f}: names sha256 {stated[:12]}... for {files[0]}, which has "
                                        f"{entries[0]['sha256'][:12]}...")
     record = {"format": RECORD_FORMAT, "key": key, "files": entries,

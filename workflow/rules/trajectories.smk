@@ -26,7 +26,8 @@ rule trajectory_shard:
     output:
         f"{RECEIPTS}/shards/{{shard}}.json",
     wildcard_constraints:
-        shard=r"\d{6}",
+        # the shards the store does not hold yet (one rule per receipt: planning stays fast)
+        shard="|".join(k for k in SHARD_IDS if k not in SHARDS_STORED) or "(?!)" if SHARDS_STORED else r"\d{6}",
     params:
         cfg=as_arg(TRAJ_SPEC),
         key=TRAJ_KEY,
@@ -65,8 +66,6 @@ if SHARDS_STORED:
         threads: 1
         wildcard_constraints:
             shard="|".join(SHARDS_STORED),
-
-    ruleorder: trajectory_shard_from_store > trajectory_shard
 
 
 rule trajectory_manifest:
