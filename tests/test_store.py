@@ -191,6 +191,11 @@ def test_remake_makes_it_again_and_a_failed_stage_records_nothing(item, monkeypa
     assert not store.complete(files) and not (tmp / "r3.json").exists()
     # the files stay in place (replaced whole): nothing the store does deletes them
     assert files[0].exists() and files[1].exists()
+    # and the next maker makes the item: files a failed remake left are not adopted as they are
+    monkeypatch.delenv("MAKER_EXIT")
+    assert store.provide(files, "k", tmp / "r4.json", "make", command()) == 0
+    assert runs() == 4 and store.read_receipt(tmp / "r4.json")["made_by_this_job"]
+    assert not store.remaking_path(files).exists()
 
 
 def test_files_without_a_record_are_adopted_if_they_belong_together(item):

@@ -62,6 +62,12 @@ def lock_path(files):
     return first.with_name(f".{first.name}.lock")
 
 
+def remaking_path(files):
+    """Present while an item is being remade: files without a record are then not adopted."""
+    first = Path(files[0])
+    return first.with_name(f".{first.name}.remaking")
+
+
 def remake_command(receipt):
     """The one command that regenerates a damaged or wrong store file, for error messages."""
     if not receipt:
@@ -203,10 +209,8 @@ def remove_leftovers(files):
 def run_stage(command):
     """Run the stage; signals sent to this process alone are noted, not passed on (see the module
     docstring). Returns the stage's exit status as a shell would report it."""
-    received = []
 
     def note(signum, frame):
-        received.append(signum)
         print(f"[store] received {signal.Signals(signum).name}; waiting for the stage to end", flush=True)
 
     old = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -239,7 +243,8 @@ def provide(files, key, receipt, mode, command):
             write_receipt(receipt, files, record, made_here=False)
             return 0
         remove_leftovers(files)
-        if mode == "make" and not record_path(files).exists() and all(Path(f).exists() for f in files):
+        if (mode == "make" and not record_path(files).exists() and not remaking_path(files).exists()
+                and all(Path(f).exists() for f in files)):
             print(f"[store] {where}: in place without a record (an earlier pipeline version, or a job "
                   "killed before recording it); recording it", flush=True)
             try:
@@ -249,8 +254,9 @@ def provide(files, key, receipt, mode, command):
             else:
                 write_receipt(receipt, files, record, made_here=False)
                 return 0
-        if mode == "remake":
-            record_path(files).unlink(missing_ok=True)  # incomplete until made again
+        if mode == "remake":  # incomplete until made again, and never adopted as it is
+            remaking_path(files).touch()
+            record_path(files).unlink(missing_ok=True)
         print(f"[store] {'remaking' if mode == 'remake' else 'making'} {where} (key {key})", flush=True)
         t0 = time.monotonic()
         code = run_stage(command)
@@ -262,6 +268,7 @@ def provide(files, key, receipt, mode, command):
             raise SystemExit(f"[store] the stage exited 0 but did not write {', '.join(missing)}")
         seconds = round(time.monotonic() - t0, 1)
         record = write_record(files, key, seconds=seconds)
+        remaking_path(files).unlink(missing_ok=True)
     print(f"[store] made {where} in {seconds:.1f}s", flush=True)
     write_receipt(receipt, files, record, made_here=True)
     return 0

@@ -89,8 +89,8 @@ STORE_REMAKE = config["store_remake"]
 
 def stored(files):
     """Whether the item was complete (its record says so) when this run was planned. Its receipt is
-    then written by the rule's `_from_store` variant, a local rule that only reads the record: a
-    second workdir submits no cluster job, and hashes nothing, for what the store holds."""
+    then written by the `_from_store` variant of its rule, a local job that only reads the record
+    (so a second workdir submits no cluster job, and hashes nothing, for what the store holds)."""
     return not STORE_REMAKE and store.complete(files)
 
 
@@ -111,10 +111,6 @@ def store_mode(is_stored):
 
     return mode
 
-
-# Runs a stage through the store: the part of a store rule's shell command before the stage's own.
-STORE_WRAP = ("python -m stages.files.store --mode {params.store_mode} --key {params.key} "
-              "--files {params.files:q} --receipt {output:q} -- ")
 
 # family cm: consistency models (midtrain, posttrain = ECT); mf: average-velocity flow maps
 # (midtrain_mf = CMT-MF, posttrain_mf = MeanFlow), rules in meanflow.smk.

@@ -16,7 +16,8 @@ rule prepare_dataset:
     benchmark:
         f"{BENCH}/prepare_dataset.tsv"
     shell:
-        STORE_WRAP + "python -m stages.prepare_dataset --config {params.cfg:q} --out {params.out:q} > {log} 2>&1"
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.prepare_dataset --config {params.cfg:q} --out {params.out:q} > {log} 2>&1"
 
 
 # The dataset is in the store already: a local job writes this workdir's receipt from its record.

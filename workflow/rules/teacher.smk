@@ -24,7 +24,8 @@ if TEACHER_SOURCE == "train":
         benchmark:
             f"{BENCH}/train_teacher.tsv"
         shell:
-            STORE_WRAP + "python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
             "--threads {threads} "
             "--dataset {params.dataset:q} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
 
@@ -57,7 +58,8 @@ else:
         benchmark:
             f"{BENCH}/import_teacher.tsv"
         shell:
-            STORE_WRAP + "python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
             "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
 
     if TEACHER_STORED:

@@ -14,7 +14,8 @@ rule trajectory_spec:
     benchmark:
         f"{BENCH}/trajectory_spec.tsv"
     shell:
-        STORE_WRAP + "python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1"
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1"
 
 
 rule trajectory_shard:
@@ -44,7 +45,8 @@ rule trajectory_shard:
     benchmark:
         f"{BENCH}/trajectory_shard/{{shard}}.tsv"
     shell:
-        STORE_WRAP + "python -m stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
         "--teacher {params.teacher:q} --dataset {params.dataset:q} --shard {params.index} "
         "--out {params.files[0]:q} > {log} 2>&1"
 
