@@ -8,7 +8,7 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
-from stages.files import atomic, checkpoints
+from stages.files import atomic, checkpoints, store
 from stages.runtime import cli
 from stages.data import shards
 from stages.method import losses, trajectories
@@ -25,7 +25,8 @@ mc, seed = cfg["midtrain"], cfg["seed"]
 # ---- data: every shard checked against the manifest, and a few regenerated, before any step
 manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
 K = manifest["spec"]["nfe"]
-if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset):
+remake = {str(p): store.remake_command(e.get("receipt")) for p, e in zip(shard_paths, manifest["shards"])}
+if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset, remake):
     print(f"[midtrain] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
 if mc["batch"] % K:
     raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")

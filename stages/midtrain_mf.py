@@ -12,7 +12,7 @@ different, larger network than its teacher).
 import numpy as np
 import torch
 
-from stages.files import atomic, checkpoints
+from stages.files import atomic, checkpoints, store
 from stages.runtime import cli
 from stages.method import flowmap, losses, meanflow, trajectories
 from stages.training import loop, rng
@@ -28,7 +28,8 @@ mc, seed = cfg["midtrain_mf"], cfg["seed"]
 
 # ---- data: every shard checked against the manifest, and a few regenerated, before any step
 manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
-if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset):
+remake = {str(p): store.remake_command(e.get("receipt")) for p, e in zip(shard_paths, manifest["shards"])}
+if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset, remake):
     print(f"[midtrain_mf] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
 P = mc["pairs_per_trajectory"]
 if mc["batch"] % P:

@@ -17,6 +17,7 @@ from stagekit import (REPO, make_teacher, make_trajectories, midtrain_config, ru
 
 from stages.method import losses  # noqa: E402
 from stages.data import shards  # noqa: E402
+from stages.files import store  # noqa: E402
 
 
 @pytest.fixture
@@ -59,7 +60,8 @@ def test_damaged_shard_stops_midtrain_before_any_step(inputs, kind, monkeypatch)
         run_in_process("stages.midtrain", midtrain_args(tmp_path, teacher, manifest, every_steps=1))
     message = str(err.value)
     assert message.startswith(f"{shard}:") and words in message
-    assert f"regenerate it with `snakemake --force {shard}`" in message
+    receipt = json.loads(manifest.read_text())["shards"][1]["receipt"]
+    assert message.endswith(store.remake_command(receipt)), message
     assert steps == [] and not (tmp_path / "state").exists() and not (tmp_path / "out").exists()
 
 

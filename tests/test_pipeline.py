@@ -13,7 +13,7 @@ import torch
 import yaml
 from stagekit import midtrain_config, run_in_process
 
-from stages.files import atomic, checkpoints
+from stages.files import atomic, checkpoints, store
 from stages.data import shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,13 +222,17 @@ def test_a_run_sliced_into_more_jobs_than_retries_finishes_in_one_invocation(tmp
 
 def test_second_workdir_sharing_the_store_generates_nothing(tiny_run, tmp_path):
     """Another user (another workdir) pointed at the same store plans no dataset, teacher or
-    trajectory job, and a newer copy of every store file (another user rewrote them) makes
-    neither workdir rerun anything: store inputs are ancient()."""
-    store = override(tmp_path, "store", {"store": str(tiny_run / "store")})
+    trajectory job: only local jobs that write its receipts from the store's records. A newer copy
+    of every store file (another user rewrote them) makes neither workdir rerun anything: a
+    workdir's results depend on its receipts, not on the store files' times."""
+    shared = override(tmp_path, "store", {"store": str(tiny_run / "store")})
     second = tmp_path / "second"
     second.mkdir()
-    jobs = planned_jobs(snakemake(second, "-n", configs=[store]))
+    jobs = planned_jobs(snakemake(second, "-n", configs=[shared]))
     assert not {"prepare_dataset", "train_teacher", "trajectory_spec", "trajectory_shard"} & set(jobs), jobs
+    assert {name: jobs[name] for name in jobs if name.endswith("_from_store")} == {
+        "prepare_dataset_from_store": 1, "train_teacher_from_store": 1, "trajectory_spec_from_store": 1,
+        "trajectory_shard_from_store": 2}
     assert jobs["midtrain"] == 1 and jobs["trajectory_manifest"] == 1
     later = time.time() + 60
     for f in (tiny_run / "store").rglob("*"):
@@ -263,4 +267,5 @@ def test_spot_check_passes_on_the_real_pool_and_stops_a_tampered_shard(tiny_run,
     with pytest.raises(ValueError, match="differs from the one its seed gives") as err:
         run_in_process("stages.midtrain", args)
     assert str(err.value).startswith(f"{tampered}: trajectory ")
+    assert str(err.value).endswith(store.remake_command("results/tiny/receipts/shards/000001.json"))
     assert not (tmp_path / "out").exists()

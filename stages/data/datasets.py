@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.files import atomic
+from stages.files import atomic, store
 
 FORMAT = "cmt-dataset/1"
 
@@ -172,8 +172,8 @@ def load(path):
         if digest != manifest["sha256"]:
             raise ValueError(
                 f"{path}: sha256 {digest[:12]}... does not match {manifest_path} "
-                f"({manifest['sha256'][:12]}...); the file is damaged: delete the folder and rerun "
-                "prepare_dataset"
+                f"({manifest['sha256'][:12]}...); the file is damaged: "
+                + store.remake_command("<results>/<row>/receipts/dataset.json")
             )
     with np.load(path) as data:
         images, labels = data["images"], data["labels"]

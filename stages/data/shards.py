@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from stages.files import atomic
+from stages.files import atomic, store
 
 
 def encode_npy(array) -> bytes:
@@ -102,7 +102,7 @@ def decode_sample(sample, source="?"):
     except Exception as e:  # a damaged member must stop the job, not be skipped
         raise ValueError(
             f"{url}: trajectory sample {key!r} cannot be decoded ({type(e).__name__}: {e}); "
-            "the shard is damaged: delete it and rerun its trajectory_shard job"
+            "the shard is damaged: " + store.remake_command("<results>/<row>/receipts/shards/<shard>.json")
         ) from e
 
 
@@ -233,14 +233,32 @@ def check_manifest(manifest_path, fast=False):
     paths = []
     for entry in manifest["shards"]:
         path = Path(entry["path"])
-        fix = (f"regenerate it with `snakemake --force {path}` (with this run's --configfile and "
-               "--profile options), then rerun the workflow")
         if not path.exists():
-            raise FileNotFoundError(f"{path}: trajectory shard listed in {manifest_path} is missing; {fix}")
+            raise FileNotFoundError(f"{path}: trajectory shard listed in {manifest_path} is missing; "
+                                    + store.remake_command(entry.get("receipt")))
         size = path.stat().st_size
+        digest = None if fast else atomic.sha256_file(path)
         if size != entry["bytes"]:
-            raise ValueError(f"{path}: {size} bytes, manifest {manifest_path} says {entry['bytes']}; {fix}")
-        if not fast and atomic.sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from manifest {manifest_path}; the shard was altered; {fix}")
+            raise ValueError(f"{path}: {size} bytes, manifest {manifest_path} says {entry['bytes']}; "
+                             + _fix(path, entry, size, digest))
+        if digest is not None and digest != entry["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from manifest {manifest_path}; the shard was altered; "
+                             + _fix(path, entry, size, digest))
         paths.append(path)
     return manifest, paths
+
+
+def _fix(path, entry, size, digest):
+    """How to repair a shard that differs from this workdir's manifest. If the store's record of it
+    differs too and the file matches the record, someone made the shard again after this workdir
+    took its receipt (on another GPU the bytes differ): take that copy instead of remaking it."""
+    receipt = entry.get("receipt")
+    record = store.read_record([path])
+    if receipt and record is not None:
+        made = record["files"][0]
+        if ((made["bytes"], made["sha256"]) != (entry["bytes"], entry["sha256"])
+                and size == made["bytes"] and digest in (None, made["sha256"])):
+            return (f"the store's copy was made again (by {record['made']['by']} at {record['made']['at']}) "
+                    f"after this workdir took it: take the new copy with `snakemake --force {receipt}` (add "
+                    "this run's --configfile, --config and --profile options), then rerun the workflow")
+    return store.remake_command(receipt)

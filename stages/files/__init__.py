@@ -1,1 +1,2 @@
-"""Files and formats: atomic writes, model files, the restricted unpickler, official-weight imports, downloadable assets."""
+"""Files and formats: atomic writes, the store (records, locks, receipts), model files, the restricted unpickler,
+official-weight imports, downloadable assets."""

@@ -4,8 +4,26 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
+
+
+def create_temp(folder, prefix, suffix=".tmp"):
+    """Create a new empty file `<folder>/<prefix><random><suffix>` and return its path.
+
+    Unlike tempfile.mkstemp (mode 0600), the file is created with mode 0666 as an ordinary new
+    file is, so the kernel applies the user's umask and the folder's default ACL: a teammate
+    sharing the store reads what this user wrote (0644 under umask 0022, 0664 under 0002).
+    """
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"{folder}: no free temporary name {prefix}*{suffix} after 100 tries")
 
 
 @contextlib.contextmanager
@@ -17,10 +35,14 @@ def atomic_path(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = create_temp(path.parent, f".{path.name}.")
+    mode = os.stat(tmp).st_mode & 0o7777
     try:
-        yield Path(tmp)
+        yield tmp
+        # a writer that replaces the file itself (safetensors writes its own temporary file, mode
+        # 0600, and renames it) loses the mode: give back the one an ordinary new file gets here
+        if os.stat(tmp).st_mode & 0o7777 != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

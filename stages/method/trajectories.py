@@ -55,12 +55,13 @@ class Generator:
         return out
 
 
-def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None):
+def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None, remake=None):
     """Regenerate `count` stored trajectories (spread over the pool) from their seeds with the
     teacher and compare: a shard from another teacher, solver or code version, or one edited in
-    place with its manifest rewritten, stops the run here, naming the shard to delete. `spec` is
-    the manifest's. Tolerance: another GPU model or batch size changes the last bits, a different
-    trajectory changes everything. Returns the number of trajectories checked."""
+    place with its manifest rewritten, stops the run here, naming the shard and (`remake`: shard
+    path -> command) the command that makes it again. `spec` is the manifest's. Tolerance: another
+    GPU model or batch size changes the last bits, a different trajectory changes everything.
+    Returns the number of trajectories checked."""
     if count == 0:
         return 0
     teacher, meta = checkpoints.load(teacher_path, which="ema")
@@ -84,6 +85,6 @@ def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None):
                 raise ValueError(
                     f"{shard_paths[p]}: trajectory {s['index']} differs from the one its seed gives with "
                     f"{teacher_path} (max relative error {float((err / scale).max()):.3g}); the shard is "
-                    f"not this teacher's and solver's: delete {shard_paths[p]} and rerun its "
-                    f"trajectory_shard job (and trajectory_manifest)")
+                    "not this teacher's and solver's: "
+                    + (remake or {}).get(str(shard_paths[p]), "rerun its trajectory_shard job"))
     return count

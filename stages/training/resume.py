@@ -248,8 +248,10 @@ class TrainState:
 
 
 def write_tensors(path, tensors):
-    save_file(tensors, str(path), metadata={"format": FORMAT})
-    _fsync(path)
+    # through atomic_path for the file's mode: safetensors alone leaves 0600, which a teammate
+    # resuming a shared teacher's state could not read
+    with atomic.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
 
 
 def _fsync(path):

@@ -11,9 +11,8 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from stages.files.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
+from stages.files import store  # noqa: E402  (records, locks and receipts of the store: stdlib only)
 
-# Files in the store are inputs as ancient(): another user's newer copy of the same key must not
-# make this workdir's results stale (the key, not the time, says what a file is).
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
 
@@ -36,6 +35,7 @@ SIGMAS = {k: config[k] for k in ("sigma_data", "sigma_min", "sigma_max")}
 DATASET_KEY = digest({"dataset": config["dataset"], "code": CODE_VERSION["dataset"]})
 DATASET_DIR = f"{STORE}/datasets/{config['dataset']['name']}-{DATASET_KEY}"
 DATASET = f"{DATASET_DIR}/dataset.npz"
+DATASET_FILES = [DATASET, f"{DATASET_DIR}/manifest.json"]
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
@@ -49,6 +49,7 @@ if TEACHER_SOURCE == "import":
 else:
     TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
+TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
 # Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
 TEACHER_STATE = f"{STORE}/teachers/{TEACHER_KEY}-state"
 STATE = f"{RES}/state"
@@ -64,8 +65,53 @@ TRAJ_SPEC = {
 }
 TRAJ_KEY = digest(TRAJ_SPEC)
 TRAJ_DIR = f"{STORE}/trajectories/{TRAJ_KEY}"
+TRAJ_SPEC_FILE = f"{TRAJ_DIR}/spec.json"
 SHARD_IDS = [f"{k:06d}" for k in range(config["trajectories"]["num_shards"])]
 MANIFEST = f"{RES}/trajectories/manifest.json"
+
+
+def shard_file(shard):
+    return f"{TRAJ_DIR}/shard-{shard}.tar"
+
+
+# ---- the store's files are no rule's outputs (stages/files/store.py): Snakemake deletes a job's
+# outputs before rerunning it and after it fails, while a teammate's run may be reading them. A rule
+# that makes store files outputs a receipt in this workdir, and downstream rules take the receipts
+# as inputs: a teammate's newer copy of the same key never makes this workdir's results stale.
+RECEIPTS = f"{RES}/receipts"
+DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
+TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
+SPEC_RECEIPT = f"{RECEIPTS}/trajectory-spec.json"
+SHARD_RECEIPTS = expand(f"{RECEIPTS}/shards/{{shard}}.json", shard=SHARD_IDS)
+# store_remake: the store jobs this run runs make their files again (with --force on a receipt, the
+# one command that regenerates a damaged store file); otherwise complete items are reused.
+STORE_REMAKE = config["store_remake"]
+
+
+def stored(files):
+    """Whether the item was complete (its record says so) when this run was planned. Its receipt is
+    then written by the `_from_store` variant of its rule, a local job that only reads the record
+    (so a second workdir submits no cluster job, and hashes nothing, for what the store holds)."""
+    return not STORE_REMAKE and store.complete(files)
+
+
+DATASET_STORED = stored(DATASET_FILES)
+TEACHER_STORED = stored(TEACHER_FILES)
+SPEC_STORED = stored([TRAJ_SPEC_FILE])
+SHARDS_STORED = [k for k in SHARD_IDS if stored([shard_file(k)])]
+
+
+def store_mode(is_stored):
+    """--mode of stages.files.store for a job; `is_stored(wildcards)`. A function of `output`, like
+    state_args: which rule writes a receipt is no part of what it records (no params rerun trigger)."""
+
+    def mode(wildcards, output):
+        if STORE_REMAKE:
+            return "remake"
+        return "reuse" if is_stored(wildcards) else "make"
+
+    return mode
+
 
 # family cm: consistency models (midtrain, posttrain = ECT); mf: average-velocity flow maps
 # (midtrain_mf = CMT-MF, posttrain_mf = MeanFlow), rules in meanflow.smk.
@@ -94,7 +140,12 @@ def posttrain_cfg(init):
 
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
-    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else ancient(TEACHER)
+    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+
+
+def init_input(wildcards):
+    """What the post-training run depends on: the mid-trained model, or this workdir's teacher receipt."""
+    return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER_RECEIPT
 
 
 def sampled_model(init, snap):

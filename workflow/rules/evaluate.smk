@@ -69,8 +69,8 @@ rule report:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
         samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
-        models=[ancient(TEACHER), f"{RES}/midtrain/model.safetensors"]
-        + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
+        teacher=TEACHER_RECEIPT,
+        models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
         midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
     output:
         report=f"{RES}/report.md",
@@ -83,6 +83,7 @@ rule report:
                     "final_snapshot": FINAL_SNAPSHOT}),
         bench=BENCH,
         midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
+        teacher=TEACHER,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -91,6 +92,6 @@ rule report:
         f"{BENCH}/report.tsv"
     shell:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
-        "--samples {input.samples} --models {input.models} --benchmarks {params.bench} "
+        "--samples {input.samples} --models {params.teacher:q} {input.models} --benchmarks {params.bench} "
         "--out {output.report} --curve {output.curve} --grids {output.grids} --table {output.table} "
         "{params.midtrain} > {log} 2>&1"

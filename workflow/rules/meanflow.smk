@@ -5,15 +5,17 @@ rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
     priority: 10
     input:
-        teacher=ancient(TEACHER),
+        teacher=TEACHER_RECEIPT,
         manifest=MANIFEST,
-        dataset=ancient(DATASET),
+        dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG}),
         checks=trajectory_checks("midtrain_mf"),
+        teacher=TEACHER,
+        dataset=DATASET,
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
@@ -26,14 +28,14 @@ rule midtrain_mf:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain_mf --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
+        "--teacher {params.teacher:q} --manifest {input.manifest} --dataset {params.dataset:q} {params.checks} "
         "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain_mf:
     input:
-        init=init_model,
-        dataset=ancient(DATASET),
+        init=init_input,
+        dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -44,6 +46,8 @@ rule posttrain_mf:
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
                               "posttrain_mf": POSTTRAIN_MF_CFG}),
+        init=init_model,
+        dataset=DATASET,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
@@ -57,5 +61,5 @@ rule posttrain_mf:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain_mf --config {params.cfg:q} --threads {threads} "
-        "--init {wildcards.init} --init-model {input.init} --dataset {input.dataset} "
+        "--init {wildcards.init} --init-model {params.init:q} --dataset {params.dataset:q} "
         "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"

@@ -1,16 +1,19 @@
 # The teacher: trained here (source: train) or an official EDM snapshot read by the restricted
-# unpickler (source: import). One of the two rules exists, so TEACHER has one producer.
+# unpickler (source: import). One of the two rules exists, so the teacher's receipt has one maker.
+# Both make the teacher in the store through stages.files.store and output this workdir's receipt.
 if TEACHER_SOURCE == "train":
 
     rule train_teacher:
         input:
-            ancient(DATASET),
+            DATASET_RECEIPT,
         output:
-            model=TEACHER,
-            meta=TEACHER.replace(".safetensors", ".json"),
+            TEACHER_RECEIPT,
         params:
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
+            files=TEACHER_FILES,
+            dataset=DATASET,
+            store_mode=store_mode(lambda w: TEACHER_STORED),
             state=state_args(lambda w: TEACHER_STATE),
             gpus=launch_gpus,
         threads: config["threads"]["teacher"]
@@ -22,9 +25,19 @@ if TEACHER_SOURCE == "train":
         benchmark:
             f"{BENCH}/train_teacher.tsv"
         shell:
-            "python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
             "--threads {threads} "
-            "--dataset {input} --key {params.key} --out {output.model} {params.state} > {log} 2>&1"
+            "--dataset {params.dataset:q} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
+
+    # The teacher is in the store already: a local job writes this workdir's receipt from its record.
+    if TEACHER_STORED:
+
+        use rule train_teacher as train_teacher_from_store with:
+            localrule: True
+            threads: 1
+
+        ruleorder: train_teacher_from_store > train_teacher
 
 else:
 
@@ -32,11 +45,12 @@ else:
         input:
             pickle=TEACHER_PICKLE,
         output:
-            model=TEACHER,
-            meta=TEACHER.replace(".safetensors", ".json"),
+            TEACHER_RECEIPT,
         params:
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
+            files=TEACHER_FILES,
+            store_mode=store_mode(lambda w: TEACHER_STORED),
         threads: config["threads"]["light"]
         conda:
             "../../envs/cmt.yaml"
@@ -45,5 +59,14 @@ else:
         benchmark:
             f"{BENCH}/import_teacher.tsv"
         shell:
-            "python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
-            "--pickle {input.pickle} --key {params.key} --out {output.model} > {log} 2>&1"
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
+            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
+
+    if TEACHER_STORED:
+
+        use rule import_teacher as import_teacher_from_store with:
+            localrule: True
+            threads: 1
+
+        ruleorder: import_teacher_from_store > import_teacher

@@ -2,16 +2,18 @@ rule midtrain:
     # the critical path: ahead of the post-training runs that need no trajectories
     priority: 10
     input:
-        teacher=ancient(TEACHER),
+        teacher=TEACHER_RECEIPT,
         manifest=MANIFEST,
         lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
-        dataset=ancient(DATASET),
+        dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG}),
         checks=trajectory_checks("midtrain"),
+        teacher=TEACHER,
+        dataset=DATASET,
         state=state_args(lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
@@ -24,14 +26,14 @@ rule midtrain:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --manifest {input.manifest} --dataset {input.dataset} {params.checks} "
+        "--teacher {params.teacher:q} --manifest {input.manifest} --dataset {params.dataset:q} {params.checks} "
         "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain:
     input:
-        init=init_model,
-        dataset=ancient(DATASET),
+        init=init_input,
+        dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -42,6 +44,8 @@ rule posttrain:
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
                               "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init)}),
+        init=init_model,
+        dataset=DATASET,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
@@ -55,5 +59,5 @@ rule posttrain:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
-        "--init-model {input.init} --dataset {input.dataset} --out {output.model} "
+        "--init-model {params.init:q} --dataset {params.dataset:q} --out {output.model} "
         "--snapshots {params.snapshots} {params.state} > {log} 2>&1"

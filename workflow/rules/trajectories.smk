@@ -1,9 +1,12 @@
 rule trajectory_spec:
     priority: 10
     output:
-        f"{TRAJ_DIR}/spec.json",
+        SPEC_RECEIPT,
     params:
         cfg=as_arg(TRAJ_SPEC),
+        key=TRAJ_KEY,
+        files=[TRAJ_SPEC_FILE],
+        store_mode=store_mode(lambda w: SPEC_STORED),
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -11,23 +14,30 @@ rule trajectory_spec:
     benchmark:
         f"{BENCH}/trajectory_spec.tsv"
     shell:
-        "python -m stages.trajectory_spec --config {params.cfg:q} --out {output} > {log} 2>&1"
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1"
 
 
 rule trajectory_shard:
     priority: 10
     input:
-        teacher=ancient(TEACHER),
-        spec=ancient(f"{TRAJ_DIR}/spec.json"),
-        dataset=ancient(DATASET),
+        teacher=TEACHER_RECEIPT,
+        spec=SPEC_RECEIPT,
+        dataset=DATASET_RECEIPT,
     output:
-        f"{TRAJ_DIR}/shard-{{shard}}.tar",
+        f"{RECEIPTS}/shards/{{shard}}.json",
     wildcard_constraints:
-        shard=r"\d{6}",
+        # the shards the store does not hold yet (one rule per receipt: planning stays fast)
+        shard="|".join(k for k in SHARD_IDS if k not in SHARDS_STORED) or "(?!)" if SHARDS_STORED else r"\d{6}",
     params:
         cfg=as_arg(TRAJ_SPEC),
+        key=TRAJ_KEY,
+        files=lambda w: [shard_file(w.shard)],
         index=lambda w: int(w.shard),
         gpus=launch_gpus,
+        teacher=TEACHER,
+        dataset=DATASET,
+        store_mode=store_mode(lambda w: w.shard in SHARDS_STORED),
     threads: config["threads"]["light"]
     conda:
         "../../envs/cmt.yaml"
@@ -36,18 +46,38 @@ rule trajectory_shard:
     benchmark:
         f"{BENCH}/trajectory_shard/{{shard}}.tsv"
     shell:
-        "python -m stages.launch --gpus {params.gpus} --one-process stages.trajectory_shard "
-        "--config {params.cfg:q} --threads {threads} "
-        "--teacher {input.teacher} --dataset {input.dataset} --shard {params.index} --out {output} "
-        "> {log} 2>&1"
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} --one-process "
+        "stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
+        "--teacher {params.teacher:q} --dataset {params.dataset:q} --shard {params.index} "
+        "--out {params.files[0]:q} > {log} 2>&1"
+
+
+# What the store holds already: local jobs write this workdir's receipts from the records, so a
+# second workdir submits no cluster job (and hashes no shard) for them.
+if SPEC_STORED:
+
+    use rule trajectory_spec as trajectory_spec_from_store with:
+        localrule: True
+
+    ruleorder: trajectory_spec_from_store > trajectory_spec
+
+
+if SHARDS_STORED:
+
+    use rule trajectory_shard as trajectory_shard_from_store with:
+        localrule: True
+        threads: 1
+        wildcard_constraints:
+            shard="|".join(SHARDS_STORED),
 
 
 rule trajectory_manifest:
     priority: 10
     input:
-        spec=ancient(f"{TRAJ_DIR}/spec.json"),
-        teacher=ancient(TEACHER),
-        shards=[ancient(p) for p in expand(f"{TRAJ_DIR}/shard-{{shard}}.tar", shard=SHARD_IDS)],
+        spec=SPEC_RECEIPT,
+        teacher=TEACHER_RECEIPT,
+        shards=SHARD_RECEIPTS,
     output:
         MANIFEST,
     conda:
