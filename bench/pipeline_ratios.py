@@ -17,7 +17,6 @@ weights, or on a row's network with --config. Results are printed and, with --ou
 """
 
 import argparse
-import copy
 import datetime
 import json
 import platform

@@ -3,7 +3,7 @@ sigma, EDM loss weighting), writing model.safetensors + model.json."""
 
 import torch
 
-from stages.files import atomic, checkpoints
+from stages.files import atomic
 from stages.runtime import cli
 from stages.method import losses
 from stages import networks
