@@ -17,6 +17,10 @@ model.json; a dataset's dataset.npz and manifest.json). Beside its first file F 
   the same item (a teammate's run, an overlapping run) waits for it, then finds the item complete
   and reuses it. The kernel drops the lock when its holder dies, however it dies; the next maker
   then makes the item (a training stage resumes from the state the dead one saved).
+- `.F.remaking`, while a remake runs: files a failed remake leaves are made again, not adopted.
+
+Files found in place without a record (a store made before records existed, or a job killed
+between its stage's end and its record) are adopted: hashed once and recorded, not made again.
 
 The receipt says what this workdir took from the store: the paths, sizes and sha256 (from the
 record), the key, and who made the item. Downstream rules take receipts as inputs, so a teammate's
