@@ -75,7 +75,7 @@ def test_tiny_row_through_slurm(slurm, tmp_path):
         rules.setdefault(rule, []).append(tres)
     expected = {"prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1, "trajectory_spec": 1,
                 "trajectory_shard": 2, "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1,
-                "sample": 2, "fid": 1, "fid_teacher": 1, "report": 1}
+                "sample": 3, "fid": 2, "fid_teacher": 1, "report": 1}  # sample, fid: + the mid-trained model alone
     assert {r: len(t) for r, t in rules.items()} == expected, sacct
     # GPU rules were scheduled with a GPU (the test node declares two), the others without
     assert all("gres/gpu=1" in t for t in rules["midtrain"] + rules["trajectory_shard"]), rules
