@@ -49,9 +49,10 @@ PAPER_ROWS = sorted(STORE_KEYS)
 
 
 def row_jobs(row):
+    # sample, fid: 2 inits x 5 snapshots, and the mid-trained model alone
     return {"fetch_assets": 4 if row.startswith("cifar10") else 3, "import_teacher": 1, "prepare_dataset": 1,
             "fid_reference": 1, "trajectory_spec": 1, "trajectory_shard": 480, "trajectory_manifest": 1,
-            "midtrain": 1, "posttrain": 2, "sample": 11, "fid": 3, "fid_teacher": 1, "report": 1, "all": 1}  # sample, fid: 2 inits x 5 snapshots and the mid-trained model alone
+            "midtrain": 1, "posttrain": 2, "sample": 11, "fid": 3, "fid_teacher": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("row", PAPER_ROWS)
