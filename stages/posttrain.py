@@ -8,6 +8,7 @@ import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
+from stages.data import labels as class_labels
 from stages.method import losses
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
@@ -27,8 +28,10 @@ stage_name = f"posttrain:{args.init}"
 
 # ---- data
 accelerator = loop.make_accelerator()
-data, local_batch = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch")
-rank = accelerator.process_index
+data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch",
+                                                 labels=True)
+local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
+                                             "posttrain")
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -38,6 +41,8 @@ torch.manual_seed(rng.fold(seed, "random-init"))
 net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"], sigma_min=cfg["sigma_boundary"])
 if args.init != "random":
     checkpoints.load_into(net, args.init_model, which="ema")
+label_dim = class_labels.label_dim_of(net)
+class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -53,12 +58,13 @@ meta.update(architecture={**init_meta["architecture"], "dropout": pc["dropout"]}
 snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)
 
 
-def loss_fn(step):
-    g = rng.generator(seed, step, rank, "ect-batch")
-    y = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
+def loss_fn(step, part):
+    g = rng.generator(seed, step, part, "ect-batch")
+    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
+    y, onehot = data[pick], class_labels.one_hot(data_labels[pick].cpu(), label_dim, data.device)
     return losses.ect_loss(net, y, g, stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"],
                            k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
-                           sigma_min=cfg["sigma_min"])
+                           sigma_min=cfg["sigma_min"], labels=onehot)
 
 
 print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch']} {total} steps, "
@@ -66,6 +72,6 @@ print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch'
 snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                    opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state)
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state, micro_batches=micro_batches)
 
 job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

@@ -35,7 +35,7 @@ def _setup(width=6):
 
 
 def _loss_fn(net, on_step=None):
-    def loss(step):
+    def loss(step, part):
         if on_step is not None:
             on_step(step)
         x = torch.randn(8, 6, generator=rng.generator(3, step, "data"))

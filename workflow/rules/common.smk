@@ -47,7 +47,9 @@ if TEACHER_SOURCE == "import":
     TEACHER_KEY = digest({"import": CATALOG[_name].url, "sha256": config.get("assets", {}).get("sha256", {}).get(_name),
                           "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
 else:
-    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
+    # batch_per_gpu says how a job splits the batch, like its number of GPUs: not part of the key
+    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"],
+                          "teacher": {k: v for k, v in config["teacher"].items() if k != "batch_per_gpu"}})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
 # Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
