@@ -8,6 +8,7 @@ state. One step sees `batch` student inputs = batch / K whole trajectories.
 import numpy as np
 import torch
 
+from stages import networks
 from stages.files import atomic, checkpoints, store
 from stages.runtime import cli
 from stages.data import labels as class_labels, shards
@@ -50,8 +51,11 @@ if world > 1:
 
 # ---- model: teacher weights, ECM preconditioning with the student's boundary (not the teacher's
 # grid end: docs/method.md#preconditioning), the mid-training dropout
-net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind="ecm", dropout=mc["dropout"],
+# (EDM2 students: plain EDM preconditioning in both modes, no boundary; networks.student_kind)
+student_kind = networks.student_kind(checkpoints.read_meta(args.teacher)["architecture"])
+net, teacher_meta = checkpoints.load(args.teacher, which="ema", kind=student_kind, dropout=mc["dropout"],
                                      sigma_min=cfg["sigma_boundary"])
+networks.freeze_unused_heads(net)
 ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -104,7 +108,7 @@ meta = {k: teacher_meta[k] for k in ("sigma_data", "sigma_max", "time")}
 meta["sigma_min"] = cfg["sigma_boundary"]  # the eval-mode boundary that build_precond reads
 job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
     **meta, "architecture": {**teacher_meta["architecture"], "dropout": mc["dropout"]}, "role": "midtrain",
-    "precond": "ecm", "trajectories_seen": mc["steps"] * traj_per_step,
+    "precond": student_kind, "trajectories_seen": mc["steps"] * traj_per_step,
     "inputs": {"teacher": {"path": args.teacher, "sha256": teacher_meta["sha256"]},
                "manifest": {"path": args.manifest, "sha256": manifest_sha256}},
 })

@@ -6,6 +6,7 @@ go into both the trained network and its EMA. EMA snapshots at fixed fractions o
 
 import torch
 
+from stages import networks
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.data import labels as class_labels
@@ -38,9 +39,12 @@ init_meta = checkpoints.read_meta(args.init_model)
 torch.manual_seed(rng.fold(seed, "random-init"))
 # The boundary of the consistency function is the config's, whatever the init: a teacher's model.json
 # carries its solver grid's end there (docs/method.md#preconditioning).
-net = checkpoints.build_precond(init_meta, kind="ecm", dropout=pc["dropout"], sigma_min=cfg["sigma_boundary"])
+student_kind = networks.student_kind(init_meta["architecture"])  # EDM2: plain EDM, no boundary
+net = checkpoints.build_precond(init_meta, kind=student_kind, dropout=pc["dropout"], sigma_min=cfg["sigma_boundary"])
 if args.init != "random":
     checkpoints.load_into(net, args.init_model, which="ema")
+networks.freeze_unused_heads(net)
+target_context = networks.target_context(net)
 label_dim = class_labels.label_dim_of(net)
 class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
@@ -53,7 +57,7 @@ job = TrainingJob(args, cfg, stage=stage_name, accelerator=accelerator, identity
 total = pc["steps"]
 meta = {k: init_meta[k] for k in ("sigma_data", "sigma_max", "time")}
 meta["sigma_min"] = cfg["sigma_boundary"]  # the eval-mode boundary, whatever the init's own
-meta.update(architecture={**init_meta["architecture"], "dropout": pc["dropout"]}, precond="ecm", init=args.init,
+meta.update(architecture={**init_meta["architecture"], "dropout": pc["dropout"]}, precond=student_kind, init=args.init,
             inputs={"init": {"path": args.init_model, "sha256": init_meta["sha256"]}})
 snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)
 
@@ -64,7 +68,7 @@ def loss_fn(step, part):
     y, onehot = data[pick], class_labels.one_hot(data_labels[pick].cpu(), label_dim, data.device)
     return losses.ect_loss(net, y, g, stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"],
                            k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
-                           sigma_min=cfg["sigma_min"], labels=onehot)
+                           sigma_min=cfg["sigma_min"], labels=onehot, target_context=target_context)
 
 
 print(f"[{stage_name}] ECT q={pc['q']} k={pc['k']} b={pc['b']} batch {pc['batch']} {total} steps, "

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from stages import networks
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.data import datasets, labels as class_labels
@@ -31,7 +32,8 @@ sc = cli.start(args, "sample")
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 meta = checkpoints.read_meta(args.model)
 average_velocity = meta["precond"] == "meanflow"
-net, meta = checkpoints.load(args.model, which="ema", kind=None if average_velocity else "ecm")
+net, meta = checkpoints.load(args.model, which="ema",
+                             kind=None if average_velocity else networks.student_kind(meta["architecture"]))
 net = net.to(device).eval()
 arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])

@@ -10,7 +10,6 @@ from stages.method import losses
 from stages import networks
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
-from stages.networks.precond import Precond
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--dataset", required=True, help="prepared dataset.npz")
@@ -29,9 +28,8 @@ local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu
 
 # ---- model
 torch.manual_seed(rng.fold(seed, "teacher-init"))
-architecture = {**cfg["network"], "in_channels": data.shape[1], "resolution": data.shape[2],
-                "dropout": tc["dropout"]}
-net = Precond(networks.build(architecture), "edm", cfg["sigma_data"], cfg["sigma_min"])
+architecture = networks.architecture(cfg["network"], data.shape[1], data.shape[2], tc["dropout"])
+net = networks.freeze_unused_heads(networks.build_precond(architecture, "edm", cfg["sigma_data"], cfg["sigma_min"]))
 print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "
       f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
 label_dim = class_labels.label_dim_of(net)

@@ -137,10 +137,11 @@ def ect_stage(step, double_every):
 
 
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,
-             sigma_min=0.002, labels=None):
+             sigma_min=0.002, labels=None, target_context=None):
     """||f(x_t, t) - sg f(x_r, r)|| / (t - r) with shared noise; the target is the same network
     under no_grad with the same dropout mask (the RNG state is restored), and y where r = 0.
-    c > 0 turns the numerator into the pseudo-Huber distance.
+    c > 0 turns the numerator into the pseudo-Huber distance. `target_context`: as in
+    consistency_pair_loss (EDM2 students).
     """
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     t = (P_mean + P_std * n).exp()
@@ -153,7 +154,7 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
 
     devices = [y.device] if y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
+        with torch.no_grad(), (target_context or contextlib.nullcontext)():
             target = call(student, x_r, r_eval, labels)
     target = torch.where((r > 0).view(-1, 1, 1, 1), target, y)
     pred = call(student, x_t, t, labels)
