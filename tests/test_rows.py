@@ -69,6 +69,36 @@ def test_row_dry_run_lists_the_row_and_its_baseline(row, tmp_path):
         assert f"store/{key}/" in out, key
 
 
+IMAGENET64_ROWS = {"imagenet64-cmt-ecd": "ecd", "imagenet64-cmt-ect": "ect_snr"}
+
+
+@pytest.mark.parametrize("row", sorted(IMAGENET64_ROWS))
+def test_imagenet64_row_dry_run(row, tmp_path):
+    """Every job of the ImageNet-64 rows, planned in seconds: the EDM2 teacher imported, the ADM
+    crop of the user's ImageNet folder, 160 shards, CMT with LPIPS, ECD (distilling the teacher) or
+    the 512 code's ECT, FID-50k at sigma_mid 1.526."""
+    import time
+
+    t0 = time.perf_counter()
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / f"{row}.yaml"])
+    assert time.perf_counter() - t0 < 60
+    assert planned_jobs(result) == {
+        "fetch_assets": 3, "import_teacher": 1, "prepare_dataset": 1, "fid_reference": 1, "trajectory_spec": 1,
+        "trajectory_shard": 160, "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1, "sample": 6, "fid": 2,
+        "fid_teacher": 1, "report": 1, "all": 1}
+    out = result.stdout
+    assert "assets/edm2-img64-s-1073741-0.075.pkl" in out and '"preset": "edm2-img64-s"' in out
+    assert '"source": "imagenet_folder"' in out and '"label_dim": 1000' in out
+    assert '"distance": "lpips"' in out and '"sigma_mid": 1.526' in out and '"per_range": 50000' in out
+    post = [line for line in out.splitlines() if "stages.posttrain " in line]
+    assert len(post) == 1 and "--init cmt" in post[0]
+    cfg = json.loads(re.search(r"--config '(.*?)'", post[0]).group(1))["posttrain"]
+    assert cfg["method"] == IMAGENET64_ROWS[row] and cfg["q"] == 1024 and cfg["c"] == 0.06
+    assert (cfg["P_mean"], cfg["P_std"], cfg["optimizer"]["betas"]) == (-0.8, 1.6, [0.9, 0.99])
+    # ECD distils the teacher from the store (plain distillation: no guide); ECT uses none
+    assert ("--teacher " in post[0]) == (row == "imagenet64-cmt-ecd") and "--guide" not in post[0]
+
+
 @pytest.mark.parametrize("row", PAPER_ROWS)
 def test_smoke_overlay_on_each_row(row):
     from snakemake.utils import validate
