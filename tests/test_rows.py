@@ -191,3 +191,45 @@ def test_teacher_source_is_validated():
                           ({"source": "download", "asset": "x"}, "download")]:
         with pytest.raises(WorkflowError, match=word):
             validate({**row, "teacher": teacher}, schema)
+
+
+@pytest.mark.parametrize("row", sorted(IMAGENET64_ROWS))
+def test_imagenet64_smoke_overlay(row, tmp_path):
+    from snakemake.utils import validate
+
+    from stages.config import checks, layers
+
+    configs = [ROWS / f"{row}.yaml", ROWS / "smoke" / "imagenet64.yaml"]
+    cfg = layers.assemble(REPO / "config" / "default.yaml", configs)
+    validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    checks.check(cfg)
+    assert cfg["network"]["kind"] == "edm2" and cfg["network"]["channels"] == 16 and cfg["teacher"]["source"] == "train"
+    used = {rule: r for rule, r in cfg["resources"].items() if not rule.endswith("_mf")}  # MeanFlow: another family
+    assert all(r["gpu"] == 0 and r["mem_mb"] <= 8000 and r["runtime"] <= 15 for r in used.values()), used
+    assert planned_jobs(snakemake(tmp_path, "-n", configs=configs)) == {
+        "prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1, "trajectory_spec": 1, "trajectory_shard": 1,
+        "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1, "sample": 2, "fid": 2, "fid_teacher": 1,
+        "report": 1, "all": 1}
+
+
+def test_imagenet64_ecd_smoke_through_snakemake(tmp_path):
+    """Every stage of the ECD row on CPU, offline: labelled synthetic ImageNet folder, a tiny EDM2
+    teacher trained here, labelled trajectories, CMT, ECD distilling that teacher, labelled samples."""
+    from stages.data import shards
+
+    configs = [ROWS / "imagenet64-cmt-ecd.yaml", ROWS / "smoke" / "imagenet64.yaml"]
+    result = snakemake(tmp_path, configs=configs)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    res = tmp_path / "results" / "imagenet64-cmt-ecd-smoke"
+    report = (res / "report.md").read_text()
+    assert "then ECD" in report and "| CMT + ECD | " in report and "| 1.32 | " in report
+    assert "[posttrain:cmt] ECD q=1024" in (res / "logs" / "posttrain" / "cmt.log").read_text()
+    (shard,) = (tmp_path / "store" / "trajectories").glob("*/shard-000000.tar")
+    assert all(0 <= s["meta"]["label"] < 1000 for s in shards.read_shard(shard))
+    midtrain = json.loads((res / "midtrain" / "model.json").read_text())
+    assert midtrain["architecture"]["kind"] == "edm2" and midtrain["precond"] == "edm"
+    import numpy as np
+
+    with np.load(res / "samples" / "cmt" / "p100.npz") as samples:
+        assert samples["labels_r0"].shape == (4,) and samples["images_2step_r0"].shape == (4, 3, 64, 64)
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=configs).stdout
