@@ -41,8 +41,8 @@ if traj_per_step % world:
 per_gpu = mc.get("batch_per_gpu")
 if per_gpu is not None and per_gpu % K:
     raise ValueError(f"midtrain.batch_per_gpu {per_gpu} is not a multiple of the {K} points per trajectory")
-local_traj, micro_batches = loop.split_batch(traj_per_step, per_gpu and per_gpu // K, world,
-                                             f"midtrain (in trajectories: batch / {K})")
+local_traj, micro_batches = loop.split_batch(traj_per_step, per_gpu and per_gpu // K, world, "midtrain",
+                                             unit=f"trajectories (student inputs / {K})")
 # each rank reads its own shards (no DataLoader workers: ranks x 1)
 stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest["shards"]], seed,
                                      mc["shuffle_buffer"], rank, world)

@@ -42,8 +42,8 @@ if traj_per_step % world:
 per_gpu = mc.get("batch_per_gpu")
 if per_gpu is not None and per_gpu % P:
     raise ValueError(f"midtrain_mf.batch_per_gpu {per_gpu} is not a multiple of pairs_per_trajectory {P}")
-local_traj, micro_batches = loop.split_batch(traj_per_step, per_gpu and per_gpu // P, world,
-                                             f"midtrain_mf (in trajectories: batch / {P})")
+local_traj, micro_batches = loop.split_batch(traj_per_step, per_gpu and per_gpu // P, world, "midtrain_mf",
+                                             unit=f"trajectories (pairs / {P})")
 # each rank reads its own shards, as midtrain (with one process: the plain stream of all shards)
 stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest["shards"]], seed,
                                      mc["shuffle_buffer"], rank, world)

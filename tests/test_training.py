@@ -278,7 +278,7 @@ def test_split_batch():
     assert loop.split_batch(64, 8, 2, "posttrain") == (8, 4)
     assert loop.split_batch(64, 64, 1, "posttrain") == (64, 1)
     assert loop.split_batch(64, 128, 1, "posttrain") == (64, 1)  # more room than the share needs
-    with pytest.raises(ValueError, match="posttrain.batch_per_gpu 12 does not divide the 32"):
+    with pytest.raises(ValueError, match="posttrain.batch_per_gpu: 12 samples per micro-batch do not divide the 32"):
         loop.split_batch(64, 12, 2, "posttrain")
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         loop.split_batch(64, 8, 3, "posttrain")

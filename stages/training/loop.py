@@ -270,18 +270,19 @@ def any_rank(accelerator, *values):
     return [int(v) for v in accelerator.gather(flags).max(dim=0).values.tolist()]
 
 
-def split_batch(batch, batch_per_gpu, world, key):
-    """(samples per micro-batch, micro-batches per step) of one process's share of the global
-    `batch` (config section `key`): the share is batch / world, in micro-batches of `batch_per_gpu`
-    (None: one micro-batch of the whole share). The global batch is the row's whatever the number
-    of processes; a split that does not divide evenly is refused."""
+def split_batch(batch, batch_per_gpu, world, key, unit="samples"):
+    """(units per micro-batch, micro-batches per step) of one process's share of the global
+    `batch` (config section `key`; `unit`: what batch counts, e.g. the trajectories of a
+    mid-training batch): the share is batch / world, in micro-batches of `batch_per_gpu` (None:
+    one micro-batch of the whole share). The global batch is the row's whatever the number of
+    processes; a split that does not divide evenly is refused."""
     if batch % world:
-        raise ValueError(f"{key}.batch {batch} is not divisible by {world} processes")
+        raise ValueError(f"{key}.batch: {batch} {unit} per step are not divisible by {world} processes")
     share = batch // world
     per = share if batch_per_gpu is None else min(batch_per_gpu, share)
     if share % per:
-        raise ValueError(f"{key}.batch_per_gpu {batch_per_gpu} does not divide the {share} samples per process "
-                         f"({key}.batch {batch} over {world} processes); choose a divisor of {share}")
+        raise ValueError(f"{key}.batch_per_gpu: {batch_per_gpu} {unit} per micro-batch do not divide the {share} "
+                         f"{unit} per process ({batch} over {world} processes); choose a divisor of {share}")
     return per, share // per
 
 
