@@ -4,8 +4,9 @@ network and its EMA. `posttrain.method` picks the objective:
 - `ect`: ECT consistency training from data (docs/method.md#ect);
 - `ecd`: ECD, consistency distillation with the target point from one Heun step of the teacher,
   autoguided by `--guide` with weight guidance.weight (docs/method.md#ecd);
-- `ect_snr`: the ImageNet-512 code's ECT: ECD's distance and weight with the shared noise. EMA snapshots at fixed fractions of the budget
-(step 0 included: the initialisation itself) are what the FD curve is drawn from.
+- `ect_snr`: the ImageNet-512 code's ECT: ECD's distance and weight with the shared noise.
+EMA snapshots at fixed fractions of the budget (step 0 included: the initialisation itself) are
+what the FD curve is drawn from. A class-conditional student gets the batch's classes.
 """
 
 import torch
