@@ -63,7 +63,7 @@ def classes(indices):
 
 
 def consistency(indices, steps):
-    onehot = class_labels.one_hot(classes(indices), label_dim, device)
+    onehot = class_labels.one_hot(classes(indices), label_dim, device) if label_dim else None
     x = losses.call(net, sigma_max * noise(indices, "z"), sigma_max, onehot)
     if steps == 2:
         x = losses.call(net, x + sc["sigma_mid"] * noise(indices, "z-mid"), sc["sigma_mid"], onehot)
