@@ -193,6 +193,23 @@ def test_teacher_source_is_validated():
             validate({**row, "teacher": teacher}, schema)
 
 
+def test_ecd_with_autoguidance_imports_the_guide_into_the_store(tmp_path):
+    """posttrain.guidance names a guide pickle from the catalog: rule import_guide makes it a store
+    item under its own key, and ECD gets it beside the teacher."""
+    guided = tmp_path / "guided.yaml"
+    guided.write_text(yaml.safe_dump({"posttrain": {"guidance": {
+        "weight": 2.05, "guide": "edm2-img64-xl-0671088-0.040",
+        "network": {"kind": "edm2", "preset": "edm2-img64-xl", "label_dim": 1000}}}}))
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "imagenet64-cmt-ecd.yaml", guided])
+    jobs = planned_jobs(result)
+    assert jobs["import_guide"] == 1 and jobs["import_teacher"] == 1 and jobs["fetch_assets"] == 4
+    out = result.stdout
+    guide = re.search(r"--pickle (\S*edm2-img64-xl-0671088-0.040.pkl) --key (\w+)", out)
+    assert guide, out[-3000:]
+    post = [line for line in out.splitlines() if "stages.posttrain " in line][0]
+    assert f"--guide store/teachers/{guide.group(2)}/model.safetensors" in post and "--teacher store/teachers/" in post
+
+
 @pytest.mark.parametrize("row", sorted(IMAGENET64_ROWS))
 def test_imagenet64_smoke_overlay(row, tmp_path):
     from snakemake.utils import validate
