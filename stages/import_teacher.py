@@ -1,8 +1,10 @@
-"""Stage import_teacher: an official EDM teacher snapshot (.pkl, read without running its code)
--> our model.safetensors (EMA weights under `ema.`) + model.json (DDPM++ architecture, EDM
-preconditioning)."""
+"""Stage import_teacher: an official EDM teacher snapshot or EDM2 post-hoc EMA pickle (.pkl, read
+without running its code) -> our model.safetensors (EMA weights under `ema.`) + model.json
+(DDPM++ or EDM2 architecture, EDM preconditioning). The guide network of ECD's autoguidance is
+imported by the same stage (it is a teacher of the same task)."""
 
-from stages.files import atomic, checkpoints, edm_import
+from stages import networks
+from stages.files import atomic, checkpoints, edm2_import, edm_import
 from stages.runtime import cli
 
 p = cli.parser(__doc__)
@@ -12,8 +14,20 @@ p.add_argument("--key", required=True, help="store key of this teacher (provenan
 args = p.parse_args()
 cfg = cli.start(args, "import_teacher")
 
-net, architecture, sigma_data, info = edm_import.load_edm_teacher(args.pickle, cfg["sigma_min"])
-edm_import.check_network_config(architecture, cfg["network"], args.pickle)
+if cfg["network"]["kind"] == "edm2":
+    # EDM2's post-hoc EMA pickles: the row's network (a preset, overrides) must be the pickle's
+    imported = edm2_import.load_edm2(args.pickle, cfg["sigma_min"])
+    net, architecture, sigma_data = imported.net, imported.architecture, imported.sigma_data
+    info = {**imported.info, "encoder": imported.encoder}
+    expected = networks.architecture(cfg["network"], architecture["in_channels"], architecture["resolution"],
+                                     architecture["dropout"])
+    edm_import.check_network_config(architecture, expected, args.pickle)
+    if imported.encoder["class_name"] != "StandardRGBEncoder":
+        raise ValueError(f"{args.pickle}: a latent-space model ({imported.encoder['class_name']}); this pipeline "
+                         "runs in pixel space: use an edm2-img64 pickle")
+else:
+    net, architecture, sigma_data, info = edm_import.load_edm_teacher(args.pickle, cfg["sigma_min"])
+    edm_import.check_network_config(architecture, cfg["network"], args.pickle)
 if abs(sigma_data - cfg["sigma_data"]) > 1e-12:
     raise ValueError(f"{args.pickle}: snapshot sigma_data {sigma_data} != config sigma_data {cfg['sigma_data']}")
 print(f"[import_teacher] {args.pickle}: {info['tensors']} tensors, {info['parameters']:,} parameters, "

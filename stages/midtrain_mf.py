@@ -39,7 +39,11 @@ world, rank = accelerator.num_processes, accelerator.process_index
 traj_per_step = mc["batch"] // P
 if traj_per_step % world:
     raise ValueError(f"midtrain_mf: {traj_per_step} trajectories per step cannot be split over {world} processes")
-local_traj = traj_per_step // world
+per_gpu = mc.get("batch_per_gpu")
+if per_gpu is not None and per_gpu % P:
+    raise ValueError(f"midtrain_mf.batch_per_gpu {per_gpu} is not a multiple of pairs_per_trajectory {P}")
+local_traj, micro_batches = loop.split_batch(traj_per_step, per_gpu and per_gpu // P, world, "midtrain_mf",
+                                             unit=f"trajectories (pairs / {P})")
 # each rank reads its own shards, as midtrain (with one process: the plain stream of all shards)
 stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest["shards"]], seed,
                                      mc["shuffle_buffer"], rank, world)
@@ -77,15 +81,15 @@ def next_batch():
     return z.float().to(accelerator.device), t.float().to(accelerator.device)
 
 
-def loss_fn(step):
+def loss_fn(step, part):
     z, t = next_batch()
-    g = rng.generator(seed, step, rank, "cmt-mf-pairs")
+    g = rng.generator(seed, step, part, "cmt-mf-pairs")
     return meanflow.cmt_mf_loss(net, z, t, P, g, distance)
 
 
 elapsed = loop.fit(stage="midtrain_mf", accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                    opt_cfg=mc["optimizer"], total_steps=mc["steps"], batch=mc["batch"], seed=seed,
-                   loss_fn=loss_fn, state=job.state, data=stream)
+                   loss_fn=loss_fn, state=job.state, data=stream, micro_batches=micro_batches)
 
 job.finish(net, ema, steps=mc["steps"], batch=mc["batch"], train_seconds=elapsed, meta={
     **meta, "role": "midtrain", "objective": "cmt-mf", "trajectories_seen": mc["steps"] * traj_per_step,

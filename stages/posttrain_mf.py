@@ -29,7 +29,8 @@ stage_name = f"posttrain_meanflow:{args.init}"
 # ---- data
 accelerator = loop.make_accelerator()
 data, local_batch = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain_mf.batch")
-rank = accelerator.process_index
+local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
+                                             "posttrain_mf")
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -61,8 +62,8 @@ meta.update(init=args.init, images_seen_before=prior_images,
 snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"], ema=ema, meta=meta)
 
 
-def loss_fn(step):
-    g = rng.generator(seed, step, rank, "meanflow-batch")
+def loss_fn(step, part):
+    g = rng.generator(seed, step, part, "meanflow-batch")
     x = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
     return meanflow.meanflow_loss(net, x, g, P_mean=pc["P_mean"], P_std=pc["P_std"],
                                   ratio_r_neq_t=pc["ratio_r_neq_t"], p=pc["adaptive_p"],
@@ -75,6 +76,6 @@ print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({p
 snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                    opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state)
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state, micro_batches=micro_batches)
 
 job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

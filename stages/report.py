@@ -46,7 +46,9 @@ if family == "mf":
 else:
     LABELS = {"cmt": "CMT init (ours)", "teacher": "teacher (diffusion) init", "random": "random init",
               "baseline": "vanilla ECT from the teacher (equal total budget)"}
-    TITLE, TWO_STEP = "CMT mid-training, then ECT", f"sigma_mid = {cfg['sampling']['sigma_mid']}"
+    method = {"ect": "ECT", "ecd": "ECD (consistency distillation)",
+              "ect_snr": "ECT (the ImageNet-512 code's weighting)"}[cfg.get("method", "ect")]
+    TITLE, TWO_STEP = f"CMT mid-training, then {method}", f"sigma_mid = {cfg['sampling']['sigma_mid']}"
     IMAGES, X_LABEL = "images_seen", "post-training kimg"
 
 

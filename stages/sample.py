@@ -5,7 +5,9 @@ then x = f(x1 + sigma_mid z', sigma_mid) with fresh z' (docs/method.md#sampling)
 Average-velocity model (precond "meanflow", flow-matching time): 1-step x = z - u(z, 0, 1) from
 z_1 = z; 2-step: z_mid = z - (1 - t_mid) u(z, t_mid, 1), then x = z_mid - t_mid u(z_mid, 0, t_mid).
 Sample i of a seed range uses noise folded from (seed, i), so a range is the same images whatever
-the batch size, and both kinds of model start from the same z.
+the batch size, and both kinds of model start from the same z. A class-conditional model draws
+image i's class uniformly, folded from (seed, i) too (the same class for 1 and 2 steps), and the
+file records the classes as `labels_r<range>` (int64); an unconditional model's file is unchanged.
 """
 
 import io
@@ -14,10 +16,11 @@ import time
 import numpy as np
 import torch
 
+from stages import networks
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.data import datasets
-from stages.method import flowmap
+from stages.data import datasets, labels as class_labels
+from stages.method import flowmap, losses
 from stages.training import rng
 
 p = cli.parser(__doc__)
@@ -29,11 +32,13 @@ sc = cli.start(args, "sample")
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 meta = checkpoints.read_meta(args.model)
 average_velocity = meta["precond"] == "meanflow"
-net, meta = checkpoints.load(args.model, which="ema", kind=None if average_velocity else "ecm")
+net, meta = checkpoints.load(args.model, which="ema",
+                             kind=None if average_velocity else networks.student_kind(meta["architecture"]))
 net = net.to(device).eval()
 arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 sigma_max = meta["sigma_max"]
+label_dim = class_labels.label_dim_of(net)
 
 
 def noise(indices, purpose):
@@ -53,10 +58,15 @@ def generate(indices, steps):
     return datasets.to_uint8(x).cpu().numpy()
 
 
+def classes(indices):
+    return [class_labels.random_label(sc["seed"], i, label_dim) for i in indices]
+
+
 def consistency(indices, steps):
-    x = net(sigma_max * noise(indices, "z"), sigma_max)
+    onehot = class_labels.one_hot(classes(indices), label_dim, device) if label_dim else None
+    x = losses.call(net, sigma_max * noise(indices, "z"), sigma_max, onehot)
     if steps == 2:
-        x = net(x + sc["sigma_mid"] * noise(indices, "z-mid"), sc["sigma_mid"])
+        x = losses.call(net, x + sc["sigma_mid"] * noise(indices, "z-mid"), sc["sigma_mid"], onehot)
     return x
 
 
@@ -68,7 +78,9 @@ for r in range(sc["num_ranges"]):
         for lo in range(first, first + sc["per_range"], sc["batch"]):
             out.append(generate(range(lo, min(lo + sc["batch"], first + sc["per_range"])), steps))
         arrays[f"images_{steps}step_r{r}"] = np.concatenate(out)
-n = sum(len(a) for a in arrays.values())
+    if label_dim:
+        arrays[f"labels_r{r}"] = np.asarray(classes(range(first, first + sc["per_range"])), dtype=np.int64)
+n = sum(len(a) for k, a in arrays.items() if k.startswith("images_"))
 buf = io.BytesIO()
 np.savez(buf, **arrays)
 atomic.write_bytes(args.out, buf.getvalue())

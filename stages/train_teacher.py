@@ -5,11 +5,11 @@ import torch
 
 from stages.files import atomic
 from stages.runtime import cli
+from stages.data import labels as class_labels
 from stages.method import losses
 from stages import networks
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
-from stages.networks.precond import Precond
 
 p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--dataset", required=True, help="prepared dataset.npz")
@@ -21,16 +21,19 @@ tc, seed = cfg["teacher"], cfg["seed"]
 
 # ---- data
 accelerator = loop.make_accelerator()
-data, local_batch = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch")
-rank = accelerator.process_index
+data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch",
+                                                 labels=True)
+local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu"), accelerator.num_processes,
+                                             "teacher")
 
 # ---- model
 torch.manual_seed(rng.fold(seed, "teacher-init"))
-architecture = {**cfg["network"], "in_channels": data.shape[1], "resolution": data.shape[2],
-                "dropout": tc["dropout"]}
-net = Precond(networks.build(architecture), "edm", cfg["sigma_data"], cfg["sigma_min"])
+architecture = networks.architecture(cfg["network"], data.shape[1], data.shape[2], tc["dropout"])
+net = networks.freeze_unused_heads(networks.build_precond(architecture, "edm", cfg["sigma_data"], cfg["sigma_min"]))
 print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "
       f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
+label_dim = class_labels.label_dim_of(net)
+class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -39,15 +42,17 @@ job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, ide
     "key": args.key, "dataset_sha256": dataset_sha256})
 
 
-def loss_fn(step):
-    g = rng.generator(seed, step, rank, "teacher-batch")
-    y = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
-    return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"])
+def loss_fn(step, part):
+    g = rng.generator(seed, step, part, "teacher-batch")
+    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
+    y, onehot = data[pick], class_labels.one_hot(data_labels[pick].cpu(), label_dim, data.device)
+    return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"], labels=onehot)
 
 
 elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
-                       batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=job.state)
+                       batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=job.state,
+                   micro_batches=micro_batches)
 
 # ---- write
 job.finish(net, ema, steps=tc["steps"], batch=tc["batch"], train_seconds=elapsed, meta={

@@ -30,11 +30,11 @@ if meta["key"] != spec["teacher_key"]:
     raise ValueError(f"{args.teacher}: teacher key {meta['key']} but the trajectory spec expects "
                      f"{spec['teacher_key']}; the teacher file is stale: rerun train_teacher")
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-data = None
+data = labels = None
 if spec["x_T"] == "data_plus_noise":
-    images, _ = datasets.load(args.dataset)
+    images, labels = datasets.load(args.dataset)
     data = torch.from_numpy(datasets.to_model_range(images))
-generator = trajectories.Generator(teacher, meta, spec, device, data)
+generator = trajectories.Generator(teacher, meta, spec, device, data, labels)
 
 first = args.shard * spec["per_shard"]
 indices = list(range(first, first + spec["per_shard"]))

@@ -201,6 +201,17 @@ def test_batches_the_jobs_gpus_cannot_share_are_refused_naming_the_rule():
     assert len(found) == 1 and found[0].startswith("resources.midtrain_mf.gpu: 3 GPUs"), found
 
 
+def test_micro_batches_that_do_not_split_a_share_are_refused():
+    """batch_per_gpu: the default row's midtrain batch is 8 trajectories x 16 points, posttrain 128."""
+    cfg = merged({"midtrain": {"batch_per_gpu": 32}, "posttrain": {"batch_per_gpu": 32}})
+    validate(cfg, SCHEMA)
+    assert checks.process_problems(cfg, {"midtrain": 2, "posttrain": 2}) == []  # 4 trajectories: 2 x 2; 64: 2 x 32
+    cfg = merged({"midtrain": {"batch_per_gpu": 24}, "posttrain": {"batch_per_gpu": 48}})
+    found = checks.process_problems(cfg, {"posttrain": 2})
+    assert "midtrain.batch_per_gpu: 24 is not a multiple of trajectories.nfe = 16" in found[0]
+    assert found[1].startswith("posttrain.batch_per_gpu: micro-batches of 48 images do not divide the 64"), found
+
+
 def test_snakemake_refuses_gpus_that_cannot_share_a_batch_before_any_job(tmp_path):
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                              "-d", str(tmp_path), "-c1", "--set-resources", "posttrain:gpu=3"],

@@ -135,3 +135,54 @@ def test_statistics_round_trip(tmp_path):
     m2, s2 = features.load_statistics(path)
     np.testing.assert_array_equal(m2, mu)
     np.testing.assert_array_equal(s2, sigma)
+
+
+# ---- ImageNet folder and the ADM centre crop ---------------------------------------------------
+
+
+def test_adm_crop_halves_with_box_then_bicubic_then_centre():
+    """1024x768 to 64: 768 -> 384 -> 192 -> 96 by three box halvings (96 < 128 stops), then bicubic
+    to 85x64 (round(128 x 64 / 96) = 85, short side 64), then the centre 64 columns from 10."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8))
+    by_hand = img
+    for _ in range(3):
+        by_hand = by_hand.resize((by_hand.size[0] // 2, by_hand.size[1] // 2), resample=Image.BOX)
+    assert by_hand.size == (128, 96)
+    by_hand = np.asarray(by_hand.resize((85, 64), resample=Image.BICUBIC))[:, 10:74]
+    np.testing.assert_array_equal(datasets.center_crop_adm(img, 64), by_hand)
+
+
+def test_adm_crop_keeps_the_centre_of_a_wide_image():
+    from PIL import Image
+
+    stripes = np.zeros((200, 600, 3), dtype=np.uint8)
+    stripes[:, :200, 0] = 255
+    stripes[:, 200:400, 1] = 255
+    stripes[:, 400:, 2] = 255
+    out = datasets.center_crop_adm(Image.fromarray(stripes), 32)
+    assert out.shape == (32, 32, 3)
+    # the middle third only (bicubic rings a little at its borders: the outer two columns)
+    inner = out[:, 2:-2].astype(int)
+    assert (inner[..., 1] == 255).all() and (inner[..., [0, 2]] == 0).all()
+    assert (out[..., 1] >= 200).all() and (out[..., [0, 2]] <= 40).all()
+
+
+def test_imagenet_folder_labels_are_sorted_class_folders(tmp_path):
+    datasets.write_class_folders(tmp_path / "train", 12, 3, 8)
+    (tmp_path / "train" / "n00000001" / "notes.txt").write_text("not an image")
+    images, labels = datasets.read_imagenet_folder({"path": str(tmp_path / "train"), "resolution": 8})
+    assert images.shape == (12, 3, 8, 8) and images.dtype == np.uint8
+    # folders n00000000 < n00000001 < n00000002; image i is in class i % 3, files sorted in each
+    np.testing.assert_array_equal(labels, [0] * 4 + [1] * 4 + [2] * 4)
+    synthetic, syn_labels = datasets.read_imagenet_folder({"synthetic": 20, "resolution": 8})
+    assert synthetic.shape == (20, 3, 8, 8) and sorted(set(syn_labels.tolist())) == list(range(10))
+    from PIL import Image
+
+    Image.fromarray(images[0].transpose(1, 2, 0)).save(tmp_path / "train" / "stray.png")
+    with pytest.raises(ValueError, match="outside the class folders"):
+        datasets.read_imagenet_folder({"path": str(tmp_path / "train"), "resolution": 8})
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012"):
+        datasets.read_imagenet_folder({"path": str(tmp_path / "missing"), "resolution": 8})

@@ -74,3 +74,34 @@ def test_refuses_conditional_and_mismatched_snapshots(tmp_path):
     _, architecture, _, _ = edm_import.load_edm_teacher(pkl)
     with pytest.raises(ValueError, match="channels: config 128, snapshot 16"):
         edm_import.check_network_config(architecture, {"kind": "ddpmpp", "channels": 128}, pkl)
+
+
+def test_edm2_pickle_imports_as_the_rows_preset(tmp_path):
+    """An EDM2 post-hoc EMA pickle (pixel model, StandardRGBEncoder) becomes a teacher whose outputs
+    are the pickle's network's (stored float16, as EDM2 stores them); the row names a preset with
+    overrides, and a row that names another network or a latent model is refused."""
+    from tests.edm_format import edm2_kwargs, write_edm2_pickle
+    from tests.test_edm2_import import TINY_EXTRA
+    from tests.test_networks_edm2 import TINY, tiny_inputs, tiny_net
+
+    original = tiny_net()
+    pkl = tmp_path / "edm2-tiny.pkl"
+    write_edm2_pickle(pkl, original, tmp_path / "marker", edm2_kwargs(TINY, **TINY_EXTRA), encoder="rgb")
+    network = {"kind": "edm2", "preset": "edm2-img64-s", "label_dim": 10, "channels": 16, **TINY_EXTRA}
+    out = tmp_path / "teacher" / "model.safetensors"
+    result = run_stage(pkl, out, network)
+    assert result.returncode == 0, result.stderr
+    teacher, meta = checkpoints.load(out, which="ema")
+    assert meta["architecture"] == networks.architecture(network, 3, 16, 0.0)
+    assert meta["precond"] == "edm" and meta["imported"]["encoder"] == {"class_name": "StandardRGBEncoder"}
+    x, sigma, labels = tiny_inputs()
+    stored = original.half().float().eval()
+    with torch.no_grad():
+        assert torch.equal(teacher.eval()(x, sigma, labels), stored(x, sigma, labels))
+
+    wrong = run_stage(pkl, tmp_path / "w" / "model.safetensors", {**network, "channels": 32})
+    assert wrong.returncode != 0 and "channels: config 32, snapshot 16" in wrong.stderr
+    vae = tmp_path / "edm2-vae.pkl"
+    write_edm2_pickle(vae, tiny_net(), tmp_path / "marker", edm2_kwargs(TINY, **TINY_EXTRA), encoder="vae")
+    latent = run_stage(vae, tmp_path / "v" / "model.safetensors", network)
+    assert latent.returncode != 0 and "latent-space model" in latent.stderr

@@ -79,6 +79,32 @@ def test_midtrain_and_posttrain_under_two_processes(tmp_path):
     assert checkpoints.read_meta(tmp_path / "post.safetensors")["images_seen"] == 4 * 8
 
 
+def test_accumulation_under_two_processes_equals_one_process(tmp_path):
+    """Global batch 8 in micro-batches of 2: two processes x two micro-batches (DDP synchronising
+    on the second only) train what one process with four micro-batches trains, as the parts 0..3
+    draw the same samples and dropout masks."""
+    import torch
+    from safetensors.torch import load_file
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    dataset = make_dataset(tmp_path / "data")
+    cfg = posttrain_config(steps=3, batch=8, batch_per_gpu=2)
+    args = ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", teacher, "--dataset", dataset]
+    two = launch("stages.posttrain", [*args, "--out", tmp_path / "two.safetensors", "--snapshots", tmp_path / "s2"],
+                 tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    one = subprocess.run([sys.executable, "-m", "stages.posttrain", *map(str, args), "--out", tmp_path / "one.safetensors",
+                          "--snapshots", tmp_path / "s1", "--threads", "1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    init = load_file(str(teacher))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a[k], init["ema." + k.split(".", 1)[1]]) for k in a if k.startswith("net."))
+
+
 def test_midtrain_mf_ranks_read_disjoint_shards(tmp_path):
     """CMT-MF mid-training splits the pool by rank as midtrain does: each rank reads its own
     shards and takes its share of the global batch from them."""

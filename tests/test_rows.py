@@ -70,6 +70,36 @@ def test_row_dry_run_lists_the_row_and_its_baseline(row, tmp_path):
         assert f"store/{key}/" in out, key
 
 
+IMAGENET64_ROWS = {"imagenet64-cmt-ecd": "ecd", "imagenet64-cmt-ect": "ect_snr"}
+
+
+@pytest.mark.parametrize("row", sorted(IMAGENET64_ROWS))
+def test_imagenet64_row_dry_run(row, tmp_path):
+    """Every job of the ImageNet-64 rows, planned in seconds: the EDM2 teacher imported, the ADM
+    crop of the user's ImageNet folder, 160 shards, CMT with LPIPS, ECD (distilling the teacher) or
+    the 512 code's ECT, FID-50k at sigma_mid 1.526."""
+    import time
+
+    t0 = time.perf_counter()
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / f"{row}.yaml"])
+    assert time.perf_counter() - t0 < 60
+    assert planned_jobs(result) == {
+        "fetch_assets": 3, "import_teacher": 1, "prepare_dataset": 1, "fid_reference": 1, "trajectory_spec": 1,
+        "trajectory_shard": 160, "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1, "sample": 6, "fid": 2,
+        "fid_teacher": 1, "report": 1, "all": 1}
+    out = result.stdout
+    assert "assets/edm2-img64-s-1073741-0.075.pkl" in out and '"preset": "edm2-img64-s"' in out
+    assert '"source": "imagenet_folder"' in out and '"label_dim": 1000' in out
+    assert '"distance": "lpips"' in out and '"sigma_mid": 1.526' in out and '"per_range": 50000' in out
+    post = [line for line in out.splitlines() if "stages.posttrain " in line]
+    assert len(post) == 1 and "--init cmt" in post[0]
+    cfg = json.loads(re.search(r"--config '(.*?)'", post[0]).group(1))["posttrain"]
+    assert cfg["method"] == IMAGENET64_ROWS[row] and cfg["q"] == 1024 and cfg["c"] == 0.06
+    assert (cfg["P_mean"], cfg["P_std"], cfg["optimizer"]["betas"]) == (-0.8, 1.6, [0.9, 0.99])
+    # ECD distils the teacher from the store (plain distillation: no guide); ECT uses none
+    assert ("--teacher " in post[0]) == (row == "imagenet64-cmt-ecd") and "--guide" not in post[0]
+
+
 @pytest.mark.parametrize("row", PAPER_ROWS)
 def test_smoke_overlay_on_each_row(row):
     from snakemake.utils import validate
@@ -162,3 +192,62 @@ def test_teacher_source_is_validated():
                           ({"source": "download", "asset": "x"}, "download")]:
         with pytest.raises(WorkflowError, match=word):
             validate({**row, "teacher": teacher}, schema)
+
+
+def test_ecd_with_autoguidance_imports_the_guide_into_the_store(tmp_path):
+    """posttrain.guidance names a guide pickle from the catalog: rule import_guide makes it a store
+    item under its own key, and ECD gets it beside the teacher."""
+    guided = tmp_path / "guided.yaml"
+    guided.write_text(yaml.safe_dump({"posttrain": {"guidance": {
+        "weight": 2.05, "guide": "edm2-img64-xl-0671088-0.040",
+        "network": {"kind": "edm2", "preset": "edm2-img64-xl", "label_dim": 1000}}}}))
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "imagenet64-cmt-ecd.yaml", guided])
+    jobs = planned_jobs(result)
+    assert jobs["import_guide"] == 1 and jobs["import_teacher"] == 1 and jobs["fetch_assets"] == 4
+    out = result.stdout
+    guide = re.search(r"--pickle (\S*edm2-img64-xl-0671088-0.040.pkl) --key (\w+)", out)
+    assert guide, out[-3000:]
+    post = [line for line in out.splitlines() if "stages.posttrain " in line][0]
+    assert f"--guide store/teachers/{guide.group(2)}/model.safetensors" in post and "--teacher store/teachers/" in post
+
+
+@pytest.mark.parametrize("row", sorted(IMAGENET64_ROWS))
+def test_imagenet64_smoke_overlay(row, tmp_path):
+    from snakemake.utils import validate
+
+    from stages.config import checks, layers
+
+    configs = [ROWS / f"{row}.yaml", ROWS / "smoke" / "imagenet64.yaml"]
+    cfg = layers.assemble(REPO / "config" / "default.yaml", configs)
+    validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    checks.check(cfg)
+    assert cfg["network"]["kind"] == "edm2" and cfg["network"]["channels"] == 16 and cfg["teacher"]["source"] == "train"
+    used = {rule: r for rule, r in cfg["resources"].items() if not rule.endswith("_mf")}  # MeanFlow: another family
+    assert all(r["gpu"] == 0 and r["mem_mb"] <= 8000 and r["runtime"] <= 15 for r in used.values()), used
+    assert planned_jobs(snakemake(tmp_path, "-n", configs=configs)) == {
+        "prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1, "trajectory_spec": 1, "trajectory_shard": 1,
+        "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1, "sample": 2, "fid": 2, "fid_teacher": 1,
+        "report": 1, "all": 1}
+
+
+def test_imagenet64_ecd_smoke_through_snakemake(tmp_path):
+    """Every stage of the ECD row on CPU, offline: labelled synthetic ImageNet folder, a tiny EDM2
+    teacher trained here, labelled trajectories, CMT, ECD distilling that teacher, labelled samples."""
+    from stages.data import shards
+
+    configs = [ROWS / "imagenet64-cmt-ecd.yaml", ROWS / "smoke" / "imagenet64.yaml"]
+    result = snakemake(tmp_path, configs=configs)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    res = tmp_path / "results" / "imagenet64-cmt-ecd-smoke"
+    report = (res / "report.md").read_text()
+    assert "then ECD" in report and "| CMT + ECD | " in report and "| 1.32 | " in report
+    assert "[posttrain:cmt] ECD q=1024" in (res / "logs" / "posttrain" / "cmt.log").read_text()
+    (shard,) = (tmp_path / "store" / "trajectories").glob("*/shard-000000.tar")
+    assert all(0 <= s["meta"]["label"] < 1000 for s in shards.read_shard(shard))
+    midtrain = json.loads((res / "midtrain" / "model.json").read_text())
+    assert midtrain["architecture"]["kind"] == "edm2" and midtrain["precond"] == "edm"
+    import numpy as np
+
+    with np.load(res / "samples" / "cmt" / "p100.npz") as samples:
+        assert samples["labels_r0"].shape == (4,) and samples["images_2step_r0"].shape == (4, 3, 64, 64)
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=configs).stdout

@@ -35,18 +35,18 @@ def _setup(width=6):
 
 
 def _loss_fn(net, on_step=None):
-    def loss(step):
+    def loss(step, part):
         if on_step is not None:
             on_step(step)
-        x = torch.randn(8, 6, generator=rng.generator(3, step, "data"))
+        x = torch.randn(8, 6, generator=rng.generator(3, step, part, "data"))
         return (net(x).squeeze(1) - x.sum(1)).square()
     return loss
 
 
-def _fit(net, ema, opt, state, total=8, on_step=None):
+def _fit(net, ema, opt, state, total=8, on_step=None, micro_batches=1):
     return loop.fit(stage="test", accelerator=loop.make_accelerator(), net=net, ema=ema, optimizer=opt,
                         opt_cfg=ADAM, total_steps=total, batch=8, seed=1, loss_fn=_loss_fn(net, on_step),
-                        status_every=1000, state=state)
+                        status_every=1000, state=state, micro_batches=micro_batches)
 
 
 def _state(folder, identity=None, **kw):
@@ -78,9 +78,10 @@ def test_differences_lists_nested_keys():
     assert resume.differences(old, copy.deepcopy(old)) == []
 
 
-def test_fit_signal_then_resume_equals_a_straight_run(tmp_path):
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-batch", "accumulated"])
+def test_fit_signal_then_resume_equals_a_straight_run(tmp_path, micro):
     net, ema, opt = _setup()
-    _fit(net, ema, opt, _state(tmp_path / "straight"), total=8)
+    _fit(net, ema, opt, _state(tmp_path / "straight"), total=8, micro_batches=micro)
     straight = _tensors(net, ema, opt)
 
     net, ema, opt = _setup()
@@ -93,17 +94,17 @@ def test_fit_signal_then_resume_equals_a_straight_run(tmp_path):
 
     state = _state(tmp_path / "resumed", every_steps=None)
     with pytest.raises(resume.Interrupted) as stop:
-        _fit(net, ema, opt, state, total=8, on_step=send_usr1)
+        _fit(net, ema, opt, state, total=8, on_step=send_usr1, micro_batches=micro)
     assert stop.value.code == 128 + signal.SIGUSR1
     assert [s for s, _ in state.saved()] == [3]  # saved after the step the signal arrived in
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are given back
 
     net, ema, opt = _setup()  # a fresh process would build everything anew
-    _fit(net, ema, opt, _state(tmp_path / "resumed"), total=8)
+    _fit(net, ema, opt, _state(tmp_path / "resumed"), total=8, micro_batches=micro)
     _assert_equal(_tensors(net, ema, opt), straight)
     # the comparison is not trivial: two fewer steps give other weights
     net2, ema2, opt2 = _setup()
-    _fit(net2, ema2, opt2, None, total=6)
+    _fit(net2, ema2, opt2, None, total=6, micro_batches=micro)
     assert not torch.equal(net2.lin.weight, net.lin.weight)
 
 

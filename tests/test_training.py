@@ -160,7 +160,7 @@ def _run(seed, net, total_steps=6, opt_cfg=None, loss_override=None, on_step_end
     optimizer = loop.build_optimizer(net.parameters(), opt_cfg)
     target = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5])
 
-    def loss_fn(step):
+    def loss_fn(step, part):
         if loss_override is not None:
             return loss_override(step, net)
         g = rng.generator(seed, step, "data")
@@ -267,3 +267,49 @@ def test_fold_is_a_pure_63_bit_function():
     assert all(0 <= rng.fold(i, "p") < 2**63 for i in range(50))
     a = torch.randn(3, generator=rng.generator(5, "q"))
     assert torch.equal(a, torch.randn(3, generator=rng.generator(5, "q")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation
+
+
+def test_split_batch():
+    assert loop.split_batch(64, None, 2, "posttrain") == (32, 1)
+    assert loop.split_batch(64, 8, 2, "posttrain") == (8, 4)
+    assert loop.split_batch(64, 64, 1, "posttrain") == (64, 1)
+    assert loop.split_batch(64, 128, 1, "posttrain") == (64, 1)  # more room than the share needs
+    with pytest.raises(ValueError, match="posttrain.batch_per_gpu: 12 samples per micro-batch do not divide the 32"):
+        loop.split_batch(64, 12, 2, "posttrain")
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        loop.split_batch(64, 8, 3, "posttrain")
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_accumulation_gives_the_gradient_of_the_whole_batch(micro_batches):
+    """One step over 8 samples in `micro_batches` parts leaves the gradient of the 8-sample mean
+    loss (no dropout: the parts see exactly the samples of the whole batch), and one optimizer step."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randn(8)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    reference = copy.deepcopy(net)
+    whole = torch.autograd.grad((reference(x).squeeze(1) - y).square().mean(), list(reference.parameters()))
+    per, parts = 8 // micro_batches, []
+    model = copy.deepcopy(net)
+
+    def loss_fn(step, part):
+        parts.append((step, part))
+        sl = slice(part * per, (part + 1) * per)
+        return (model(x[sl]).squeeze(1) - y[sl]).square()
+
+    opt_cfg = {**ADAM, "lr": 1e-2, "schedule": "constant"}
+    optimizer = loop.build_optimizer(model.parameters(), opt_cfg)
+    loop.fit(stage="test", accelerator=loop.make_accelerator(), net=model, ema=loop.EMA(model, 0.9),
+             optimizer=optimizer, opt_cfg=opt_cfg, total_steps=1, batch=8, seed=0, loss_fn=loss_fn,
+             status_every=1000, micro_batches=micro_batches)
+    assert parts == [(0, k) for k in range(micro_batches)]
+    assert all(int(s["step"]) == 1 for s in optimizer.state.values())  # one optimizer step
+    for p, g, p0 in zip(model.parameters(), whole, net.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+        # Adam's first step moves each weight by lr x sign(grad) (up to eps): that of the whole batch
+        big = g.abs() > 1e-6
+        assert torch.equal(torch.sign(p0.detach() - p.detach())[big], torch.sign(g)[big])

@@ -106,11 +106,24 @@ def process_problems(cfg, gpus):
     out = []
     traj = cfg["trajectories"]
 
-    def split(rule, key, count, unit):
+    def split(rule, key, count, unit, per_gpu=None, per_key=None):
         n = gpus.get(rule, 0)
         if n > 1 and count % n:
             out.append(f"resources.{rule}.gpu: {n} GPUs (one process each) cannot share {key} = {count} "
                        f"{unit} evenly; ask for a divisor of {count} (--set-resources {rule}:gpu=N)")
+        elif per_gpu:  # gradient accumulation: each process's share in micro-batches of per_gpu
+            share = count // max(n, 1)
+            if share % min(per_gpu, share):
+                out.append(f"{per_key}: micro-batches of {per_gpu} {unit} do not divide the {share} {unit} of each "
+                           f"of the {max(n, 1)} processes of {rule}; choose a divisor of {share}")
+
+    def per_gpu(section, key, points=1):
+        value = cfg[section].get("batch_per_gpu")
+        if value is not None and value % points:
+            out.append(f"{section}.batch_per_gpu: {value} is not a multiple of {key} = {points} "
+                       "(a micro-batch holds whole trajectories)")
+            return None
+        return value and value // points
 
     def shards(rule):
         n = gpus.get(rule, 0)
@@ -119,18 +132,23 @@ def process_problems(cfg, gpus):
                        f"trajectories.num_shards is {traj['num_shards']}; ask for at most that many")
 
     if cfg["teacher"].get("source", "train") == "train":
-        split("train_teacher", "teacher.batch", cfg["teacher"]["batch"], "images")
+        split("train_teacher", "teacher.batch", cfg["teacher"]["batch"], "images", per_gpu("teacher", ""),
+              "teacher.batch_per_gpu")
     if cfg.get("family", "cm") == "mf":
         mid, post = cfg["midtrain_mf"], cfg["posttrain_mf"]
         split("midtrain_mf", "midtrain_mf.batch / pairs_per_trajectory",
-              mid["batch"] // mid["pairs_per_trajectory"], "trajectories per step")
+              mid["batch"] // mid["pairs_per_trajectory"], "trajectories per step",
+              per_gpu("midtrain_mf", "pairs_per_trajectory", mid["pairs_per_trajectory"]), "midtrain_mf.batch_per_gpu")
         shards("midtrain_mf")
-        split("posttrain_mf", "posttrain_mf.batch", post["batch"], "images")
+        split("posttrain_mf", "posttrain_mf.batch", post["batch"], "images", per_gpu("posttrain_mf", ""),
+              "posttrain_mf.batch_per_gpu")
     else:
         mid, post = cfg["midtrain"], cfg["posttrain"]
-        split("midtrain", "midtrain.batch / trajectories.nfe", mid["batch"] // traj["nfe"], "trajectories per step")
+        split("midtrain", "midtrain.batch / trajectories.nfe", mid["batch"] // traj["nfe"], "trajectories per step",
+              per_gpu("midtrain", "trajectories.nfe", traj["nfe"]), "midtrain.batch_per_gpu")
         shards("midtrain")
-        split("posttrain", "posttrain.batch", post["batch"], "images")
+        split("posttrain", "posttrain.batch", post["batch"], "images", per_gpu("posttrain", ""),
+              "posttrain.batch_per_gpu")
         if "baseline" in post["inits"] and "batch" in cfg.get("baseline", {}):
             split("posttrain", "baseline.batch", cfg["baseline"]["batch"], "images")
     return out

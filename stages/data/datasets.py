@@ -133,7 +133,72 @@ def read_image_folder(spec):
     return out, np.full(len(files), -1, dtype=np.int64)
 
 
-READERS = {"digits": read_digits, "cifar10": read_cifar10, "image_folder": read_image_folder}
+def center_crop_adm(img, resolution):
+    """The ADM crop (EDM2's `center-crop-dhariwal`, from guided-diffusion's ImageNet loader): while
+    the short side is at least twice the target, halve the image with a box filter; then scale
+    with bicubic so the short side is `resolution`; then cut the centre square. Returns HWC uint8."""
+    from PIL import Image
+
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(side // 2 for side in img.size), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(side * scale) for side in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+def write_class_folders(root, count, classes, resolution, seed=0):
+    """`count` PNGs of non-square sizes in `classes` class folders (n00000000, ...) in the
+    ILSVRC2012 train layout, image i in class i % classes. For smoke runs and tests."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = synthetic_images(count, 3, 4 * resolution, seed)
+    for i, img in enumerate(base):
+        folder = Path(root) / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w = int(rng.integers(3 * resolution, 4 * resolution + 1))
+        Image.fromarray(img.transpose(1, 2, 0)).resize((w, 3 * resolution)).save(folder / f"img_{i:05d}.png")
+
+
+def read_imagenet_folder(spec):
+    """ImageNet in the ILSVRC2012 train layout (`path`/<wnid>/<image>.JPEG): the class folders in
+    sorted order are labels 0..999, each image RGB through the ADM crop (center_crop_adm) at
+    `resolution`. `synthetic: N` writes N images in 10 class folders and reads those (smoke runs)."""
+    import tempfile
+
+    from PIL import Image
+
+    res = spec["resolution"]
+    if spec.get("synthetic"):
+        tmp = tempfile.TemporaryDirectory()
+        root = Path(tmp.name)
+        write_class_folders(root, spec["synthetic"], 10, res)
+    else:
+        root = Path(spec["path"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: ImageNet folder missing; set dataset.path to the extracted ILSVRC2012 "
+                                "train folder (one sub-folder per class, e.g. n01440764/*.JPEG)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(label, f) for label, name in enumerate(classes)
+             for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"{root}: no class folders with images; expected the ILSVRC2012 train layout "
+                                "<path>/<wnid>/<image>.JPEG")
+    stray = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if stray:
+        raise ValueError(f"{root}: images outside the class folders ({stray[:3]}); an unlabelled image has no "
+                         "class here: move them into their class folder or remove them")
+    out = np.empty((len(files), 3, res, res), dtype=np.uint8)
+    for i, (_, file) in enumerate(files):
+        with Image.open(file) as img:
+            out[i] = center_crop_adm(img.convert("RGB"), res).transpose(2, 0, 1)
+    return out, np.array([label for label, _ in files], dtype=np.int64)
+
+
+READERS = {"digits": read_digits, "cifar10": read_cifar10, "image_folder": read_image_folder,
+           "imagenet_folder": read_imagenet_folder}
 
 
 def prepare(spec, out_dir):

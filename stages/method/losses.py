@@ -81,13 +81,13 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None):
 # weight (sigma^2 + sd^2) / (sigma sd)^2 on the squared error of the denoiser.
 
 
-def edm_loss(denoiser, y, generator, sigma_data, P_mean=-1.2, P_std=1.2):
+def edm_loss(denoiser, y, generator, sigma_data, P_mean=-1.2, P_std=1.2, labels=None):
     sd = sigma_data
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     sigma = (P_mean + P_std * n).exp()
     noise = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    d = denoiser(y + sigma.view(-1, 1, 1, 1) * noise, sigma)
+    d = call(denoiser, y + sigma.view(-1, 1, 1, 1) * noise, sigma, labels)
     return weight * (d - y).flatten(1).square().mean(1)
 
 
@@ -106,9 +106,13 @@ def cmt_cm_inputs(states, sigmas):
     return inputs, input_sigmas, targets
 
 
-def cmt_cm_loss(student, states, sigmas, distance):
+def cmt_cm_loss(student, states, sigmas, distance, labels=None):
+    """`labels`: one-hot [T, label_dim], one class per trajectory (a conditional student), tiled
+    over the trajectory's K points as cmt_cm_inputs orders them (trajectory-major)."""
     inputs, input_sigmas, targets = cmt_cm_inputs(states, sigmas)
-    return distance(student(inputs, input_sigmas), targets)
+    if labels is not None:
+        labels = labels.repeat_interleave(states.shape[1] - 1, dim=0)
+    return distance(call(student, inputs, input_sigmas, labels), targets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,10 +137,11 @@ def ect_stage(step, double_every):
 
 
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,
-             sigma_min=0.002):
+             sigma_min=0.002, labels=None, target_context=None):
     """||f(x_t, t) - sg f(x_r, r)|| / (t - r) with shared noise; the target is the same network
     under no_grad with the same dropout mask (the RNG state is restored), and y where r = 0.
-    c > 0 turns the numerator into the pseudo-Huber distance.
+    c > 0 turns the numerator into the pseudo-Huber distance. `target_context`: as in
+    consistency_pair_loss (EDM2 students).
     """
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     t = (P_mean + P_std * n).exp()
@@ -149,10 +154,10 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
 
     devices = [y.device] if y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
-            target = student(x_r, r_eval)
+        with torch.no_grad(), (target_context or contextlib.nullcontext)():
+            target = call(student, x_r, r_eval, labels)
     target = torch.where((r > 0).view(-1, 1, 1, 1), target, y)
-    pred = student(x_t, t)
+    pred = call(student, x_t, t, labels)
     dist = pseudo_huber_distance(pred, target, c) if c > 0 else l2_distance(pred, target)
     return dist / (t - r)
 
@@ -170,16 +175,17 @@ def guided_denoiser(teacher, guide=None, weight=1.0):
     if guide is None or weight == 1.0:
         if guide is not None:
             raise ValueError("guided_denoiser: a guide network with weight 1 would be evaluated for nothing")
-        return lambda x, sigma, labels=None: _call(teacher, x, sigma, labels)
+        return lambda x, sigma, labels=None: call(teacher, x, sigma, labels)
 
     def denoise(x, sigma, labels=None):
-        g = _call(guide, x, sigma, labels)
-        return g + weight * (_call(teacher, x, sigma, labels) - g)
+        g = call(guide, x, sigma, labels)
+        return g + weight * (call(teacher, x, sigma, labels) - g)
 
     return denoise
 
 
-def _call(net, x, sigma, labels):
+def call(net, x, sigma, labels=None):
+    """net(x, sigma), or net(x, sigma, labels) for a class-conditional network (one-hot labels)."""
     return net(x, sigma) if labels is None else net(x, sigma, labels)
 
 
@@ -210,8 +216,8 @@ def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None
     devices = [x_t.device] if x_t.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         with torch.no_grad(), (target_context or contextlib.nullcontext)():
-            target = _call(student, x_r, r, labels)
-    pred = _call(student, x_t, t, labels)
+            target = call(student, x_r, r, labels)
+    pred = call(student, x_t, t, labels)
     return pseudo_huber_distance(pred, target, c) * snr_plus_one_weight(t, sigma_data)
 
 

@@ -1,10 +1,15 @@
 """Teacher trajectories as pure functions of (teacher, solver spec, base seed, index): what the
-trajectory_shard stage writes and what the mid-training stages' spot check regenerates."""
+trajectory_shard stage writes and what the mid-training stages' spot check regenerates.
+
+A class-conditional teacher (label_dim > 0) solves each trajectory for one class: the dataset
+image's label where x_T starts from data, a uniform random class folded from (seed, index)
+otherwise (stages/data/labels.py). The class is stored in the sample's meta.json as `label`, only
+for such teachers: an unconditional teacher's shards are byte for byte what they were."""
 
 import numpy as np
 import torch
 
-from stages.data import datasets, shards
+from stages.data import datasets, labels as class_labels, shards
 from stages.files import checkpoints
 from stages.method import solvers
 from stages.training import rng
@@ -15,9 +20,10 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 class Generator:
     """Solves the teacher's PF-ODE for given trajectory indices of one spec."""
 
-    def __init__(self, teacher, meta, spec, device, data=None):
+    def __init__(self, teacher, meta, spec, device, data=None, labels=None):
         self.teacher = teacher.to(device).eval().to(torch.float32)
-        self.spec, self.device, self.data = spec, device, data
+        self.spec, self.device, self.data, self.labels = spec, device, data, labels
+        self.label_dim = class_labels.label_dim_of(self.teacher)
         arch = meta["architecture"]
         self.shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
         self.sigmas = solvers.logsnr_grid(spec["nfe"], spec["sigma_max"], spec["sigma_min"])
@@ -25,10 +31,15 @@ class Generator:
         self.dtype = STORE_DTYPES[spec["dtype"]]
         if spec["x_T"] == "data_plus_noise" and data is None:
             raise ValueError("x_T = data_plus_noise needs the prepared dataset")
+        if self.label_dim and data is not None:
+            if labels is None:
+                raise ValueError("a class-conditional teacher starting from data needs the dataset's labels")
+            class_labels.check_dataset(labels, self.label_dim, "the prepared dataset")
 
     @torch.no_grad()
-    def denoise(self, x, sigma):
-        return self.teacher(x, torch.full((x.shape[0],), sigma, device=self.device))
+    def denoise(self, x, sigma, onehot=None):
+        sigma = torch.full((x.shape[0],), sigma, device=self.device)
+        return self.teacher(x, sigma) if onehot is None else self.teacher(x, sigma, onehot)
 
     def start_point(self, i):
         g = rng.generator(self.spec["seed"], i, "x_T")
@@ -38,13 +49,18 @@ class Generator:
             j = int(torch.randint(len(self.data), (1,), generator=g))
             x = self.data[j] + x
             meta["data_index"] = j
+        if self.label_dim:
+            meta["label"] = (int(self.labels[j]) if self.data is not None
+                             else class_labels.random_label(self.spec["seed"], i, self.label_dim))
         return x, meta
 
     def batch(self, indices):
         """[(index, states in the store dtype [K+1, C, H, W], sigmas float64 [K+1], meta)] for `indices`."""
         starts = [self.start_point(i) for i in indices]
         x = torch.stack([s[0] for s in starts]).to(self.device)
-        states = self.solve(self.denoise, x, self.sigmas, order=self.spec["order"],
+        onehot = class_labels.one_hot([s[1].get("label") for s in starts], self.label_dim, self.device)
+        denoise = self.denoise if onehot is None else lambda x, sigma: self.denoise(x, sigma, onehot)
+        states = self.solve(denoise, x, self.sigmas, order=self.spec["order"],
                             lower_order_final=self.spec["lower_order_final"]).cpu().numpy()
         out = []
         for (_, meta), i, traj in zip(starts, indices, states):
@@ -65,10 +81,11 @@ def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None, remake
     if count == 0:
         return 0
     teacher, meta = checkpoints.load(teacher_path, which="ema")
-    data = None
+    data = labels = None
     if spec["x_T"] == "data_plus_noise":
-        data = torch.from_numpy(datasets.to_model_range(datasets.load(dataset_path)[0]))
-    generator = Generator(teacher, meta, spec, torch.device("cpu"), data)
+        images, labels = datasets.load(dataset_path)
+        data = torch.from_numpy(datasets.to_model_range(images))
+    generator = Generator(teacher, meta, spec, torch.device("cpu"), data, labels)
     picks = np.linspace(0, len(shard_paths) - 1, min(count, len(shard_paths))).round().astype(int)
     picks = list(picks) + [picks[-1]] * (count - len(picks))
     per_shard = {}
@@ -78,7 +95,12 @@ def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None, remake
         stored = shards.read_shard(shard_paths[p])
         for k in ks:
             s = stored[(k * 7919) % len(stored)]
-            (_, states, sigmas, _), = generator.batch([s["index"]])
+            (_, states, sigmas, regenerated), = generator.batch([s["index"]])
+            if regenerated.get("label") != s["meta"].get("label"):
+                raise ValueError(
+                    f"{shard_paths[p]}: trajectory {s['index']} is stored with class {s['meta'].get('label')} "
+                    f"but its seed gives class {regenerated.get('label')} with {teacher_path}: "
+                    + (remake or {}).get(str(shard_paths[p]), "rerun its trajectory_shard job"))
             err = np.abs(states.astype(np.float32) - s["states"].astype(np.float32))
             scale = np.abs(s["states"].astype(np.float32)) + 1.0
             if not np.allclose(sigmas, s["sigmas"]) or float((err / scale).max()) > 1e-2:

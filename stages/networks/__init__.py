@@ -43,6 +43,47 @@ def build(architecture: dict) -> nn.Module:
     return ARCHITECTURES[kind](**arch)
 
 
+def architecture(network_cfg: dict, in_channels: int, resolution: int, dropout: float) -> dict:
+    """The architecture dict of a row's `network` section for data of `in_channels` x `resolution`^2.
+    For `edm2`, `preset` (default edm2-img64-s) gives every setting the section does not."""
+    cfg = dict(network_cfg)
+    data = {"in_channels": in_channels, "resolution": resolution, "dropout": dropout}
+    if cfg["kind"] == "edm2":
+        from stages.networks import edm2
+
+        name = cfg.pop("preset", "edm2-img64-s")
+        cfg.pop("kind")
+        return edm2.preset(name, **{**cfg, **data})
+    return {**cfg, **data}
+
+
+def student_kind(arch: dict) -> str:
+    """The preconditioning of a consistency student of this network: ECM (boundary-shifted in eval
+    mode) for EDM-style networks, plain EDM in both modes for EDM2's, as the ImageNet code does."""
+    return "edm" if arch.get("kind") == "edm2" else "ecm"
+
+
+def freeze_unused_heads(net: nn.Module) -> nn.Module:
+    """EDM2's uncertainty head (logvar_*) only weights EDM2's own diffusion loss: no loss here uses
+    it, so it gets no gradient, and DDP (which refuses parameters that take no part) must not
+    expect one."""
+    for name in ("logvar_fourier", "logvar_linear"):
+        head = getattr(net, name, None)
+        if head is not None:
+            head.requires_grad_(False)
+    return net
+
+
+def target_context(net: nn.Module):
+    """For the no-grad target pass of a consistency loss: EDM2's forced weight normalisation off
+    (it would re-normalise the weights in place before the prediction's pass does); None otherwise."""
+    from stages.networks import edm2
+
+    if not any(isinstance(m, edm2.MPConv) for m in net.modules()):
+        return None
+    return lambda: edm2.forced_weight_norm(net, False)
+
+
 def build_precond(architecture: dict, kind="edm", sigma_data=0.5, sigma_min=0.002) -> Precond:
     """The network of `architecture` inside the preconditioning of `kind` ('edm' or 'ecm')."""
     wrapper = PRECONDS.get(architecture.get("kind"), Precond)

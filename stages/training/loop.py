@@ -4,6 +4,7 @@ Schedules are pure functions of the step, randomness is folded from (seed, step,
 and every stage prints the same status line (step, kimg, loss, images/s, sec/kimg, ETA).
 """
 
+import contextlib
 import copy
 import math
 import signal
@@ -146,12 +147,17 @@ class Status:
 
 
 def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch, seed, loss_fn,
-        on_step_end=None, status_every=100, state=None, data=None):
+        on_step_end=None, status_every=100, state=None, data=None, micro_batches=1):
     """Run optimisation steps up to `total_steps`; returns the training seconds (all jobs).
 
-    `loss_fn(step)` returns per-sample losses for that step; it must draw its randomness from
-    generators folded from `step`. Dropout draws come from the global RNG, re-seeded every step
-    from (seed, step, rank). `on_step_end(steps_done)` runs after the EMA update (snapshots).
+    `loss_fn(step, part)` returns per-sample losses of part `part` of that step's global batch; it
+    must draw its randomness from generators folded from (step, part). Gradient accumulation: each
+    process computes `micro_batches` parts one after the other (`split_batch`), part = rank x
+    micro_batches + micro, and one optimizer step follows the last; the gradient of each part's
+    mean loss counts 1 / micro_batches, so the step sees the mean over the process's whole share,
+    and DDP all-reduces only on the last part (accelerator.no_sync before). With one micro-batch,
+    part = rank, as before accumulation existed. Dropout draws come from the global RNG, re-seeded
+    for every part from (seed, step, part). `on_step_end(steps_done)` runs after the EMA update (snapshots).
     A non-finite loss or gradient stops the run naming the step: nothing is zeroed or skipped.
 
     With `state` (a resume.TrainState) the run is resumable: the newest saved state is
@@ -215,17 +221,23 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         state.catch_signals()
     try:
         for step in range(start_step, total_steps):
-            torch.manual_seed(rng.fold(seed, step, rank, "dropout"))
             lr = lr_at(step, total_steps, opt_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(step).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
-                                         f"Last good state: {last_good()}. "
-                                         "Lower the learning rate or check the inputs.")
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            loss_sum = 0.0
+            for micro in range(micro_batches):
+                part = rank * micro_batches + micro
+                torch.manual_seed(rng.fold(seed, step, part, "dropout"))
+                last = micro == micro_batches - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(net):
+                    loss = loss_fn(step, part).mean()
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
+                                                 f"Last good state: {last_good()}. "
+                                                 "Lower the learning rate or check the inputs.")
+                    accelerator.backward(loss / micro_batches if micro_batches > 1 else loss)
+                loss_sum += loss.item()
             grad_norm = accelerator.clip_grad_norm_(params, opt_cfg.get("clip_grad_norm") or math.inf)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"[{stage}] gradient norm is {float(grad_norm)} at step {step}; "
@@ -233,7 +245,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
             optimizer.step()
             done = step + 1
             ema.update(accelerator.unwrap_model(net), done)
-            status.update(step, loss.item(), lr=lr, grad=float(grad_norm))
+            status.update(step, loss_sum / micro_batches, lr=lr, grad=float(grad_norm))
             if on_step_end is not None:
                 on_step_end(done)
             if state is not None:
@@ -258,14 +270,47 @@ def any_rank(accelerator, *values):
     return [int(v) for v in accelerator.gather(flags).max(dim=0).values.tolist()]
 
 
-def load_images(path, accelerator, batch, key):
+def split_batch(batch, batch_per_gpu, world, key, unit="samples"):
+    """(units per micro-batch, micro-batches per step) of one process's share of the global
+    `batch` (config section `key`; `unit`: what batch counts, e.g. the trajectories of a
+    mid-training batch): the share is batch / world, in micro-batches of `batch_per_gpu` (None:
+    one micro-batch of the whole share). The global batch is the row's whatever the number of
+    processes; a split that does not divide evenly is refused."""
+    if batch % world:
+        raise ValueError(f"{key}.batch: {batch} {unit} per step are not divisible by {world} processes")
+    share = batch // world
+    per = share if batch_per_gpu is None else min(batch_per_gpu, share)
+    if share % per:
+        raise ValueError(f"{key}.batch_per_gpu: {batch_per_gpu} {unit} per micro-batch do not divide the {share} "
+                         f"{unit} per process ({batch} over {world} processes); choose a divisor of {share}")
+    return per, share // per
+
+
+def load_images(path, accelerator, batch, key, labels=False):
     """The prepared dataset at `path` as a [-1, 1] tensor on the device, and this process's share
-    of the global `batch` (config key `key`), which must split evenly over the processes."""
-    images, _ = datasets.load(path)
+    of the global `batch` (config key `key`), which must split evenly over the processes; with
+    `labels`, also the class indices (int64 [N] on the device, -1 where unlabelled)."""
+    images, classes = datasets.load(path)
     world = accelerator.num_processes
     if batch % world:
         raise ValueError(f"{key} {batch} is not divisible by {world} processes")
-    return torch.from_numpy(datasets.to_model_range(images)).to(accelerator.device), batch // world
+    out = DeviceImages(images, accelerator.device), batch // world
+    return (*out, torch.from_numpy(classes.astype("int64")).to(accelerator.device)) if labels else out
+
+
+class DeviceImages:
+    """A prepared dataset on the device as uint8 (ImageNet-64: 16 GB, not 63 GB of float32), read
+    as [-1, 1] float32 batches: data[indices] is datasets.to_model_range of those images."""
+
+    def __init__(self, images_uint8, device):
+        self.images = torch.from_numpy(images_uint8).to(device)
+        self.device, self.shape = self.images.device, self.images.shape
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index].to(torch.float32) / 127.5 - 1.0
 
 
 def make_accelerator():

@@ -48,7 +48,7 @@ assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)
 bare = accelerator.unwrap_model(ddp)
 loop.fit(stage="ddp-check", accelerator=accelerator, net=ddp, ema=ema, optimizer=optimizer,
              opt_cfg=OPT, total_steps=1, batch=GLOBAL_BATCH, seed=SEED,
-             loss_fn=lambda step: half_batch_loss(ddp, bare, step, rank))
+             loss_fn=lambda step, part: half_batch_loss(ddp, bare, step, rank))
 torch.save({n: p.grad.clone() for n, p in bare.named_parameters()}, out / f"grads_rank{rank}.pt")
 
 if rank == 0:  # the same step without DDP: mean over ranks of each rank's mean loss

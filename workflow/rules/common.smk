@@ -47,9 +47,26 @@ if TEACHER_SOURCE == "import":
     TEACHER_KEY = digest({"import": CATALOG[_name].url, "sha256": config.get("assets", {}).get("sha256", {}).get(_name),
                           "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
 else:
-    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"]})
+    # batch_per_gpu says how a job splits the batch, like its number of GPUs: not part of the key
+    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"],
+                          "teacher": {k: v for k, v in config["teacher"].items() if k != "batch_per_gpu"}})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
+# ECD's guide network (autoguidance, posttrain.guidance): imported from its pickle like a teacher,
+# into the store under a key of the same kind.
+_post = config["posttrain"]
+GUIDE_ASSET = (_post.get("guidance") or {}).get("guide") if _post.get("method") == "ecd" else None
+if GUIDE_ASSET:
+    if GUIDE_ASSET not in CATALOG or "network" not in _post["guidance"]:
+        raise ValueError(f"posttrain.guidance: the guide {GUIDE_ASSET!r} must be a catalog name "
+                         "(stages/files/assets.py) and posttrain.guidance.network its network section")
+    GUIDE_CFG = {"seed": config["seed"], "network": _post["guidance"]["network"], **SIGMAS,
+                 "teacher": {"source": "import", "asset": GUIDE_ASSET, "url": CATALOG[GUIDE_ASSET].url}}
+    GUIDE_KEY = digest({"import": CATALOG[GUIDE_ASSET].url,
+                        "sha256": config.get("assets", {}).get("sha256", {}).get(GUIDE_ASSET),
+                        "network": GUIDE_CFG["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
+    GUIDE = f"{STORE}/teachers/{GUIDE_KEY}/model.safetensors"
+    GUIDE_FILES = [GUIDE, GUIDE.replace(".safetensors", ".json")]
 # Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
 TEACHER_STATE = f"{STORE}/teachers/{TEACHER_KEY}-state"
 STATE = f"{RES}/state"
@@ -81,6 +98,7 @@ def shard_file(shard):
 RECEIPTS = f"{RES}/receipts"
 DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
+GUIDE_RECEIPT = f"{RECEIPTS}/guide.json"
 SPEC_RECEIPT = f"{RECEIPTS}/trajectory-spec.json"
 SHARD_RECEIPTS = expand(f"{RECEIPTS}/shards/{{shard}}.json", shard=SHARD_IDS)
 # store_remake: the store jobs this run runs make their files again (with --force on a receipt, the
@@ -97,6 +115,7 @@ def stored(files):
 
 DATASET_STORED = stored(DATASET_FILES)
 TEACHER_STORED = stored(TEACHER_FILES)
+GUIDE_STORED = bool(GUIDE_ASSET) and stored(GUIDE_FILES)
 SPEC_STORED = stored([TRAJ_SPEC_FILE])
 SHARDS_STORED = [k for k in SHARD_IDS if stored([shard_file(k)])]
 
@@ -141,6 +160,19 @@ def posttrain_cfg(init):
 def init_model(wildcards):
     """The model a post-training run starts from (for random, only its architecture is read)."""
     return f"{RES}/midtrain/model.safetensors" if wildcards.init == "cmt" else TEACHER
+
+
+def distillation_inputs(wildcards):
+    """Method ecd distils the teacher (and its guide): their receipts."""
+    if posttrain_cfg(wildcards.init).get("method") != "ecd":
+        return []
+    return [TEACHER_RECEIPT] + ([GUIDE_RECEIPT] if GUIDE_ASSET else [])
+
+
+def distillation_args(wildcards):
+    if posttrain_cfg(wildcards.init).get("method") != "ecd":
+        return ""
+    return f"--teacher {shlex.quote(TEACHER)}" + (f" --guide {shlex.quote(GUIDE)}" if GUIDE_ASSET else "")
 
 
 def init_input(wildcards):
@@ -249,6 +281,8 @@ if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":
     TEACHER_PICKLE = asset(config["teacher"]["asset"])
+if GUIDE_ASSET:
+    GUIDE_PICKLE = asset(GUIDE_ASSET)
 
 
 # ---- the MeanFlow family (meanflow.smk)

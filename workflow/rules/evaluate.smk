@@ -80,7 +80,9 @@ rule report:
     params:
         cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
-                    "final_snapshot": FINAL_SNAPSHOT}),
+                    "final_snapshot": FINAL_SNAPSHOT,
+                    # the post-training method where it is not ECT (the ECT rows' params stay as they were)
+                    **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
         bench=BENCH,
         midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
         teacher=TEACHER,

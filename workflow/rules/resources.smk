@@ -8,7 +8,7 @@
 # asset fetch, the two families' training rules); any other unknown name is a typo and an error.
 from snakemake.resources import Resources
 
-CONDITIONAL_RULES = {"train_teacher", "import_teacher", "fetch_assets", "midtrain", "posttrain",
+CONDITIONAL_RULES = {"train_teacher", "import_teacher", "import_guide", "fetch_assets", "midtrain", "posttrain",
                      "midtrain_mf", "posttrain_mf"}
 _defined = {r.name for r in workflow.rules}
 for _name, _res in config.get("resources", {}).items():

@@ -70,3 +70,37 @@ else:
             threads: 1
 
         ruleorder: import_teacher_from_store > import_teacher
+
+
+# ECD's guide network (posttrain.guidance.guide): an official pickle imported like a teacher.
+if GUIDE_ASSET:
+
+    rule import_guide:
+        input:
+            pickle=GUIDE_PICKLE,
+        output:
+            GUIDE_RECEIPT,
+        params:
+            cfg=as_arg(GUIDE_CFG),
+            key=GUIDE_KEY,
+            files=GUIDE_FILES,
+            store_mode=store_mode(lambda w: GUIDE_STORED),
+        threads: config["threads"]["light"]
+        conda:
+            "../../envs/cmt.yaml"
+        log:
+            f"{LOGS}/import_guide.log",
+        benchmark:
+            f"{BENCH}/import_guide.tsv"
+        shell:
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
+            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
+
+    if GUIDE_STORED:
+
+        use rule import_guide as import_guide_from_store with:
+            localrule: True
+            threads: 1
+
+        ruleorder: import_guide_from_store > import_guide

@@ -34,6 +34,7 @@ rule posttrain:
     input:
         init=init_input,
         dataset=DATASET_RECEIPT,
+        distill=distillation_inputs,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -46,6 +47,7 @@ rule posttrain:
                               "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init)}),
         init=init_model,
         dataset=DATASET,
+        distill=distillation_args,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
@@ -60,4 +62,4 @@ rule posttrain:
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
         "--init-model {params.init:q} --dataset {params.dataset:q} --out {output.model} "
-        "--snapshots {params.snapshots} {params.state} > {log} 2>&1"
+        "--snapshots {params.snapshots} {params.distill} {params.state} > {log} 2>&1"
