@@ -293,3 +293,8 @@ def test_online_midtrain_plans_no_trajectory_jobs_before_it_and_runs(tmp_path):
     meta = checkpoints.read_meta(tmp_path / target)
     assert meta["inputs"]["trajectories"] == "online" and meta["trajectories_seen"] == 20 * 64 // 16
     assert not (tmp_path / "results" / "tiny" / "trajectories").exists()
+    # the whole row: the ceiling's shards are made after mid-training, and the report's cost says so
+    result = snakemake(tmp_path, "-p", "--config", 'posttrain={"inits": ["cmt"]}', configs=[online])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "results" / "tiny" / "report.md").read_text()
+    assert "| trajectory_shard x2 (the ceiling's only: midtrain solves its own) |" in report

@@ -75,6 +75,9 @@ if MIDTRAIN_ONLINE:
     _ceiling = config["sampling"]["num_ranges"] * config["sampling"]["per_range"]
     _pool_shards = min(_pool_shards, math.ceil(_ceiling / config["trajectories"]["per_shard"]))
 SHARD_IDS = [f"{k:06d}" for k in range(_pool_shards)]
+# what online mid-training solves from: the spec without how the pool is cut into shards and solver
+# batches (a new pool layout reruns no online mid-training)
+ONLINE_SPEC = {k: v for k, v in TRAJ_SPEC.items() if k not in ("per_shard", "batch")}
 MANIFEST = f"{RES}/trajectories/manifest.json"
 
 

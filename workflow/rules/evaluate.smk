@@ -80,7 +80,7 @@ rule report:
     params:
         cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
-                    "final_snapshot": FINAL_SNAPSHOT}),
+                    "final_snapshot": FINAL_SNAPSHOT, **({"midtrain_online": True} if MIDTRAIN_ONLINE else {})}),
         bench=BENCH,
         midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
         teacher=TEACHER,

@@ -12,7 +12,7 @@ rule midtrain:
         meta=f"{RES}/midtrain/model.json",
     params:
         cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG,
-                    **({"trajectory_spec": TRAJ_SPEC} if MIDTRAIN_ONLINE else {})}),
+                    **({"trajectory_spec": ONLINE_SPEC} if MIDTRAIN_ONLINE else {})}),
         checks=trajectory_checks("midtrain"),
         manifest=lambda w, input: f"--manifest {shlex.quote(input.manifest)}" if input.manifest else "",
         teacher=TEACHER,
