@@ -8,6 +8,17 @@ in one run (CPU here, GPU where there is one):
    (TrajectoryStream: tar reading, decoding, shuffle buffer, stacking into the step's tensors) /
    trajectories per second the CMT-CM step consumes (forward, backward, optimizer, EMA at the
    row's batch). Bound: at least 3 (the step never waits on data).
+3. offline against online mid-training: the time of an offline step (reading its trajectories from
+   a shard + the CMT-CM step) / that of an online step (the teacher solving the same number of
+   trajectories inside the step, stages/method/trajectories.OnlineTrajectories, + the same CMT-CM
+   step), at the row's batch; and the whole cost of each route at the CIFAR row's budget (2.4M
+   trajectories, 300k steps of 8: --project-trajectories, --project-steps), PROJECTED from the
+   times measured here: offline = trajectories x the trajectory stage's time per trajectory (at
+   the solver batch) + steps x offline step; online = steps x online step. Taken with the bench's
+   network (the digits one unless --config names another), so it says how the routes compare on
+   this machine, not what a CIFAR run costs on a GPU.
+Also measured, for converting trajectories into images of ECT post-training (bench/budget_fraction.py):
+the ECT step's seconds per image at the row's posttrain batch, and one trajectory in those images.
 
 Runs the project's own code on the digits default's network (config/default.yaml) with random
 weights, or on a row's network with --config. Results are printed and, with --out, written as JSON.
@@ -43,6 +54,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--config", default=None, help="a row config layered on config/default.yaml (its network, nfe, batches)")
 p.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (the median is reported)")
 p.add_argument("--threads", type=int, default=1, help="torch threads (the pipeline runs 1 per job on CPU)")
+p.add_argument("--project-trajectories", type=float, default=2.4e6, help="ratio 3's projection: trajectories (CIFAR row)")
+p.add_argument("--project-steps", type=float, default=3e5, help="ratio 3's projection: mid-training steps (CIFAR row)")
 p.add_argument("--out", default=None)
 args = p.parse_args()
 
@@ -166,8 +179,61 @@ results["input_pipeline"] = {
     "reader_traj_per_s": per_step / reader, "step_traj_per_s": per_step / train_step,
     "ratio": train_step / reader, "bound": 3.0}
 
+# ---- 3. offline step (shard reader + CMT-CM step) against online step (teacher solve + the same step)
+online = trajectories.OnlineTrajectories(generator, per_step)
+step_index = [0]
+
+
+def offline_step():
+    global states, sigmas
+    states, sigmas = next_batch()
+    step()
+
+
+def online_step():
+    global states, sigmas
+    states, sigmas, _ = online.batch(step_index[0])
+    step_index[0] += 1
+    step()
+
+
+offline_s, online_s = median_seconds(offline_step), median_seconds(online_step)
+traj_total, steps_total = args.project_trajectories, args.project_steps
+results["offline_vs_online"] = {
+    "trajectories_per_step": per_step, "offline_step_s": offline_s, "online_step_s": online_s,
+    "ratio": offline_s / online_s, "projection": {
+        "trajectories": traj_total, "steps": steps_total, "note": "projected from the times measured here",
+        "offline_trajectories_s": traj_total * per_traj, "offline_steps_s": steps_total * offline_s,
+        "offline_total_s": traj_total * per_traj + steps_total * offline_s,
+        "online_total_s": steps_total * online_s}}
+
+# ---- the ECT post-training step per image, and a trajectory in those images
+pc = cfg["posttrain"]
+post_batch = pc["batch"]
+ect_student = Precond(networks.build({**arch, "dropout": pc.get("dropout", 0.1)}), "ecm", cfg["sigma_data"],
+                      cfg["sigma_min"]).to(device).train()
+ect_student.load_state_dict(teacher.state_dict())
+ect_optimizer = loop.build_optimizer(ect_student.parameters(), {"betas": [0.9, 0.999], "eps": 1e-8, **pc["optimizer"]})
+ect_ema = loop.EMA(ect_student, 0.999)
+images = torch.rand(post_batch, channels, resolution, resolution, device=device) * 2 - 1
+ect_rng = torch.Generator().manual_seed(0)
+
+
+def ect_step():
+    loss = losses.ect_loss(ect_student, images, ect_rng, stage=0, q=pc.get("q", 256)).mean()
+    ect_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ect_optimizer.step()
+    ect_ema.update(ect_student, 1)
+
+
+ect_s = median_seconds(ect_step)
+results["ect_step"] = {"batch": post_batch, "step_s": ect_s, "s_per_image": ect_s / post_batch,
+                       "trajectory_in_ect_images": per_traj / (ect_s / post_batch)}
+
 # ---- print and record
 r1, r2 = results["trajectory_stage"], results["input_pipeline"]
+r3, ect = results["offline_vs_online"], results["ect_step"]
 print(f"device {results['device']}, torch {results['torch']}, threads {args.threads}, "
       f"{arch['kind']} {results['parameters']:,} parameters, NFE {nfe}")
 print(f"1. trajectory stage: {1e3 * r1['s_per_trajectory']:.3f} ms/trajectory vs NFE x forward "
@@ -177,5 +243,14 @@ print(f"1. trajectory stage: {1e3 * r1['s_per_trajectory']:.3f} ms/trajectory vs
 print(f"2. input pipeline: reader {r2['reader_traj_per_s']:.0f} traj/s vs step {r2['step_traj_per_s']:.0f} traj/s "
       f"({per_step} trajectories per step): ratio {r2['ratio']:.2f} "
       f"(bound >= {r2['bound']}: {'met' if r2['ratio'] >= r2['bound'] else 'NOT met'})")
+pr = r3["projection"]
+print(f"3. offline vs online mid-training step ({per_step} trajectories): offline {1e3 * offline_s:.1f} ms "
+      f"(reader + step) vs online {1e3 * online_s:.1f} ms (teacher solve + step): ratio {r3['ratio']:.3f}")
+print(f"   whole route, PROJECTED from these times to {traj_total:.3g} trajectories and {steps_total:.3g} steps: "
+      f"offline {pr['offline_total_s'] / 3600:.1f} h ({pr['offline_trajectories_s'] / 3600:.1f} h trajectories + "
+      f"{pr['offline_steps_s'] / 3600:.1f} h steps) vs online {pr['online_total_s'] / 3600:.1f} h: "
+      f"offline / online {pr['offline_total_s'] / pr['online_total_s']:.3f}")
+print(f"ECT post-training step (batch {post_batch}): {1e3 * ect['s_per_image']:.3f} ms/image; one trajectory "
+      f"({nfe} NFE, stage time) costs {ect['trajectory_in_ect_images']:.2f} ECT images")
 if args.out:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -5,7 +5,6 @@ samples file record them; unconditional networks take none (their files are as b
 existing trajectory and pipeline tests)."""
 
 import copy
-import io
 import json
 
 import numpy as np

@@ -269,3 +269,32 @@ def test_spot_check_passes_on_the_real_pool_and_stops_a_tampered_shard(tiny_run,
     assert str(err.value).startswith(f"{tampered}: trajectory ")
     assert str(err.value).endswith(store.remake_command("results/tiny/receipts/shards/000001.json"))
     assert not (tmp_path / "out").exists()
+
+
+def test_online_midtrain_plans_no_trajectory_jobs_before_it_and_runs(tmp_path):
+    """midtrain.trajectories = online: the mid-trained model needs no trajectory job; the whole row
+    plans only the shards the fid_teacher ceiling scores (2 seed ranges x 64 = 2 shards of 64, not
+    the pool's 6), and the midtrain job gets the spec instead of a manifest."""
+    online = override(tmp_path, "online", {"midtrain": {"trajectories": "online"},
+                                           "trajectories": {"num_shards": 6}})
+    target = "results/tiny/midtrain/model.safetensors"
+    result = snakemake(tmp_path, "-n", "-p", target, configs=[online])
+    jobs = planned_jobs(result)
+    assert jobs["midtrain"] == 1 and not {"trajectory_spec", "trajectory_shard", "trajectory_manifest"} & set(jobs), jobs
+    (_, _, command), = planned_resources(result, "midtrain")
+    assert "--manifest" not in command and '"trajectory_spec": {' in command and '"trajectories": "online"' in command
+    whole = planned_jobs(snakemake(tmp_path, "-n", configs=[online]))
+    assert whole["trajectory_shard"] == 2 and whole["fid_teacher"] == 1, whole
+    offline = planned_jobs(snakemake(tmp_path, "-n", configs=[override(tmp_path, "pool", {"trajectories": {"num_shards": 6}})]))
+    assert offline["trajectory_shard"] == 6, offline
+
+    result = snakemake(tmp_path, "-p", target, configs=[online])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    meta = checkpoints.read_meta(tmp_path / target)
+    assert meta["inputs"]["trajectories"] == "online" and meta["trajectories_seen"] == 20 * 64 // 16
+    assert not (tmp_path / "results" / "tiny" / "trajectories").exists()
+    # the whole row: the ceiling's shards are made after mid-training, and the report's cost says so
+    result = snakemake(tmp_path, "-p", "--config", 'posttrain={"inits": ["cmt"]}', configs=[online])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "results" / "tiny" / "report.md").read_text()
+    assert "| trajectory_shard x2 (the ceiling's only: midtrain solves its own) |" in report

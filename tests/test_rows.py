@@ -144,6 +144,24 @@ def test_baseline_variant_with_a_constant_learning_rate(tmp_path):
         assert f"store/{key}/" in out, key
 
 
+def test_digits_equal_total_budget_variant(tmp_path):
+    """The baseline trains for the CMT route's whole budget: mid + post images and the pool's
+    trajectories at 2.65 ECT images each (their cost measured by bench/pipeline_ratios.py)."""
+    variant = ROWS / "variants" / "digits-cmt-ect-equal-total.yaml"
+    result = snakemake(tmp_path, "-n", "-p", configs=[variant])
+    jobs = planned_jobs(result)
+    assert jobs["posttrain"] == 2 and jobs["midtrain"] == 1 and jobs["trajectory_shard"] == 4
+    post = {re.search(r"--init (\w+)", line).group(1): json.loads(re.search(r"--config '(.*?)'", line).group(1))["posttrain"]
+            for line in result.stdout.splitlines() if "stages.posttrain " in line}
+    mid = [json.loads(re.search(r"--config '(.*?)'", line).group(1))["midtrain"]
+           for line in result.stdout.splitlines() if "stages.midtrain " in line][0]
+    pool = 4 * 2048
+    total = mid["steps"] * mid["batch"] + post["cmt"]["steps"] * post["cmt"]["batch"] + pool * 2.65
+    assert post["baseline"]["steps"] == round(total / post["baseline"]["batch"]) == 3670
+    assert post["baseline"]["batch"] == post["cmt"]["batch"] == 128 and post["cmt"]["steps"] == 1500
+    assert "results/digits-cmt-ect-equal-total/" in result.stdout
+
+
 def test_cifar10_smoke_through_snakemake(tmp_path):
     from stages.config import layers
 

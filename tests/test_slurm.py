@@ -74,11 +74,13 @@ def test_tiny_row_through_slurm(slurm, tmp_path):
         rule = comment.split("_wildcards_")[0].removeprefix("rule_")
         rules.setdefault(rule, []).append(tres)
     expected = {"prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1, "trajectory_spec": 1,
-                "trajectory_shard": 2, "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1,
-                "sample": 3, "fid": 2, "fid_teacher": 1, "report": 1}  # sample, fid: + the mid-trained model alone
+                # the profile's group-components: both shards in one SLURM job (GroupJob name: group_rules)
+                "trajectories_trajectory_shard": 1, "trajectory_manifest": 1, "midtrain": 1, "posttrain": 1,
+                # sample, fid: the post-training snapshots and the mid-trained model alone
+                "sample": 3, "fid": 2, "fid_teacher": 1, "report": 1}
     assert {r: len(t) for r, t in rules.items()} == expected, sacct
     # GPU rules were scheduled with a GPU (the test node declares two), the others without
-    assert all("gres/gpu=1" in t for t in rules["midtrain"] + rules["trajectory_shard"]), rules
+    assert all("gres/gpu=1" in t for t in rules["midtrain"] + rules["trajectories_trajectory_shard"]), rules
     assert not any("gres/gpu" in t for t in rules["report"] + rules["prepare_dataset"]), rules
 
     res = work / "results" / "tiny"

@@ -39,8 +39,9 @@ def consistency_problems(cfg):
     if 2 in cfg["sampling"]["steps"] and not cfg["sigma_min"] < sigma_mid < cfg["sigma_max"]:
         out.append(f"sampling.sigma_mid: {sigma_mid} must lie between sigma_min {cfg['sigma_min']} "
                    f"and sigma_max {cfg['sigma_max']} for 2-step sampling")
-    out += trajectories_per_step("midtrain", mid["batch"], traj["nfe"], "trajectories.nfe", traj,
-                                 "a step sees whole trajectories, nfe points each")
+    online = mid.get("trajectories") == "online"  # no pool to draw from: the step solves its own
+    out += trajectories_per_step("midtrain", mid["batch"], traj["nfe"], "trajectories.nfe",
+                                 None if online else traj, "a step sees whole trajectories, nfe points each")
     if mid["distance"] == "lpips":
         resolution = cfg["dataset"].get("resolution", SOURCE_RESOLUTION.get(cfg["dataset"]["source"]))
         if resolution is not None and resolution < LPIPS_MIN_RESOLUTION:
@@ -78,6 +79,8 @@ def trajectories_per_step(section, batch, per_trajectory, per_key, traj, why):
     """A mid-training batch of whole trajectories, no more of them than the pool holds."""
     if batch % per_trajectory:
         return [f"{section}.batch: {batch} is not a multiple of {per_key} = {per_trajectory} ({why})"]
+    if traj is None:
+        return []
     pool = traj["num_shards"] * traj["per_shard"]
     if batch // per_trajectory > pool:
         return [f"{section}.batch: {batch // per_trajectory} trajectories per step, more than the pool of "
@@ -146,7 +149,8 @@ def process_problems(cfg, gpus):
         mid, post = cfg["midtrain"], cfg["posttrain"]
         split("midtrain", "midtrain.batch / trajectories.nfe", mid["batch"] // traj["nfe"], "trajectories per step",
               per_gpu("midtrain", "trajectories.nfe", traj["nfe"]), "midtrain.batch_per_gpu")
-        shards("midtrain")
+        if mid.get("trajectories") != "online":
+            shards("midtrain")
         split("posttrain", "posttrain.batch", post["batch"], "images", per_gpu("posttrain", ""),
               "posttrain.batch_per_gpu")
         if "baseline" in post["inits"] and "batch" in cfg.get("baseline", {}):

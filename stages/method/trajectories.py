@@ -54,16 +54,22 @@ class Generator:
                              else class_labels.random_label(self.spec["seed"], i, self.label_dim))
         return x, meta
 
-    def batch(self, indices):
-        """[(index, states in the store dtype [K+1, C, H, W], sigmas float64 [K+1], meta)] for `indices`."""
+    def states(self, indices):
+        """(float32 states [n, K+1, C, H, W] on the device, metas) of trajectories `indices`, solved together."""
         starts = [self.start_point(i) for i in indices]
         x = torch.stack([s[0] for s in starts]).to(self.device)
         onehot = class_labels.one_hot([s[1].get("label") for s in starts], self.label_dim, self.device)
         denoise = self.denoise if onehot is None else lambda x, sigma: self.denoise(x, sigma, onehot)
         states = self.solve(denoise, x, self.sigmas, order=self.spec["order"],
-                            lower_order_final=self.spec["lower_order_final"]).cpu().numpy()
+                            lower_order_final=self.spec["lower_order_final"])
+        return states, [s[1] for s in starts]
+
+    def batch(self, indices):
+        """[(index, states in the store dtype [K+1, C, H, W], sigmas float64 [K+1], meta)] for `indices`."""
+        states, metas = self.states(indices)
+        states = states.cpu().numpy()
         out = []
-        for (_, meta), i, traj in zip(starts, indices, states):
+        for meta, i, traj in zip(metas, indices, states):
             stored = traj.astype(self.dtype)
             if not np.isfinite(stored).all():
                 raise FloatingPointError(f"trajectory {i} overflows {self.spec['dtype']}; store float32")
@@ -110,3 +116,36 @@ def spot_check(count, shard_paths, spec, teacher_path, dataset_path=None, remake
                     "not this teacher's and solver's: "
                     + (remake or {}).get(str(shard_paths[p]), "rerun its trajectory_shard job"))
     return count
+
+
+class OnlineTrajectories:
+    """The official design's data: the teacher solves each step's trajectories inside the step, and
+    nothing is stored. Step s of a run with T trajectories per step uses trajectory indices
+    s T ... (s + 1) T - 1 of the spec (this rank: its contiguous share), so the start points are
+    folded from (spec seed, step, rank) through the index: a resumed or re-split run solves the same
+    trajectories, and they are the ones an offline pool of the same spec stores under those indices
+    (the offline route reads them in its shuffle order, this one in index order, each once).
+    The states stay float32 on the device: the store dtype is the offline route's storage, not the
+    method's."""
+
+    def __init__(self, generator, traj_per_step, rank=0, world=1):
+        if traj_per_step % world:
+            raise ValueError(f"{traj_per_step} trajectories per step cannot be split over {world} processes")
+        self.generator, self.per_step = generator, traj_per_step
+        self.local = traj_per_step // world
+        self.first = rank * self.local
+
+    def indices(self, step):
+        lo = step * self.per_step + self.first
+        return list(range(lo, lo + self.local))
+
+    def batch(self, step, part=0, count=None):
+        """(states [n, K+1, C, H, W] float32, sigmas [K+1] float32 on the device, metas) of `step`:
+        this rank's share, or of it the `part`-th micro-batch of `count` trajectories (gradient
+        accumulation)."""
+        indices = self.indices(step)
+        if count is not None:
+            indices = indices[part * count:(part + 1) * count]
+        states, metas = self.generator.states(indices)
+        sigmas = self.generator.sigmas.to(device=states.device, dtype=torch.float32)
+        return states.to(torch.float32), sigmas, metas

@@ -26,11 +26,11 @@ def add_state_args(p):
     return p
 
 
-def add_trajectory_args(p):
+def add_trajectory_args(p, manifest_required=True):
     """The trajectory inputs of a mid-training stage and how they are checked before the first
     step. The rule passes --verify and --spot-check apart from --config: they change nothing that
-    training makes, so changing them reruns nothing."""
-    p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+    training makes, so changing them reruns nothing. (midtrain's online route reads no manifest.)"""
+    p.add_argument("--manifest", required=manifest_required, default=None, help="trajectory manifest.json")
     p.add_argument("--dataset", default=None, help="prepared dataset.npz (the spot check of x_T = data_plus_noise)")
     p.add_argument("--verify", choices=["full", "fast"], default="full",
                    help="check every shard against the manifest: size and sha256 (full) or size only (fast)")

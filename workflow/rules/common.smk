@@ -83,7 +83,18 @@ TRAJ_SPEC = {
 TRAJ_KEY = digest(TRAJ_SPEC)
 TRAJ_DIR = f"{STORE}/trajectories/{TRAJ_KEY}"
 TRAJ_SPEC_FILE = f"{TRAJ_DIR}/spec.json"
-SHARD_IDS = [f"{k:06d}" for k in range(config["trajectories"]["num_shards"])]
+# midtrain.trajectories = online: the teacher solves the trajectories inside the mid-training steps,
+# and the pool shrinks to what the fid_teacher ceiling scores (its seed ranges); these shards are
+# the first of the offline pool of the same spec, so an offline run of the row reuses them.
+MIDTRAIN_ONLINE = config.get("family", "cm") == "cm" and config["midtrain"]["trajectories"] == "online"
+_pool_shards = config["trajectories"]["num_shards"]
+if MIDTRAIN_ONLINE:
+    _ceiling = config["sampling"]["num_ranges"] * config["sampling"]["per_range"]
+    _pool_shards = min(_pool_shards, math.ceil(_ceiling / config["trajectories"]["per_shard"]))
+SHARD_IDS = [f"{k:06d}" for k in range(_pool_shards)]
+# what online mid-training solves from: the spec without how the pool is cut into shards and solver
+# batches (a new pool layout reruns no online mid-training)
+ONLINE_SPEC = {k: v for k, v in TRAJ_SPEC.items() if k not in ("per_shard", "batch")}
 MANIFEST = f"{RES}/trajectories/manifest.json"
 
 
@@ -277,6 +288,10 @@ else:
 # reruns nothing (see trajectory_checks).
 INPUT_CHECKS = ("verify", "spot_check")
 MIDTRAIN_CFG = {k: v for k, v in config["midtrain"].items() if k not in INPUT_CHECKS}
+if MIDTRAIN_ONLINE:
+    MIDTRAIN_CFG.pop("shuffle_buffer", None)  # nothing is shuffled: each step solves its own trajectories
+else:
+    MIDTRAIN_CFG.pop("trajectories")  # the default route: runs made before the key existed stay current
 if MIDTRAIN_CFG.get("distance") == "lpips":
     MIDTRAIN_CFG["lpips_weights"] = asset(MIDTRAIN_CFG.get("lpips_weights"))
 if config["teacher"].get("source", "train") == "import":

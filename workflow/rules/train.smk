@@ -3,15 +3,18 @@ rule midtrain:
     priority: 10
     input:
         teacher=TEACHER_RECEIPT,
-        manifest=MANIFEST,
+        # online, the step solves its trajectories: no trajectory jobs before mid-training
+        manifest=[] if MIDTRAIN_ONLINE else MANIFEST,
         lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
         dataset=DATASET_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG}),
+        cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG,
+                    **({"trajectory_spec": ONLINE_SPEC} if MIDTRAIN_ONLINE else {})}),
         checks=trajectory_checks("midtrain"),
+        manifest=lambda w, input: f"--manifest {shlex.quote(input.manifest)}" if input.manifest else "",
         teacher=TEACHER,
         dataset=DATASET,
         state=state_args(lambda w: f"{STATE}/midtrain"),
@@ -26,7 +29,7 @@ rule midtrain:
         f"{BENCH}/midtrain.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
-        "--teacher {params.teacher:q} --manifest {input.manifest} --dataset {params.dataset:q} {params.checks} "
+        "--teacher {params.teacher:q} {params.manifest} --dataset {params.dataset:q} {params.checks} "
         "--out {output.model} {params.state} > {log} 2>&1"
 
 

@@ -18,8 +18,18 @@ rule trajectory_spec:
         "--receipt {output:q} -- python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1"
 
 
+# On a cluster, `--group-components trajectories=N` (the SLURM profile) submits N shard jobs as one
+# SLURM job: a paper row's shard takes about a minute of GPU, less than a job's queue wait and
+# start-up. Each shard job holds the one `trajectory_slot` that `--resources trajectory_slot=1`
+# (the profile) allows per submission (scope local), so a group job makes its shards one after
+# another and asks for one shard job's GPUs and memory and N times its runtime, whatever --cores says.
+resource_scopes:
+    trajectory_slot="local",
+
+
 rule trajectory_shard:
     priority: 10
+    group: "trajectories"
     input:
         teacher=TEACHER_RECEIPT,
         spec=SPEC_RECEIPT,
@@ -39,6 +49,8 @@ rule trajectory_shard:
         dataset=DATASET,
         store_mode=store_mode(lambda w: w.shard in SHARDS_STORED),
     threads: config["threads"]["light"]
+    resources:
+        trajectory_slot=1,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -67,6 +79,8 @@ if SHARDS_STORED:
 
     use rule trajectory_shard as trajectory_shard_from_store with:
         localrule: True
+        # a group with one local job runs locally whole: keep receipts out of the shard groups
+        group: "trajectory_receipts"
         threads: 1
         wildcard_constraints:
             shard="|".join(SHARDS_STORED),
