@@ -52,7 +52,7 @@ def loss_fn(step, part):
 elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
                        batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=job.state,
-                   micro_batches=micro_batches)
+                       micro_batches=micro_batches)
 
 # ---- write
 job.finish(net, ema, steps=tc["steps"], batch=tc["batch"], train_seconds=elapsed, meta={
