@@ -1,6 +1,7 @@
-"""Training under 2 processes: mid-training ranks read disjoint shards and resume at the right
-place; a pool with fewer shards than ranks stops with a clear error; mid- and post-training run to
-the end through stages.launch (accelerate launch, gloo on CPU) with the global batch of 1 process."""
+"""Training under 2 processes: mid-training ranks read disjoint shards (or, online, solve disjoint
+trajectories) and resume at the right place; a pool with fewer shards than ranks stops with a clear
+error; mid- and post-training run to the end through stages.launch (accelerate launch, gloo on CPU)
+with the global batch of 1 process."""
 
 import json
 import os
@@ -123,3 +124,31 @@ def test_midtrain_mf_ranks_read_disjoint_shards(tmp_path):
     assert reads[0][1].count("shard-") == 2 and reads[1][1].count("shard-") == 1, reads
     meta = checkpoints.read_meta(tmp_path / "mid.safetensors")
     assert meta["images_seen"] == 3 * 8 and meta["trajectories_seen"] == 3 * 2  # the global batch
+
+
+def test_online_midtrain_under_two_processes_trains_like_one(tmp_path):
+    """Online, each rank solves its half of the step's trajectories (indices from the step and
+    rank): with dropout off, 2 processes train the same weights as 1, to floating point."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stages.training.rng import fold
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    spec = {"solver": "dpm_solver_pp", "order": 3, "lower_order_final": True, "nfe": 4, "x_T": "noise",
+            "seed": fold("online-test"), "dtype": "float32", "sigma_max": 80.0, "sigma_min": 0.002,
+            "teacher_key": "test", "code": 1}
+    cfg = midtrain_config(steps=10, dropout=0.0, trajectories="online")  # RAdam: lr 0 for the first 5
+    cfg["trajectory_spec"] = spec
+    args = ["--config", json.dumps(cfg), "--teacher", teacher]
+    two = launch("stages.midtrain", [*args, "--out", tmp_path / "two.safetensors"], tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "stages.midtrain", *map(str, args), "--out", tmp_path / "one.safetensors",
+                          "--threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    init = load_file(str(teacher))
+    assert any(not torch.equal(a[k], init[f"ema.{k[4:]}"]) for k in a if k.startswith("net."))  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

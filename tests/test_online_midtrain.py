@@ -50,6 +50,14 @@ def test_step_indices_fold_step_and_rank_and_cover_each_trajectory_once(teacher)
     assert ranks[0].indices(3) + ranks[1].indices(3) == one.indices(3)  # the global step, split
     with pytest.raises(ValueError, match="cannot be split over 3 processes"):
         trajectories.OnlineTrajectories(gen, 4, 0, 3)
+    # micro-batches as loop.fit numbers them: part = rank x micro-batches + micro, over the global
+    # step (2 ranks x 2 micro-batches of 1 trajectory); each rank's parts are its share
+    starts = {part: ranks[part // 2].batch(3, part, 1)[0][:, 0] for part in range(4)}
+    for part, index in zip(range(4), one.indices(3)):
+        torch.testing.assert_close(starts[part][0], gen.start_point(index)[0], rtol=0, atol=0)
+    assert [i for part in (2, 3) for i in [one.indices(3)[part]]] == ranks[1].indices(3)
+    with pytest.raises(ValueError, match="beyond the step"):
+        one.batch(3, 4, 1)
 
 
 def test_online_gradients_equal_the_offline_ones_on_the_same_trajectories(teacher, tmp_path):

@@ -141,11 +141,15 @@ class OnlineTrajectories:
 
     def batch(self, step, part=0, count=None):
         """(states [n, K+1, C, H, W] float32, sigmas [K+1] float32 on the device, metas) of `step`:
-        this rank's share, or of it the `part`-th micro-batch of `count` trajectories (gradient
-        accumulation)."""
-        indices = self.indices(step)
-        if count is not None:
-            indices = indices[part * count:(part + 1) * count]
+        this rank's share, or part `part` of `count` trajectories of the step's global batch, as
+        loop.fit numbers the parts (part = rank x micro-batches + micro: global, not this rank's)."""
+        if count is None:
+            indices = self.indices(step)
+        else:
+            lo = step * self.per_step + part * count
+            indices = list(range(lo, lo + count))
+            if indices[-1] >= (step + 1) * self.per_step:
+                raise ValueError(f"part {part} of {count} trajectories is beyond the step's {self.per_step}")
         states, metas = self.generator.states(indices)
         sigmas = self.generator.sigmas.to(device=states.device, dtype=torch.float32)
         return states.to(torch.float32), sigmas, metas
