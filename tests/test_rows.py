@@ -121,8 +121,8 @@ def test_smoke_overlay_dry_run(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "afhqv2-64-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml"])
     assert planned_jobs(result) == {"prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1,
                                     "trajectory_spec": 1, "trajectory_shard": 1, "trajectory_manifest": 1,
-                                    "midtrain": 1, "posttrain": 2, "sample": 2, "fid": 2, "fid_teacher": 1,
-                                    "report": 1, "all": 1}
+                                    "midtrain": 1, "posttrain": 2, "sample": 3, "fid": 3, "fid_teacher": 1,
+                                    "report": 1, "all": 1}  # sample, fid: 2 inits and the mid-trained model
     out = result.stdout
     assert "results/afhqv2-64-cmt-ect-smoke/report.md" in out
     mem = [int(m) for m in re.findall(r"mem_mb=(\d+)", out)]
@@ -133,7 +133,8 @@ def test_baseline_variant_with_a_constant_learning_rate(tmp_path):
     variant = ROWS / "variants" / "cifar10-cmt-ect-baseline-constant-lr.yaml"
     result = snakemake(tmp_path, "-n", "-p", configs=[variant])
     jobs = planned_jobs(result)
-    assert jobs["posttrain"] == 1 and jobs["sample"] == 5 and jobs["fid"] == 1
+    # sample, fid: the baseline's 5 snapshots and the mid-trained model the report scores alone
+    assert jobs["posttrain"] == 1 and jobs["sample"] == 6 and jobs["fid"] == 2
     out = result.stdout
     post = [line for line in out.splitlines() if "stages.posttrain " in line]
     assert len(post) == 1 and "--init baseline" in post[0]
