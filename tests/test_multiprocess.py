@@ -59,6 +59,7 @@ def launch(module, args, tmp_path):
                            "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy
 def test_midtrain_and_posttrain_under_two_processes(tmp_path):
     teacher = make_teacher(tmp_path / "teacher.safetensors")
     manifest = make_trajectories(tmp_path / "traj", num_shards=3, per_shard=4)
@@ -80,6 +81,7 @@ def test_midtrain_and_posttrain_under_two_processes(tmp_path):
     assert checkpoints.read_meta(tmp_path / "post.safetensors")["images_seen"] == 4 * 8
 
 
+@pytest.mark.heavy
 def test_accumulation_under_two_processes_equals_one_process(tmp_path):
     """Global batch 8 in micro-batches of 2: two processes x two micro-batches (DDP synchronising
     on the second only) train what one process with four micro-batches trains, as the parts 0..3
@@ -106,6 +108,7 @@ def test_accumulation_under_two_processes_equals_one_process(tmp_path):
     assert any(not torch.equal(a[k], init["ema." + k.split(".", 1)[1]]) for k in a if k.startswith("net."))
 
 
+@pytest.mark.heavy
 def test_midtrain_mf_ranks_read_disjoint_shards(tmp_path):
     """CMT-MF mid-training splits the pool by rank as midtrain does: each rank reads its own
     shards and takes its share of the global batch from them."""
@@ -126,6 +129,7 @@ def test_midtrain_mf_ranks_read_disjoint_shards(tmp_path):
     assert meta["images_seen"] == 3 * 8 and meta["trajectories_seen"] == 3 * 2  # the global batch
 
 
+@pytest.mark.heavy
 def test_online_midtrain_under_two_processes_trains_like_one(tmp_path):
     """Online, each rank solves its half of the step's trajectories (indices from the step and
     rank): with dropout off, 2 processes train the same weights as 1, to floating point."""

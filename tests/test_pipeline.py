@@ -153,8 +153,9 @@ def planned_resources(result, rule=None):
     """[(rule, resources dict, shell command)] of the dry run's jobs (of `rule`, or all)."""
     assert result.returncode == 0, result.stdout + result.stderr
     found = []
-    for block in re.split(r"\n(?=\[[^\]]+\]\n)", result.stdout):
-        name = re.search(r"^(?:local)?rule (\w+):$", block, re.M)
+    # (the jobs of a group job, e.g. the trajectory shards, are printed indented)
+    for block in re.split(r"\n(?=\s*\[[^\]]+\]\n)", result.stdout):
+        name = re.search(r"^\s*(?:local)?rule (\w+):$", block, re.M)
         if name and rule in (None, name.group(1)):
             line = re.search(r"^\s+resources: (.*)$", block, re.M).group(1)
             command = re.search(r"^Shell command: (.*)$", block, re.M)
@@ -200,6 +201,7 @@ def test_input_checks_make_no_training_stale(tiny_run, tmp_path):
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 
+@pytest.mark.heavy
 def test_a_run_sliced_into_more_jobs_than_retries_finishes_in_one_invocation(tmp_path):
     """checkpoint.slice_kimg 0.064 (2 steps of 32 images) cuts an 8-step teacher into 4 jobs (three
     exit 75, which Snakemake counts as failures) and the random init's 4 steps into 2: with
@@ -271,6 +273,7 @@ def test_spot_check_passes_on_the_real_pool_and_stops_a_tampered_shard(tiny_run,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy
 def test_online_midtrain_plans_no_trajectory_jobs_before_it_and_runs(tmp_path):
     """midtrain.trajectories = online: the mid-trained model needs no trajectory job; the whole row
     plans only the shards the fid_teacher ceiling scores (2 seed ranges x 64 = 2 shards of 64, not

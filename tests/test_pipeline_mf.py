@@ -20,6 +20,7 @@ def snakemake(workdir, *args):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
 
 
+@pytest.mark.heavy
 def test_tiny_mf_row_end_to_end(tmp_path):
     result = snakemake(tmp_path)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]

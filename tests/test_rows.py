@@ -163,6 +163,7 @@ def test_digits_equal_total_budget_variant(tmp_path):
     assert "results/digits-cmt-ect-equal-total/" in result.stdout
 
 
+@pytest.mark.heavy
 def test_cifar10_smoke_through_snakemake(tmp_path):
     from stages.config import layers
 
@@ -249,6 +250,7 @@ def test_imagenet64_smoke_overlay(row, tmp_path):
         "report": 1, "all": 1}
 
 
+@pytest.mark.heavy
 def test_imagenet64_ecd_smoke_through_snakemake(tmp_path):
     """Every stage of the ECD row on CPU, offline: labelled synthetic ImageNet folder, a tiny EDM2
     teacher trained here, labelled trajectories, CMT, ECD distilling that teacher, labelled samples."""

@@ -125,6 +125,7 @@ def wait_for_text(path, text, timeout=300):
         time.sleep(0.05)
 
 
+@pytest.mark.heavy
 def test_two_workdirs_started_together_both_finish_and_make_each_item_once(team):
     config, store, (alice, bob) = team
     watch = StoreWatch(store)
@@ -156,6 +157,7 @@ def test_two_workdirs_started_together_both_finish_and_make_each_item_once(team)
         shards.check_manifest(w / TARGET)
 
 
+@pytest.mark.heavy
 def test_killing_one_run_mid_teacher_leaves_the_other_to_finish(team):
     config, store, (alice, bob) = team
     teacher_log = Path("results/tiny/logs/train_teacher.log")
