@@ -123,7 +123,7 @@ def next_batch():
     chosen = [next(stream) for _ in range(local_traj)]
     states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32))
     sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float32))
-    onehot = labels_of([{"index": c["index"], **c["meta"]} for c in chosen], args.manifest)
+    onehot = labels_of([{"index": c["index"], **c["meta"]} for c in chosen], args.manifest) if label_dim else None
     return states.to(accelerator.device), sigmas.to(accelerator.device), onehot
 
 

@@ -100,7 +100,7 @@ snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"],
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "ect-batch")
     pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
-    y, onehot = data[pick], class_labels.one_hot(data_labels[pick].cpu(), label_dim, data.device)
+    y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
     common = dict(stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"], k=pc["k"], b=pc["b"],
                   P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"], labels=onehot, target_context=target_context)
     if method == "ecd":

@@ -45,7 +45,7 @@ job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, ide
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "teacher-batch")
     pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
-    y, onehot = data[pick], class_labels.one_hot(data_labels[pick].cpu(), label_dim, data.device)
+    y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
     return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"], labels=onehot)
 
 

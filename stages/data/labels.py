@@ -41,6 +41,13 @@ def one_hot(classes, label_dim, device=None, what="labels"):
     return out if device is None else out.to(device)
 
 
+def dataset_one_hot(classes, label_dim):
+    """One-hot float32 of class indices already on the device, from a dataset `check_dataset` passed
+    once at the start: no per-step copy to the host and no re-check (a training step's hot path).
+    None for an unconditional network."""
+    return F.one_hot(classes, label_dim).to(torch.float32) if label_dim else None
+
+
 def check_dataset(labels, label_dim, path):
     """Refuse a dataset a conditional network cannot use: unlabelled images or too many classes."""
     if not label_dim:
