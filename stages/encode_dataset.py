@@ -1,8 +1,9 @@
 """Stage encode_dataset: one shard of the dataset encoded by the latent codec (the latent rows).
 
-Shard k holds images k * per_shard ... of the source (datasets.read_range: for an ImageNet folder
-the ADM crop at dataset.resolution, decoding only this shard's files), each stored as the VAE
-posterior's mean and std (stages/data/latents.py) with its label. The VAE is the SD-VAE folder from
+Shard k holds pool positions k * per_shard ... of the source's images in the pool's fixed random
+order (stages/data/latents.py says why; datasets.read_selection: for an ImageNet folder the ADM crop
+at dataset.resolution, decoding only this shard's files), each stored as the VAE posterior's mean
+and std with its label. The VAE is the SD-VAE folder from
 the assets (`--vae`) or, for smoke runs and tests, a random AutoencoderKL built from
 `latents.vae` = {config, seed}. Images go through the VAE `batch` at a time; a shard depends on
 nothing else, so the pool can be made by any number of jobs in any order.
@@ -31,7 +32,13 @@ if resolution % 8:
     raise ValueError(f"dataset.resolution {resolution}: the SD-VAE downsamples 8x; use a multiple of 8")
 dtype = latents.encoded_dtype(spec["dtype"])
 start = args.shard * per_shard
-images, labels, total = datasets.read_range(dataset, start, start + per_shard)
+
+
+def select(count):
+    return latents.encoding_order(count)[start:start + per_shard]
+
+
+images, labels, source_indices, total = datasets.read_selection(dataset, select)
 if start >= total:
     raise ValueError(f"shard {args.shard} starts at image {start}, but the dataset ({dataset.get('path', 'synthetic')}) "
                      f"has {total} images; set latents.num_shards to ceil({total} / {per_shard}) = "
@@ -45,7 +52,7 @@ elif args.vae:
 else:
     raise ValueError("latents.vae names the SD-VAE asset folder: pass its path with --vae")
 codec = latent_codec.LatentCodec(vae, batch_size=spec["batch"]).to(device)
-print(f"[encode_dataset] shard {args.shard}: images {start}..{start + len(images) - 1} of {total}, "
+print(f"[encode_dataset] shard {args.shard}: pool positions {start}..{start + len(images) - 1} of {total}, "
       f"{resolution}x{resolution} -> {2 * codec.latent_channels}x{resolution // 8}x{resolution // 8} {dtype}",
       flush=True)
 
@@ -56,7 +63,7 @@ def samples():
         pixels = torch.from_numpy(images[lo:lo + spec["batch"]]).to(device)
         stored = latents.stored_array(codec.encode_pixels(pixels), dtype)
         for i, array in enumerate(stored):
-            yield start + lo + i, array, labels[lo + i], total
+            yield start + lo + i, source_indices[lo + i], array, labels[lo + i], total
         done = lo + len(stored)
         print(f"[encode_dataset] shard {args.shard}: {done}/{len(images)} images  "
               f"img/s {done / (time.perf_counter() - t0):.1f}", flush=True)

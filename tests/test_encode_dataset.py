@@ -56,19 +56,22 @@ def test_shards_hold_the_codec_posterior_of_the_adm_crop(imagenet, tmp_path):
         result = encode(stage_cfg(imagenet), k, tmp_path / f"shard-{k}.tar")
         assert result.returncode == 0, result.stderr[-2000:]
         got += latents.read_shard(tmp_path / f"shard-{k}.tar")
-    assert [s["index"] for s in got] == list(range(7))
-    assert [s["label"] for s in got] == labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert [s["index"] for s in got] == list(range(7))  # pool positions
+    # the pool's order is a permutation of the source, fixed by its size: each image once
+    order = [s["meta"]["source_index"] for s in got]
+    assert order == latents.encoding_order(7).tolist() and sorted(order) == list(range(7)) and order != list(range(7))
+    assert [s["label"] for s in got] == labels[order].tolist() and labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert all(s["meta"]["source_count"] == 7 for s in got)
     stored = np.stack([s["latents"] for s in got])
     assert stored.dtype == np.float32
-    np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)  # another process, maybe other kernels
+    np.testing.assert_allclose(stored, direct[order], rtol=1e-4, atol=1e-5)  # another process, maybe other kernels
     assert (stored[:, 4:] > 0).all()  # channels 4-7 are the posterior's std
     assert json.loads((tmp_path / "spec.json").read_text()) == {"what": "test"}
     # float16 shards round the same posterior
     assert encode(stage_cfg(imagenet, dtype="float16"), 2, tmp_path / "h.tar").returncode == 0
     half = latents.read_shard(tmp_path / "h.tar")[0]["latents"]
     assert half.dtype == np.float16
-    np.testing.assert_allclose(half.astype(np.float32), direct[6], rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(half.astype(np.float32), direct[order[6]], rtol=2e-3, atol=1e-4)
 
 
 def test_a_shard_past_the_dataset_is_refused(imagenet, tmp_path):
@@ -117,7 +120,7 @@ def write_known_shards(folder, mean, std, count=64, per_shard=16, hw=4):
     paths = []
     for k in range(count // per_shard):
         path = folder / f"s{k}.tar"
-        latents.write_shard(path, ((i, stored, i % 5, count) for i in range(k * per_shard, (k + 1) * per_shard)))
+        latents.write_shard(path, ((i, i, stored, i % 5, count) for i in range(k * per_shard, (k + 1) * per_shard)))
         paths.append(path)
     return paths, [per_shard] * len(paths)
 
@@ -148,7 +151,7 @@ def test_reader_is_a_function_of_the_step_and_resumes(tmp_path):
     paths = []
     for k in range(3):
         path = tmp_path / f"s{k}.tar"
-        latents.write_shard(path, ((i, np.abs(g.normal(size=(8, 2, 2))).astype(np.float32),
+        latents.write_shard(path, ((i, i, np.abs(g.normal(size=(8, 2, 2))).astype(np.float32),
                                     i % 3, 15) for i in range(5 * k, 5 * k + 5)))
         paths.append(path)
     counts = [5, 5, 5]

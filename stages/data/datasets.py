@@ -213,18 +213,21 @@ READERS = {"digits": read_digits, "cifar10": read_cifar10, "image_folder": read_
            "imagenet_folder": read_imagenet_folder}
 
 
-def read_range(spec, start, stop):
-    """Images start .. stop - 1 of the source as `prepare` would store them, their labels, and the
-    source's image count. An ImageNet folder decodes only those files (a shard of the 1.28M images
-    reads its own few thousand, never the whole set); other sources are read whole and cut."""
+def read_selection(spec, select):
+    """Some images of the source as `prepare` would store them: `select(count)` gets the source's
+    image count and returns the indices to read. Returns (images, labels, indices, count). An
+    ImageNet folder decodes only the selected files (a shard of the 1.28M images reads its own few
+    thousand, never the whole set); other sources are read whole and indexed."""
     if spec["source"] == "imagenet_folder":
         files, _tmp = imagenet_files(spec)
-        images, labels = read_adm_cropped(files[start:stop], spec["resolution"])
-        return images, labels, len(files)
+        indices = np.asarray(select(len(files)), dtype=np.int64)
+        images, labels = read_adm_cropped([files[i] for i in indices], spec["resolution"])
+        return images, labels, indices, len(files)
     if spec["source"] not in READERS:
         raise ValueError(f"dataset.source: unknown source {spec['source']!r}; known: {sorted(READERS)}")
     images, labels = READERS[spec["source"]](spec)
-    return images[start:stop], labels[start:stop], len(images)
+    indices = np.asarray(select(len(images)), dtype=np.int64)
+    return images[indices], labels[indices], indices, len(images)
 
 
 def prepare(spec, out_dir):

@@ -1,11 +1,14 @@
 """Encoded datasets: every image's posterior under the latent codec (stages/networks/latent_codec.py)
 in WebDataset shards, and the reader that turns them into the training stages' batches.
 
-Sample `<index:09d>`, index = the image's position in the source (datasets.read_range):
+The pool holds the source's images in a fixed random order (encoding_order), shard k the
+positions k * per_shard ...: every shard is a uniform sample of the classes, where the source's
+order (ImageNet's class folders) would give shards of four classes each, batches of a few classes
+through a stream's shuffle buffer, and a held-out shard of one class. Sample `<position:09d>`:
 `latents.npy` the stored form, [2C, h, w], the posterior's mean (channels 0..C-1) and std (C..2C-1)
-as EDM2's `img512-sd.zip` holds them; `meta.json` {"index", "label", "source_count"} (label -1 where
-unlabelled; source_count = the images of the whole source, so the manifest can tell a pool that
-misses some of them).
+as EDM2's `img512-sd.zip` holds them; `meta.json` {"source_index", "label", "source_count"} (the
+image's index in the source, datasets.read_selection; label -1 where unlabelled; source_count = the
+images of the whole source, so the manifest can tell a pool that misses some of them).
 
 float32 by default, as EDM2's npy files: the raw means reach tens (channel 0's is 5.81 +- 4.17)
 where float16's spacing is 0.004-0.016, coarser than a small posterior std, so float16 would round
@@ -31,16 +34,22 @@ from stages.training import rng
 FORMAT = "cmt-latents/1"
 
 
+def encoding_order(count):
+    """The pool's order of a source of `count` images: a permutation fixed by the count alone."""
+    return np.random.default_rng(rng.fold("encoding-order", count)).permutation(count)
+
+
 def write_shard(path, samples):
-    """Write (index, stored [2C, h, w], label, source_count) tuples to `path` atomically; returns the count."""
+    """Write (position, source_index, stored [2C, h, w], label, source_count) tuples to `path`
+    atomically; returns the count."""
     count = 0
     with atomic.atomic_path(path) as tmp:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
-            for index, stored, label, source_count in samples:
+            for position, source_index, stored, label, source_count in samples:
                 sink.write({
-                    "__key__": f"{index:09d}",
+                    "__key__": f"{position:09d}",
                     "latents.npy": shards.encode_npy(stored),
-                    "meta.json": json.dumps({"index": int(index), "label": int(label),
+                    "meta.json": json.dumps({"source_index": int(source_index), "label": int(label),
                                              "source_count": int(source_count)}, sort_keys=True).encode(),
                 })
                 count += 1
@@ -48,7 +57,7 @@ def write_shard(path, samples):
 
 
 def decode_sample(sample, source="?"):
-    """Raw WebDataset sample -> {"index", "latents", "label", "meta"}. A malformed member raises, naming it."""
+    """Raw WebDataset sample -> {"index" (pool position), "latents", "label", "meta"}. A malformed member raises, naming it."""
     key = sample.get("__key__", "?")
     url = sample.get("__url__", source)
     try:
