@@ -102,7 +102,7 @@ class LatentBatches:
     """A training stage's batches of final latents and labels from an encoded dataset.
 
     Each step takes the next `batch` encoded images of this rank's stream and draws one posterior
-    sample of each with a generator folded from (seed, step, rank, "posterior"): the same step of a
+    sample of each with a generator folded from (seed, step, part, "posterior"): the same step of a
     resumed or uninterrupted run gives the same latents. `state_dict` is the stream's position.
     """
 
@@ -126,10 +126,11 @@ class LatentBatches:
         labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
         return stored.to(self.device), labels.to(self.device)
 
-    def next(self, step):
-        """Final latents [B, C, h, w] (one fresh posterior draw each) and labels [B] for `step`."""
+    def next(self, step, part=None):
+        """Final latents [B, C, h, w] (one fresh posterior draw each) and labels [B] for part `part`
+        of `step` (loop.fit's parts: rank x micro-batches + micro; default the rank)."""
         stored, labels = self.stored()
-        generator = rng.generator(self.seed, step, self.rank, "posterior")
+        generator = rng.generator(self.seed, step, self.rank if part is None else part, "posterior")
         return latent_codec.posterior_draw(stored, self.scale, self.bias, generator), labels
 
 

@@ -349,6 +349,11 @@ if LATENTS:
         return f"{LATENT_DIR}/shard-{shard}.tar"
 
     LATENT_SHARDS_STORED = [k for k in LATENT_SHARD_IDS if stored([latent_shard_file(k)])]
+    LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
+    # planned steps (the stage counts the images; here the pool's size less the held-out shards)
+    _vgg = config["latent_vgg"]
+    LATENT_VGG_STEPS = _vgg["steps"] or max(1, round(
+        _vgg["epochs"] * (LATENTS_CFG["num_shards"] - _vgg["holdout_shards"]) * LATENTS_CFG["per_shard"] / _vgg["batch"]))
 
 
 # ---- the MeanFlow family (meanflow.smk)

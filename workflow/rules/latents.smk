@@ -63,3 +63,31 @@ rule latent_manifest:
         f"{BENCH}/latent_manifest.tsv"
     shell:
         "python -m stages.latent_manifest --spec {params.spec:q} --shards {input.shards} --out {output} > {log} 2>&1"
+
+
+# The E-LatentLPIPS backbone: the latent VGG16 trained as a classifier on the encoded dataset (a row's
+# result, resumable like every training stage; its held-out accuracy goes to the report).
+rule train_latent_vgg:
+    input:
+        LATENT_MANIFEST,
+    output:
+        model=LATENT_VGG,
+        meta=LATENT_VGG.replace(".safetensors", ".json"),
+        accuracy=f"{RES}/latent_vgg/accuracy.json",
+    params:
+        cfg=as_arg({"seed": config["seed"], "latents": LATENTS_CFG, "latent_vgg": config["latent_vgg"]}),
+        state=state_args(lambda w: f"{STATE}/latent_vgg"),
+        verify=lambda w, output: config["midtrain"]["verify"],
+        gpus=launch_gpus,
+    threads: config["threads"]["train"]
+    retries: slice_retries((LATENT_VGG_STEPS, config["latent_vgg"]["batch"]))
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/train_latent_vgg.log",
+    benchmark:
+        f"{BENCH}/train_latent_vgg.tsv"
+    shell:
+        "python -m stages.launch --gpus {params.gpus} stages.train_latent_vgg --config {params.cfg:q} "
+        "--threads {threads} --manifest {input:q} --verify {params.verify} --out {output.model:q} "
+        "--accuracy {output.accuracy:q} {params.state} > {log} 2>&1"
