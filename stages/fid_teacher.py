@@ -1,6 +1,6 @@
 """Stage fid_teacher: Fréchet distance of the teacher's own solver endpoints (the final states of
 the trajectory shards), split into seed ranges like the samples: the ceiling that mid-training
-distils."""
+distils. In a latent row (`decode` in the config) the endpoints are latents, decoded by the VAE first."""
 
 import argparse
 import json
@@ -16,6 +16,7 @@ p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
 p.add_argument("--reference", required=True)
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
+p.add_argument("--vae", default=None, help="latent rows: the SD-VAE's diffusers folder (when latents.vae names it)")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = args.config
@@ -28,7 +29,16 @@ n, k = cfg["sampling"]["per_range"], cfg["sampling"]["num_ranges"]
 if len(ends) < n:
     raise ValueError(f"{args.manifest}: {len(ends)} trajectories, fewer than one seed range ({n})")
 k = min(k, len(ends) // n)
-images = datasets.to_uint8(torch.from_numpy(ends.astype(np.float32))).numpy()
+ends = torch.from_numpy(ends[:k * n].astype(np.float32))
+if cfg.get("decode"):
+    from stages.networks import latent_codec
+
+    dc = cfg["decode"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    codec = latent_codec.build_codec(dc["vae"], args.vae, dc["latents"], batch_size=dc["batch"]).to(device)
+    images = torch.cat([codec.decode(chunk.to(device)).cpu() for chunk in ends.split(dc["batch"])]).numpy()
+else:
+    images = datasets.to_uint8(ends).numpy()
 teacher = features.summary([features.score(images[r * n:(r + 1) * n], cfg["features"], reference) for r in range(k)])
 teacher["nfe"] = manifest["spec"]["nfe"]
 atomic.write_json(args.out, {"features": cfg["features"]["kind"], "reference": args.reference, "teacher": teacher})

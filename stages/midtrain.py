@@ -22,6 +22,7 @@ from stages.training.job import TrainingJob
 p = cli.add_trajectory_args(cli.add_state_args(cli.parser(__doc__)), manifest_required=False)
 p.add_argument("--teacher", required=True, help="teacher model.safetensors (the initialisation)")
 p.add_argument("--out", required=True, help="model.safetensors to write")
+p.add_argument("--latent-vgg", default=None, help="distance elatentlpips: the latent VGG16 (train_latent_vgg)")
 args = p.parse_args()
 cfg = cli.start(args, "midtrain")
 mc, seed = cfg["midtrain"], cfg["seed"]
@@ -85,6 +86,8 @@ ema = loop.EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), mc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 identity = {"teacher_sha256": teacher_meta["sha256"]}
+if args.latent_vgg:  # the distance's backbone is an input like the teacher
+    identity["latent_vgg_sha256"] = atomic.sha256_file(args.latent_vgg)
 if online:  # the spec is in the config, which the identity holds already
     inputs = {"trajectories": "online"}
 else:
@@ -92,7 +95,7 @@ else:
     inputs = {"manifest": {"path": args.manifest, "sha256": identity["manifest_sha256"]}}
 job = TrainingJob(args, cfg, stage="midtrain", accelerator=accelerator, identity=identity)
 distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
-                                lpips_weights=mc.get("lpips_weights"))
+                                lpips_weights=mc.get("lpips_weights"), latent_vgg=args.latent_vgg)
 if isinstance(distance, torch.nn.Module):
     distance = distance.to(accelerator.device)
 source = ("online: the teacher solves each step's trajectories" if online else

@@ -14,7 +14,7 @@ import torch
 from stages import networks
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.data import labels as class_labels
+from stages.data import labels as class_labels, latents
 from stages.method import losses
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
@@ -24,7 +24,9 @@ p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "ba
                help="baseline = vanilla ECT from the teacher (the row's `baseline` settings)")
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
-p.add_argument("--dataset", required=True)
+p.add_argument("--dataset", default=None, help="the prepared dataset.npz (pixel rows)")
+p.add_argument("--latents", default=None,
+               help="latent rows: the encoded dataset's manifest, read instead of --dataset (a posterior draw per use)")
 p.add_argument("--teacher", default=None, help="method ecd: the teacher model.safetensors (EMA, EDM preconditioning)")
 p.add_argument("--guide", default=None, help="method ecd with autoguidance: the guide model.safetensors")
 p.add_argument("--out", required=True, help="final model.safetensors")
@@ -36,10 +38,19 @@ stage_name = f"posttrain:{args.init}"
 
 # ---- data
 accelerator = loop.make_accelerator()
-data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch",
-                                                 labels=True)
-local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
-                                             "posttrain")
+if (args.dataset is None) == (args.latents is None):
+    raise ValueError("posttrain: pass the data as --dataset (pixel rows) or --latents (latent rows), one of them")
+stream = None
+if args.latents:
+    local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
+                                                 "posttrain")
+    stream = latents.training_batches(args.latents, seed, local_batch, cfg["latents"], accelerator)
+else:
+    data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch",
+                                                     labels=True)
+    local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
+                                                 "posttrain")
+data_path = args.latents or args.dataset
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -53,7 +64,8 @@ if args.init != "random":
 networks.freeze_unused_heads(net)
 target_context = networks.target_context(net)
 label_dim = class_labels.label_dim_of(net)
-class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
+if stream is None:
+    class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -87,7 +99,7 @@ elif args.teacher or args.guide:
 
 # ---- the job: resumable state, EMA snapshots, what the model files say
 job = TrainingJob(args, cfg, stage=stage_name, accelerator=accelerator, identity={
-    "init": args.init, "init_sha256": init_meta["sha256"], "dataset_sha256": atomic.sha256_file(args.dataset),
+    "init": args.init, "init_sha256": init_meta["sha256"], "dataset_sha256": atomic.sha256_file(data_path),
     **extra_identity})
 total = pc["steps"]
 meta = {k: init_meta[k] for k in ("sigma_data", "sigma_max", "time")}
@@ -99,8 +111,12 @@ snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"],
 
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "ect-batch")
-    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
-    y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
+    if stream is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
+        y, classes = stream.next(step, part)
+        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{args.latents}: labels")
+    else:
+        pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
+        y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
     common = dict(stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"], k=pc["k"], b=pc["b"],
                   P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"], labels=onehot, target_context=target_context)
     if method == "ecd":
@@ -115,6 +131,7 @@ print(f"[{stage_name}] {method.upper()} q={pc['q']} k={pc['k']} b={pc['b']} batc
 snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                    opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state, micro_batches=micro_batches)
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state, data=stream,
+                   micro_batches=micro_batches)
 
 job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

@@ -32,6 +32,8 @@ p.add_argument("--curve", required=True)
 p.add_argument("--grids", required=True)
 p.add_argument("--table", required=True, help="results.csv: ours and the paper's per method")
 p.add_argument("--midtrain-fid", default=None, help="fid/midtrain.json: the mid-trained model alone")
+p.add_argument("--latent-vgg-accuracy", default=None,
+               help="latent rows: latent_vgg/accuracy.json, the E-LatentLPIPS backbone's held-out accuracy")
 args = p.parse_args()
 cfg = args.config
 inits, steps, final = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"]
@@ -108,6 +110,16 @@ if args.midtrain_fid:
                  f"does, 2-step sigma_mid = {cfg['sampling']['sigma_mid_midtrain']}): "
                  + ", ".join(f"{s}-step {fd_cell(mid[f'{s}step'])}" for s in steps)
                  + f" after {mid['images_seen']:,} mid-training images.")
+    lines.append("")
+
+# ---- the latent rows' E-LatentLPIPS backbone, the classifier its features come from
+if args.latent_vgg_accuracy:
+    acc = json.load(open(args.latent_vgg_accuracy))
+    topk = {k: v for k, v in acc.items() if k.startswith("top") and k != "top1"}
+    lines.append(f"Mid-training distance: E-LatentLPIPS with the latent VGG16 trained here as a classifier on the "
+                 f"encoded latents ({acc['steps']:,} steps, {acc['epochs']:.3g} epochs): held-out top-1 "
+                 f"{100 * acc['top1']:.2f} %" + "".join(f", {k[:3]}-{k[3:]} {100 * v:.2f} %" for k, v in topk.items())
+                 + f" on {acc['held_out_images']:,} encoded images.")
     lines.append("")
 
 # ---- cost per stage: wall time and peak memory from Snakemake's benchmarks

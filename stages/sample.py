@@ -8,6 +8,9 @@ Sample i of a seed range uses noise folded from (seed, i), so a range is the sam
 the batch size, and both kinds of model start from the same z. A class-conditional model draws
 image i's class uniformly, folded from (seed, i) too (the same class for 1 and 2 steps), and the
 file records the classes as `labels_r<range>` (int64); an unconditional model's file is unchanged.
+A latent row's model draws latents (`latents: true` in the config): the file then holds them as
+`latents_<steps>step_r<range>` (float32, the networks' whitened latents), which the decode stage
+turns into images through the VAE.
 """
 
 import io
@@ -39,6 +42,8 @@ arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 sigma_max = meta["sigma_max"]
 label_dim = class_labels.label_dim_of(net)
+latent = bool(sc.get("latents"))
+kind = "latents" if latent else "images"
 
 
 def noise(indices, purpose):
@@ -55,6 +60,8 @@ def generate(indices, steps):
         x = consistency(indices, steps)
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{args.model}: non-finite samples ({steps}-step)")
+    if latent:
+        return x.to(torch.float32).cpu().numpy()
     return datasets.to_uint8(x).cpu().numpy()
 
 
@@ -77,12 +84,12 @@ for r in range(sc["num_ranges"]):
         out = []
         for lo in range(first, first + sc["per_range"], sc["batch"]):
             out.append(generate(range(lo, min(lo + sc["batch"], first + sc["per_range"])), steps))
-        arrays[f"images_{steps}step_r{r}"] = np.concatenate(out)
+        arrays[f"{kind}_{steps}step_r{r}"] = np.concatenate(out)
     if label_dim:
         arrays[f"labels_r{r}"] = np.asarray(classes(range(first, first + sc["per_range"])), dtype=np.int64)
-n = sum(len(a) for k, a in arrays.items() if k.startswith("images_"))
+n = sum(len(a) for k, a in arrays.items() if k.startswith(f"{kind}_"))
 buf = io.BytesIO()
 np.savez(buf, **arrays)
 atomic.write_bytes(args.out, buf.getvalue())
-print(f"[sample] {n} images ({sc['num_ranges']} seed ranges x steps {sc['steps']}) from {args.model} "
+print(f"[sample] {n} {kind} ({sc['num_ranges']} seed ranges x steps {sc['steps']}) from {args.model} "
       f"in {time.perf_counter() - t0:.1f}s -> {args.out}", flush=True)

@@ -56,7 +56,7 @@ world, rank = accelerator.num_processes, accelerator.process_index
 local, micro_batches = loop.split_batch(batch, vc.get("batch_per_gpu"), world, "latent_vgg")
 data = latents.LatentBatches(train_paths, train_counts, seed, local, cfg["latents"], rank, world,
                              vc["shuffle_buffer"], accelerator.device)
-channels = latents.read_shard(paths[0])[0]["latents"].shape[0] // 2
+channels = latents.read_first(paths[0]).shape[0] // 2
 num_classes = vc["num_classes"]
 
 # ---- model

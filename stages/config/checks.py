@@ -50,10 +50,38 @@ def consistency_problems(cfg):
         if mid.get("lpips_weights") is None and not cfg["dataset"].get("synthetic"):
             out.append("midtrain.lpips_weights: distance lpips needs the VGG16 trunk weights (a file or "
                        "the catalog name vgg16); a random trunk is for tests and smoke runs only")
+    latent = "latents" in cfg
+    if mid["distance"] == "elatentlpips" and not latent:
+        out.append("midtrain.distance: elatentlpips compares latents; it needs a `latents` section (the latent "
+                   "rows), otherwise use lpips")
+    if latent:
+        out += latent_problems(cfg)
     budgets = [post["steps"]]
     if "baseline" in post["inits"]:
         budgets.append(cfg.get("baseline", {}).get("steps", post["steps"]))
     out += snapshot_problems("posttrain", post["snapshots"], budgets)
+    return out
+
+
+def latent_problems(cfg):
+    """The latent rows: the networks see the encoded dataset, never pixels."""
+    out = []
+    lat, resolution = cfg["latents"], cfg["dataset"].get("resolution")
+    if cfg["trajectories"].get("x_T", "noise") != "noise":
+        out.append("trajectories.x_T: the latent rows start from noise (data-free CMT); data_plus_noise would "
+                   "need the pixel dataset in every trajectory job")
+    if resolution is None or resolution % 8:
+        out.append(f"dataset.resolution: {resolution}; the SD-VAE downsamples 8x, so the latent rows need a "
+                   "multiple of 8")
+    if len(lat["raw_mean"]) != len(lat["raw_std"]):
+        out.append(f"latents.raw_mean and latents.raw_std: {len(lat['raw_mean'])} and {len(lat['raw_std'])} "
+                   "values; one per latent channel each")
+    if cfg["midtrain"]["distance"] == "lpips":
+        out.append("midtrain.distance: lpips compares pixels; the latent rows compare latents with elatentlpips")
+    vgg = cfg.get("latent_vgg", {})
+    if vgg.get("holdout_shards", 1) >= lat["num_shards"]:
+        out.append(f"latent_vgg.holdout_shards: {vgg.get('holdout_shards', 1)} of latents.num_shards "
+                   f"{lat['num_shards']} leaves no shard to train the latent VGG16 on")
     return out
 
 

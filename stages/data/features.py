@@ -109,3 +109,22 @@ def save_statistics(path, mu, sigma, **meta):
 def load_statistics(path):
     with np.load(path) as data:
         return data["mu"], data["sigma"]
+
+
+def edm2_reference(path):
+    """(mu, sigma) of an EDM2 reference-statistics pickle (`dataset-refs/img512.pkl`: a dict whose
+    `fid` entry holds the Inception features' `mu` [2048] and `sigma` [2048, 2048]; a bare {mu, sigma}
+    is taken too), read with the restricted unpickler: the pickle runs no code."""
+    from stages.files import unpickle
+
+    data = unpickle.load(path)
+    stats = data.get("fid", data) if isinstance(data, dict) else None
+    if not isinstance(stats, dict) or not {"mu", "sigma"} <= set(stats):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: not EDM2 reference statistics (want a dict with fid: {{mu, sigma}}, found {keys})")
+    mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: non-finite reference statistics")
+    return mu, sigma

@@ -62,7 +62,9 @@ class LPIPSDistance(torch.nn.Module):
         return self.net(a, b, normalize=False).flatten()
 
 
-def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None):
+def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=None):
+    """The mid-training distance `name`. elatentlpips: E-LatentLPIPS on latents with the latent VGG16
+    at `latent_vgg` (train_latent_vgg's model.safetensors, its architecture in model.json beside it)."""
     if name == "l2":
         return l2_distance
     if name == "squared_l2":
@@ -73,6 +75,19 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None):
             a, b, pseudo_huber_c if pseudo_huber_c is not None else 0.00054 * a[0].numel() ** 0.5)
     if name == "lpips":
         return LPIPSDistance(lpips_weights)
+    if name == "elatentlpips":
+        import json
+        from pathlib import Path
+
+        from stages.method.elatentlpips import ELatentLPIPS
+
+        if latent_vgg is None:
+            raise ValueError("midtrain.distance elatentlpips needs the latent VGG16 (the train_latent_vgg rule's model)")
+        meta = Path(latent_vgg).with_suffix(".json")
+        if not meta.exists():
+            raise FileNotFoundError(f"{meta}: the latent VGG16's description is missing beside {latent_vgg}; "
+                                    "rerun train_latent_vgg")
+        return ELatentLPIPS.from_file(latent_vgg, json.loads(meta.read_text())["architecture"])
     raise ValueError(f"unknown distance {name!r}")
 
 

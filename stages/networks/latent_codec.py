@@ -70,6 +70,21 @@ def random_vae(spec):
     return vae.eval().requires_grad_(False)
 
 
+def build_codec(vae, folder=None, whitening=None, batch_size=8):
+    """The codec of a `latents` config: `vae` a random VAE's spec ({config, seed}) or a catalog folder
+    name, whose local copy is `folder`; `whitening` the section's raw_mean, raw_std, final_mean,
+    final_std (EDM2's where absent)."""
+    if isinstance(vae, dict):
+        model = random_vae(vae)
+    elif folder is not None:
+        model = load_vae(folder)
+    else:
+        raise ValueError(f"latents.vae names the asset folder {vae!r}: pass its local path (--vae)")
+    w = whitening or {}
+    return LatentCodec(model, w.get("raw_mean", RAW_MEAN), w.get("raw_std", RAW_STD), w.get("final_mean", FINAL_MEAN),
+                       w.get("final_std", FINAL_STD), batch_size=batch_size)
+
+
 def posterior_draw(stored, scale, bias, generator=None):
     """Stored latents [N, 2C, h, w] (posterior mean, std) -> final latents [N, C, h, w]:
     (mean + std * eps) * scale + bias with eps ~ N(0, I), as EDM2 does at every use of an image.

@@ -32,13 +32,86 @@ LOGS = f"{RES}/logs"
 BENCH = f"{RES}/benchmarks"
 SIGMAS = {k: config[k] for k in ("sigma_data", "sigma_min", "sigma_max")}
 
+# Files from the internet (stages/files/assets.py CATALOG). A config value that names a catalog entry
+# (teacher.asset, dataset.asset, features.model, midtrain.lpips_weights) means that file in the
+# assets folder, which fetch_assets (workflow/rules/assets.smk) makes.
+ASSETS_CFG = config.get("assets", {})
+ASSETS_DIR = ASSETS_CFG.get("dir", "assets")
+NEEDED_ASSETS = set()
+
+
+def asset(value):
+    """A catalog name -> its path in the assets folder (and the asset is needed); a catalog folder
+    name (FOLDERS, e.g. the SD-VAE's sd-vae-ft-mse) -> that folder (and each of its files is needed,
+    each fetched by its own fetch_assets job); else `value`."""
+    if isinstance(value, str) and value in FOLDERS:
+        for member in FOLDERS[value]:
+            asset(member)
+        return os.path.dirname(f"{ASSETS_DIR}/{CATALOG[FOLDERS[value][0]].filename}")
+    if isinstance(value, str) and value in CATALOG:
+        NEEDED_ASSETS.add(value)
+        return f"{ASSETS_DIR}/{CATALOG[value].filename}"
+    return value
+
+
+def asset_inputs(*paths):
+    """The asset files among resolved config values (an asset folder: its files): as inputs they
+    make fetch_assets run first."""
+    files = {f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in NEEDED_ASSETS}
+    folders = {os.path.dirname(f"{ASSETS_DIR}/{CATALOG[m[0]].filename}"): [f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in m]
+               for m in FOLDERS.values()}
+    out = []
+    for p in paths:
+        if p in files:
+            out.append(p)
+        elif p in folders and all(f in files for f in folders[p]):
+            out.extend(folders[p])
+    return out
+
+
 DATASET_KEY = digest({"dataset": config["dataset"], "code": CODE_VERSION["dataset"]})
 DATASET_DIR = f"{STORE}/datasets/{config['dataset']['name']}-{DATASET_KEY}"
 DATASET = f"{DATASET_DIR}/dataset.npz"
 DATASET_FILES = [DATASET, f"{DATASET_DIR}/manifest.json"]
+# The dataset section as the stages see it: a catalog name resolved to its path.
+DATASET_SPEC = {k: v for k, v in config["dataset"].items() if k != "asset"}
+if "asset" in config["dataset"] and not config["dataset"].get("synthetic"):
+    DATASET_SPEC["path"] = asset(config["dataset"]["asset"])
+
+# ---- the latent rows (latents.smk): the dataset encoded once by the VAE into the store. The key is
+# the dataset's key, the VAE (its catalog URLs, which pin the hub revision, and pinned sha256s; or the
+# random VAE's config), how images are cut into shards and their dtype; not the whitening (applied at
+# each use), nor the VAE batch.
+LATENTS = "latents" in config
+if LATENTS:
+    LATENTS_CFG = config["latents"]
+    _vae = LATENTS_CFG["vae"]
+    if isinstance(_vae, str):
+        if _vae not in FOLDERS:
+            raise ValueError(f"latents.vae: {_vae!r} is no catalog folder (stages/files/assets.py FOLDERS: "
+                             f"{sorted(FOLDERS)}); name one, or give {{config, seed}} for a random AutoencoderKL")
+        VAE_DIR = asset(_vae)
+        _vae_id = {"assets": [CATALOG[m].url for m in FOLDERS[_vae]],
+                   "sha256": [ASSETS_CFG.get("sha256", {}).get(m) for m in FOLDERS[_vae]]}
+    else:
+        VAE_DIR = None
+        _vae_id = _vae
+    LATENT_SPEC = {"dataset_key": DATASET_KEY, "resolution": config["dataset"].get("resolution"), "vae": _vae_id,
+                   "per_shard": LATENTS_CFG["per_shard"], "dtype": LATENTS_CFG["dtype"],
+                   "code": CODE_VERSION["latents"]}
+    LATENT_KEY = digest(LATENT_SPEC)
+    LATENT_DIR = f"{STORE}/latents/{config['dataset']['name']}-{LATENT_KEY}"
+    # what the stage needs: the resolved dataset section and the encoding settings
+    # what the training stages see: the encoded dataset through the whitening
+    WHITENING = {k: LATENTS_CFG[k] for k in ("raw_mean", "raw_std", "final_mean", "final_std")}
+    LATENT_DATA_ID = {"latents": LATENT_KEY, "whitening": WHITENING}
+    LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
+                        "batch": LATENTS_CFG["batch"], "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
+if LATENTS and TEACHER_SOURCE == "train":  # trained on whitened posterior draws of the encoded dataset
+    TEACHER_CFG["latents"] = WHITENING
 if TEACHER_SOURCE == "import":
     # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
     # and the sha256 pinned in config, if any; the dataset and training settings play no part.
@@ -48,7 +121,9 @@ if TEACHER_SOURCE == "import":
                           "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
 else:
     # batch_per_gpu says how a job splits the batch, like its number of GPUs: not part of the key
-    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"],
+    # a latent row's teacher trains on the encoded dataset, whitened as the latents section says
+    TEACHER_KEY = digest({"dataset": LATENT_DATA_ID if LATENTS else DATASET_KEY, **TEACHER_CFG,
+                          "code": CODE_VERSION["teacher"],
                           "teacher": {k: v for k, v in config["teacher"].items() if k != "batch_per_gpu"}})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
@@ -56,6 +131,11 @@ TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
 # into the store under a key of the same kind.
 _post = config["posttrain"]
 GUIDE_ASSET = (_post.get("guidance") or {}).get("guide") if _post.get("method") == "ecd" else None
+# guide `teacher`: the row's own teacher guides itself (D_g = D whatever w): smoke runs take the guided
+# code path with no second pickle to import
+GUIDE_IS_TEACHER = GUIDE_ASSET == "teacher"
+if GUIDE_IS_TEACHER:
+    GUIDE_ASSET = None
 if GUIDE_ASSET:
     if GUIDE_ASSET not in CATALOG or "network" not in _post["guidance"]:
         raise ValueError(f"posttrain.guidance: the guide {GUIDE_ASSET!r} must be a catalog name "
@@ -67,6 +147,22 @@ if GUIDE_ASSET:
                         "network": GUIDE_CFG["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
     GUIDE = f"{STORE}/teachers/{GUIDE_KEY}/model.safetensors"
     GUIDE_FILES = [GUIDE, GUIDE.replace(".safetensors", ".json")]
+# ECD's reference teacher where it is not the trajectories' (posttrain.guidance.teacher; the 512 code
+# distils EDM2-XXL at EMA 0.075 while its CMT trajectories come from 0.070): imported the same way,
+# with the row's network section.
+ECD_TEACHER_ASSET = (_post.get("guidance") or {}).get("teacher") if _post.get("method") == "ecd" else None
+if ECD_TEACHER_ASSET == "teacher":  # the trajectories' teacher, as without the key
+    ECD_TEACHER_ASSET = None
+if ECD_TEACHER_ASSET:
+    if ECD_TEACHER_ASSET not in CATALOG:
+        raise ValueError(f"posttrain.guidance.teacher: {ECD_TEACHER_ASSET!r} must be a catalog name (stages/files/assets.py)")
+    ECD_TEACHER_CFG = {"seed": config["seed"], "network": config["network"], **SIGMAS,
+                       "teacher": {"source": "import", "asset": ECD_TEACHER_ASSET, "url": CATALOG[ECD_TEACHER_ASSET].url}}
+    ECD_TEACHER_KEY = digest({"import": CATALOG[ECD_TEACHER_ASSET].url,
+                              "sha256": config.get("assets", {}).get("sha256", {}).get(ECD_TEACHER_ASSET),
+                              "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
+    ECD_TEACHER = f"{STORE}/teachers/{ECD_TEACHER_KEY}/model.safetensors"
+    ECD_TEACHER_FILES = [ECD_TEACHER, ECD_TEACHER.replace(".safetensors", ".json")]
 # Training state for resume: outside every rule's outputs (Snakemake deletes a failed job's outputs).
 TEACHER_STATE = f"{STORE}/teachers/{TEACHER_KEY}-state"
 STATE = f"{RES}/state"
@@ -110,6 +206,7 @@ RECEIPTS = f"{RES}/receipts"
 DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
 GUIDE_RECEIPT = f"{RECEIPTS}/guide.json"
+ECD_TEACHER_RECEIPT = f"{RECEIPTS}/ecd-teacher.json"
 SPEC_RECEIPT = f"{RECEIPTS}/trajectory-spec.json"
 SHARD_RECEIPTS = expand(f"{RECEIPTS}/shards/{{shard}}.json", shard=SHARD_IDS)
 # store_remake: the store jobs this run runs make their files again (with --force on a receipt, the
@@ -127,6 +224,7 @@ def stored(files):
 DATASET_STORED = stored(DATASET_FILES)
 TEACHER_STORED = stored(TEACHER_FILES)
 GUIDE_STORED = bool(GUIDE_ASSET) and stored(GUIDE_FILES)
+ECD_TEACHER_STORED = bool(ECD_TEACHER_ASSET) and stored(ECD_TEACHER_FILES)
 SPEC_STORED = stored([TRAJ_SPEC_FILE])
 SHARDS_STORED = [k for k in SHARD_IDS if stored([shard_file(k)])]
 
@@ -177,13 +275,16 @@ def distillation_inputs(wildcards):
     """Method ecd distils the teacher (and its guide): their receipts."""
     if posttrain_cfg(wildcards.init).get("method") != "ecd":
         return []
-    return [TEACHER_RECEIPT] + ([GUIDE_RECEIPT] if GUIDE_ASSET else [])
+    guide = [GUIDE_RECEIPT] if GUIDE_ASSET else [TEACHER_RECEIPT] if GUIDE_IS_TEACHER else []
+    return [ECD_TEACHER_RECEIPT if ECD_TEACHER_ASSET else TEACHER_RECEIPT] + guide
 
 
 def distillation_args(wildcards):
     if posttrain_cfg(wildcards.init).get("method") != "ecd":
         return ""
-    return f"--teacher {shlex.quote(TEACHER)}" + (f" --guide {shlex.quote(GUIDE)}" if GUIDE_ASSET else "")
+    return (f"--teacher {shlex.quote(ECD_TEACHER if ECD_TEACHER_ASSET else TEACHER)}"
+            + (f" --guide {shlex.quote(GUIDE)}" if GUIDE_ASSET else "")
+            + (f" --guide {shlex.quote(TEACHER)}" if GUIDE_IS_TEACHER else ""))
 
 
 def init_input(wildcards):
@@ -251,54 +352,18 @@ def state_args(folder):
     return args
 
 
-# Files from the internet (stages/files/assets.py CATALOG). A config value that names a catalog entry
-# (teacher.asset, dataset.asset, features.model, midtrain.lpips_weights) means that file in the
-# assets folder, which fetch_assets (workflow/rules/assets.smk) makes.
-ASSETS_CFG = config.get("assets", {})
-ASSETS_DIR = ASSETS_CFG.get("dir", "assets")
-NEEDED_ASSETS = set()
-
-
-def asset(value):
-    """A catalog name -> its path in the assets folder (and the asset is needed); a catalog folder
-    name (FOLDERS, e.g. the SD-VAE's sd-vae-ft-mse) -> that folder (and each of its files is needed,
-    each fetched by its own fetch_assets job); else `value`."""
-    if isinstance(value, str) and value in FOLDERS:
-        for member in FOLDERS[value]:
-            asset(member)
-        return os.path.dirname(f"{ASSETS_DIR}/{CATALOG[FOLDERS[value][0]].filename}")
-    if isinstance(value, str) and value in CATALOG:
-        NEEDED_ASSETS.add(value)
-        return f"{ASSETS_DIR}/{CATALOG[value].filename}"
-    return value
-
-
-def asset_inputs(*paths):
-    """The asset files among resolved config values (an asset folder: its files): as inputs they
-    make fetch_assets run first."""
-    files = {f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in NEEDED_ASSETS}
-    folders = {os.path.dirname(f"{ASSETS_DIR}/{CATALOG[m[0]].filename}"): [f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in m]
-               for m in FOLDERS.values()}
-    out = []
-    for p in paths:
-        if p in files:
-            out.append(p)
-        elif p in folders and all(f in files for f in folders[p]):
-            out.extend(folders[p])
-    return out
-
-
 # The configuration as the stages see it: catalog names resolved to paths.
 # A smoke variant (dataset.synthetic, pixel features, random LPIPS trunk) needs none of the files
 # its row names, so it runs offline.
-DATASET_SPEC = {k: v for k, v in config["dataset"].items() if k != "asset"}
-if "asset" in config["dataset"] and not config["dataset"].get("synthetic"):
-    DATASET_SPEC["path"] = asset(config["dataset"]["asset"])
 FEATURES_CFG = dict(config["features"])
 if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
 else:
     FEATURES_CFG.pop("model", None)
+# features.reference: EDM2's published statistics instead of the pipeline's own (stays out of the
+# stages' features section: how the reference is made is the fid_reference rule's business)
+FID_REFERENCE = asset(FEATURES_CFG.pop("reference", None)) if config["features"]["kind"] == "inception" else None
+FEATURES_CFG.pop("reference", None)
 # How the trajectories are checked (verify, spot_check) is not how the model is trained: changing it
 # reruns nothing (see trajectory_checks).
 INPUT_CHECKS = ("verify", "spot_check")
@@ -313,34 +378,12 @@ if config["teacher"].get("source", "train") == "import":
     TEACHER_PICKLE = asset(config["teacher"]["asset"])
 if GUIDE_ASSET:
     GUIDE_PICKLE = asset(GUIDE_ASSET)
+if ECD_TEACHER_ASSET:
+    ECD_TEACHER_PICKLE = asset(ECD_TEACHER_ASSET)
 
 
-# ---- the latent rows (latents.smk): the dataset encoded once by the VAE into the store. The key is
-# the dataset's key, the VAE (its catalog URLs, which pin the hub revision, and pinned sha256s; or the
-# random VAE's config), how images are cut into shards and their dtype; not the whitening (applied at
-# each use), nor the VAE batch.
-LATENTS = "latents" in config
+# ---- the latent rows' shards, receipts and latent VGG16 (latents.smk)
 if LATENTS:
-    LATENTS_CFG = config["latents"]
-    _vae = LATENTS_CFG["vae"]
-    if isinstance(_vae, str):
-        if _vae not in FOLDERS:
-            raise ValueError(f"latents.vae: {_vae!r} is no catalog folder (stages/files/assets.py FOLDERS: "
-                             f"{sorted(FOLDERS)}); name one, or give {{config, seed}} for a random AutoencoderKL")
-        VAE_DIR = asset(_vae)
-        _vae_id = {"assets": [CATALOG[m].url for m in FOLDERS[_vae]],
-                   "sha256": [ASSETS_CFG.get("sha256", {}).get(m) for m in FOLDERS[_vae]]}
-    else:
-        VAE_DIR = None
-        _vae_id = _vae
-    LATENT_SPEC = {"dataset_key": DATASET_KEY, "resolution": config["dataset"].get("resolution"), "vae": _vae_id,
-                   "per_shard": LATENTS_CFG["per_shard"], "dtype": LATENTS_CFG["dtype"],
-                   "code": CODE_VERSION["latents"]}
-    LATENT_KEY = digest(LATENT_SPEC)
-    LATENT_DIR = f"{STORE}/latents/{config['dataset']['name']}-{LATENT_KEY}"
-    # what the stage needs: the resolved dataset section and the encoding settings
-    LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
-                        "batch": LATENTS_CFG["batch"], "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
     LATENT_SHARD_IDS = [f"{k:06d}" for k in range(LATENTS_CFG["num_shards"])]
     LATENT_RECEIPTS = expand(f"{RECEIPTS}/latents/{{shard}}.json", shard=LATENT_SHARD_IDS)
     LATENT_MANIFEST = f"{RES}/latents/manifest.json"
@@ -350,10 +393,25 @@ if LATENTS:
 
     LATENT_SHARDS_STORED = [k for k in LATENT_SHARD_IDS if stored([latent_shard_file(k)])]
     LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
+    LATENT_VGG_ACCURACY = f"{RES}/latent_vgg/accuracy.json"
     # planned steps (the stage counts the images; here the pool's size less the held-out shards)
     _vgg = config["latent_vgg"]
     LATENT_VGG_STEPS = _vgg["steps"] or max(1, round(
         _vgg["epochs"] * (LATENTS_CFG["num_shards"] - _vgg["holdout_shards"]) * LATENTS_CFG["per_shard"] / _vgg["batch"]))
+
+
+# The data the training stages read (train_teacher, posttrain): the encoded dataset in the latent
+# rows, else the prepared one. The latent rows start their trajectories from noise (data-free CMT),
+# so no job of theirs reads pixels but the encoding and (smoke runs) the pixel FD reference.
+TRAIN_DATA = LATENT_MANIFEST if LATENTS else DATASET_RECEIPT
+TRAIN_DATA_ARG = f"--latents {shlex.quote(LATENT_MANIFEST)}" if LATENTS else f"--dataset {shlex.quote(DATASET)}"
+PIXEL_DATA = [] if LATENTS else DATASET_RECEIPT
+# What fid and report score: a latent row's samples are latents, which the decode rule turns into images.
+SCORED = "decoded" if LATENTS else "samples"
+if LATENTS:
+    DECODE_CFG = {"vae": LATENTS_CFG["vae"], "latents": WHITENING, "batch": LATENTS_CFG["batch"]}
+if MIDTRAIN_CFG.get("distance") == "elatentlpips":
+    MIDTRAIN_CFG.pop("lpips_weights", None)
 
 
 # ---- the MeanFlow family (meanflow.smk)

@@ -31,14 +31,15 @@ if DATASET_STORED:
 
 rule fid_reference:
     input:
-        dataset=DATASET_RECEIPT,
+        # EDM2's published statistics (features.reference), or the prepared dataset's own
+        dataset=asset_inputs(FID_REFERENCE) if FID_REFERENCE else DATASET_RECEIPT,
         inception=asset_inputs(FEATURES_CFG.get("model")),
     output:
         f"{RES}/fid_reference.npz",
     params:
         cfg=as_arg(FEATURES_CFG),
         gpus=launch_gpus,
-        dataset=DATASET,
+        dataset=f"--edm2-refs {shlex.quote(FID_REFERENCE)}" if FID_REFERENCE else f"--dataset {shlex.quote(DATASET)}",
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -47,4 +48,4 @@ rule fid_reference:
         f"{BENCH}/fid_reference.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_reference "
-        "--config {params.cfg:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"
+        "--config {params.cfg:q} {params.dataset} --out {output} > {log} 2>&1"

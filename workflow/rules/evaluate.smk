@@ -4,7 +4,7 @@ rule sample:
     output:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
-        cfg=lambda w: as_arg(sampling_cfg(w)),
+        cfg=lambda w: as_arg({**sampling_cfg(w), **({"latents": True} if LATENTS else {})}),
         gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
@@ -23,7 +23,7 @@ rule fid:
     input:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
-        samples=lambda w: [f"{RES}/samples/{w.init}/{s}.npz" for s in scored_snapshots(w)],
+        samples=lambda w: [f"{RES}/{SCORED}/{w.init}/{s}.npz" for s in scored_snapshots(w)],
         models=lambda w: [sampled_model(w.init, s) for s in scored_snapshots(w)],
     output:
         f"{RES}/fid/{{init}}.json",
@@ -47,10 +47,12 @@ rule fid_teacher:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
         manifest=MANIFEST,
+        vae=asset_inputs(VAE_DIR) if LATENTS else [],
     output:
         f"{RES}/fid/teacher-solver.json",
     params:
-        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"], **({"decode": DECODE_CFG} if LATENTS else {})}),
+        vae=f"--vae {shlex.quote(VAE_DIR)}" if LATENTS and VAE_DIR else "",
         gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
@@ -61,14 +63,15 @@ rule fid_teacher:
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_teacher "
         "--config {params.cfg:q} --reference {input.reference} "
-        "--manifest {input.manifest} --out {output} > {log} 2>&1"
+        "--manifest {input.manifest} {params.vae} --out {output} > {log} 2>&1"
 
 
 rule report:
     input:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
-        samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
+        samples=expand(f"{RES}/{SCORED}/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
+        latent_vgg=[LATENT_VGG_ACCURACY] if LATENTS and MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
         teacher=TEACHER_RECEIPT,
         models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
         midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
@@ -85,6 +88,7 @@ rule report:
                     **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
         bench=BENCH,
         midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
+        latent_vgg=lambda w, input: f"--latent-vgg-accuracy {input.latent_vgg[0]}" if input.latent_vgg else "",
         teacher=TEACHER,
     conda:
         "../../envs/cmt.yaml"
@@ -96,4 +100,4 @@ rule report:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
         "--samples {input.samples} --models {params.teacher:q} {input.models} --benchmarks {params.bench} "
         "--out {output.report} --curve {output.curve} --grids {output.grids} --table {output.table} "
-        "{params.midtrain} > {log} 2>&1"
+        "{params.midtrain} {params.latent_vgg} > {log} 2>&1"

@@ -75,7 +75,7 @@ rule train_latent_vgg:
         meta=LATENT_VGG.replace(".safetensors", ".json"),
         accuracy=f"{RES}/latent_vgg/accuracy.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "latents": LATENTS_CFG, "latent_vgg": config["latent_vgg"]}),
+        cfg=as_arg({"seed": config["seed"], "latents": WHITENING, "latent_vgg": config["latent_vgg"]}),
         state=state_args(lambda w: f"{STATE}/latent_vgg"),
         verify=lambda w, output: config["midtrain"]["verify"],
         gpus=launch_gpus,
@@ -91,3 +91,26 @@ rule train_latent_vgg:
         "python -m stages.launch --gpus {params.gpus} stages.train_latent_vgg --config {params.cfg:q} "
         "--threads {threads} --manifest {input:q} --verify {params.verify} --out {output.model:q} "
         "--accuracy {output.accuracy:q} {params.state} > {log} 2>&1"
+
+
+# A latent row's samples are latents: the VAE decodes them into the images fid and report read.
+rule decode:
+    input:
+        samples=f"{RES}/samples/{{init}}/{{snap}}.npz",
+        vae=asset_inputs(VAE_DIR),
+    output:
+        f"{RES}/decoded/{{init}}/{{snap}}.npz",
+    params:
+        cfg=as_arg(DECODE_CFG),
+        vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
+        gpus=launch_gpus,
+    threads: config["threads"]["light"]
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/decode/{{init}}/{{snap}}.log",
+    benchmark:
+        f"{BENCH}/decode/{{init}}/{{snap}}.tsv"
+    shell:
+        "python -m stages.launch --gpus {params.gpus} --one-process stages.decode --config {params.cfg:q} "
+        "--threads {threads} {params.vae} --samples {input.samples} --out {output} > {log} 2>&1"

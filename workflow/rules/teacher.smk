@@ -5,14 +5,14 @@ if TEACHER_SOURCE == "train":
 
     rule train_teacher:
         input:
-            DATASET_RECEIPT,
+            TRAIN_DATA,
         output:
             TEACHER_RECEIPT,
         params:
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
             files=TEACHER_FILES,
-            dataset=DATASET,
+            data=TRAIN_DATA_ARG,
             store_mode=store_mode(lambda w: TEACHER_STORED),
             state=state_args(lambda w: TEACHER_STATE),
             gpus=launch_gpus,
@@ -28,7 +28,7 @@ if TEACHER_SOURCE == "train":
             "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
             "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
             "--threads {threads} "
-            "--dataset {params.dataset:q} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
+            "{params.data} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
 
     # The teacher is in the store already: a local job writes this workdir's receipt from its record.
     if TEACHER_STORED:
@@ -104,3 +104,37 @@ if GUIDE_ASSET:
             threads: 1
 
         ruleorder: import_guide_from_store > import_guide
+
+
+# ECD's reference teacher where it is not the trajectories' (posttrain.guidance.teacher): imported the same way.
+if ECD_TEACHER_ASSET:
+
+    rule import_ecd_teacher:
+        input:
+            pickle=ECD_TEACHER_PICKLE,
+        output:
+            ECD_TEACHER_RECEIPT,
+        params:
+            cfg=as_arg(ECD_TEACHER_CFG),
+            key=ECD_TEACHER_KEY,
+            files=ECD_TEACHER_FILES,
+            store_mode=store_mode(lambda w: ECD_TEACHER_STORED),
+        threads: config["threads"]["light"]
+        conda:
+            "../../envs/cmt.yaml"
+        log:
+            f"{LOGS}/import_ecd_teacher.log",
+        benchmark:
+            f"{BENCH}/import_ecd_teacher.tsv"
+        shell:
+            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
+            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
+
+    if ECD_TEACHER_STORED:
+
+        use rule import_ecd_teacher as import_ecd_teacher_from_store with:
+            localrule: True
+            threads: 1
+
+        ruleorder: import_ecd_teacher_from_store > import_ecd_teacher

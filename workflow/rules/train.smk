@@ -6,7 +6,8 @@ rule midtrain:
         # online, the step solves its trajectories: no trajectory jobs before mid-training
         manifest=[] if MIDTRAIN_ONLINE else MANIFEST,
         lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
-        dataset=DATASET_RECEIPT,
+        latent_vgg=[LATENT_VGG] if MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
+        dataset=PIXEL_DATA,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
@@ -15,6 +16,7 @@ rule midtrain:
                     **({"trajectory_spec": ONLINE_SPEC} if MIDTRAIN_ONLINE else {})}),
         checks=trajectory_checks("midtrain"),
         manifest=lambda w, input: f"--manifest {shlex.quote(input.manifest)}" if input.manifest else "",
+        latent_vgg=lambda w, input: f"--latent-vgg {shlex.quote(input.latent_vgg[0])}" if input.latent_vgg else "",
         teacher=TEACHER,
         dataset=DATASET,
         state=state_args(lambda w: f"{STATE}/midtrain"),
@@ -30,13 +32,13 @@ rule midtrain:
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
         "--teacher {params.teacher:q} {params.manifest} --dataset {params.dataset:q} {params.checks} "
-        "--out {output.model} {params.state} > {log} 2>&1"
+        "--out {output.model} {params.latent_vgg} {params.state} > {log} 2>&1"
 
 
 rule posttrain:
     input:
         init=init_input,
-        dataset=DATASET_RECEIPT,
+        dataset=TRAIN_DATA,
         distill=distillation_inputs,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
@@ -47,9 +49,10 @@ rule posttrain:
         init="cmt|teacher|random|baseline",
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
-                              "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init)}),
+                              "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init),
+                              **({"latents": WHITENING} if LATENTS else {})}),
         init=init_model,
-        dataset=DATASET,
+        data=TRAIN_DATA_ARG,
         distill=distillation_args,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
@@ -64,5 +67,5 @@ rule posttrain:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
-        "--init-model {params.init:q} --dataset {params.dataset:q} --out {output.model} "
+        "--init-model {params.init:q} {params.data} --out {output.model} "
         "--snapshots {params.snapshots} {params.distill} {params.state} > {log} 2>&1"
