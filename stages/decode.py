@@ -14,14 +14,13 @@ from stages.networks import latent_codec
 from stages.runtime import cli
 
 p = cli.parser(__doc__)
-p.add_argument("--vae", default=None, help="the SD-VAE's diffusers folder (when latents.vae names the asset)")
 p.add_argument("--samples", required=True, help="the sample stage's .npz of latents")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = cli.start(args, "decode")
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-codec = latent_codec.build_codec(cfg["vae"], args.vae, cfg["latents"], batch_size=cfg["batch"]).to(device)
+codec = latent_codec.build_codec(cfg["vae"], cfg.get("folder"), cfg["latents"], batch_size=cfg["batch"]).to(device)
 t0, arrays = time.perf_counter(), {}
 with np.load(args.samples) as data:
     names = [k for k in data.files if k.startswith("latents_")]

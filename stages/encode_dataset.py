@@ -5,8 +5,9 @@ order (stages/data/latents.py says why; datasets.read_selection: for an ImageNet
 at dataset.resolution, decoding only this shard's files), each stored as the VAE posterior's mean
 and std with its label. The VAE is the SD-VAE folder from
 the assets (`--vae`) or, for smoke runs and tests, a random AutoencoderKL built from
-`latents.vae` = {config, seed}. Images go through the VAE `batch` at a time; a shard depends on
-nothing else, so the pool can be made by any number of jobs in any order.
+`latents.vae` = {config, seed}. Images go through the VAE `--vae-batch` at a time (how, not what: not
+part of the spec); a shard depends on nothing else, so the pool can be made by any number of jobs in
+any order.
 """
 
 import time
@@ -22,6 +23,7 @@ from stages.runtime import cli
 p = cli.parser(__doc__)
 p.add_argument("--shard", type=int, required=True)
 p.add_argument("--vae", default=None, help="the SD-VAE's diffusers folder (when latents.vae names the asset)")
+p.add_argument("--vae-batch", type=int, default=8, help="images per VAE call (latents.batch)")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 spec = cli.start(args, "encode_dataset")
@@ -45,13 +47,7 @@ if start >= total:
                      f"{-(-total // per_shard)}")
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if isinstance(spec["vae"], dict):
-    vae = latent_codec.random_vae(spec["vae"])
-elif args.vae:
-    vae = latent_codec.load_vae(args.vae)
-else:
-    raise ValueError("latents.vae names the SD-VAE asset folder: pass its path with --vae")
-codec = latent_codec.LatentCodec(vae, batch_size=spec["batch"]).to(device)
+codec = latent_codec.build_codec(spec["vae"], args.vae, batch_size=args.vae_batch).to(device)  # no whitening here
 print(f"[encode_dataset] shard {args.shard}: pool positions {start}..{start + len(images) - 1} of {total}, "
       f"{resolution}x{resolution} -> {2 * codec.latent_channels}x{resolution // 8}x{resolution // 8} {dtype}",
       flush=True)
@@ -59,8 +55,8 @@ print(f"[encode_dataset] shard {args.shard}: pool positions {start}..{start + le
 
 def samples():
     t0 = time.perf_counter()
-    for lo in range(0, len(images), spec["batch"]):
-        pixels = torch.from_numpy(images[lo:lo + spec["batch"]]).to(device)
+    for lo in range(0, len(images), args.vae_batch):
+        pixels = torch.from_numpy(images[lo:lo + args.vae_batch]).to(device)
         stored = latents.stored_array(codec.encode_pixels(pixels), dtype)
         for i, array in enumerate(stored):
             yield start + lo + i, source_indices[lo + i], array, labels[lo + i], total

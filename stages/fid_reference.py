@@ -8,22 +8,20 @@ from stages.runtime import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")
-p.add_argument("--dataset", default=None, help="the prepared dataset.npz whose features to summarise")
-p.add_argument("--edm2-refs", default=None,
-               help="instead: EDM2's reference statistics pickle (dataset-refs/img512.pkl), read without running code")
+p.add_argument("--dataset", required=True,
+               help="the prepared dataset.npz whose features to summarise, or EDM2's reference statistics "
+                    "(dataset-refs/img512.pkl, a .pkl), read without running its code")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 precision.apply()  # Inception features on a GPU: TF32 as the config says
 
-if (args.dataset is None) == (args.edm2_refs is None):
-    raise ValueError("fid_reference: pass --dataset or --edm2-refs, one of them")
-if args.edm2_refs:
+if args.dataset.endswith(".pkl"):
     if args.config["kind"] != "inception":
-        raise ValueError(f"features.reference: {args.edm2_refs} holds Inception statistics, but features.kind is "
+        raise ValueError(f"features.reference: {args.dataset} holds Inception statistics, but features.kind is "
                          f"{args.config['kind']}; use kind inception or drop features.reference")
-    mu, sigma = features.edm2_reference(args.edm2_refs)
-    features.save_statistics(args.out, mu, sigma, count=None, features=args.config, source=args.edm2_refs)
-    print(f"[fid_reference] {len(mu)}-d statistics from {args.edm2_refs} -> {args.out}", flush=True)
+    mu, sigma = features.edm2_reference(args.dataset)
+    features.save_statistics(args.out, mu, sigma, count=None, features=args.config, source=args.dataset)
+    print(f"[fid_reference] {len(mu)}-d statistics from {args.dataset} -> {args.out}", flush=True)
     raise SystemExit(0)
 images, _ = datasets.load(args.dataset)
 feats = features.extract(images, args.config)

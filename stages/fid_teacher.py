@@ -16,7 +16,6 @@ p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
 p.add_argument("--reference", required=True)
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
-p.add_argument("--vae", default=None, help="latent rows: the SD-VAE's diffusers folder (when latents.vae names it)")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 cfg = args.config
@@ -35,7 +34,7 @@ if cfg.get("decode"):
 
     dc = cfg["decode"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    codec = latent_codec.build_codec(dc["vae"], args.vae, dc["latents"], batch_size=dc["batch"]).to(device)
+    codec = latent_codec.build_codec(dc["vae"], dc.get("folder"), dc["latents"], batch_size=dc["batch"]).to(device)
     images = torch.cat([codec.decode(chunk.to(device)).cpu() for chunk in ends.split(dc["batch"])]).numpy()
 else:
     images = datasets.to_uint8(ends).numpy()

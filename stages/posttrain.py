@@ -24,9 +24,8 @@ p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "ba
                help="baseline = vanilla ECT from the teacher (the row's `baseline` settings)")
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
-p.add_argument("--dataset", default=None, help="the prepared dataset.npz (pixel rows)")
-p.add_argument("--latents", default=None,
-               help="latent rows: the encoded dataset's manifest, read instead of --dataset (a posterior draw per use)")
+p.add_argument("--dataset", required=True,
+               help="prepared dataset.npz, or (latent rows) the encoded dataset's manifest.json: a posterior draw per use")
 p.add_argument("--teacher", default=None, help="method ecd: the teacher model.safetensors (EMA, EDM preconditioning)")
 p.add_argument("--guide", default=None, help="method ecd with autoguidance: the guide model.safetensors")
 p.add_argument("--out", required=True, help="final model.safetensors")
@@ -38,19 +37,17 @@ stage_name = f"posttrain:{args.init}"
 
 # ---- data
 accelerator = loop.make_accelerator()
-if (args.dataset is None) == (args.latents is None):
-    raise ValueError("posttrain: pass the data as --dataset (pixel rows) or --latents (latent rows), one of them")
 stream = None
-if args.latents:
+if latents.is_manifest(args.dataset):
     local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
                                                  "posttrain")
-    stream = latents.training_batches(args.latents, seed, local_batch, cfg["latents"], accelerator)
+    stream = latents.training_batches(args.dataset, seed, local_batch, cfg["latents"], accelerator)
 else:
     data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch",
                                                      labels=True)
     local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
                                                  "posttrain")
-data_path = args.latents or args.dataset
+data_path = args.dataset
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -113,7 +110,7 @@ def loss_fn(step, part):
     g = rng.generator(seed, step, part, "ect-batch")
     if stream is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
         y, classes = stream.next(step, part)
-        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{args.latents}: labels")
+        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{args.dataset}: labels")
     else:
         pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
         y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)

@@ -12,9 +12,8 @@ from stages.training import loop, rng
 from stages.training.job import TrainingJob
 
 p = cli.add_state_args(cli.parser(__doc__))
-p.add_argument("--dataset", default=None, help="prepared dataset.npz (pixel rows)")
-p.add_argument("--latents", default=None,
-               help="latent rows: the encoded dataset's manifest, read instead of --dataset (a posterior draw per use)")
+p.add_argument("--dataset", required=True,
+               help="prepared dataset.npz, or (latent rows) the encoded dataset's manifest.json: a posterior draw per use")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 p.add_argument("--key", required=True, help="store key of this teacher (provenance digest)")
 args = p.parse_args()
@@ -23,15 +22,13 @@ tc, seed = cfg["teacher"], cfg["seed"]
 
 # ---- data
 accelerator = loop.make_accelerator()
-if (args.dataset is None) == (args.latents is None):
-    raise ValueError("train_teacher: pass the data as --dataset (pixel rows) or --latents (latent rows), one of them")
-data_path = args.latents or args.dataset
+data_path = args.dataset
 stream = None
 local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu"), accelerator.num_processes,
                                              "teacher")
-if args.latents:
-    stream = latents.training_batches(args.latents, seed, local_batch, cfg["latents"], accelerator)
-    channels, resolution = latents.latent_shape(args.latents)
+if latents.is_manifest(data_path):
+    stream = latents.training_batches(data_path, seed, local_batch, cfg["latents"], accelerator)
+    channels, resolution = latents.latent_shape(data_path)
 else:
     data, _, data_labels = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch", labels=True)
     channels, resolution = data.shape[1], data.shape[2]
@@ -57,7 +54,7 @@ def loss_fn(step, part):
     g = rng.generator(seed, step, part, "teacher-batch")
     if stream is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
         y, classes = stream.next(step, part)
-        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{args.latents}: labels")
+        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{data_path}: labels")
     else:
         pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
         y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)

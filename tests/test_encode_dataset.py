@@ -34,14 +34,13 @@ def imagenet(tmp_path_factory):
     return {"name": "tiny-in", "source": "imagenet_folder", "path": str(root), "resolution": RES}
 
 
-def stage_cfg(dataset, per_shard=3, dtype="float32", batch=2):
-    return {"dataset": dataset, "vae": TINY_VAE, "per_shard": per_shard, "batch": batch, "dtype": dtype,
-            "spec": {"what": "test"}}
+def stage_cfg(dataset, per_shard=3, dtype="float32"):
+    return {"dataset": dataset, "vae": TINY_VAE, "per_shard": per_shard, "dtype": dtype, "spec": {"what": "test"}}
 
 
 def encode(cfg, shard, out):
     cmd = [sys.executable, "-m", "stages.encode_dataset", "--config", json.dumps(cfg), "--threads", "1",
-           "--shard", str(shard), "--out", str(out)]
+           "--vae-batch", "2", "--shard", str(shard), "--out", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
 
@@ -207,5 +206,5 @@ def test_rules_plan_one_job_per_shard_and_fetch_the_vae_folder(tmp_path):
     assert key not in dry_run(tmp_path, {"num_shards": 5, "per_shard": 500})
     # a random VAE needs no asset
     out = dry_run(tmp_path, {"num_shards": 2, "per_shard": 4, "vae": TINY_VAE})
-    assert "fetch_assets" not in out and "--vae" not in out
+    assert "fetch_assets" not in out and "--vae assets" not in out and "--vae-batch 8" in out
 

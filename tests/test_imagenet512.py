@@ -72,7 +72,7 @@ def test_edm2_reference_statistics_are_read_without_code(tmp_path):
     np.testing.assert_array_equal(got_sigma, sigma)
     # through the stage: the same statistics in the pipeline's format
     cmd = [sys.executable, "-m", "stages.fid_reference", "--config", json.dumps({"kind": "inception"}),
-           "--edm2-refs", str(tmp_path / "img512.pkl"), "--out", str(tmp_path / "ref.npz")]
+           "--dataset", str(tmp_path / "img512.pkl"), "--out", str(tmp_path / "ref.npz")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     stats = features.load_statistics(tmp_path / "ref.npz")
@@ -158,12 +158,12 @@ def test_imagenet512_row_dry_run(row, tmp_path):
     assert seconds < 30, seconds
     out = result.stdout
     assert "assets/sd-vae-ft-mse/diffusion_pytorch_model.safetensors" in out
-    assert "assets/edm2-dataset-refs-img512.pkl" in out and "--edm2-refs assets/edm2-dataset-refs-img512.pkl" in out
+    assert "assets/edm2-dataset-refs-img512.pkl" in out and "--dataset assets/edm2-dataset-refs-img512.pkl" in out
     mid = [line for line in out.splitlines() if "stages.midtrain " in line][0]
     assert '"distance": "elatentlpips"' in mid and "--latent-vgg results/" in mid
     assert '"batch_per_gpu": 16' in mid and '"lr": 0.0002' in mid and '"beta": 0.999,' in mid
     post = [line for line in out.splitlines() if "stages.posttrain " in line][0]
-    assert "--latents results/" in post and "--dataset" not in post
+    assert "--dataset results/imagenet512" in post and "latents/manifest.json" in post
     assert ('"method": "ecd"' in post) == ecd and ('"method": "ect_snr"' in post) != ecd
     if ecd:
         assert '"weight": 2.05' in post and "--guide store/teachers/" in post

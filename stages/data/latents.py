@@ -134,6 +134,12 @@ class LatentBatches:
         return latent_codec.posterior_draw(stored, self.scale, self.bias, generator), labels
 
 
+def is_manifest(path):
+    """Whether a training stage's --dataset is an encoded dataset's manifest (.json; a prepared
+    pixel dataset is a .npz): one argument, so the pixel rows' commands stay as they were."""
+    return str(path).endswith(".json")
+
+
 def training_batches(manifest_path, seed, local_batch, latents_cfg, accelerator, shuffle_buffer=1000):
     """LatentBatches of this process (accelerate's rank and world) over every shard of a manifest,
     checked by size (the manifest's shards were hashed when made; training stages of the pixel rows

@@ -106,7 +106,7 @@ if LATENTS:
     WHITENING = {k: LATENTS_CFG[k] for k in ("raw_mean", "raw_std", "final_mean", "final_std")}
     LATENT_DATA_ID = {"latents": LATENT_KEY, "whitening": WHITENING}
     LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
-                        "batch": LATENTS_CFG["batch"], "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
+                        "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
 TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
@@ -404,12 +404,14 @@ if LATENTS:
 # rows, else the prepared one. The latent rows start their trajectories from noise (data-free CMT),
 # so no job of theirs reads pixels but the encoding and (smoke runs) the pixel FD reference.
 TRAIN_DATA = LATENT_MANIFEST if LATENTS else DATASET_RECEIPT
-TRAIN_DATA_ARG = f"--latents {shlex.quote(LATENT_MANIFEST)}" if LATENTS else f"--dataset {shlex.quote(DATASET)}"
+# (their --dataset takes either: a prepared dataset.npz or an encoded dataset's manifest.json)
+TRAIN_DATA_PATH = LATENT_MANIFEST if LATENTS else DATASET
 PIXEL_DATA = [] if LATENTS else DATASET_RECEIPT
 # What fid and report score: a latent row's samples are latents, which the decode rule turns into images.
 SCORED = "decoded" if LATENTS else "samples"
 if LATENTS:
-    DECODE_CFG = {"vae": LATENTS_CFG["vae"], "latents": WHITENING, "batch": LATENTS_CFG["batch"]}
+    # folder: the SD-VAE's local copy (None for a random VAE)
+    DECODE_CFG = {"vae": LATENTS_CFG["vae"], "folder": VAE_DIR, "latents": WHITENING, "batch": LATENTS_CFG["batch"]}
 if MIDTRAIN_CFG.get("distance") == "elatentlpips":
     MIDTRAIN_CFG.pop("lpips_weights", None)
 

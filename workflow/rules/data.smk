@@ -39,7 +39,7 @@ rule fid_reference:
     params:
         cfg=as_arg(FEATURES_CFG),
         gpus=launch_gpus,
-        dataset=f"--edm2-refs {shlex.quote(FID_REFERENCE)}" if FID_REFERENCE else f"--dataset {shlex.quote(DATASET)}",
+        dataset=FID_REFERENCE or DATASET,
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -48,4 +48,4 @@ rule fid_reference:
         f"{BENCH}/fid_reference.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_reference "
-        "--config {params.cfg:q} {params.dataset} --out {output} > {log} 2>&1"
+        "--config {params.cfg:q} --dataset {params.dataset:q} --out {output} > {log} 2>&1"

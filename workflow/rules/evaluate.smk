@@ -52,7 +52,6 @@ rule fid_teacher:
         f"{RES}/fid/teacher-solver.json",
     params:
         cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"], **({"decode": DECODE_CFG} if LATENTS else {})}),
-        vae=f"--vae {shlex.quote(VAE_DIR)}" if LATENTS and VAE_DIR else "",
         gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
@@ -63,7 +62,7 @@ rule fid_teacher:
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_teacher "
         "--config {params.cfg:q} --reference {input.reference} "
-        "--manifest {input.manifest} {params.vae} --out {output} > {log} 2>&1"
+        "--manifest {input.manifest} --out {output} > {log} 2>&1"
 
 
 rule report:
@@ -87,8 +86,10 @@ rule report:
                     # the post-training method where it is not ECT (the ECT rows' params stay as they were)
                     **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
         bench=BENCH,
-        midtrain=lambda w, input: f"--midtrain-fid {input.midtrain[0]}" if input.midtrain else "",
-        latent_vgg=lambda w, input: f"--latent-vgg-accuracy {input.latent_vgg[0]}" if input.latent_vgg else "",
+        # (and a latent row's latent VGG16 accuracy: one param, so the pixel rows' params stay as they were)
+        midtrain=lambda w, input: " ".join(
+            ([f"--midtrain-fid {input.midtrain[0]}"] if input.midtrain else [])
+            + ([f"--latent-vgg-accuracy {input.latent_vgg[0]}"] if input.latent_vgg else [])),
         teacher=TEACHER,
     conda:
         "../../envs/cmt.yaml"
@@ -100,4 +101,4 @@ rule report:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
         "--samples {input.samples} --models {params.teacher:q} {input.models} --benchmarks {params.bench} "
         "--out {output.report} --curve {output.curve} --grids {output.grids} --table {output.table} "
-        "{params.midtrain} {params.latent_vgg} > {log} 2>&1"
+        "{params.midtrain} > {log} 2>&1"

@@ -20,6 +20,8 @@ rule encode_dataset:
         index=lambda w: int(w.shard),
         gpus=launch_gpus,
         vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
+        # how many images per VAE call changes no shard: a function of output, out of the params trigger
+        vae_batch=lambda w, output: LATENTS_CFG["batch"],
         store_mode=store_mode(lambda w: w.shard in LATENT_SHARDS_STORED),
     threads: config["threads"]["light"]
     resources:
@@ -33,7 +35,8 @@ rule encode_dataset:
     shell:
         "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
         "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} --one-process "
-        "stages.encode_dataset --config {params.cfg:q} --threads {threads} {params.vae} --shard {params.index} "
+        "stages.encode_dataset --config {params.cfg:q} --threads {threads} {params.vae} --vae-batch {params.vae_batch} "
+        "--shard {params.index} "
         "--out {params.files[0]:q} > {log} 2>&1"
 
 
@@ -102,7 +105,6 @@ rule decode:
         f"{RES}/decoded/{{init}}/{{snap}}.npz",
     params:
         cfg=as_arg(DECODE_CFG),
-        vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
         gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
@@ -113,4 +115,4 @@ rule decode:
         f"{BENCH}/decode/{{init}}/{{snap}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.decode --config {params.cfg:q} "
-        "--threads {threads} {params.vae} --samples {input.samples} --out {output} > {log} 2>&1"
+        "--threads {threads} --samples {input.samples} --out {output} > {log} 2>&1"

@@ -12,7 +12,7 @@ if TEACHER_SOURCE == "train":
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
             files=TEACHER_FILES,
-            data=TRAIN_DATA_ARG,
+            dataset=TRAIN_DATA_PATH,
             store_mode=store_mode(lambda w: TEACHER_STORED),
             state=state_args(lambda w: TEACHER_STATE),
             gpus=launch_gpus,
@@ -28,7 +28,7 @@ if TEACHER_SOURCE == "train":
             "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
             "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
             "--threads {threads} "
-            "{params.data} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
+            "--dataset {params.dataset:q} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
 
     # The teacher is in the store already: a local job writes this workdir's receipt from its record.
     if TEACHER_STORED:

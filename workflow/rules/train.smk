@@ -15,8 +15,10 @@ rule midtrain:
         cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG,
                     **({"trajectory_spec": ONLINE_SPEC} if MIDTRAIN_ONLINE else {})}),
         checks=trajectory_checks("midtrain"),
-        manifest=lambda w, input: f"--manifest {shlex.quote(input.manifest)}" if input.manifest else "",
-        latent_vgg=lambda w, input: f"--latent-vgg {shlex.quote(input.latent_vgg[0])}" if input.latent_vgg else "",
+        # (and the latent VGG16 of distance elatentlpips: one param, so the pixel rows' params stay as they were)
+        manifest=lambda w, input: " ".join(
+            ([f"--manifest {shlex.quote(input.manifest)}"] if input.manifest else [])
+            + ([f"--latent-vgg {shlex.quote(input.latent_vgg[0])}"] if input.latent_vgg else [])),
         teacher=TEACHER,
         dataset=DATASET,
         state=state_args(lambda w: f"{STATE}/midtrain"),
@@ -32,7 +34,7 @@ rule midtrain:
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.midtrain --config {params.cfg:q} --threads {threads} "
         "--teacher {params.teacher:q} {params.manifest} --dataset {params.dataset:q} {params.checks} "
-        "--out {output.model} {params.latent_vgg} {params.state} > {log} 2>&1"
+        "--out {output.model} {params.state} > {log} 2>&1"
 
 
 rule posttrain:
@@ -52,7 +54,7 @@ rule posttrain:
                               "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init),
                               **({"latents": WHITENING} if LATENTS else {})}),
         init=init_model,
-        data=TRAIN_DATA_ARG,
+        dataset=TRAIN_DATA_PATH,
         distill=distillation_args,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
@@ -67,5 +69,5 @@ rule posttrain:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain --config {params.cfg:q} --threads {threads} --init {wildcards.init} "
-        "--init-model {params.init:q} {params.data} --out {output.model} "
+        "--init-model {params.init:q} --dataset {params.dataset:q} --out {output.model} "
         "--snapshots {params.snapshots} {params.distill} {params.state} > {log} 2>&1"
