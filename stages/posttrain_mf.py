@@ -3,11 +3,18 @@
 
 The budget is set by the rule: at equal total budget the random init trains for the mid-training's
 images on top of the post-training's. Snapshots record `images_seen_total` (mid-training images
-included), the axis on which the two inits are compared. Unconditional data, so no CFG.
+included), the axis on which the two inits are compared.
+
+A class-conditional network (the DiT rows, network.num_classes > 0) trains on the dataset's labels
+with label dropout to the null class and, with posttrain_mf.guidance, classifier-free guidance in
+the target (meanflow.Objective); an unconditional one ignores labels, as before they existed. The
+random init takes the row's `network` section where the config passes one (MF-XL/2 against an
+MF-B/4 teacher), else the teacher's architecture.
 """
 
 import torch
 
+from stages.data import labels as class_labels
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.method import meanflow
@@ -28,7 +35,8 @@ stage_name = f"posttrain_meanflow:{args.init}"
 
 # ---- data
 accelerator = loop.make_accelerator()
-data, local_batch = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain_mf.batch")
+data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain_mf.batch",
+                                                 labels=True)
 local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
                                              "posttrain_mf")
 
@@ -38,6 +46,9 @@ if args.init == "cmt" and init_meta["precond"] != "meanflow":
     raise ValueError(f"{args.init_model}: precond {init_meta['precond']!r}; the cmt init must be a "
                      "CMT-MF mid-trained model (midtrain_mf)")
 architecture = {**init_meta["architecture"], "dropout": pc["dropout"], "dual_time": True}
+if args.init == "random" and cfg.get("network"):
+    architecture = {**cfg["network"], **{k: init_meta["architecture"][k] for k in ("in_channels", "resolution")},
+                    "dropout": pc["dropout"], "dual_time": True}
 meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": init_meta["sigma_data"],
         "sigma_min": init_meta["sigma_min"], "sigma_max": init_meta["sigma_max"], "time": "flow_t"}
 torch.manual_seed(rng.fold(seed, "random-init"))
@@ -51,7 +62,9 @@ net, optimizer = accelerator.prepare(net, optimizer)
 # The JVP runs without a graph on the bare module and the graph forward goes through the (DDP)
 # wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
 # tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
-jvp_u = accelerator.unwrap_model(net)
+objective = meanflow.Objective.from_config(pc, net=accelerator.unwrap_model(net), what="posttrain_mf")
+if objective.null_class is not None:
+    class_labels.check_dataset(data_labels.cpu().numpy(), objective.null_class, args.dataset)
 
 # ---- the job: resumable state, EMA snapshots, what the model files say (images_seen_total:
 # the mid-training's images included, the axis on which the two inits are compared)
@@ -64,14 +77,11 @@ snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"],
 
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "meanflow-batch")
-    x = data[torch.randint(len(data), (local_batch,), generator=g).to(data.device)]
-    return meanflow.meanflow_loss(net, x, g, P_mean=pc["P_mean"], P_std=pc["P_std"],
-                                  ratio_r_neq_t=pc["ratio_r_neq_t"], p=pc["adaptive_p"],
-                                  c=pc["adaptive_c"], jvp_u=jvp_u)
+    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
+    return objective.loss(net, data[pick], g, data_labels[pick])
 
 
-print(f"[{stage_name}] MeanFlow r!=t ratio {pc['ratio_r_neq_t']} logit-normal({pc['P_mean']}, {pc['P_std']}) "
-      f"p={pc['adaptive_p']} c={pc['adaptive_c']} batch {pc['batch']} {total} steps "
+print(f"[{stage_name}] MeanFlow {objective.describe()} batch {pc['batch']} {total} steps "
       f"(after {prior_images:,} mid-training images), snapshots at steps {sorted(snapshots.steps)}", flush=True)
 snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,

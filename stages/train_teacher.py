@@ -1,12 +1,18 @@
-"""Stage train_teacher: EDM diffusion training of the teacher (EDM preconditioning, log-normal
-sigma, EDM loss weighting), writing model.safetensors + model.json."""
+"""Stage train_teacher: training of the teacher from scratch, writing model.safetensors + model.json.
+
+teacher.objective edm (the default): EDM diffusion training (EDM preconditioning, log-normal sigma,
+EDM loss weighting). teacher.objective meanflow: MeanFlow (docs/method.md#meanflow), the teacher of
+the CMT-MF rows (the paper's MF-B/4), an average-velocity model u(z, r, t) in flow time whose
+multi-step sampler makes the trajectories (trajectories.solver meanflow); with class labels, label
+dropout and guidance in the target as teacher.meanflow says. Its network is teacher.network where
+given (MF-B/4 beside an MF-XL/2 student), else the row's."""
 
 import torch
 
-from stages.files import atomic
+from stages.files import atomic, checkpoints
 from stages.runtime import cli
 from stages.data import labels as class_labels
-from stages.method import losses
+from stages.method import losses, meanflow
 from stages import networks
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
@@ -28,15 +34,29 @@ local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu
 
 # ---- model
 torch.manual_seed(rng.fold(seed, "teacher-init"))
-architecture = networks.architecture(cfg["network"], data.shape[1], data.shape[2], tc["dropout"])
-net = networks.freeze_unused_heads(networks.build_precond(architecture, "edm", cfg["sigma_data"], cfg["sigma_min"]))
-print(f"[train_teacher] {sum(p.numel() for p in net.parameters()):,} parameters, "
+objective = tc.get("objective", "edm")
+if objective == "meanflow":
+    architecture = {**networks.architecture(tc.get("network") or cfg["network"], data.shape[1], data.shape[2],
+                                            tc["dropout"]), "dual_time": True}
+    model_meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": cfg["sigma_data"],
+                  "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"], "time": "flow_t"}
+    net = checkpoints.build_precond(model_meta)
+    label_dim = net.num_classes
+else:
+    architecture = networks.architecture(cfg["network"], data.shape[1], data.shape[2], tc["dropout"])
+    model_meta = {"architecture": architecture, "precond": "edm", "sigma_data": cfg["sigma_data"],
+                  "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"], "time": "sigma"}
+    net = networks.freeze_unused_heads(networks.build_precond(architecture, "edm", cfg["sigma_data"], cfg["sigma_min"]))
+    label_dim = class_labels.label_dim_of(net)
+print(f"[train_teacher] objective {objective}: {sum(p.numel() for p in net.parameters()):,} parameters, "
       f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
-label_dim = class_labels.label_dim_of(net)
 class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
+if objective == "meanflow":
+    mf = meanflow.Objective.from_config(tc["meanflow"], net=accelerator.unwrap_model(net), what="teacher.meanflow")
+    print(f"[train_teacher] MeanFlow {mf.describe()}", flush=True)
 dataset_sha256 = atomic.sha256_file(args.dataset)
 job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, identity={
     "key": args.key, "dataset_sha256": dataset_sha256})
@@ -45,6 +65,8 @@ job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, ide
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "teacher-batch")
     pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
+    if objective == "meanflow":
+        return mf.loss(net, data[pick], g, data_labels[pick] if label_dim else None)
     y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
     return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"], labels=onehot)
 
@@ -56,7 +78,6 @@ elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=
 
 # ---- write
 job.finish(net, ema, steps=tc["steps"], batch=tc["batch"], train_seconds=elapsed, meta={
-    "role": "teacher", "key": args.key, "architecture": architecture, "precond": "edm",
-    "sigma_data": cfg["sigma_data"], "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"],
-    "time": "sigma", "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
+    "role": "teacher", "key": args.key, **model_meta, **({"objective": objective} if objective != "edm" else {}),
+    "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
 })

@@ -225,3 +225,62 @@ def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25
     if guidance is not None:
         v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
     return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in)
+
+
+# ----------------------------------------------------------------------------------------------
+# One config section -> the MeanFlow objective of a training stage (the MeanFlow teacher, MeanFlow
+# post-training): the (r, t) sampler, the adaptive weight, and for a class-conditional network the
+# label dropout and the guidance in the target.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    P_mean: float = -0.4
+    P_std: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    p: float = 1.0
+    c: float = 1e-3
+    label_dropout: float = 0.0
+    guidance: Guidance | None = None
+    null_class: int | None = None
+    jvp_u: torch.nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, section, net, what):
+        """`section`: P_mean, P_std, ratio_r_neq_t, adaptive_p, adaptive_c and, for a class-conditional
+        `net` (the bare module: the JVP and the guidance run on it), label_dropout and guidance
+        {omega, kappa, t_min, t_max}. An unconditional net refuses label dropout and guidance."""
+        num_classes = int(getattr(net, "num_classes", 0) or 0)
+        dropout, guidance = float(section.get("label_dropout") or 0.0), section.get("guidance")
+        if not num_classes and (dropout or guidance):
+            raise ValueError(f"{what}: label_dropout and guidance need a class-conditional network "
+                             "(network.num_classes > 0); this one is unconditional")
+        if guidance and not dropout:
+            raise ValueError(f"{what}.guidance needs label_dropout > 0: the unconditional field it mixes in "
+                             "is learnt only from the dropped labels")
+        return cls(P_mean=section["P_mean"], P_std=section["P_std"], ratio_r_neq_t=section["ratio_r_neq_t"],
+                   p=section["adaptive_p"], c=section["adaptive_c"], label_dropout=dropout,
+                   guidance=Guidance(**guidance) if guidance else None,
+                   null_class=getattr(net, "null_class", None) if num_classes else None, jvp_u=net)
+
+    def describe(self):
+        out = (f"r!=t ratio {self.ratio_r_neq_t} logit-normal({self.P_mean}, {self.P_std}) "
+               f"p={self.p} c={self.c}")
+        if self.null_class is not None:
+            out += f", label dropout {self.label_dropout}"
+        if self.guidance is not None:
+            g = self.guidance
+            out += (f", guidance in the target omega {g.omega} kappa {g.kappa} on t in [{g.t_min}, {g.t_max}] "
+                    f"(effective scale {g.effective_scale:.3g})")
+        return out
+
+    def loss(self, u, x, generator, labels=None):
+        """Per-sample MeanFlow loss of data x (labels [B] int64 for a class-conditional network)."""
+        if self.null_class is None:
+            labels = None
+        elif labels is None:
+            raise ValueError("this network is class-conditional: the MeanFlow loss needs the data's labels")
+        return meanflow_loss(u, x, generator, P_mean=self.P_mean, P_std=self.P_std,
+                             ratio_r_neq_t=self.ratio_r_neq_t, p=self.p, c=self.c, jvp_u=self.jvp_u,
+                             labels=labels, null_class=self.null_class, label_dropout=self.label_dropout,
+                             guidance=self.guidance)

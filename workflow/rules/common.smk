@@ -38,7 +38,10 @@ DATASET = f"{DATASET_DIR}/dataset.npz"
 DATASET_FILES = [DATASET, f"{DATASET_DIR}/manifest.json"]
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
-TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
+# A MeanFlow teacher may have its own network (teacher.network: MF-B/4 beside an MF-XL/2 student):
+# then the row's network is no part of the teacher
+TEACHER_CFG = {"seed": config["seed"], "network": config["teacher"].get("network", config["network"]),
+               "teacher": config["teacher"], **SIGMAS}
 if TEACHER_SOURCE == "import":
     # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
     # and the sha256 pinned in config, if any; the dataset and training settings play no part.
@@ -304,6 +307,10 @@ if GUIDE_ASSET:
 MID_MF = config.get("midtrain_mf", {})
 MIDTRAIN_MF_CFG = {k: v for k, v in MID_MF.items() if k not in INPUT_CHECKS}
 POST_MF = config.get("posttrain_mf", {})
+# A MeanFlow teacher (teacher.objective meanflow) has its own network: the students take the row's,
+# passed to them (an EDM teacher's students take the teacher's architecture, and their params stay as they were).
+MF_TEACHER = config["teacher"].get("objective") == "meanflow"
+STUDENT_NETWORK = {"network": config["network"]} if MF_TEACHER else {}
 # Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 

@@ -1,5 +1,6 @@
-# The MeanFlow family (family: mf): CMT-MF mid-training on the EDM teacher's trajectories (read in
-# flow-matching time through stages/method/flowmap.py), then MeanFlow post-training from {cmt, random}.
+# The MeanFlow family (family: mf): CMT-MF mid-training on the teacher's trajectories (an EDM
+# teacher's read in flow-matching time through stages/method/flowmap.py, a MeanFlow teacher's made in
+# flow time), then MeanFlow post-training from {cmt, random}.
 # Outputs take the consistency family's paths, so sample, fid and report serve both families.
 rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
@@ -12,7 +13,7 @@ rule midtrain_mf:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG}),
+        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG, **STUDENT_NETWORK}),
         checks=trajectory_checks("midtrain_mf"),
         teacher=TEACHER,
         dataset=DATASET,
@@ -45,7 +46,7 @@ rule posttrain_mf:
         init="cmt|random",
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
-                              "posttrain_mf": POSTTRAIN_MF_CFG}),
+                              "posttrain_mf": POSTTRAIN_MF_CFG, **STUDENT_NETWORK}),
         init=init_model,
         dataset=DATASET,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
