@@ -1,4 +1,5 @@
-"""Stage fid_reference: feature statistics (mean, covariance) of the whole real data set."""
+"""Stage fid_reference: feature statistics (mean, covariance) of the whole real data set, or, with
+features.reference, those of a published reference batch (the ADM suite's, read by numpy)."""
 
 import argparse
 import json
@@ -12,6 +13,15 @@ p.add_argument("--dataset", required=True)
 p.add_argument("--out", required=True)
 args = p.parse_args()
 precision.apply()  # Inception features on a GPU: TF32 as the config says
+
+if args.config.get("reference"):
+    if args.config["kind"] != "inception":
+        raise ValueError(f"features.reference: the ADM statistics are Inception features; features.kind is "
+                         f"{args.config['kind']!r}")
+    mu, sigma = features.load_adm_reference(args.config["reference"])
+    features.save_statistics(args.out, mu, sigma, features=args.config, source=args.config["reference"])
+    print(f"[fid_reference] ADM reference statistics {args.config['reference']} -> {args.out}", flush=True)
+    raise SystemExit(0)
 
 images, _ = datasets.load(args.dataset)
 feats = features.extract(images, args.config)

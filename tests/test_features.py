@@ -71,3 +71,63 @@ def test_lpips_random_trunk_32x32():
     assert dist.shape == (3,) and dist[0].abs() < 1e-6
     assert 0 < dist[1] < dist[2]
     assert torch.allclose(d(b, a), dist, atol=1e-5)  # symmetric
+
+
+# ---- the ADM evaluation suite's reference batch (VIRTUAL_imagenet256_labeled.npz): mu and sigma of
+# the 2048-d pool features beside the spatial statistics and 10k images, read without pickles
+
+
+def _adm_batch(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_adm_reference_reads_mu_and_sigma_and_scores_against_them(tmp_path):
+    from stages.data import features
+
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal(2048)
+    a = rng.standard_normal((2048, 16))
+    sigma = a @ a.T / 16 + np.eye(2048)
+    path = _adm_batch(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8),
+                      mu=mu.astype(np.float32), sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(4))
+    got_mu, got_sigma = features.load_adm_reference(path)
+    assert got_mu.dtype == np.float64 and np.array_equal(got_mu, mu.astype(np.float32).astype(np.float64))
+    assert np.array_equal(got_sigma, sigma)
+    # the Frechet distance of the same Gaussian shifted by d in the mean is |d|^2
+    shift = np.zeros(2048)
+    shift[:4] = 0.5
+    assert features.frechet((got_mu + shift, got_sigma), (got_mu, got_sigma)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_adm_reference_refuses_pickles_missing_keys_and_wrong_shapes(tmp_path):
+    from stages.data import features
+
+    pickled = _adm_batch(tmp_path / "p.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    with pytest.raises(ValueError):
+        features.load_adm_reference(pickled)
+    with pytest.raises(ValueError, match="no sigma"):
+        features.load_adm_reference(_adm_batch(tmp_path / "m.npz", mu=np.zeros(2048), arr_0=np.zeros(1)))
+    with pytest.raises(ValueError, match=r"\(2048,\) and \(2048, 2048\)"):
+        features.load_adm_reference(_adm_batch(tmp_path / "s.npz", mu=np.zeros(64), sigma=np.eye(64)))
+    with pytest.raises(ValueError, match="not a numpy"):
+        (tmp_path / "x.npz").write_bytes(b"<html>not found</html>")
+        features.load_adm_reference(tmp_path / "x.npz")
+
+
+def test_fid_reference_stage_writes_the_adm_statistics(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.data import features
+
+    mu, sigma = np.arange(2048.0), np.eye(2048) * 2
+    path = _adm_batch(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    cfg = {"kind": "inception", "model": "unused.pt", "reference": str(path)}
+    subprocess.run([sys.executable, "-m", "stages.fid_reference", "--config", json.dumps(cfg), "--dataset", "-",
+                    "--out", str(tmp_path / "out.npz")], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    got = features.load_statistics(tmp_path / "out.npz")
+    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)

@@ -285,8 +285,11 @@ if "asset" in config["dataset"] and not config["dataset"].get("synthetic"):
 FEATURES_CFG = dict(config["features"])
 if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
+    if "reference" in FEATURES_CFG:  # published statistics (the ADM suite's): no dataset features
+        FEATURES_CFG["reference"] = asset(FEATURES_CFG["reference"])
 else:
     FEATURES_CFG.pop("model", None)
+    FEATURES_CFG.pop("reference", None)  # a smoke run's pixel features have their own reference
 # How the trajectories are checked (verify, spot_check) is not how the model is trained: changing it
 # reruns nothing (see trajectory_checks).
 INPUT_CHECKS = ("verify", "spot_check")

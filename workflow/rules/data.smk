@@ -32,7 +32,7 @@ if DATASET_STORED:
 rule fid_reference:
     input:
         dataset=DATASET_RECEIPT,
-        inception=asset_inputs(FEATURES_CFG.get("model")),
+        inception=asset_inputs(FEATURES_CFG.get("model"), FEATURES_CFG.get("reference")),
     output:
         f"{RES}/fid_reference.npz",
     params:
