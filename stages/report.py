@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stages.files import atomic, checkpoints  # noqa: E402
+from stages.runtime import ledger  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True)
@@ -202,6 +203,18 @@ if methods:
             lines.append(f"- Paper, {label}: {extra.replace('_', '-')} {shown}.")
     lines.append("")
 lines += cost
+
+# ---- the cost ledger: GPU-hours per stage of each init's route, beside the paper's
+if cfg.get("gpus") is not None:
+    costs = ledger.ledger(args.benchmarks, inits, cfg["gpus"])
+    paper_hours = {i: methods[i]["gpu_hours"] for i in methods if "gpu_hours" in methods[i]}
+    lines += ["## GPU-hours per stage", "",
+              "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`), jobs "
+              "without a GPU counted in CPU hours. A training run sliced into several jobs, or resumed after "
+              "a failure, records its last job only. Sampling and FID are left out, as in the paper's table."
+              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
+    lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", LABELS.get(i, i)) for i in inits})
+    lines.append("")
 
 # ---- FD curve
 fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)

@@ -327,6 +327,17 @@ def meanflow_steps(init):
     return steps
 
 
+def _row_gpus(rule):
+    return int(config.get("resources", {}).get(rule, {}).get("gpu", 0) or 0)
+
+
+# GPUs per job of each benchmark kind of the cost ledger (stages/runtime/ledger.py), from the row's
+# resources (a --set-resources override on the command line is not seen here)
+LEDGER_GPUS = {"train_teacher": _row_gpus("train_teacher"), "trajectory_shard": _row_gpus("trajectory_shard"),
+               "midtrain": _row_gpus("midtrain_mf" if FAMILY == "mf" else "midtrain"),
+               "posttrain": _row_gpus("posttrain_mf" if FAMILY == "mf" else "posttrain")}
+
+
 def launch_gpus(wildcards, output, resources):
     """--gpus for stages.launch: the job's gpu resource (0 where no profile sets it). A function of
     `output` like state_args, so a different GPU count does not make finished training stale."""

@@ -81,6 +81,7 @@ rule report:
         cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
                     "final_snapshot": FINAL_SNAPSHOT, **({"midtrain_online": True} if MIDTRAIN_ONLINE else {}),
+                    "gpus": LEDGER_GPUS,
                     # the post-training method where it is not ECT (the ECT rows' params stay as they were)
                     **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
         bench=BENCH,
