@@ -8,6 +8,11 @@ Sample i of a seed range uses noise folded from (seed, i), so a range is the sam
 the batch size, and both kinds of model start from the same z. A class-conditional model draws
 image i's class uniformly, folded from (seed, i) too (the same class for 1 and 2 steps), and the
 file records the classes as `labels_r<range>` (int64); an unconditional model's file is unchanged.
+A class-conditional average-velocity model (the DiT, num_classes > 0) takes the class index itself.
+
+Latent models (`--vae`, a diffusers AutoencoderKL folder): the samples are final latents, decoded
+to uint8 pixels by the latent codec (stages/networks/latent_codec.py) before they are stored, so the
+FID stages see images either way.
 """
 
 import io
@@ -26,6 +31,7 @@ from stages.training import rng
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)
 p.add_argument("--out", required=True, help="samples .npz: images_<steps>step_r<range> uint8 arrays")
+p.add_argument("--vae", default=None, help="latent models: the AutoencoderKL folder that decodes the samples")
 args = p.parse_args()
 sc = cli.start(args, "sample")
 
@@ -38,7 +44,15 @@ net = net.to(device).eval()
 arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 sigma_max = meta["sigma_max"]
-label_dim = class_labels.label_dim_of(net)
+label_dim = int(getattr(net, "num_classes", 0) or 0) if average_velocity else class_labels.label_dim_of(net)
+codec = None
+if args.vae:
+    from stages.networks import latent_codec
+
+    codec = latent_codec.LatentCodec.from_folder(args.vae).to(device)
+    if codec.latent_channels != shape[0]:
+        raise ValueError(f"{args.vae}: a VAE of {codec.latent_channels} latent channels cannot decode the "
+                         f"{shape[0]}-channel samples of {args.model}")
 
 
 def noise(indices, purpose):
@@ -50,11 +64,14 @@ def noise(indices, purpose):
 def generate(indices, steps):
     if average_velocity:
         z = noise(indices, "z")
-        x = flowmap.one_step(net, z) if steps == 1 else flowmap.two_step(net, z, sc["t_mid"])
+        y = torch.tensor(classes(indices), dtype=torch.int64, device=device) if label_dim else None
+        x = flowmap.one_step(net, z, y) if steps == 1 else flowmap.two_step(net, z, sc["t_mid"], y)
     else:
         x = consistency(indices, steps)
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{args.model}: non-finite samples ({steps}-step)")
+    if codec is not None:
+        return codec.decode(x).cpu().numpy()
     return datasets.to_uint8(x).cpu().numpy()
 
 
