@@ -85,10 +85,14 @@ if family == "mf":
     lines.append("Budget: the random init trains MeanFlow for as many images as the CMT init's "
                  "mid-training and post-training together (the CMT-MF step has no JVP and is cheaper; "
                  "the teacher and its trajectories are further costs of the CMT init, in the cost table). "
-                 "The teacher is the EDM model read in flow-matching time (z = x / (1 + sigma), "
-                 "t = sigma / (1 + sigma)); its trajectories start at sigma_max, t = sigma_max / (1 + sigma_max), "
-                 "and mid-training puts the prior noise x_T / sigma_max in front of them at t = 1, "
-                 "where the 1-step sampler x = z - u(z, 0, 1) starts.")
+                 + ("The teacher is a MeanFlow model trained here; its multi-step sampler "
+                    "z_r = z_t - (t - r) u(z_t, r, t) made the trajectories in flow time, from z_1 = eps at t = 1, "
+                    "where the 1-step sampler x = z - u(z, 0, 1) starts."
+                    if checkpoints.read_meta(args.models[0])["precond"] == "meanflow" else
+                    "The teacher is the EDM model read in flow-matching time (z = x / (1 + sigma), "
+                    "t = sigma / (1 + sigma)); its trajectories start at sigma_max, t = sigma_max / (1 + sigma_max), "
+                    "and mid-training puts the prior noise x_T / sigma_max in front of them at t = 1, "
+                    "where the 1-step sampler x = z - u(z, 0, 1) starts."))
     lines.append("")
 for s in steps:
     vals = [fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in order]
