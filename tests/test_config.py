@@ -23,7 +23,9 @@ ROWS = REPO / "config" / "rows"
 DEFAULT = REPO / "config" / "default.yaml"
 # Overlays apply on top of a row; every other file under config/rows is a row or a base a row extends.
 OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yaml", "afhqv2-64-cmt-ect.yaml"],
-            "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"]}
+            "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"],
+            "ablations/digits-cmt-mf-mfrae.yaml": ["digits-cmt-mf.yaml"],
+            "smoke/imagenet256.yaml": ["imagenet256-cmt-mf.yaml"]}
 
 
 def default():
