@@ -6,8 +6,8 @@ each one is read in flow-matching time through flowmap.trajectory_to_flow (z = x
 t = sigma / (1 + sigma), plus the prior noise at t = 1). A MeanFlow teacher's (trajectories.solver
 meanflow) are stored in flow time already, z_1 = eps first, with their class (the null class where
 the spec's label dropout dropped it): they are read as they are, and a class-conditional student
-gets each trajectory's class with every pair drawn from it. A step draws `pairs_per_trajectory` random pairs i > j from each of
-batch / pairs_per_trajectory trajectories and regresses u(z_i, t_j, t_i) onto (z_i - z_j) / (t_i - t_j):
+gets each trajectory's class with every pair drawn from it. A step draws `pairs_per_trajectory`
+random pairs i > j from each of batch / pairs_per_trajectory trajectories and regresses u(z_i, t_j, t_i) onto (z_i - z_j) / (t_i - t_j):
 no JVP, no stop-gradient. The student starts from random weights (the paper's MF student is a
 different, larger network than its teacher): the teacher's architecture for an EDM teacher, the
 row's `network` section (MF-XL/2 against an MF-B/4 teacher) where the config passes one.

@@ -140,6 +140,14 @@ IMPOSSIBLE_MF = [
     ({"network": {"kind": "ddpmpp"}}, "network.kind"),                      # no dual-time DDPM++
     ({"posttrain_mf": {"snapshots": [0, 0.5, 0.504]}}, "posttrain_mf.snapshots"),  # both are p050
     ({"posttrain_mf": {"steps": 4, "snapshots": [0, 0.5, 0.6]}}, "posttrain_mf.snapshots"),  # steps 2, 2
+    ({"trajectories": {"solver": "meanflow"}}, "trajectories.solver"),        # an EDM teacher in flow time
+    ({"teacher": {"objective": "meanflow", "meanflow": {}}}, "trajectories.solver"),  # a MeanFlow teacher in sigma
+    ({"trajectories": {"label_dropout": 0.1}}, "trajectories.label_dropout"),  # DPM-Solver++ drops no labels
+    ({"posttrain_mf": {"label_dropout": 0.1}}, "posttrain_mf"),               # an unconditional U-Net
+    ({"network": {"kind": "dit", "preset": "MF-B/4", "num_classes": 10}, "posttrain_mf": {"dropout": 0.1}},
+     "posttrain_mf.dropout"),                                                # the DiT has no dropout
+    ({"network": {"kind": "dit", "preset": "MF-B/4", "num_classes": 10}, "posttrain_mf": {"guidance": {"omega": 1.0}}},
+     "posttrain_mf.guidance"),                                               # guidance without dropped labels
 ]
 
 

@@ -84,13 +84,15 @@ def meanflow_teacher_problems(cfg):
     mf_teacher = teacher.get("objective") == "meanflow"
     flow_solver = traj.get("solver") == "meanflow"
     if mf_teacher != flow_solver:
-        out.append(f"trajectories.solver: {traj.get('solver')} with teacher.objective {teacher.get('objective', 'edm')}; "
-                   "a MeanFlow teacher (objective meanflow) takes solver meanflow, an EDM teacher dpm_solver_pp")
+        out.append(f"trajectories.solver: {traj.get('solver')} with teacher.objective "
+                   f"{teacher.get('objective', 'edm')}; a MeanFlow teacher (objective meanflow) takes solver meanflow, an EDM teacher dpm_solver_pp")
     if mf_teacher and "meanflow" not in teacher:
         out.append("teacher.meanflow: objective meanflow needs the section (its keys have defaults: {} will do)")
     if traj.get("label_dropout") and not flow_solver:
         out.append("trajectories.label_dropout: only the flow-time solver (meanflow) drops labels")
-    networks = [("network", cfg["network"])] + ([("teacher.network", teacher["network"])] if teacher.get("network") else [])
+    networks = [("network", cfg["network"])]
+    if teacher.get("network"):
+        networks.append(("teacher.network", teacher["network"]))
     for key, net in networks:
         if net["kind"] != "dit":
             continue
@@ -101,12 +103,15 @@ def meanflow_teacher_problems(cfg):
                 out.append(f"{section}.dropout: {cfg[section]['dropout']}, but {key} is a DiT, which has no "
                            "dropout (DiT and MeanFlow train without it): set 0")
     conditional = {key: bool(net.get("num_classes")) for key, net in networks}
-    for section, key in (("posttrain_mf", "network"), ("teacher.meanflow", "teacher.network" if teacher.get("network") else "network")):
-        values = cfg["posttrain_mf"] if section == "posttrain_mf" else teacher.get("meanflow") or {}
+    teacher_key = "teacher.network" if teacher.get("network") else "network"
+    for section, key, values in (("posttrain_mf", "network", cfg["posttrain_mf"]),
+                                 ("teacher.meanflow", teacher_key, teacher.get("meanflow") or {})):
         if (values.get("label_dropout") or values.get("guidance")) and not conditional.get(key, False):
-            out.append(f"{section}: label_dropout and guidance need a class-conditional network ({key}.num_classes > 0)")
+            out.append(f"{section}: label_dropout and guidance need a class-conditional network "
+                       f"({key}.num_classes > 0)")
         if values.get("guidance") and not values.get("label_dropout"):
-            out.append(f"{section}.guidance needs label_dropout > 0 (the unconditional field is learnt from dropped labels)")
+            out.append(f"{section}.guidance: needs label_dropout > 0 (the unconditional field is learnt "
+                       "from dropped labels)")
     return out
 
 

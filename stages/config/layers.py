@@ -9,7 +9,8 @@ says the same for users):
 Every layer is merged into the one below it key by key (dicts recursively, anything else,
 lists included, replaced), as Snakemake merges its own config files: an empty dict changes
 nothing. One exception: a `network` section (the row's or teacher.network) that names another
-`kind` than the one below it replaces it whole (no U-Net setting leaks into a DiT or EDM2 preset). A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
+`kind` than the one below it replaces it whole (no U-Net setting leaks into a DiT or EDM2 preset).
+A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
 overlay serves every row. Then strings the schema does not allow where it expects a number,
 boolean or null are read as YAML (Snakemake reads every nested `--config` value as a string),
 and the `baseline` section is filled in from `posttrain` (a row writes only what differs).

@@ -55,9 +55,9 @@ class Generator:
     def _init_flow_time(self, meta):
         spec = self.spec
         if meta.get("precond") != "meanflow":
-            raise ValueError(f"trajectories.solver {spec['solver']!r} runs a MeanFlow teacher u(z, r, t) in flow time; "
-                             f"this teacher has precond {meta.get('precond')!r}: use solver dpm_solver_pp, or train the "
-                             "teacher with teacher.objective: meanflow")
+            raise ValueError(f"trajectories.solver {spec['solver']!r} runs a MeanFlow teacher u(z, r, t) in flow "
+                             f"time; this teacher has precond {meta.get('precond')!r}: use solver dpm_solver_pp, or "
+                             "train the teacher with teacher.objective: meanflow")
         if spec["x_T"] != "noise":
             raise ValueError(f"trajectories.x_T {spec['x_T']!r}: a flow-time trajectory starts from z_1 = eps "
                              "(x_T: noise); data plays no part at t = 1")

@@ -72,7 +72,8 @@ def ledger(bench_dir, inits, gpus):
 def table(costs, paper_hours, labels):
     """Markdown lines: per init and stage, our GPU-hours (CPU hours where the jobs had no GPU) beside
     the paper's (`paper_hours`: init -> stage -> hours)."""
-    lines = ["| route | stage | jobs | ours: GPU-hours | ours: CPU hours | paper: GPU-hours |", "|---|---|---|---|---|---|"]
+    lines = ["| route | stage | jobs | ours: GPU-hours | ours: CPU hours | paper: GPU-hours |",
+             "|---|---|---|---|---|---|"]
     for init, route in costs.items():
         for stage, cost in route.items():
             theirs = (paper_hours.get(init) or {}).get(stage)
@@ -80,6 +81,7 @@ def table(costs, paper_hours, labels):
             if cost is None:
                 lines.append(f"| {labels.get(init, init)} | {stage} | | reused from the store | | {theirs} |")
                 continue
-            lines.append(f"| {labels.get(init, init)} | {'**total**' if stage == 'total' else stage} | {cost['jobs']} | "
+            name = "**total**" if stage == "total" else stage
+            lines.append(f"| {labels.get(init, init)} | {name} | {cost['jobs']} | "
                          f"{cost['gpu_hours']:.3g} | {cost['cpu_hours']:.3g} | {theirs} |")
     return lines
