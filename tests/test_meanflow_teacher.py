@@ -121,3 +121,25 @@ def test_an_edm_teacher_with_flow_time_trajectories_is_refused(tmp_path, mf_teac
     with pytest.raises(ValueError, match="MeanFlow teacher"):
         trajectories.Generator(*checkpoints.load(edm), {"solver": "meanflow", "nfe": 2, "x_T": "noise", "seed": 0,
                                                        "dtype": "float16"}, torch.device("cpu"))
+
+
+def test_objective_from_config_refuses_labels_on_an_unconditional_network_and_guidance_without_dropout():
+    from stages.method import meanflow
+
+    section = {"P_mean": -0.4, "P_std": 1.0, "ratio_r_neq_t": 0.25, "adaptive_p": 1.0, "adaptive_c": 1e-3}
+    unconditional = checkpoints.build_precond({"architecture": {**TEACHER_NET, "num_classes": 0, "in_channels": 1,
+                                                                "resolution": 8, "dropout": 0.0},
+                                               "precond": "meanflow", "sigma_data": 0.5})
+    with pytest.raises(ValueError, match="unconditional"):
+        meanflow.Objective.from_config({**section, "label_dropout": 0.1}, unconditional, "posttrain_mf")
+    plain = meanflow.Objective.from_config(section, unconditional, "posttrain_mf")
+    assert plain.null_class is None and plain.guidance is None
+    conditional = checkpoints.build_precond({"architecture": {**TEACHER_NET, "in_channels": 1, "resolution": 8,
+                                                              "dropout": 0.0},
+                                             "precond": "meanflow", "sigma_data": 0.5})
+    with pytest.raises(ValueError, match="needs label_dropout"):
+        meanflow.Objective.from_config({**section, "guidance": {"omega": 1.0}}, conditional, "posttrain_mf")
+    full = meanflow.Objective.from_config({**section, **MEANFLOW}, conditional, "teacher.meanflow")
+    assert full.null_class == 10 and full.guidance.effective_scale == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="needs the data's labels"):
+        full.loss(conditional, torch.zeros(2, 1, 8, 8), torch.Generator().manual_seed(0))
