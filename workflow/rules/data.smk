@@ -31,7 +31,8 @@ if DATASET_STORED:
 
 rule fid_reference:
     input:
-        dataset=DATASET_RECEIPT,
+        # published statistics (features.reference, the ADM suite's) need no prepared dataset
+        dataset=[] if "reference" in FEATURES_CFG else DATASET_RECEIPT,
         inception=asset_inputs(FEATURES_CFG.get("model"), FEATURES_CFG.get("reference")),
     output:
         f"{RES}/fid_reference.npz",
