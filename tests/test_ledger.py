@@ -45,7 +45,7 @@ def test_cpu_jobs_count_apart_and_missing_stages_are_reused(tmp_path):
     costs = ledger.ledger(tmp_path, ["cmt"], {"midtrain": 0, "posttrain": 0})
     assert costs["cmt"]["pretrain"] is None  # imported or in the store: no benchmark here
     assert costs["cmt"]["total"]["gpu_hours"] == 0 and costs["cmt"]["total"]["cpu_hours"] == pytest.approx(0.75)
-    assert "| cmt | pretrain | | reused from the store | |  |" in ledger.table(costs, {}, {})
+    assert "| cmt | pretrain | | not run here (store or import) | |  |" in ledger.table(costs, {}, {})
 
 
 def test_a_file_that_is_no_benchmark_is_refused(tmp_path):

@@ -79,7 +79,7 @@ def table(costs, paper_hours, labels):
             theirs = (paper_hours.get(init) or {}).get(stage)
             theirs = "" if theirs is None else f"{theirs:g}"
             if cost is None:
-                lines.append(f"| {labels.get(init, init)} | {stage} | | reused from the store | | {theirs} |")
+                lines.append(f"| {labels.get(init, init)} | {stage} | | not run here (store or import) | | {theirs} |")
                 continue
             name = "**total**" if stage == "total" else stage
             lines.append(f"| {labels.get(init, init)} | {name} | {cost['jobs']} | "
