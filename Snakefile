@@ -46,6 +46,10 @@ include: "workflow/rules/assets.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/trajectories.smk"
+if LATENTS:
+
+    include: "workflow/rules/latents.smk"
+
 if config["family"] == "mf":
 
     include: "workflow/rules/meanflow.smk"

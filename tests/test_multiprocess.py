@@ -47,7 +47,7 @@ def test_ranks_read_disjoint_shards_and_share_one_position(tmp_path):
 
 def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
     manifest = json.loads(make_trajectories(tmp_path, num_shards=1, per_shard=3).read_text())
-    with pytest.raises(ValueError, match="1 trajectory shards cannot be split over 2 training processes"):
+    with pytest.raises(ValueError, match="1 shards of trajectories cannot be split over 2 training processes"):
         shards.RankTrajectoryStream([manifest["shards"][0]["path"]], [3], 0, 4, 0, 2)
 
 

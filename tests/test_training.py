@@ -93,7 +93,7 @@ def test_unknown_schedule_and_optimizer_rejected():
     with pytest.raises(ValueError, match="schedule"):
         loop.lr_at(0, 10, {**ADAM, "schedule": "cosine"})
     with pytest.raises(ValueError, match="optimizer"):
-        loop.build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**ADAM, "name": "sgd"})
+        loop.build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**ADAM, "name": "lamb"})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -162,19 +162,17 @@ def write_class_folders(root, count, classes, resolution, seed=0):
         Image.fromarray(img.transpose(1, 2, 0)).resize((w, 3 * resolution)).save(folder / f"img_{i:05d}.png")
 
 
-def read_imagenet_folder(spec):
-    """ImageNet in the ILSVRC2012 train layout (`path`/<wnid>/<image>.JPEG): the class folders in
-    sorted order are labels 0..999, each image RGB through the ADM crop (center_crop_adm) at
-    `resolution`. `synthetic: N` writes N images in 10 class folders and reads those (smoke runs)."""
+def imagenet_files(spec):
+    """The (label, file) list of an ImageNet folder (ILSVRC2012 train layout, `path`/<wnid>/<image>),
+    class folders in sorted order as labels 0..999, files sorted within each; and what keeps a
+    synthetic folder alive (`synthetic: N` writes N images in 10 class folders: smoke runs)."""
     import tempfile
 
-    from PIL import Image
-
-    res = spec["resolution"]
+    tmp = None
     if spec.get("synthetic"):
         tmp = tempfile.TemporaryDirectory()
         root = Path(tmp.name)
-        write_class_folders(root, spec["synthetic"], 10, res)
+        write_class_folders(root, spec["synthetic"], 10, spec["resolution"])
     else:
         root = Path(spec["path"])
     if not root.is_dir():
@@ -190,15 +188,46 @@ def read_imagenet_folder(spec):
     if stray:
         raise ValueError(f"{root}: images outside the class folders ({stray[:3]}); an unlabelled image has no "
                          "class here: move them into their class folder or remove them")
-    out = np.empty((len(files), 3, res, res), dtype=np.uint8)
+    return files, tmp
+
+
+def read_adm_cropped(files, resolution):
+    """(label, file) pairs -> uint8 [N, 3, res, res] through the ADM crop, and int64 labels [N]."""
+    from PIL import Image
+
+    out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
     for i, (_, file) in enumerate(files):
         with Image.open(file) as img:
-            out[i] = center_crop_adm(img.convert("RGB"), res).transpose(2, 0, 1)
+            out[i] = center_crop_adm(img.convert("RGB"), resolution).transpose(2, 0, 1)
     return out, np.array([label for label, _ in files], dtype=np.int64)
+
+
+def read_imagenet_folder(spec):
+    """ImageNet in the ILSVRC2012 train layout (imagenet_files), each image RGB through the ADM crop
+    (center_crop_adm) at `resolution`."""
+    files, _tmp = imagenet_files(spec)
+    return read_adm_cropped(files, spec["resolution"])
 
 
 READERS = {"digits": read_digits, "cifar10": read_cifar10, "image_folder": read_image_folder,
            "imagenet_folder": read_imagenet_folder}
+
+
+def read_selection(spec, select):
+    """Some images of the source as `prepare` would store them: `select(count)` gets the source's
+    image count and returns the indices to read. Returns (images, labels, indices, count). An
+    ImageNet folder decodes only the selected files (a shard of the 1.28M images reads its own few
+    thousand, never the whole set); other sources are read whole and indexed."""
+    if spec["source"] == "imagenet_folder":
+        files, _tmp = imagenet_files(spec)
+        indices = np.asarray(select(len(files)), dtype=np.int64)
+        images, labels = read_adm_cropped([files[i] for i in indices], spec["resolution"])
+        return images, labels, indices, len(files)
+    if spec["source"] not in READERS:
+        raise ValueError(f"dataset.source: unknown source {spec['source']!r}; known: {sorted(READERS)}")
+    images, labels = READERS[spec["source"]](spec)
+    indices = np.asarray(select(len(images)), dtype=np.int64)
+    return images[indices], labels[indices], indices, len(images)
 
 
 def prepare(spec, out_dir):

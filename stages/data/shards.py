@@ -136,6 +136,10 @@ class TrajectoryStream:
     continues with exactly the samples an uninterrupted stream would give.
     """
 
+    # how a raw sample becomes an item, and what the items are called in errors (LatentStream's differ)
+    decode = staticmethod(decode_sample)
+    what = "trajectories"
+
     def __init__(self, paths, seed, shuffle_buffer=1000, epoch=0, offset=0):
         self.paths = [str(p) for p in paths]
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -175,13 +179,13 @@ class TrajectoryStream:
                 seen += 1
                 if seen <= skip:
                     continue
-                decoded = decode_sample(sample)
+                decoded = self.decode(sample)
                 self.offset = seen
                 yield decoded
             if seen == 0:
-                raise ValueError(f"no trajectories in {self.paths}")
+                raise ValueError(f"no {self.what} in {self.paths}")
             if seen < skip:
-                raise ValueError(f"epoch {self.epoch} of {self.paths} has {seen} trajectories, fewer than "
+                raise ValueError(f"epoch {self.epoch} of {self.paths} has {seen} {self.what}, fewer than "
                                  f"the saved position {skip}; the shards changed under a saved state")
             self.epoch, self.offset = self.epoch + 1, 0
 
@@ -196,13 +200,15 @@ class RankTrajectoryStream(TrajectoryStream):
     is TrajectoryStream itself (same seed, same positions).
     """
 
+    shards_key = "trajectories.num_shards"
+
     def __init__(self, paths, counts, seed, shuffle_buffer, rank, world):
         from stages.training.rng import fold
 
         paths = [str(p) for p in paths]
         if len(paths) < world:
-            raise ValueError(f"{len(paths)} trajectory shards cannot be split over {world} training processes "
-                             f"(ranks x data workers); make at least {world} shards (trajectories.num_shards) "
+            raise ValueError(f"{len(paths)} shards of {self.what} cannot be split over {world} training processes "
+                             f"(ranks x data workers); make at least {world} shards ({self.shards_key}) "
                              "or train with fewer processes")
         if len(counts) != len(paths):
             raise ValueError(f"{len(counts)} shard counts for {len(paths)} shards")

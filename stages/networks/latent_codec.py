@@ -56,6 +56,30 @@ def load_vae(folder):
     return vae.eval().requires_grad_(False)
 
 
+def random_vae(spec):
+    """An AutoencoderKL with random weights from `spec` = {"config": AutoencoderKL's arguments, "seed"}:
+    smoke runs and tests, offline (the same spec gives the same weights on every CPU)."""
+    from diffusers import AutoencoderKL
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(int(spec.get("seed", 0)))
+    try:
+        vae = AutoencoderKL(**spec["config"])
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return vae.eval().requires_grad_(False)
+
+
+def posterior_draw(stored, scale, bias, generator=None):
+    """Stored latents [N, 2C, h, w] (posterior mean, std) -> final latents [N, C, h, w]:
+    (mean + std * eps) * scale + bias with eps ~ N(0, I), as EDM2 does at every use of an image.
+    `scale` and `bias` are [1, C, 1, 1] (whitening()); eps is drawn on the generator's device."""
+    mean, std = stored.to(torch.float32).chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=generator,
+                      device=generator.device if generator is not None else mean.device).to(mean.device)
+    return (mean + std * eps) * scale.to(mean.device) + bias.to(mean.device)
+
+
 class LatentCodec(nn.Module):
     """Pixels <-> stored latents <-> final latents through a frozen AutoencoderKL (see module doc).
 
@@ -102,10 +126,7 @@ class LatentCodec(nn.Module):
         if stored.ndim != 4 or stored.shape[1] != 2 * self.latent_channels:
             raise ValueError(f"stored latents are [N, {2 * self.latent_channels}, h, w] (mean and std), "
                              f"got {tuple(stored.shape)}")
-        mean, std = stored.to(self.scale.device, torch.float32).chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator,
-                          device=generator.device if generator is not None else mean.device).to(mean.device)
-        return self.to_final(mean + std * eps)
+        return posterior_draw(stored.to(self.scale.device), self.scale, self.bias, generator)
 
     def encode(self, pixels, generator=None):
         return self.encode_latents(self.encode_pixels(pixels), generator)

@@ -38,6 +38,9 @@ def radam_unrectified_steps(beta2):
 
 def build_optimizer(params, cfg):
     name = cfg["name"]
+    if name == "sgd":  # the latent VGG16 classifier (torchvision's ImageNet recipe): L2 weight decay in the gradient
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+                               weight_decay=cfg.get("weight_decay", 0.0))
     kwargs = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
                   weight_decay=cfg.get("weight_decay", 0.0))
     if name == "radam":
@@ -58,6 +61,8 @@ def lr_at(step, total_steps, cfg):
         lr *= (step + 1) / warmup
     if cfg["schedule"] == "linear_to_zero":
         lr *= max(0.0, 1 - step / total_steps)
+    elif cfg["schedule"] == "step":  # StepLR: times gamma every step_every steps
+        lr *= cfg["gamma"] ** (step // cfg["step_every"])
     elif cfg["schedule"] != "constant":
         raise ValueError(f"optimizer.schedule: unknown schedule {cfg['schedule']!r}")
     return lr
@@ -93,6 +98,17 @@ class EMA:
             e.lerp_(p.detach(), 1 - beta)
         for e, b in zip(self.module.buffers(), module.buffers()):
             e.copy_(b)
+
+
+class NoEMA(EMA):
+    """For a recipe without an EMA (the latent VGG16 classifier): holds no copy and updates nothing,
+    so the training state carries no second set of weights."""
+
+    def __init__(self):
+        self.module, self.beta, self.rampup = torch.nn.Module(), None, None
+
+    def update(self, module, steps_done):
+        pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.files.assets import CATALOG  # noqa: E402  (the catalog of downloadable files: stdlib only)
+from stages.files.assets import CATALOG, FOLDERS  # noqa: E402  (the catalog of downloadable files: stdlib only)
 from stages.files import store  # noqa: E402  (records, locks and receipts of the store: stdlib only)
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
-CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1}
+CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1, "latents": 1}
 
 
 def digest(obj):
@@ -263,7 +263,13 @@ NEEDED_ASSETS = set()
 
 
 def asset(value):
-    """A catalog name -> its path in the assets folder (and the asset is needed); else `value`."""
+    """A catalog name -> its path in the assets folder (and the asset is needed); a catalog folder
+    name (FOLDERS, e.g. the SD-VAE's sd-vae-ft-mse) -> that folder (and each of its files is needed,
+    each fetched by its own fetch_assets job); else `value`."""
+    if isinstance(value, str) and value in FOLDERS:
+        for member in FOLDERS[value]:
+            asset(member)
+        return os.path.dirname(f"{ASSETS_DIR}/{CATALOG[FOLDERS[value][0]].filename}")
     if isinstance(value, str) and value in CATALOG:
         NEEDED_ASSETS.add(value)
         return f"{ASSETS_DIR}/{CATALOG[value].filename}"
@@ -271,9 +277,18 @@ def asset(value):
 
 
 def asset_inputs(*paths):
-    """The asset files among resolved config values: as inputs they make fetch_assets run first."""
+    """The asset files among resolved config values (an asset folder: its files): as inputs they
+    make fetch_assets run first."""
     files = {f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in NEEDED_ASSETS}
-    return [p for p in paths if p in files]
+    folders = {os.path.dirname(f"{ASSETS_DIR}/{CATALOG[m[0]].filename}"): [f"{ASSETS_DIR}/{CATALOG[n].filename}" for n in m]
+               for m in FOLDERS.values()}
+    out = []
+    for p in paths:
+        if p in files:
+            out.append(p)
+        elif p in folders and all(f in files for f in folders[p]):
+            out.extend(folders[p])
+    return out
 
 
 # The configuration as the stages see it: catalog names resolved to paths.
@@ -304,6 +319,47 @@ if config["teacher"].get("source", "train") == "import":
     TEACHER_PICKLE = asset(config["teacher"]["asset"])
 if GUIDE_ASSET:
     GUIDE_PICKLE = asset(GUIDE_ASSET)
+
+
+# ---- the latent rows (latents.smk): the dataset encoded once by the VAE into the store. The key is
+# the dataset's key, the VAE (its catalog URLs, which pin the hub revision, and pinned sha256s; or the
+# random VAE's config), how images are cut into shards and their dtype; not the whitening (applied at
+# each use), nor the VAE batch.
+LATENTS = "latents" in config
+if LATENTS:
+    LATENTS_CFG = config["latents"]
+    _vae = LATENTS_CFG["vae"]
+    if isinstance(_vae, str):
+        if _vae not in FOLDERS:
+            raise ValueError(f"latents.vae: {_vae!r} is no catalog folder (stages/files/assets.py FOLDERS: "
+                             f"{sorted(FOLDERS)}); name one, or give {{config, seed}} for a random AutoencoderKL")
+        VAE_DIR = asset(_vae)
+        _vae_id = {"assets": [CATALOG[m].url for m in FOLDERS[_vae]],
+                   "sha256": [ASSETS_CFG.get("sha256", {}).get(m) for m in FOLDERS[_vae]]}
+    else:
+        VAE_DIR = None
+        _vae_id = _vae
+    LATENT_SPEC = {"dataset_key": DATASET_KEY, "resolution": config["dataset"].get("resolution"), "vae": _vae_id,
+                   "per_shard": LATENTS_CFG["per_shard"], "dtype": LATENTS_CFG["dtype"],
+                   "code": CODE_VERSION["latents"]}
+    LATENT_KEY = digest(LATENT_SPEC)
+    LATENT_DIR = f"{STORE}/latents/{config['dataset']['name']}-{LATENT_KEY}"
+    # what the stage needs: the resolved dataset section and the encoding settings
+    LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
+                        "batch": LATENTS_CFG["batch"], "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
+    LATENT_SHARD_IDS = [f"{k:06d}" for k in range(LATENTS_CFG["num_shards"])]
+    LATENT_RECEIPTS = expand(f"{RECEIPTS}/latents/{{shard}}.json", shard=LATENT_SHARD_IDS)
+    LATENT_MANIFEST = f"{RES}/latents/manifest.json"
+
+    def latent_shard_file(shard):
+        return f"{LATENT_DIR}/shard-{shard}.tar"
+
+    LATENT_SHARDS_STORED = [k for k in LATENT_SHARD_IDS if stored([latent_shard_file(k)])]
+    LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
+    # planned steps (the stage counts the images; here the pool's size less the held-out shards)
+    _vgg = config["latent_vgg"]
+    LATENT_VGG_STEPS = _vgg["steps"] or max(1, round(
+        _vgg["epochs"] * (LATENTS_CFG["num_shards"] - _vgg["holdout_shards"]) * LATENTS_CFG["per_shard"] / _vgg["batch"]))
 
 
 # ---- the MeanFlow family (meanflow.smk)

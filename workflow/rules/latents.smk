@@ -1,0 +1,93 @@
+# The latent rows: the dataset encoded once by the VAE (stages/encode_dataset.py) into shards in the
+# store, keyed like the trajectories (common.smk LATENT_KEY), one job per shard, each writing a
+# receipt through stages/files/store.py; latent_manifest gathers them for the training stages.
+
+
+rule encode_dataset:
+    group: "encode"
+    input:
+        assets=asset_inputs(VAE_DIR, DATASET_SPEC.get("path")),
+    output:
+        f"{RECEIPTS}/latents/{{shard}}.json",
+    wildcard_constraints:
+        # the shards the store does not hold yet (one rule per receipt: planning stays fast)
+        shard=("|".join(k for k in LATENT_SHARD_IDS if k not in LATENT_SHARDS_STORED) or "(?!)")
+        if LATENT_SHARDS_STORED else r"\d{6}",
+    params:
+        cfg=as_arg(LATENT_STAGE_CFG),
+        key=LATENT_KEY,
+        files=lambda w: [latent_shard_file(w.shard)],
+        index=lambda w: int(w.shard),
+        gpus=launch_gpus,
+        vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
+        store_mode=store_mode(lambda w: w.shard in LATENT_SHARDS_STORED),
+    threads: config["threads"]["light"]
+    resources:
+        trajectory_slot=1,
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/encode_dataset/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/encode_dataset/{{shard}}.tsv"
+    shell:
+        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
+        "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} --one-process "
+        "stages.encode_dataset --config {params.cfg:q} --threads {threads} {params.vae} --shard {params.index} "
+        "--out {params.files[0]:q} > {log} 2>&1"
+
+
+# Shards the store holds already: local jobs write this workdir's receipts from their records.
+if LATENT_SHARDS_STORED:
+
+    use rule encode_dataset as encode_dataset_from_store with:
+        localrule: True
+        group: "latent_receipts"
+        threads: 1
+        wildcard_constraints:
+            shard="|".join(LATENT_SHARDS_STORED),
+
+
+rule latent_manifest:
+    input:
+        shards=LATENT_RECEIPTS,
+    output:
+        LATENT_MANIFEST,
+    params:
+        spec=as_arg(LATENT_SPEC),
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/latent_manifest.log",
+    benchmark:
+        f"{BENCH}/latent_manifest.tsv"
+    shell:
+        "python -m stages.latent_manifest --spec {params.spec:q} --shards {input.shards} --out {output} > {log} 2>&1"
+
+
+# The E-LatentLPIPS backbone: the latent VGG16 trained as a classifier on the encoded dataset (a row's
+# result, resumable like every training stage; its held-out accuracy goes to the report).
+rule train_latent_vgg:
+    input:
+        LATENT_MANIFEST,
+    output:
+        model=LATENT_VGG,
+        meta=LATENT_VGG.replace(".safetensors", ".json"),
+        accuracy=f"{RES}/latent_vgg/accuracy.json",
+    params:
+        cfg=as_arg({"seed": config["seed"], "latents": LATENTS_CFG, "latent_vgg": config["latent_vgg"]}),
+        state=state_args(lambda w: f"{STATE}/latent_vgg"),
+        verify=lambda w, output: config["midtrain"]["verify"],
+        gpus=launch_gpus,
+    threads: config["threads"]["train"]
+    retries: slice_retries((LATENT_VGG_STEPS, config["latent_vgg"]["batch"]))
+    conda:
+        "../../envs/cmt.yaml"
+    log:
+        f"{LOGS}/train_latent_vgg.log",
+    benchmark:
+        f"{BENCH}/train_latent_vgg.tsv"
+    shell:
+        "python -m stages.launch --gpus {params.gpus} stages.train_latent_vgg --config {params.cfg:q} "
+        "--threads {threads} --manifest {input:q} --verify {params.verify} --out {output.model:q} "
+        "--accuracy {output.accuracy:q} {params.state} > {log} 2>&1"
