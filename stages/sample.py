@@ -10,12 +10,14 @@ image i's class uniformly, folded from (seed, i) too (the same class for 1 and 2
 file records the classes as `labels_r<range>` (int64); an unconditional model's file is unchanged.
 A class-conditional average-velocity model (the DiT, num_classes > 0) takes the class index itself.
 
-Latent models (`--vae`, a diffusers AutoencoderKL folder): the samples are final latents, decoded
-to uint8 pixels by the latent codec (stages/networks/latent_codec.py) before they are stored, so the
-FID stages see images either way.
+Latent models (`--latents`, the row's latents section, and `--vae`, a diffusers AutoencoderKL
+folder, or a random VAE from the section's spec): the samples are final latents, decoded to uint8
+pixels by the latent codec (stages/networks/latent_codec.py) before they are stored, so the FID
+stages see images either way.
 """
 
 import io
+import json
 import time
 
 import numpy as np
@@ -32,6 +34,8 @@ p = cli.parser(__doc__)
 p.add_argument("--model", required=True)
 p.add_argument("--out", required=True, help="samples .npz: images_<steps>step_r<range> uint8 arrays")
 p.add_argument("--vae", default=None, help="latent models: the AutoencoderKL folder that decodes the samples")
+p.add_argument("--latents", type=json.loads, default=None,
+               help="latent models: the row's `latents` section (whitening; a random VAE's spec without --vae)")
 args = p.parse_args()
 sc = cli.start(args, "sample")
 
@@ -46,10 +50,11 @@ shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 sigma_max = meta["sigma_max"]
 label_dim = int(getattr(net, "num_classes", 0) or 0) if average_velocity else class_labels.label_dim_of(net)
 codec = None
-if args.vae:
+if args.vae or args.latents:
     from stages.networks import latent_codec
 
-    codec = latent_codec.LatentCodec.from_folder(args.vae).to(device)
+    codec = (latent_codec.from_config(args.latents, args.vae) if args.latents
+             else latent_codec.LatentCodec.from_folder(args.vae)).to(device)
     if codec.latent_channels != shape[0]:
         raise ValueError(f"{args.vae}: a VAE of {codec.latent_channels} latent channels cannot decode the "
                          f"{shape[0]}-channel samples of {args.model}")

@@ -5,38 +5,53 @@ EDM loss weighting). teacher.objective meanflow: MeanFlow (docs/method.md#meanfl
 the CMT-MF rows (the paper's MF-B/4), an average-velocity model u(z, r, t) in flow time whose
 multi-step sampler makes the trajectories (trajectories.solver meanflow); with class labels, label
 dropout and guidance in the target as teacher.meanflow says. Its network is teacher.network where
-given (MF-B/4 beside an MF-XL/2 student), else the row's."""
+given (MF-B/4 beside an MF-XL/2 student), else the row's; on a latent row (--latents) it trains on
+the encoded dataset's posterior draws (stages/data/training_data.py)."""
 
 import torch
 
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.data import labels as class_labels
+from stages.data import labels as class_labels, training_data
 from stages.method import losses, meanflow
 from stages import networks
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
 
 p = cli.add_state_args(cli.parser(__doc__))
-p.add_argument("--dataset", required=True, help="prepared dataset.npz")
+p.add_argument("--dataset", default=None, help="prepared dataset.npz (pixels)")
+p.add_argument("--latents", default=None,
+               help="objective meanflow on a latent row: the encoded dataset's manifest (latent_manifest)")
+p.add_argument("--verify", choices=["full", "fast"], default="full", help="--latents: check shards by sha256 or size")
 p.add_argument("--out", required=True, help="model.safetensors to write")
 p.add_argument("--key", required=True, help="store key of this teacher (provenance digest)")
 args = p.parse_args()
 cfg = cli.start(args, "train_teacher")
 tc, seed = cfg["teacher"], cfg["seed"]
 
-# ---- data
+# ---- data: the EDM teacher's prepared images; the MeanFlow teacher's images or encoded latents
 accelerator = loop.make_accelerator()
-data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch",
-                                                 labels=True)
-local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu"), accelerator.num_processes,
-                                             "teacher")
+objective = tc.get("objective", "edm")
+source = None
+if objective == "meanflow":
+    source = training_data.open_training_data(args, cfg, accelerator, tc["batch"], "teacher.batch", seed,
+                                              tc.get("batch_per_gpu"))
+    micro_batches, input_sha256, input_path = source.micro_batches, source.sha256, source.path
+elif args.latents or not args.dataset:
+    raise ValueError("train_teacher: the EDM teacher trains on the prepared dataset (--dataset); latents are "
+                     "for teacher.objective meanflow")
+else:
+    data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, tc["batch"], "teacher.batch",
+                                                     labels=True)
+    local_batch, micro_batches = loop.split_batch(tc["batch"], tc.get("batch_per_gpu"), accelerator.num_processes,
+                                                 "teacher")
+    input_sha256, input_path = atomic.sha256_file(args.dataset), args.dataset
 
 # ---- model
 torch.manual_seed(rng.fold(seed, "teacher-init"))
-objective = tc.get("objective", "edm")
 if objective == "meanflow":
-    architecture = {**networks.architecture(tc.get("network") or cfg["network"], data.shape[1], data.shape[2],
+    channels, resolution = source.shape
+    architecture = {**networks.architecture(tc.get("network") or cfg["network"], channels, resolution,
                                             tc["dropout"]), "dual_time": True}
     model_meta = {"architecture": architecture, "precond": "meanflow", "sigma_data": cfg["sigma_data"],
                   "sigma_min": cfg["sigma_min"], "sigma_max": cfg["sigma_max"], "time": "flow_t"}
@@ -49,24 +64,28 @@ else:
     net = networks.freeze_unused_heads(networks.build_precond(architecture, "edm", cfg["sigma_data"], cfg["sigma_min"]))
     label_dim = class_labels.label_dim_of(net)
 print(f"[train_teacher] objective {objective}: {sum(p.numel() for p in net.parameters()):,} parameters, "
-      f"{len(data)} images, batch {tc['batch']}, {tc['steps']} steps", flush=True)
-class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
+      f"data {input_path}, batch {tc['batch']}, {tc['steps']} steps", flush=True)
+all_labels = source.all_labels() if source is not None else data_labels.cpu().numpy()
+if all_labels is not None:
+    class_labels.check_dataset(all_labels, label_dim, input_path)
 ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 if objective == "meanflow":
     mf = meanflow.Objective.from_config(tc["meanflow"], net=accelerator.unwrap_model(net), what="teacher.meanflow")
     print(f"[train_teacher] MeanFlow {mf.describe()}", flush=True)
-dataset_sha256 = atomic.sha256_file(args.dataset)
 job = TrainingJob(args, cfg, stage="train_teacher", accelerator=accelerator, identity={
-    "key": args.key, "dataset_sha256": dataset_sha256})
+    "key": args.key, "dataset_sha256": input_sha256})
 
 
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "teacher-batch")
-    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
     if objective == "meanflow":
-        return mf.loss(net, data[pick], g, data_labels[pick] if label_dim else None)
+        x, y = source.batch(step, part, g)
+        if label_dim and all_labels is None:  # latents: the labels come with each batch
+            training_data.check_labels(y, label_dim, input_path)
+        return mf.loss(net, x, g, y if label_dim else None)
+    pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
     y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
     return losses.edm_loss(net, y, g, cfg["sigma_data"], tc["P_mean"], tc["P_std"], labels=onehot)
 
@@ -74,10 +93,10 @@ def loss_fn(step, part):
 elapsed = loop.fit(stage="train_teacher", accelerator=accelerator, net=net, ema=ema,
                        optimizer=optimizer, opt_cfg=tc["optimizer"], total_steps=tc["steps"],
                        batch=tc["batch"], seed=seed, loss_fn=loss_fn, state=job.state,
-                       micro_batches=micro_batches)
+                       data=source.state if source is not None else None, micro_batches=micro_batches)
 
 # ---- write
 job.finish(net, ema, steps=tc["steps"], batch=tc["batch"], train_seconds=elapsed, meta={
     "role": "teacher", "key": args.key, **model_meta, **({"objective": objective} if objective != "edm" else {}),
-    "inputs": {"dataset": {"path": args.dataset, "sha256": dataset_sha256}},
+    "inputs": {"latents" if args.latents else "dataset": {"path": input_path, "sha256": input_sha256}},
 })

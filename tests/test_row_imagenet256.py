@@ -35,11 +35,19 @@ def stage_config(out, stage):
 
 def test_dry_run_lists_every_job_of_the_row(tmp_path):
     result = snakemake(tmp_path, "-n", "-p")
+    # no prepare_dataset: the training jobs read the encoded latents, FID the ADM statistics
     assert planned_jobs(result) == {
-        "fetch_assets": 2, "prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1, "trajectory_spec": 1,
-        "trajectory_shard": 256, "trajectory_manifest": 1, "midtrain_mf": 1, "posttrain_mf": 2, "sample": 10,
-        "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
+        "fetch_assets": 4, "encode_dataset": 257, "latent_manifest": 1, "fid_reference": 1, "train_teacher": 1,
+        "trajectory_spec": 1, "trajectory_shard": 256, "trajectory_manifest": 1, "midtrain_mf": 1, "posttrain_mf": 2,
+        "sample": 10, "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
     out = result.stdout
+    for stage in ("train_teacher", "posttrain_mf"):
+        line = next(line for line in out.splitlines() if f"stages.{stage} " in line)
+        assert "--latents results/imagenet256-cmt-mf/latents/manifest.json" in line, stage
+        assert stage_config(out, stage)["latents"]["raw_std"][0] == pytest.approx(1 / 0.18215)
+    for stage in ("sample", "fid_teacher"):
+        line = next(line for line in out.splitlines() if f"stages.{stage} " in line)
+        assert "--vae assets/sd-vae-ft-mse" in line and "--latents '" in line, stage
     teacher = stage_config(out, "train_teacher")
     assert teacher["network"] == {"kind": "dit", "preset": "MF-B/4", "num_classes": 1000}
     assert teacher["teacher"]["objective"] == "meanflow" and teacher["teacher"]["meanflow"]["label_dropout"] == 0.1
@@ -69,6 +77,10 @@ def test_smoke_row_end_to_end(tmp_path):
     assert "objective meanflow" in teacher_log and "guidance in the target" in teacher_log
     assert "spot check: 4 trajectories regenerated" in (res / "logs" / "midtrain.log").read_text()
     mid = json.loads((res / "midtrain" / "model.json").read_text())
-    assert mid["architecture"]["kind"] == "dit" and mid["architecture"]["patch_size"] == 8
+    assert mid["architecture"]["kind"] == "dit" and mid["architecture"]["patch_size"] == 2
+    teacher = json.loads(next((tmp_path / "store" / "teachers").glob("*/model.json")).read_text())
+    assert teacher["architecture"]["in_channels"] == 4 and teacher["architecture"]["resolution"] == 4  # latents
+    assert "latents" in teacher["inputs"]
+    # samples: decoded by the row's (tiny) VAE into 32x32 pixels
     with __import__("numpy").load(res / "samples" / "cmt" / "p100.npz") as data:
         assert data["labels_r0"].max() < 1000 and data["images_1step_r0"].shape == (4, 3, 32, 32)

@@ -145,3 +145,12 @@ class LatentCodec(nn.Module):
         raw = self.to_raw(final.to(self.scale.device, torch.float32))
         images = torch.cat([self.vae.decode(batch).sample for batch in raw.split(self.batch_size)])
         return images.clamp(0, 1).mul(255).to(torch.uint8)  # truncation, as EDM2 (see module doc)
+
+
+def from_config(latents_cfg, folder=None, batch_size=8):
+    """The codec of a latent row: its `latents` section's whitening, the VAE from `folder` (the
+    asset folder the rule resolved) or, with latents.vae a {config, seed} spec, a random one."""
+    vae = load_vae(folder) if folder else random_vae(latents_cfg["vae"])
+    return LatentCodec(vae, raw_mean=latents_cfg.get("raw_mean", RAW_MEAN), raw_std=latents_cfg.get("raw_std", RAW_STD),
+                       final_mean=latents_cfg.get("final_mean", FINAL_MEAN),
+                       final_std=latents_cfg.get("final_std", FINAL_STD), batch_size=batch_size)

@@ -42,6 +42,12 @@ TEACHER_SOURCE = config["teacher"].get("source", "train")
 # then the row's network is no part of the teacher
 TEACHER_CFG = {"seed": config["seed"], "network": config["teacher"].get("network", config["network"]),
                "teacher": config["teacher"], **SIGMAS}
+# A MeanFlow teacher of a latent row trains on the encoded dataset (latents.smk): the latents section
+# (VAE, whitening) is part of what it is
+MF_LATENT = config["teacher"].get("objective") == "meanflow" and "latents" in config
+if MF_LATENT:
+    TEACHER_CFG["latents"] = config["latents"]
+    TEACHER_CFG["latents_code"] = CODE_VERSION["latents"]
 if TEACHER_SOURCE == "import":
     # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
     # and the sha256 pinned in config, if any; the dataset and training settings play no part.
@@ -111,6 +117,10 @@ def shard_file(shard):
 # as inputs: a teammate's newer copy of the same key never makes this workdir's results stale.
 RECEIPTS = f"{RES}/receipts"
 DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
+# The prepared pixels, where a job reads them: a latent MeanFlow row trains on the encoded dataset and
+# its trajectories start from noise, so its training jobs need no prepared dataset (ImageNet-256:
+# 252 GB of uint8), only fid_reference may (pixel features of smoke runs)
+PIXELS_RECEIPT = [] if MF_LATENT else DATASET_RECEIPT
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
 GUIDE_RECEIPT = f"{RECEIPTS}/guide.json"
 SPEC_RECEIPT = f"{RECEIPTS}/trajectory-spec.json"
@@ -370,6 +380,34 @@ POST_MF = config.get("posttrain_mf", {})
 # passed to them (an EDM teacher's students take the teacher's architecture, and their params stay as they were).
 MF_TEACHER = config["teacher"].get("objective") == "meanflow"
 STUDENT_NETWORK = {"network": config["network"]} if MF_TEACHER else {}
+# A latent MeanFlow row: the training stages read the encoded dataset (its manifest, checked as
+# midtrain_mf.verify says), sample and fid_teacher decode with the row's VAE.
+LATENT_TRAINING = {"latents": config["latents"]} if MF_LATENT else {}
+
+
+def latent_training_inputs(wildcards):
+    return [LATENT_MANIFEST] if MF_LATENT else []
+
+
+def latent_training_args(wildcards, output):
+    """--latents and --verify of a MeanFlow training rule (a function of `output`, like state_args:
+    how the shards are checked makes nothing stale)."""
+    if not MF_LATENT:
+        return ""
+    return f"--latents {shlex.quote(LATENT_MANIFEST)} --verify {config['midtrain_mf']['verify']}"
+
+
+def decode_inputs(wildcards):
+    return asset_inputs(VAE_DIR) if MF_LATENT and VAE_DIR else []
+
+
+def decode_args(wildcards, output):
+    """--latents (and --vae) of sample and fid_teacher on a latent MeanFlow row; nothing elsewhere (a
+    function of `output`: no other row's jobs see a new param)."""
+    if not MF_LATENT:
+        return ""
+    vae = f" --vae {shlex.quote(VAE_DIR)}" if VAE_DIR else ""
+    return f"--latents {shlex.quote(as_arg(config['latents']))}{vae}"
 # Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 

@@ -1,10 +1,12 @@
 rule sample:
     input:
-        lambda w: sampled_model(w.init, w.snap),
+        model=lambda w: sampled_model(w.init, w.snap),
+        vae=decode_inputs,
     output:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
         cfg=lambda w: as_arg(sampling_cfg(w)),
+        decode=decode_args,
         gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
@@ -15,7 +17,7 @@ rule sample:
         f"{BENCH}/sample/{{init}}/{{snap}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.sample "
-        "--config {params.cfg:q} --threads {threads} --model {input} "
+        "--config {params.cfg:q} --threads {threads} --model {input.model} {params.decode} "
         "--out {output} > {log} 2>&1"
 
 
@@ -47,10 +49,12 @@ rule fid_teacher:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
         manifest=MANIFEST,
+        vae=decode_inputs,
     output:
         f"{RES}/fid/teacher-solver.json",
     params:
         cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        decode=decode_args,
         gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
@@ -61,7 +65,7 @@ rule fid_teacher:
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_teacher "
         "--config {params.cfg:q} --reference {input.reference} "
-        "--manifest {input.manifest} --out {output} > {log} 2>&1"
+        "--manifest {input.manifest} {params.decode} --out {output} > {log} 2>&1"
 
 
 rule report:
