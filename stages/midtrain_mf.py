@@ -54,12 +54,13 @@ stream = shards.RankTrajectoryStream(shard_paths, [e["count"] for e in manifest[
 if world > 1:
     print(f"[midtrain_mf] rank {rank} of {world} reads shards {stream.paths}", flush=True)
 sigma_max = manifest["spec"]["sigma_max"]
-flow_time = manifest["spec"]["solver"] in solvers.FLOW_SOLVERS
+solver = manifest["spec"].get("solver", "dpm_solver_pp")  # the spec's default (schema)
+flow_time = solver in solvers.FLOW_SOLVERS
 
 # ---- model: the teacher's network (or the row's) with the second time input, random weights
 teacher_meta = checkpoints.read_meta(args.teacher)
 if flow_time != (teacher_meta["precond"] == "meanflow"):
-    raise ValueError(f"{args.manifest}: solver {manifest['spec']['solver']!r} but the teacher {args.teacher} has "
+    raise ValueError(f"{args.manifest}: solver {solver!r} but the teacher {args.teacher} has "
                      f"precond {teacher_meta['precond']!r}; the trajectories are not this teacher's")
 if cfg.get("network"):
     data_shape = {k: teacher_meta["architecture"][k] for k in ("in_channels", "resolution")}
