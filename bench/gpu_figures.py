@@ -1,6 +1,12 @@
 """GPU figures of the CIFAR-10 row: teacher forward img/s, trajectory generation traj/s, CMT
 mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, peak
-memory, and the projected GPU-hours of the whole row (cifar10-cmt-ect.yaml budgets).
+memory, and the projected GPU-hours of the whole row (cifar10-cmt-ect.yaml budgets). Then the
+speed levers, each against the fp32 baseline, side by side in one run (`levers` in the output):
+channels_last, torch.compile of the network, the fused Adam, 2x and 4x the solver batch, and bf16
+autocast of the teacher in trajectory generation with the error of its states against fp32, which
+must stay below what storing the fp32 states in float16 already costs (else bf16 changes the pool
+and is not used, however fast). `--teacher model.safetensors` measures that error on a trained
+teacher (any pipeline model) instead of the random-weight DDPM++.
 
 Runs the project's own code (DDPM++ in stages/networks/ddpmpp.py, the DPM-Solver++ of
 stages/method/solvers.py, the CMT-CM and ECT losses of stages/method/losses.py, LPIPS with a random VGG trunk:
@@ -22,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.files import checkpoints  # noqa: E402
 from stages.method import losses, solvers  # noqa: E402
 from stages import networks  # noqa: E402
 from stages.training import loop  # noqa: E402
@@ -37,6 +44,8 @@ ROW = {"trajectories": 2_400_000, "nfe": 16, "midtrain_steps": 300_000, "posttra
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--tiny", action="store_true", help="CPU proof run: 16 channels, 1 block, batch 16")
 p.add_argument("--repeats", type=int, default=None, help="timed iterations per figure")
+p.add_argument("--teacher", help="a trained model.safetensors for the bf16 states error (default: the random DDPM++)")
+p.add_argument("--skip-compile", action="store_true", help="leave torch.compile out (it needs a C++ compiler on CPU)")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 
@@ -164,6 +173,118 @@ for dtype in ("fp32", "bf16"):
     hours["total"] = sum(hours.values())
     fig["projected_gpu_hours" if device.type == "cuda" else "projected_device_hours"] = hours
     print(f"[{dtype}] " + ", ".join(f"{k} {v:.3g}" for k, v in fig.items() if not isinstance(v, dict)), flush=True)
+
+
+# ---- speed levers, each against the fp32 baseline of the same figure in this process
+
+
+def forward_rate(net, inp, **kw):
+    with torch.no_grad():
+        return inp.shape[0] / timed(lambda: net(inp, torch.full((inp.shape[0],), 2.0, device=device), **kw))
+
+
+def trajectory_rate(net, inp, dtype="fp32"):
+    def denoise(z, s):
+        with autocast(dtype):
+            return net(z, torch.full((z.shape[0],), float(s), device=device)).float()
+
+    with torch.no_grad():
+        return inp.shape[0] / timed(lambda: solvers.dpm_solver_pp(denoise, inp, sigmas, order=3), warmup=0)
+
+
+levers = results["levers"] = {}
+base_fwd = forward_rate(teacher, x)
+levers["baseline_fp32"] = {"teacher_forward_img_per_s": base_fwd}
+
+cl_teacher = model().eval().to(memory_format=torch.channels_last)
+rate = forward_rate(cl_teacher, x.contiguous(memory_format=torch.channels_last))
+levers["channels_last"] = {"teacher_forward_img_per_s": rate, "speedup": rate / base_fwd}
+del cl_teacher
+
+if not args.skip_compile:
+    try:
+        compiled = torch.compile(teacher)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, sigma)
+        sync()
+        first = time.perf_counter() - t0
+        rate = forward_rate(compiled, x)
+        levers["torch_compile"] = {"teacher_forward_img_per_s": rate, "speedup": rate / base_fwd,
+                                   "first_call_s": first}
+    except Exception as err:  # no compiler here: say so in the record rather than stopping the run
+        levers["torch_compile"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+# fused Adam on the ECT post-training step (the optimizer's share grows with the network)
+y = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+for fused in (False, True):
+    student = model("ecm", dropout=0.2).train()
+    try:
+        opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=fused)
+    except RuntimeError as err:
+        levers["fused_adam"] = {"error": str(err)[:300]}
+        break
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = losses.ect_loss(student, y, g, stage=0, q=4096).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rate = batch / timed(step)
+    if fused:
+        levers["fused_adam"] = {"posttrain_step_img_per_s": rate, "speedup": rate / unfused}
+    unfused = rate
+    del student, opt
+
+# more samples per solver batch
+base_traj = trajectory_rate(teacher, x)
+levers["solver_batch"] = {"batch": batch, "trajectories_per_s": base_traj}
+for mult in (2, 4):
+    peak_reset()
+    rate = trajectory_rate(teacher, torch.randn(mult * batch, 3, 32, 32, device=device) * 80)
+    levers[f"solver_batch_x{mult}"] = {"batch": mult * batch, "trajectories_per_s": rate, "speedup": rate / base_traj,
+                                       "peak_gb": peak_gb()}
+
+# bf16 autocast of the teacher in trajectory generation: its states' error against fp32, against
+# the float16 storage error of the fp32 states (rms over all elements of all states but x_T, which
+# both share, relative to the states' rms)
+if args.teacher:
+    net, meta = checkpoints.load(args.teacher)
+    net = net.to(device).eval()
+    shape = (meta["architecture"]["in_channels"], meta["architecture"]["resolution"], meta["architecture"]["resolution"])
+else:
+    net, shape = teacher, (3, 32, 32)
+z = torch.randn(batch, *shape, device=device, generator=torch.Generator(device).manual_seed(1)) * 80
+
+
+def solve(dtype):
+    def denoise(zz, s):
+        with autocast(dtype):
+            return net(zz, torch.full((zz.shape[0],), float(s), device=device)).float()
+
+    with torch.no_grad():
+        return solvers.dpm_solver_pp(denoise, z, sigmas.to(torch.float64), order=3)[:, 1:]
+
+
+exact, bf16 = solve("fp32"), solve("bf16")
+scale = exact.pow(2).mean().sqrt()
+bf16_err = float((bf16 - exact).pow(2).mean().sqrt() / scale)
+fp16_err = float((exact.half().float() - exact).pow(2).mean().sqrt() / scale)
+final_bf16 = float((bf16[:, -1] - exact[:, -1]).pow(2).mean().sqrt() / exact[:, -1].pow(2).mean().sqrt())
+final_fp16 = float((exact[:, -1].half().float() - exact[:, -1]).pow(2).mean().sqrt() / exact[:, -1].pow(2).mean().sqrt())
+levers["bf16_trajectories"] = {
+    "teacher": args.teacher or "random-weight DDPM++ of this run",
+    "trajectories_per_s": trajectory_rate(net, z, "bf16"), "fp32_trajectories_per_s": trajectory_rate(net, z),
+    "states_rel_rms_error_bf16": bf16_err, "states_rel_rms_error_fp16_storage": fp16_err,
+    "final_state_rel_rms_error_bf16": final_bf16, "final_state_rel_rms_error_fp16_storage": final_fp16,
+    "within_storage_error": bf16_err <= fp16_err}
+levers["bf16_trajectories"]["speedup"] = (levers["bf16_trajectories"]["trajectories_per_s"]
+                                          / levers["bf16_trajectories"]["fp32_trajectories_per_s"])
+for name, fig in levers.items():
+    print(f"[lever {name}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()),
+          flush=True)
 
 if args.tiny:
     results["note"] = ("tiny run: 16-channel DDPM++ with one block per level and batch 16; the figures prove the "

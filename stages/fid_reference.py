@@ -1,4 +1,6 @@
-"""Stage fid_reference: feature statistics (mean, covariance) of the whole real data set."""
+"""Stage fid_reference: feature statistics (mean, covariance) of the whole real data set, or, with
+features.reference, those of a published reference batch: the ADM suite's (.npz, read by numpy) or
+EDM2's (dataset-refs/img512.pkl, read by the restricted unpickler: the pickle runs no code)."""
 
 import argparse
 import json
@@ -8,21 +10,22 @@ from stages.runtime import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")
-p.add_argument("--dataset", required=True,
-               help="the prepared dataset.npz whose features to summarise, or EDM2's reference statistics "
-                    "(dataset-refs/img512.pkl, a .pkl), read without running its code")
+p.add_argument("--dataset", required=True)
 p.add_argument("--out", required=True)
 args = p.parse_args()
 precision.apply()  # Inception features on a GPU: TF32 as the config says
 
-if args.dataset.endswith(".pkl"):
+if args.config.get("reference"):
     if args.config["kind"] != "inception":
-        raise ValueError(f"features.reference: {args.dataset} holds Inception statistics, but features.kind is "
-                         f"{args.config['kind']}; use kind inception or drop features.reference")
-    mu, sigma = features.edm2_reference(args.dataset)
-    features.save_statistics(args.out, mu, sigma, count=None, features=args.config, source=args.dataset)
-    print(f"[fid_reference] {len(mu)}-d statistics from {args.dataset} -> {args.out}", flush=True)
+        raise ValueError(f"features.reference: the ADM statistics are Inception features; features.kind is "
+                         f"{args.config['kind']!r}")
+    reference = args.config["reference"]
+    mu, sigma = (features.edm2_reference(reference) if reference.endswith(".pkl")
+                 else features.load_adm_reference(reference))
+    features.save_statistics(args.out, mu, sigma, features=args.config, source=args.config["reference"])
+    print(f"[fid_reference] published reference statistics {reference} -> {args.out}", flush=True)
     raise SystemExit(0)
+
 images, _ = datasets.load(args.dataset)
 feats = features.extract(images, args.config)
 mu, sigma = features.statistics(feats)

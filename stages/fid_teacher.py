@@ -1,6 +1,6 @@
 """Stage fid_teacher: Fréchet distance of the teacher's own solver endpoints (the final states of
 the trajectory shards), split into seed ranges like the samples: the ceiling that mid-training
-distils. In a latent row (`decode` in the config) the endpoints are latents, decoded by the VAE first."""
+distils."""
 
 import argparse
 import json
@@ -17,6 +17,8 @@ p.add_argument("--config", type=json.loads, required=True, help='{"features": ..
 p.add_argument("--reference", required=True)
 p.add_argument("--manifest", required=True, help="trajectory manifest.json")
 p.add_argument("--out", required=True)
+p.add_argument("--vae", default=None, help="latent rows: the AutoencoderKL folder that decodes the endpoints")
+p.add_argument("--latents", type=json.loads, default=None, help="latent rows: the row's `latents` section")
 args = p.parse_args()
 cfg = args.config
 precision.apply()  # Inception features on a GPU: TF32 as the config says
@@ -28,16 +30,13 @@ n, k = cfg["sampling"]["per_range"], cfg["sampling"]["num_ranges"]
 if len(ends) < n:
     raise ValueError(f"{args.manifest}: {len(ends)} trajectories, fewer than one seed range ({n})")
 k = min(k, len(ends) // n)
-ends = torch.from_numpy(ends[:k * n].astype(np.float32))
-if cfg.get("decode"):
+if args.latents:  # a latent teacher's endpoints are final latents: decoded as the samples are
     from stages.networks import latent_codec
 
-    dc = cfg["decode"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    codec = latent_codec.build_codec(dc["vae"], dc.get("folder"), dc["latents"], batch_size=dc["batch"]).to(device)
-    images = torch.cat([codec.decode(chunk.to(device)).cpu() for chunk in ends.split(dc["batch"])]).numpy()
+    codec = latent_codec.from_config(args.latents, args.vae)
+    images = codec.decode(torch.from_numpy(ends.astype(np.float32))).numpy()
 else:
-    images = datasets.to_uint8(ends).numpy()
+    images = datasets.to_uint8(torch.from_numpy(ends.astype(np.float32))).numpy()
 teacher = features.summary([features.score(images[r * n:(r + 1) * n], cfg["features"], reference) for r in range(k)])
 teacher["nfe"] = manifest["spec"]["nfe"]
 atomic.write_json(args.out, {"features": cfg["features"]["kind"], "reference": args.reference, "teacher": teacher})

@@ -14,7 +14,7 @@ import torch
 from stages import networks
 from stages.files import atomic, checkpoints
 from stages.runtime import cli
-from stages.data import labels as class_labels, latents
+from stages.data import labels as class_labels, training_data
 from stages.method import losses
 from stages.training import loop, rng
 from stages.training.job import TrainingJob
@@ -24,8 +24,10 @@ p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "ba
                help="baseline = vanilla ECT from the teacher (the row's `baseline` settings)")
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
-p.add_argument("--dataset", required=True,
-               help="prepared dataset.npz, or (latent rows) the encoded dataset's manifest.json: a posterior draw per use")
+p.add_argument("--dataset", required=True, help="the prepared dataset.npz (pixel rows)")
+p.add_argument("--latents", default=None,
+               help="a latent row: the encoded dataset's manifest (latent_manifest), read instead of --dataset")
+p.add_argument("--verify", choices=["full", "fast"], default="full", help="--latents: check shards by sha256 or size")
 p.add_argument("--teacher", default=None, help="method ecd: the teacher model.safetensors (EMA, EDM preconditioning)")
 p.add_argument("--guide", default=None, help="method ecd with autoguidance: the guide model.safetensors")
 p.add_argument("--out", required=True, help="final model.safetensors")
@@ -37,17 +39,17 @@ stage_name = f"posttrain:{args.init}"
 
 # ---- data
 accelerator = loop.make_accelerator()
-stream = None
-if latents.is_manifest(args.dataset):
-    local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
-                                                 "posttrain")
-    stream = latents.training_batches(args.dataset, seed, local_batch, cfg["latents"], accelerator)
+source = None
+if args.latents:  # the encoded dataset: each use a fresh posterior draw (stages/data/training_data.py)
+    source = training_data.open_training_data(args, cfg, accelerator, pc["batch"], "posttrain.batch", seed,
+                                              pc.get("batch_per_gpu"))
+    micro_batches = source.micro_batches
 else:
     data, local_batch, data_labels = loop.load_images(args.dataset, accelerator, pc["batch"], "posttrain.batch",
                                                      labels=True)
     local_batch, micro_batches = loop.split_batch(pc["batch"], pc.get("batch_per_gpu"), accelerator.num_processes,
                                                  "posttrain")
-data_path = args.dataset
+data_path = args.latents or args.dataset
 
 # ---- model
 init_meta = checkpoints.read_meta(args.init_model)
@@ -61,7 +63,7 @@ if args.init != "random":
 networks.freeze_unused_heads(net)
 target_context = networks.target_context(net)
 label_dim = class_labels.label_dim_of(net)
-if stream is None:
+if source is None:
     class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
@@ -108,9 +110,10 @@ snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"],
 
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "ect-batch")
-    if stream is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
-        y, classes = stream.next(step, part)
-        onehot = class_labels.one_hot(classes.cpu(), label_dim, y.device, what=f"{args.dataset}: labels")
+    if source is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
+        y, classes = source.batch(step, part, g)
+        training_data.check_labels(classes, label_dim, args.latents)
+        onehot = class_labels.dataset_one_hot(classes, label_dim)
     else:
         pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)
         y, onehot = data[pick], class_labels.dataset_one_hot(data_labels[pick], label_dim)
@@ -128,7 +131,8 @@ print(f"[{stage_name}] {method.upper()} q={pc['q']} k={pc['k']} b={pc['b']} batc
 snapshots.save(0)
 elapsed = loop.fit(stage=stage_name, accelerator=accelerator, net=net, ema=ema, optimizer=optimizer,
                    opt_cfg=pc["optimizer"], total_steps=total, batch=pc["batch"], seed=seed,
-                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state, data=stream,
+                   loss_fn=loss_fn, on_step_end=snapshots.save, state=job.state,
+                   data=source.state if source is not None else None,
                    micro_batches=micro_batches)
 
 job.finish(net, ema, meta={**meta, "role": "posttrain"}, steps=total, batch=pc["batch"], train_seconds=elapsed)

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stages.files import atomic, checkpoints  # noqa: E402
+from stages.runtime import ledger  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True)
@@ -86,10 +87,14 @@ if family == "mf":
     lines.append("Budget: the random init trains MeanFlow for as many images as the CMT init's "
                  "mid-training and post-training together (the CMT-MF step has no JVP and is cheaper; "
                  "the teacher and its trajectories are further costs of the CMT init, in the cost table). "
-                 "The teacher is the EDM model read in flow-matching time (z = x / (1 + sigma), "
-                 "t = sigma / (1 + sigma)); its trajectories start at sigma_max, t = sigma_max / (1 + sigma_max), "
-                 "and mid-training puts the prior noise x_T / sigma_max in front of them at t = 1, "
-                 "where the 1-step sampler x = z - u(z, 0, 1) starts.")
+                 + ("The teacher is a MeanFlow model trained here; its multi-step sampler "
+                    "z_r = z_t - (t - r) u(z_t, r, t) made the trajectories in flow time, from z_1 = eps at t = 1, "
+                    "where the 1-step sampler x = z - u(z, 0, 1) starts."
+                    if checkpoints.read_meta(args.models[0])["precond"] == "meanflow" else
+                    "The teacher is the EDM model read in flow-matching time (z = x / (1 + sigma), "
+                    "t = sigma / (1 + sigma)); its trajectories start at sigma_max, t = sigma_max / (1 + sigma_max), "
+                    "and mid-training puts the prior noise x_T / sigma_max in front of them at t = 1, "
+                    "where the 1-step sampler x = z - u(z, 0, 1) starts."))
     lines.append("")
 for s in steps:
     vals = [fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in order]
@@ -214,6 +219,18 @@ if methods:
             lines.append(f"- Paper, {label}: {extra.replace('_', '-')} {shown}.")
     lines.append("")
 lines += cost
+
+# ---- the cost ledger: GPU-hours per stage of each init's route, beside the paper's
+if cfg.get("gpus") is not None:
+    costs = ledger.ledger(args.benchmarks, inits, cfg["gpus"])
+    paper_hours = {i: methods[i]["gpu_hours"] for i in methods if "gpu_hours" in methods[i]}
+    lines += ["## GPU-hours per stage", "",
+              "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`), jobs "
+              "without a GPU counted in CPU hours. A training run sliced into several jobs, or resumed after "
+              "a failure, records its last job only. Sampling and FID are left out, as in the paper's table."
+              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
+    lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", LABELS.get(i, i)) for i in inits})
+    lines.append("")
 
 # ---- FD curve
 fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)

@@ -8,12 +8,16 @@ Sample i of a seed range uses noise folded from (seed, i), so a range is the sam
 the batch size, and both kinds of model start from the same z. A class-conditional model draws
 image i's class uniformly, folded from (seed, i) too (the same class for 1 and 2 steps), and the
 file records the classes as `labels_r<range>` (int64); an unconditional model's file is unchanged.
-A latent row's model draws latents (`latents: true` in the config): the file then holds them as
-`latents_<steps>step_r<range>` (float32, the networks' whitened latents), which the decode stage
-turns into images through the VAE.
+A class-conditional average-velocity model (the DiT, num_classes > 0) takes the class index itself.
+
+Latent models (`--latents`, the row's latents section, and `--vae`, a diffusers AutoencoderKL
+folder, or a random VAE from the section's spec): the samples are final latents, decoded to uint8
+pixels by the latent codec (stages/networks/latent_codec.py) before they are stored, so the FID
+stages see images either way.
 """
 
 import io
+import json
 import time
 
 import numpy as np
@@ -29,6 +33,9 @@ from stages.training import rng
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)
 p.add_argument("--out", required=True, help="samples .npz: images_<steps>step_r<range> uint8 arrays")
+p.add_argument("--vae", default=None, help="latent models: the AutoencoderKL folder that decodes the samples")
+p.add_argument("--latents", type=json.loads, default=None,
+               help="latent models: the row's `latents` section (whitening; a random VAE's spec without --vae)")
 args = p.parse_args()
 sc = cli.start(args, "sample")
 
@@ -41,9 +48,16 @@ net = net.to(device).eval()
 arch = meta["architecture"]
 shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 sigma_max = meta["sigma_max"]
-label_dim = class_labels.label_dim_of(net)
-latent = bool(sc.get("latents"))
-kind = "latents" if latent else "images"
+label_dim = int(getattr(net, "num_classes", 0) or 0) if average_velocity else class_labels.label_dim_of(net)
+codec = None
+if args.vae or args.latents:
+    from stages.networks import latent_codec
+
+    codec = (latent_codec.from_config(args.latents, args.vae) if args.latents
+             else latent_codec.LatentCodec.from_folder(args.vae)).to(device)
+    if codec.latent_channels != shape[0]:
+        raise ValueError(f"{args.vae}: a VAE of {codec.latent_channels} latent channels cannot decode the "
+                         f"{shape[0]}-channel samples of {args.model}")
 
 
 def noise(indices, purpose):
@@ -55,13 +69,14 @@ def noise(indices, purpose):
 def generate(indices, steps):
     if average_velocity:
         z = noise(indices, "z")
-        x = flowmap.one_step(net, z) if steps == 1 else flowmap.two_step(net, z, sc["t_mid"])
+        y = torch.tensor(classes(indices), dtype=torch.int64, device=device) if label_dim else None
+        x = flowmap.one_step(net, z, y) if steps == 1 else flowmap.two_step(net, z, sc["t_mid"], y)
     else:
         x = consistency(indices, steps)
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{args.model}: non-finite samples ({steps}-step)")
-    if latent:
-        return x.to(torch.float32).cpu().numpy()
+    if codec is not None:
+        return codec.decode(x).cpu().numpy()
     return datasets.to_uint8(x).cpu().numpy()
 
 
@@ -84,12 +99,12 @@ for r in range(sc["num_ranges"]):
         out = []
         for lo in range(first, first + sc["per_range"], sc["batch"]):
             out.append(generate(range(lo, min(lo + sc["batch"], first + sc["per_range"])), steps))
-        arrays[f"{kind}_{steps}step_r{r}"] = np.concatenate(out)
+        arrays[f"images_{steps}step_r{r}"] = np.concatenate(out)
     if label_dim:
         arrays[f"labels_r{r}"] = np.asarray(classes(range(first, first + sc["per_range"])), dtype=np.int64)
-n = sum(len(a) for k, a in arrays.items() if k.startswith(f"{kind}_"))
+n = sum(len(a) for k, a in arrays.items() if k.startswith("images_"))
 buf = io.BytesIO()
 np.savez(buf, **arrays)
 atomic.write_bytes(args.out, buf.getvalue())
-print(f"[sample] {n} {kind} ({sc['num_ranges']} seed ranges x steps {sc['steps']}) from {args.model} "
+print(f"[sample] {n} images ({sc['num_ranges']} seed ranges x steps {sc['steps']}) from {args.model} "
       f"in {time.perf_counter() - t0:.1f}s -> {args.out}", flush=True)

@@ -1,4 +1,5 @@
-"""Stage trajectory_shard: solve the teacher's PF-ODE from the prior for one shard's trajectories.
+"""Stage trajectory_shard: solve the teacher's PF-ODE (an EDM teacher in sigma, a MeanFlow teacher with
+its multi-step sampler in flow time) from the prior for one shard's trajectories.
 
 Trajectory i is a pure function of (teacher, solver spec, base seed, i): its start noise comes from
 a generator folded from (seed, i), and each shard is solved in fixed micro-batches that belong to
@@ -51,5 +52,5 @@ def samples():
               f"traj/s {rate:.1f}  teacher NFE/s {rate * spec['nfe']:.0f}", flush=True)
 
 
-count = shards.write_shard(args.out, samples(), background=True)
+count = shards.write_shard(args.out, samples(), background=True, grid_name=generator.grid_name)
 print(f"[trajectory_shard] wrote {count} trajectories to {args.out}", flush=True)

@@ -15,6 +15,7 @@ marker file if anything ever executes them: tests assert that the marker never a
 import collections
 import contextlib
 import copy
+import os
 import pickle
 import sys
 import types
@@ -188,3 +189,14 @@ def write_edm2_pickle(path, ema, marker, init_kwargs, encoder="vae", encoder_sta
             ema=as_persistent(ema, hook, source, class_names, init_kwargs))
         Path(path).write_bytes(pickle.dumps(data))
     return data
+
+
+class RunsShell:
+    """A pickle payload that runs a shell command (touching `marker`) when unpickled: what a
+    tampered snapshot could hold. The readers must refuse it unrun."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

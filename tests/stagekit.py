@@ -142,3 +142,21 @@ def run_in_process(module, args, keep_state=False):
         if keep_state:
             patch.setattr(resume.TrainState, "finish", lambda self: None)
         runpy.run_module(module, run_name="__main__")
+
+
+# ---- trajectory samples for shard tests
+
+K1 = 17  # 16 NFE -> 17 states
+
+
+def make_samples(first, count, seed=0):
+    """`count` trajectory samples from index `first` as the shard writer takes them: random float16
+    states of 17 points (16 NFE) of 1x8x8, the EDM grid's sigmas, metadata."""
+    rng = np.random.default_rng(seed + first)
+    sigmas = 80.0 * (0.002 / 80.0) ** (np.arange(K1) / 16)
+    out = []
+    for i in range(first, first + count):
+        states = rng.standard_normal((K1, 1, 8, 8)).astype(np.float16)
+        meta = {"index": i, "seed": 123, "data_index": int(rng.integers(1797))}
+        out.append((i, states, sigmas.astype(np.float64), meta))
+    return out

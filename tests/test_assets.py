@@ -2,43 +2,13 @@
 download over HTTP Range and checks the file (tested on a server on 127.0.0.1)."""
 
 import hashlib
-import http.server
-import threading
 import time
 
 import pytest
 
+from range_server import PAYLOAD, RangeHandler
+
 from stages.files import assets
-
-PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
-
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    requests = []
-
-    def do_GET(self):
-        rng = self.headers.get("Range")
-        RangeHandler.requests.append(rng)
-        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-        body = PAYLOAD[start:]
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    RangeHandler.requests = []
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-
 
 def test_offline_fails_at_once_with_what_to_place_where(tmp_path):
     cfg = {"dir": str(tmp_path / "assets"), "urls": {"vgg16": "http://127.0.0.1:9/vgg16.pth",

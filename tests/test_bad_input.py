@@ -12,7 +12,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from stagekit import (REPO, make_teacher, make_trajectories, midtrain_config, run_in_process,  # noqa: E402
+from stagekit import (REPO, make_samples, make_teacher, make_trajectories, midtrain_config, run_in_process,  # noqa: E402
                       state_args)
 
 from stages.method import losses  # noqa: E402
@@ -85,8 +85,6 @@ def test_nan_in_the_data_stops_midtrain_naming_stage_step_and_last_state(tmp_pat
 
 
 def test_shard_writer_killed_mid_write_leaves_no_shard_and_the_old_one_intact(tmp_path):
-    from test_shards import make_samples
-
     path = tmp_path / "shard-000000.tar"
     shards.write_shard(path, make_samples(0, 3))
     before = path.read_bytes()
@@ -94,7 +92,7 @@ def test_shard_writer_killed_mid_write_leaves_no_shard_and_the_old_one_intact(tm
 import os, signal, sys
 sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
 from stages.data import shards
-from test_shards import make_samples
+from stagekit import make_samples
 def samples():
     yield from make_samples(10, 2)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -4,18 +4,15 @@ naming the key, before any job starts."""
 import copy
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+from workflow_runs import REPO, TINY, TINY_MF, snakemake
 
 from stages.config import checks, layers
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 
@@ -24,6 +21,8 @@ DEFAULT = REPO / "config" / "default.yaml"
 # Overlays apply on top of a row; every other file under config/rows is a row or a base a row extends.
 OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yaml", "afhqv2-64-cmt-ect.yaml"],
             "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"],
+            "ablations/digits-cmt-mf-mfrae.yaml": ["digits-cmt-mf.yaml"],
+            "smoke/imagenet256.yaml": ["imagenet256-cmt-mf.yaml"],
             "smoke/imagenet512.yaml": ["imagenet512-cmt-ecd.yaml", "imagenet512-cmt-ect.yaml"]}
 
 
@@ -139,6 +138,14 @@ IMPOSSIBLE_MF = [
     ({"network": {"kind": "ddpmpp"}}, "network.kind"),                      # no dual-time DDPM++
     ({"posttrain_mf": {"snapshots": [0, 0.5, 0.504]}}, "posttrain_mf.snapshots"),  # both are p050
     ({"posttrain_mf": {"steps": 4, "snapshots": [0, 0.5, 0.6]}}, "posttrain_mf.snapshots"),  # steps 2, 2
+    ({"trajectories": {"solver": "meanflow"}}, "trajectories.solver"),        # an EDM teacher in flow time
+    ({"teacher": {"objective": "meanflow", "meanflow": {}}}, "trajectories.solver"),  # a MeanFlow teacher in sigma
+    ({"trajectories": {"label_dropout": 0.1}}, "trajectories.label_dropout"),  # DPM-Solver++ drops no labels
+    ({"posttrain_mf": {"label_dropout": 0.1}}, "posttrain_mf"),               # an unconditional U-Net
+    ({"network": {"kind": "dit", "preset": "MF-B/4", "num_classes": 10}, "posttrain_mf": {"dropout": 0.1}},
+     "posttrain_mf.dropout"),                                                # the DiT has no dropout
+    ({"network": {"kind": "dit", "preset": "MF-B/4", "num_classes": 10}, "posttrain_mf": {"guidance": {"omega": 1.0}}},
+     "posttrain_mf.guidance"),                                               # guidance without dropped labels
 ]
 
 
@@ -214,9 +221,7 @@ def test_micro_batches_that_do_not_split_a_share_are_refused():
 
 
 def test_snakemake_refuses_gpus_that_cannot_share_a_batch_before_any_job(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "-d", str(tmp_path), "-c1", "--set-resources", "posttrain:gpu=3"],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = snakemake(tmp_path, "--set-resources", "posttrain:gpu=3", cores=1)
     assert result.returncode != 0
     assert "resources.posttrain.gpu: 3 GPUs" in result.stderr and "Job stats" not in result.stdout + result.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
@@ -240,9 +245,7 @@ def test_the_table_has_at_least_20_malformed_configs():
                                          ({"midtrain": {"batch": 100}}, "midtrain.batch")])
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, changes, key):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(changes))
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "-d", str(tmp_path), "-c1", "--configfile", str(tmp_path / "bad.yaml")],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = snakemake(tmp_path, configs=[tmp_path / "bad.yaml"], cores=1)
     assert result.returncode != 0
     assert key in result.stderr and "Job stats" not in result.stdout + result.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "results").exists()
@@ -253,24 +256,17 @@ def test_the_largest_snapshot_is_the_final_whatever_the_order(tmp_path, family):
     """[0, 1.0, 0.5]: the report presents p100 as the final model, not the last-listed p050."""
     section = "posttrain_mf" if family == "mf" else "posttrain"
     (tmp_path / "order.yaml").write_text(yaml.safe_dump({section: {"snapshots": [0, 1.0, 0.5]}}))
-    configs = [REPO / "tests" / "tiny.yaml"] + ([REPO / "tests" / "tiny-mf.yaml"] if family == "mf" else [])
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "-d", str(tmp_path), "-c1", "-n", "--configfile", *map(str, configs),
-                             str(tmp_path / "order.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    configs = [TINY, *([TINY_MF] if family == "mf" else []), tmp_path / "order.yaml"]
+    result = snakemake(tmp_path, "-n", configs=configs, cores=1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = re.search(r"^Shell command: python -m stages.report (.*)$", result.stdout, re.M).group(1)
     assert '"final_snapshot": "p100"' in report
     assert "results/tiny" in report and "/samples/cmt/p100.npz" in report and "p050.npz" not in report
 
 
-def dry_run(workdir, *args):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                           "-d", str(workdir), "-c1", "-n", "-p", *args], capture_output=True, text=True, cwd=workdir)
-
-
 def test_a_command_line_string_where_a_number_belongs_says_what_to_do(tmp_path):
     # (a nested number that parses is read back: test_pipeline's dry run with posttrain q 512)
-    result = dry_run(tmp_path, "--config", 'posttrain={"q": "5l2"}')
+    result = snakemake(tmp_path, "-n", "-p", "--config", 'posttrain={"q": "5l2"}')
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "Job stats" not in log
     assert "posttrain.q: got the string '5l2' where the schema expects number" in log and "--configfile" in log

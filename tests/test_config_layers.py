@@ -111,3 +111,20 @@ def test_a_string_that_is_no_number_is_refused_with_what_to_do():
 def test_a_number_out_of_range_is_left_to_the_schema():
     cfg = layers.assemble(DEFAULT, command_line={"posttrain": {"steps": "0.5"}}, schema=SCHEMA)
     assert cfg["posttrain"]["steps"] == 0.5  # validation then says it is not a positive integer
+
+
+def test_a_network_of_another_kind_replaces_the_one_below_and_an_overlay_without_kind_merges(tmp_path):
+    row = write(tmp_path, "row.yaml", {"row": "r", "network": {"kind": "dit", "preset": "MF-XL/2", "num_classes": 1000},
+                                       "teacher": {"network": {"kind": "dit", "preset": "MF-B/4"}}})
+    smoke = write(tmp_path, "smoke.yaml", {"network": {"preset": None, "depth": 1},
+                                           "teacher": {"network": {"kind": "small_unet", "channels": 8}}})
+    cfg = layers.assemble(DEFAULT, [row])
+    # default.yaml's U-Net settings (channels, channel_mult, num_blocks) do not leak into the DiT
+    assert cfg["network"] == {"kind": "dit", "preset": "MF-XL/2", "num_classes": 1000}
+    assert cfg["teacher"]["network"] == {"kind": "dit", "preset": "MF-B/4"}
+    cfg = layers.assemble(DEFAULT, [row, smoke])
+    assert cfg["network"] == {"kind": "dit", "preset": None, "num_classes": 1000, "depth": 1}
+    assert cfg["teacher"]["network"] == {"kind": "small_unet", "channels": 8}
+    # the same kind merges as before: the pixel rows' DDPM++ sections are unchanged
+    cifar = layers.assemble(DEFAULT, [REPO / "config" / "rows" / "cifar10-cmt-ect.yaml"])
+    assert cifar["network"]["channel_mult"] == [2, 2, 2] and cifar["network"]["num_blocks"] == 4

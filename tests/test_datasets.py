@@ -1,4 +1,4 @@
-"""Dataset preparation (digits), integrity checks, pixel conversions and the Frechet distance."""
+"""Dataset preparation (digits, ImageNet folders and the ADM crop), integrity checks, pixel conversions."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stages.files import atomic
-from stages.data import datasets, features
+from stages.data import datasets
 
 
 @pytest.fixture(scope="module")
@@ -88,53 +88,6 @@ def test_to_uint8_clamps_and_follows_official_rounding():
     x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0, 127.4 / 127.5 - 1, -1 + 0.6 / 127.5])
     # x * 127.5 + 128, clamped to [0, 255], truncated: 0.0 -> 128
     assert datasets.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 127, 1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and the Frechet distance
-
-
-def test_pixel_features():
-    u = np.array([[[[0, 255], [128, 51]]]], dtype=np.uint8)
-    f = features.extract(u, {"kind": "pixels"})
-    assert f.shape == (1, 4) and f.dtype == np.float64
-    np.testing.assert_allclose(f[0], [-1.0, 1.0, 128 / 127.5 - 1, 51 / 127.5 - 1])
-    with pytest.raises(ValueError, match="unknown feature space"):
-        features.extract(u, {"kind": "inception-v9"})
-
-
-def test_frechet_of_identical_statistics_is_zero():
-    x = np.random.default_rng(0).standard_normal((400, 5)) @ np.diag([1.0, 0.5, 2.0, 0.1, 1.0])
-    stats = features.statistics(x)
-    assert abs(features.frechet(stats, stats)) < 1e-6
-
-
-def test_statistics_are_mean_and_unbiased_covariance():
-    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
-    mu, cov = features.statistics(x)
-    np.testing.assert_allclose(mu, [2.0, 2.0])
-    # unbiased (N - 1) covariance, by hand
-    np.testing.assert_allclose(cov, [[4.0, 3.0], [3.0, 3.0]])
-
-
-def test_frechet_diagonal_gaussians_by_hand():
-    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, -1.0, -2.0])
-    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
-    want = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    # by hand: 0.25 + 4 + 0 + (1 + 9 - 6) + (4 + 1 - 4) + 0 = 9.25
-    assert want == pytest.approx(9.25)
-    got = features.frechet((mu1, np.diag(s1)), (mu2, np.diag(s2)))
-    assert got == pytest.approx(9.25, rel=1e-6)
-    assert features.frechet((mu2, np.diag(s2)), (mu1, np.diag(s1))) == pytest.approx(9.25, rel=1e-6)
-
-
-def test_statistics_round_trip(tmp_path):
-    mu, sigma = np.arange(3.0), np.eye(3) * 2
-    path = tmp_path / "stats.npz"
-    features.save_statistics(path, mu, sigma, n=10, space="pixels")
-    m2, s2 = features.load_statistics(path)
-    np.testing.assert_array_equal(m2, mu)
-    np.testing.assert_array_equal(s2, sigma)
 
 
 # ---- ImageNet folder and the ADM centre crop ---------------------------------------------------

@@ -11,14 +11,8 @@ torch.set_num_threads(1)
 
 from stages.files import edm2_import, unpickle
 from stages.networks import edm2
-from tests.edm_format import EDM2_NAMES, edm2_encoder_state, edm2_kwargs, write_edm2_pickle
-from tests.test_networks_edm2 import TINY, tiny_inputs, tiny_net
-from tests.test_unpickle import RunsShell
-
-# what TINY sets beyond the interface, width and dropout that train_edm2.py records
-TINY_EXTRA = {"channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [8, 4], "channels_per_head": 8,
-              "logvar_channels": 16}
-
+from tests.edm_format import EDM2_NAMES, RunsShell, edm2_encoder_state, edm2_kwargs, write_edm2_pickle
+from tests.tiny_edm2 import TINY, TINY_EXTRA, tiny_inputs, tiny_net
 
 def snapshot(tmp_path, encoder="vae", net=None, extra=TINY_EXTRA, **kwargs):
     net = tiny_net() if net is None else net

@@ -1,5 +1,6 @@
-"""Inception features through clean-fid with the TorchScript passed explicitly (a small random
-TorchScript stands in for Inception), and LPIPS with a random trunk at 32x32."""
+"""Pixel features, their statistics and the Frechet distance (checked by hand); Inception features
+through clean-fid with the TorchScript passed explicitly (a small random TorchScript stands in for
+Inception), and LPIPS with a random trunk at 32x32."""
 
 import numpy as np
 import pytest
@@ -71,3 +72,109 @@ def test_lpips_random_trunk_32x32():
     assert dist.shape == (3,) and dist[0].abs() < 1e-6
     assert 0 < dist[1] < dist[2]
     assert torch.allclose(d(b, a), dist, atol=1e-5)  # symmetric
+
+
+# ---- pixel features, statistics and the Frechet distance ----------------------------------------
+
+
+def test_pixel_features():
+    u = np.array([[[[0, 255], [128, 51]]]], dtype=np.uint8)
+    f = features.extract(u, {"kind": "pixels"})
+    assert f.shape == (1, 4) and f.dtype == np.float64
+    np.testing.assert_allclose(f[0], [-1.0, 1.0, 128 / 127.5 - 1, 51 / 127.5 - 1])
+    with pytest.raises(ValueError, match="unknown feature space"):
+        features.extract(u, {"kind": "inception-v9"})
+
+
+def test_frechet_of_identical_statistics_is_zero():
+    x = np.random.default_rng(0).standard_normal((400, 5)) @ np.diag([1.0, 0.5, 2.0, 0.1, 1.0])
+    stats = features.statistics(x)
+    assert abs(features.frechet(stats, stats)) < 1e-6
+
+
+def test_statistics_are_mean_and_unbiased_covariance():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mu, cov = features.statistics(x)
+    np.testing.assert_allclose(mu, [2.0, 2.0])
+    # unbiased (N - 1) covariance, by hand
+    np.testing.assert_allclose(cov, [[4.0, 3.0], [3.0, 3.0]])
+
+
+def test_frechet_diagonal_gaussians_by_hand():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, -1.0, -2.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    want = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    # by hand: 0.25 + 4 + 0 + (1 + 9 - 6) + (4 + 1 - 4) + 0 = 9.25
+    assert want == pytest.approx(9.25)
+    got = features.frechet((mu1, np.diag(s1)), (mu2, np.diag(s2)))
+    assert got == pytest.approx(9.25, rel=1e-6)
+    assert features.frechet((mu2, np.diag(s2)), (mu1, np.diag(s1))) == pytest.approx(9.25, rel=1e-6)
+
+
+def test_statistics_round_trip(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3) * 2
+    path = tmp_path / "stats.npz"
+    features.save_statistics(path, mu, sigma, n=10, space="pixels")
+    m2, s2 = features.load_statistics(path)
+    np.testing.assert_array_equal(m2, mu)
+    np.testing.assert_array_equal(s2, sigma)
+
+
+# ---- the ADM evaluation suite's reference batch (VIRTUAL_imagenet256_labeled.npz): mu and sigma of
+# the 2048-d pool features beside the spatial statistics and 10k images, read without pickles
+
+
+def _adm_batch(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_adm_reference_reads_mu_and_sigma_and_scores_against_them(tmp_path):
+    from stages.data import features
+
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal(2048)
+    a = rng.standard_normal((2048, 16))
+    sigma = a @ a.T / 16 + np.eye(2048)
+    path = _adm_batch(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8),
+                      mu=mu.astype(np.float32), sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(4))
+    got_mu, got_sigma = features.load_adm_reference(path)
+    assert got_mu.dtype == np.float64 and np.array_equal(got_mu, mu.astype(np.float32).astype(np.float64))
+    assert np.array_equal(got_sigma, sigma)
+    # the Frechet distance of the same Gaussian shifted by d in the mean is |d|^2
+    shift = np.zeros(2048)
+    shift[:4] = 0.5
+    assert features.frechet((got_mu + shift, got_sigma), (got_mu, got_sigma)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_adm_reference_refuses_pickles_missing_keys_and_wrong_shapes(tmp_path):
+    from stages.data import features
+
+    pickled = _adm_batch(tmp_path / "p.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    with pytest.raises(ValueError):
+        features.load_adm_reference(pickled)
+    with pytest.raises(ValueError, match="no sigma"):
+        features.load_adm_reference(_adm_batch(tmp_path / "m.npz", mu=np.zeros(2048), arr_0=np.zeros(1)))
+    with pytest.raises(ValueError, match=r"\(2048,\) and \(2048, 2048\)"):
+        features.load_adm_reference(_adm_batch(tmp_path / "s.npz", mu=np.zeros(64), sigma=np.eye(64)))
+    with pytest.raises(ValueError, match="not a numpy"):
+        (tmp_path / "x.npz").write_bytes(b"<html>not found</html>")
+        features.load_adm_reference(tmp_path / "x.npz")
+
+
+def test_fid_reference_stage_writes_the_adm_statistics(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.data import features
+
+    mu, sigma = np.arange(2048.0), np.eye(2048) * 2
+    path = _adm_batch(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    cfg = {"kind": "inception", "model": "unused.pt", "reference": str(path)}
+    subprocess.run([sys.executable, "-m", "stages.fid_reference", "--config", json.dumps(cfg), "--dataset", "-",
+                    "--out", str(tmp_path / "out.npz")], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    got = features.load_statistics(tmp_path / "out.npz")
+    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma)

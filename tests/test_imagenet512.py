@@ -1,7 +1,6 @@
 """The ImageNet-512 rows (latent space): the E-LatentLPIPS distance wired into mid-training, EDM2's
-reference statistics read without running the pickle's code, the decode stage against the codec
-applied directly, the config checks of latent rows, the rows' dry runs (every job, in seconds) and
-the smoke overlay through Snakemake (heavy)."""
+reference statistics read without running the pickle's code, the config checks of latent rows, the
+rows' dry runs (every job, in seconds) and the smoke overlay through Snakemake (heavy)."""
 
 import json
 import pickle
@@ -18,8 +17,6 @@ from stages.data import features
 from stages.files import unpickle
 from stages.method import losses
 from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-from stages.networks import latent_codec
-from tests.test_encode_dataset import TINY_VAE
 from tests.test_rows import ROWS, REPO, planned_jobs, snakemake
 
 ARCH = {"in_channels": 4, "num_classes": 10, "width": 0.125, "groups": 4, "hidden": 16, "pool": 1, "dropout": 0.0}
@@ -71,8 +68,9 @@ def test_edm2_reference_statistics_are_read_without_code(tmp_path):
     np.testing.assert_array_equal(got_mu, mu)
     np.testing.assert_array_equal(got_sigma, sigma)
     # through the stage: the same statistics in the pipeline's format
-    cmd = [sys.executable, "-m", "stages.fid_reference", "--config", json.dumps({"kind": "inception"}),
-           "--dataset", str(tmp_path / "img512.pkl"), "--out", str(tmp_path / "ref.npz")]
+    cmd = [sys.executable, "-m", "stages.fid_reference", "--config",
+           json.dumps({"kind": "inception", "reference": str(tmp_path / "img512.pkl")}),
+           "--dataset", str(tmp_path / "unused.npz"), "--out", str(tmp_path / "ref.npz")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     stats = features.load_statistics(tmp_path / "ref.npz")
@@ -92,27 +90,6 @@ def test_edm2_reference_statistics_are_read_without_code(tmp_path):
 class Evil:
     def __reduce__(self):
         return (subprocess.call, (["touch", "pwned"],))
-
-
-def test_decode_stage_matches_the_codec(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    lat1, lat2 = torch.randn(3, 4, 4, 4, generator=g) * 0.5, torch.randn(3, 4, 4, 4, generator=g) * 0.5
-    np.savez(tmp_path / "s.npz", latents_1step_r0=lat1.numpy(), latents_2step_r0=lat2.numpy(),
-             labels_r0=np.array([3, 1, 4]))
-    cfg = {"vae": TINY_VAE, "latents": {}, "batch": 2}
-    cmd = [sys.executable, "-m", "stages.decode", "--config", json.dumps(cfg), "--threads", "1",
-           "--samples", str(tmp_path / "s.npz"), "--out", str(tmp_path / "d.npz")]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    codec = latent_codec.build_codec(TINY_VAE)
-    with np.load(tmp_path / "d.npz") as d:
-        assert sorted(d.files) == ["images_1step_r0", "images_2step_r0", "labels_r0"]
-        assert d["images_1step_r0"].dtype == np.uint8 and d["images_1step_r0"].shape == (3, 3, 32, 32)
-        assert d["labels_r0"].tolist() == [3, 1, 4]
-        for name, lat in (("images_1step_r0", lat1), ("images_2step_r0", lat2)):
-            direct = codec.decode(lat).numpy().astype(int)
-            # another process: a last-bit difference may move a truncation by one level
-            assert np.abs(d[name].astype(int) - direct).max() <= 1
 
 
 def test_latent_row_config_checks():
@@ -139,7 +116,7 @@ def test_latent_row_config_checks():
 
 ROW_JOBS = {"fetch_assets": 7, "encode_dataset": 257, "latent_manifest": 1, "train_latent_vgg": 1,
             "fid_reference": 1, "import_teacher": 1, "trajectory_spec": 1, "trajectory_shard": 160,
-            "trajectory_manifest": 1, "fid_teacher": 1, "midtrain": 1, "posttrain": 1, "sample": 4, "decode": 4,
+            "trajectory_manifest": 1, "fid_teacher": 1, "midtrain": 1, "posttrain": 1, "sample": 4,
             "fid": 2, "report": 1, "all": 1}
 
 
@@ -158,12 +135,12 @@ def test_imagenet512_row_dry_run(row, tmp_path):
     assert seconds < 30, seconds
     out = result.stdout
     assert "assets/sd-vae-ft-mse/diffusion_pytorch_model.safetensors" in out
-    assert "assets/edm2-dataset-refs-img512.pkl" in out and "--dataset assets/edm2-dataset-refs-img512.pkl" in out
+    assert 'fetch_assets' in out and '"reference": "assets/edm2-dataset-refs-img512.pkl"' in out
     mid = [line for line in out.splitlines() if "stages.midtrain " in line][0]
     assert '"distance": "elatentlpips"' in mid and "--latent-vgg results/" in mid
     assert '"batch_per_gpu": 16' in mid and '"lr": 0.0002' in mid and '"beta": 0.999,' in mid
     post = [line for line in out.splitlines() if "stages.posttrain " in line][0]
-    assert "--dataset results/imagenet512" in post and "latents/manifest.json" in post
+    assert "--latents results/imagenet512" in post and "latents/manifest.json --verify full" in post
     assert ('"method": "ecd"' in post) == ecd and ('"method": "ect_snr"' in post) != ecd
     if ecd:
         assert '"weight": 2.05' in post and "--guide store/teachers/" in post
@@ -171,7 +148,8 @@ def test_imagenet512_row_dry_run(row, tmp_path):
         teacher = post.split("--teacher ")[1].split()[0]
         shard = [line for line in out.splitlines() if "stages.trajectory_shard " in line][0]
         assert teacher not in shard
-    assert '"sigma_mid": 1.526' in out and '"latents": true' in out
+    sample = [line for line in out.splitlines() if "stages.sample " in line][0]
+    assert '"sigma_mid": 1.526' in sample and "--latents '{" in sample and "--vae assets/sd-vae-ft-mse" in sample
     assert "gpu=8" in out  # the row's SLURM hints reach the jobs
 
 
@@ -180,7 +158,7 @@ def test_imagenet512_smoke_overlay_dry_run(tmp_path):
     assert planned_jobs(snakemake(tmp_path, "-n", configs=configs)) == {
         "prepare_dataset": 1, "fid_reference": 1, "encode_dataset": 4, "latent_manifest": 1, "train_latent_vgg": 1,
         "train_teacher": 1, "trajectory_spec": 1, "trajectory_shard": 1, "trajectory_manifest": 1, "midtrain": 1,
-        "posttrain": 1, "sample": 2, "decode": 2, "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
+        "posttrain": 1, "sample": 2, "fid": 2, "fid_teacher": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.heavy
@@ -202,8 +180,7 @@ def test_imagenet512_ecd_smoke_through_snakemake(tmp_path):
     traj = shards.read_shard(shard)
     assert traj[0]["states"].shape == (5, 4, 32, 32) and all(0 <= s["meta"]["label"] < 1000 for s in traj)
     assert "--latent-vgg" in (res / "logs" / "midtrain.log").read_text()
-    with np.load(res / "samples" / "cmt" / "p100.npz") as samples:
-        assert samples["latents_2step_r0"].shape == (4, 4, 32, 32) and samples["labels_r0"].shape == (4,)
-    with np.load(res / "decoded" / "cmt" / "p100.npz") as decoded:
-        assert decoded["images_2step_r0"].shape == (4, 3, 256, 256) and decoded["images_2step_r0"].dtype == np.uint8
+    with np.load(res / "samples" / "cmt" / "p100.npz") as samples:  # latents decoded by the row's VAE
+        assert samples["images_2step_r0"].shape == (4, 3, 256, 256) and samples["images_2step_r0"].dtype == np.uint8
+        assert samples["labels_r0"].shape == (4,)
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=configs).stdout

@@ -81,8 +81,7 @@ def test_edm2_pickle_imports_as_the_rows_preset(tmp_path):
     are the pickle's network's (stored float16, as EDM2 stores them); the row names a preset with
     overrides, and a row that names another network or a latent model is refused."""
     from tests.edm_format import edm2_kwargs, write_edm2_pickle
-    from tests.test_edm2_import import TINY_EXTRA
-    from tests.test_networks_edm2 import TINY, tiny_inputs, tiny_net
+    from tests.tiny_edm2 import TINY, TINY_EXTRA, tiny_inputs, tiny_net
 
     original = tiny_net()
     pkl = tmp_path / "edm2-tiny.pkl"

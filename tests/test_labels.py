@@ -12,30 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages import networks
 from stages.data import datasets, labels, shards
 from stages.files import atomic, checkpoints
 from stages.method import losses, trajectories
-from stages.networks import edm2
 from tests.stagekit import make_dataset, midtrain_config, posttrain_config, run_in_process
+from tests.tiny_edm2 import CLASSES, CONDITIONAL as ARCH, conditional_net
 
-CLASSES = 10
-ARCH = edm2.preset("edm2-img64-s", label_dim=CLASSES, in_channels=1, resolution=8, channels=8,
-                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8,
-                   logvar_channels=8)
 SPEC = {"solver": "dpm_solver_pp", "order": 2, "lower_order_final": True, "nfe": 4, "x_T": "noise",
         "seed": 7, "per_shard": 4, "batch": 2, "dtype": "float32", "sigma_max": 80.0, "sigma_min": 0.002,
         "teacher_key": "k-cond", "code": 1}
-
-
-def conditional_net():
-    torch.manual_seed(0)
-    net = networks.build_precond(ARCH, "edm")
-    with torch.no_grad():  # EDM2 zero-initialises its gains: open them so the label reaches the output
-        for name, p in net.named_parameters():
-            if "gain" in name:
-                p.fill_(1.0)
-    return net
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ inverse map, clamp to [0, 1] and truncation to uint8. Also: the SD-VAE folder th
 import diffusers
 import pytest
 import torch
+from range_server import RangeHandler
 
 from stages.files import assets
 from stages.networks.latent_codec import LatentCodec, load_vae, whitening
-from tests.test_assets import RangeHandler, server  # noqa: F401  (the local HTTP server fixture)
 
 
 def tiny_vae(seed=0):
@@ -116,7 +116,7 @@ def test_bad_input_is_named(codec, tmp_path):
         load_vae(tmp_path)
 
 
-def test_fetched_folder_loads_as_the_codec(server, tmp_path, monkeypatch):  # noqa: F811
+def test_fetched_folder_loads_as_the_codec(server, tmp_path, monkeypatch):
     """fetch_assets fills assets/sd-vae-ft-mse/ file by file; LatentCodec.from_folder loads it offline."""
     saved = tmp_path / "saved"
     vae = tiny_vae(seed=2)
@@ -143,7 +143,7 @@ def test_fetched_folder_loads_as_the_codec(server, tmp_path, monkeypatch):  # no
     torch.testing.assert_close(loaded.vae.decode(x).sample, vae.eval().decode(x).sample)
 
 
-def test_published_weights_checksum_is_checked(server, tmp_path, monkeypatch):  # noqa: F811
+def test_published_weights_checksum_is_checked(server, tmp_path, monkeypatch):
     served = {"/w.safetensors": b"not the sd-vae weights"}
     monkeypatch.setattr(RangeHandler, "do_GET", lambda self: _serve(self, served))
     cfg = {"dir": str(tmp_path), "urls": {"sd-vae-ft-mse-weights": f"{server}/w.safetensors"}}

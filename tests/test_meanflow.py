@@ -247,3 +247,35 @@ def test_mf_family_config_validation():
                          (dict(row, posttrain_mf={**row["posttrain_mf"], "ratio_r_neq_t": 1.5}), "ratio_r_neq_t")):
         with pytest.raises(WorkflowError, match=word):
             validate(broken, schema)
+
+
+def test_uniform_shifted_r_t_draws_of_the_mf_rae_configs():
+    g = torch.Generator().manual_seed(1)
+    s = 6.928  # sqrt(16 * 16 * 768 / 4096), MF-RAE's 256 row
+    r, t = meanflow.sample_r_t(40000, g, ratio_r_neq_t=0.25, distribution="uniform", shift=s)
+    assert bool((r <= t).all()) and abs((r != t).double().mean().item() - 0.25) < 0.01
+    # t = max of two shifted uniforms; the shift is increasing, so P(t <= shift(q)) = q^2
+    q = torch.tensor(0.3, dtype=torch.float64)
+    shifted = s * q / (1 + (s - 1) * q)
+    assert abs((t <= shifted).double().mean().item() - 0.09) < 0.01
+    # and the default draw is untouched by the new keys (the digits rows keep their numbers)
+    a = meanflow.sample_r_t(64, torch.Generator().manual_seed(2))
+    b = meanflow.sample_r_t(64, torch.Generator().manual_seed(2), distribution="logit_normal", shift=1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="distribution"):
+        meanflow.sample_r_t(4, g, distribution="beta")
+
+
+def test_adaptive_weight_forms_hand_values():
+    delta = torch.tensor([[3.0, 4.0]], dtype=torch.float64)  # ||delta||^2 = 25
+    got = meanflow.adaptive_weighted(delta, p=1.0, c=1e-3)
+    assert got.item() == pytest.approx(25 / 25.001)
+    got = meanflow.adaptive_weighted(delta, p=1.0, c=1e-3, form="mf_rae")
+    assert got.item() == pytest.approx(625 / 625.001)
+    small = torch.tensor([[0.01, 0.0]], dtype=torch.float64)  # ||delta||^2 = 1e-4
+    assert meanflow.adaptive_weighted(small, c=1e-3).item() == pytest.approx(1e-4 / 1.1e-3)
+    assert meanflow.adaptive_weighted(small, c=1e-3, form="mf_rae").item() == pytest.approx(1e-8 / (1e-3 + 1e-8))
+    # the gradient is that of L / sg(L + c): w dL, with L = ||delta||^4 for mf_rae
+    d = delta.clone().requires_grad_(True)
+    meanflow.adaptive_weighted(d, c=1e-3, form="mf_rae").sum().backward()
+    torch.testing.assert_close(d.grad, (4 * 25 * delta) / 625.001)

@@ -2,36 +2,25 @@
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+import workflow_runs
 from stagekit import midtrain_config, run_in_process
+from workflow_runs import TINY, planned_jobs, planned_resources
 
 from stages.files import atomic, checkpoints, store
 from stages.data import shards
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "tiny.yaml"
 pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir, *args, configs=()):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
-           "-c2", "--configfile", str(TINY), *map(str, configs), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
-
-
-def planned_jobs(result):
-    """{rule: count} from the 'Job stats' table of a dry run."""
-    assert result.returncode == 0, result.stdout + result.stderr
-    table = result.stdout.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+    """The tiny row (tests/tiny.yaml) with the overlays `configs`."""
+    return workflow_runs.snakemake(workdir, *args, configs=(TINY, *configs))
 
 
 def override(tmp_path, name, values):
@@ -147,21 +136,6 @@ def test_sampling_change_keeps_training(tiny_run, tmp_path):
 def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     change = override(tmp_path, "ckpt", {"checkpoint": {"every_steps": 7, "every_minutes": None, "slice_kimg": 0.5}})
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
-
-
-def planned_resources(result, rule=None):
-    """[(rule, resources dict, shell command)] of the dry run's jobs (of `rule`, or all)."""
-    assert result.returncode == 0, result.stdout + result.stderr
-    found = []
-    # (the jobs of a group job, e.g. the trajectory shards, are printed indented)
-    for block in re.split(r"\n(?=\s*\[[^\]]+\]\n)", result.stdout):
-        name = re.search(r"^\s*(?:local)?rule (\w+):$", block, re.M)
-        if name and rule in (None, name.group(1)):
-            line = re.search(r"^\s+resources: (.*)$", block, re.M).group(1)
-            command = re.search(r"^Shell command: (.*)$", block, re.M)
-            found.append((name.group(1), dict(kv.split("=", 1) for kv in line.split(", ")),
-                          command.group(1) if command else ""))
-    return found
 
 
 def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):

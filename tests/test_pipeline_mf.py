@@ -2,22 +2,18 @@
 Snakemake: CMT-MF mid-training, MeanFlow from {cmt, random} at equal total budget, report."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+import workflow_runs
+from workflow_runs import TINY, TINY_MF
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = [REPO / "tests" / "tiny.yaml", REPO / "tests" / "tiny-mf.yaml"]
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir, *args):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
-           "-c2", "--configfile", *map(str, CONFIGS), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+def snakemake(workdir, *args, configs=()):
+    """The tiny row in the MeanFlow family with the overlays `configs`."""
+    return workflow_runs.snakemake(workdir, *args, configs=(TINY, TINY_MF, *configs))
 
 
 @pytest.mark.heavy
@@ -50,4 +46,4 @@ def test_tiny_mf_row_end_to_end(tmp_path):
     assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
     # how the trajectories are checked is not what mid-training makes: changing it reruns nothing
     (tmp_path / "checks.yaml").write_text(yaml.safe_dump({"midtrain_mf": {"verify": "fast", "spot_check": 1}}))
-    assert "Nothing to be done" in snakemake(tmp_path, str(tmp_path / "checks.yaml"), "-n").stdout
+    assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=[tmp_path / "checks.yaml"]).stdout

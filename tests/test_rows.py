@@ -6,9 +6,6 @@ through Snakemake with the real DDPM++, importing a teacher pickle in the offici
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +14,10 @@ import yaml
 from stages import networks
 from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, write_edm_pickle
+from workflow_runs import REPO, planned_jobs, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "config" / "rows"
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir, *args, configs=()):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
-           "-c2", "--configfile", *map(str, configs), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
-
-
-def planned_jobs(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = result.stdout.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
 # Store folders of the paper rows as they were before the rows shared config/rows/base/: the

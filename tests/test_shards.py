@@ -9,22 +9,10 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from stagekit import K1, make_samples
 
 from stages.files import atomic
 from stages.data import shards
-
-K1 = 17  # 16 NFE -> 17 states
-
-
-def make_samples(first, count, seed=0):
-    rng = np.random.default_rng(seed + first)
-    sigmas = 80.0 * (0.002 / 80.0) ** (np.arange(K1) / 16)
-    out = []
-    for i in range(first, first + count):
-        states = rng.standard_normal((K1, 1, 8, 8)).astype(np.float16)
-        meta = {"index": i, "seed": 123, "data_index": int(rng.integers(1797))}
-        out.append((i, states, sigmas.astype(np.float64), meta))
-    return out
 
 
 def test_round_trip(tmp_path):

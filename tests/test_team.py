@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 import yaml
 
 from stages.data import shards
+from workflow_runs import REPO, command
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TARGET = "results/tiny/trajectories/manifest.json"
 ITEMS = 5  # dataset, teacher, trajectory spec, two shards
@@ -42,19 +41,17 @@ def team(tmp_path):
 
 def snakemake(workdir, config, *args):
     """Its own process group, as a terminal or a batch job gives each run."""
-    cmd = [sys.executable, "-m", "snakemake", TARGET, "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
-           "-c1", "--configfile", str(config), *args]
-    return subprocess.Popen(cmd, cwd=workdir, stdout=open(workdir / "snakemake.out", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command(workdir, TARGET, *args, configs=[config], cores=1), cwd=workdir,
+                            stdout=open(workdir / "snakemake.out", "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def run(workdir, config, *args):
     """snakemake ARGS (default target: the manifest) in the workdir, to the end."""
     if not any(a.startswith("results/") for a in args):
         args = (TARGET, *args)
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
-                           "-d", str(workdir), "-c1", "--configfile", str(config)],
-                          cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command(workdir, *args, configs=[config], cores=1), cwd=workdir,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc, workdir, timeout=600):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
+from stagekit import make_samples  # noqa: E402
+
 from stages.training import loop, resume, rng  # noqa: E402
 from stages.data import shards  # noqa: E402
 
@@ -178,8 +180,6 @@ def test_nan_names_stage_step_and_last_good_state(tmp_path):
 
 
 def test_stream_resumes_mid_epoch_exactly(tmp_path):
-    from test_shards import make_samples
-
     paths = []
     for k in range(2):
         paths.append(tmp_path / f"s{k}.tar")

@@ -1,7 +1,6 @@
 """The restricted unpickler: EDM persistence pickles load as inert data; code is refused unrun."""
 
 import builtins
-import os
 import pickle
 
 import numpy as np
@@ -13,7 +12,7 @@ torch.set_num_threads(1)
 from stages import networks
 from stages.files import unpickle
 from stages.networks.precond import Precond
-from tests.edm_format import randomize, write_edm_pickle
+from tests.edm_format import RunsShell, randomize, write_edm_pickle
 
 ARCH = {"kind": "small_unet", "in_channels": 3, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "dropout": 0.0}
@@ -38,14 +37,6 @@ def test_edm_layout_loads_as_inert_data(tmp_path):
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
         assert not isinstance(got[name], torch.nn.Parameter)
-
-
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 class RunsExec:

@@ -7,7 +7,7 @@ SOURCE_RESOLUTION = {"digits": 8}
 LPIPS_MIN_RESOLUTION = 16
 # Networks with MeanFlow's second time input (dual_time); tests/test_config.py keeps this in step
 # with stages/networks (this module imports no torch: the Snakefile runs it on every dry run).
-DUAL_TIME_NETWORKS = {"small_unet"}
+DUAL_TIME_NETWORKS = {"small_unet", "dit"}
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,7 @@ def meanflow_problems(cfg):
     if kind not in DUAL_TIME_NETWORKS:
         out.append(f"network.kind: {kind} has no second time input, which the average velocity "
                    f"u(z, r, t) of family mf needs; use {' or '.join(sorted(DUAL_TIME_NETWORKS))}")
+    out += meanflow_teacher_problems(cfg)
     out += trajectories_per_step("midtrain_mf", mid["batch"], mid["pairs_per_trajectory"],
                                  "midtrain_mf.pairs_per_trajectory", traj,
                                  "a step draws pairs_per_trajectory pairs from each of its trajectories")
@@ -100,6 +101,45 @@ def meanflow_problems(cfg):
     if "random" in post["inits"] and post["equal_total_budget"]:  # as meanflow_steps in common.smk
         budgets.append(post["steps"] + round(mid["steps"] * mid["batch"] / post["batch"]))
     out += snapshot_problems("posttrain_mf", post["snapshots"], budgets)
+    return out
+
+
+def meanflow_teacher_problems(cfg):
+    """A MeanFlow teacher and the flow-time solver go together; the DiT has no dropout; labels,
+    label dropout and guidance only with a class-conditional network."""
+    out = []
+    teacher, traj = cfg["teacher"], cfg["trajectories"]
+    mf_teacher = teacher.get("objective") == "meanflow"
+    flow_solver = traj.get("solver") == "meanflow"
+    if mf_teacher != flow_solver:
+        out.append(f"trajectories.solver: {traj.get('solver')} with teacher.objective "
+                   f"{teacher.get('objective', 'edm')}; a MeanFlow teacher (objective meanflow) takes solver meanflow, an EDM teacher dpm_solver_pp")
+    if mf_teacher and "meanflow" not in teacher:
+        out.append("teacher.meanflow: objective meanflow needs the section (its keys have defaults: {} will do)")
+    if traj.get("label_dropout") and not flow_solver:
+        out.append("trajectories.label_dropout: only the flow-time solver (meanflow) drops labels")
+    networks = [("network", cfg["network"])]
+    if teacher.get("network"):
+        networks.append(("teacher.network", teacher["network"]))
+    for key, net in networks:
+        if net["kind"] != "dit":
+            continue
+        for section in ("teacher", "midtrain_mf", "posttrain_mf"):
+            if section == "teacher" and not mf_teacher:
+                continue
+            if cfg[section].get("dropout"):
+                out.append(f"{section}.dropout: {cfg[section]['dropout']}, but {key} is a DiT, which has no "
+                           "dropout (DiT and MeanFlow train without it): set 0")
+    conditional = {key: bool(net.get("num_classes")) for key, net in networks}
+    teacher_key = "teacher.network" if teacher.get("network") else "network"
+    for section, key, values in (("posttrain_mf", "network", cfg["posttrain_mf"]),
+                                 ("teacher.meanflow", teacher_key, teacher.get("meanflow") or {})):
+        if (values.get("label_dropout") or values.get("guidance")) and not conditional.get(key, False):
+            out.append(f"{section}: label_dropout and guidance need a class-conditional network "
+                       f"({key}.num_classes > 0)")
+        if values.get("guidance") and not values.get("label_dropout"):
+            out.append(f"{section}.guidance: needs label_dropout > 0 (the unconditional field is learnt "
+                       "from dropped labels)")
     return out
 
 

@@ -8,7 +8,9 @@ says the same for users):
 
 Every layer is merged into the one below it key by key (dicts recursively, anything else,
 lists included, replaced), as Snakemake merges its own config files: an empty dict changes
-nothing. A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
+nothing. One exception: a `network` section (the row's or teacher.network) that names another
+`kind` than the one below it replaces it whole (no U-Net setting leaks into a DiT or EDM2 preset).
+A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
 overlay serves every row. Then strings the schema does not allow where it expects a number,
 boolean or null are read as YAML (Snakemake reads every nested `--config` value as a string),
 and the `baseline` section is filled in from `posttrain` (a row writes only what differs).
@@ -77,7 +79,17 @@ def apply_layer(config, layer):
     layer = dict(layer)
     if isinstance(layer.get("row"), str) and "{row}" in layer["row"]:
         layer["row"] = layer["row"].replace("{row}", str(config.get("row", "")))
-    return deep_merge(config, layer)
+    merged = deep_merge(config, layer)
+    # A network of another kind shares no settings with the one beneath it: the digits' U-Net's
+    # channels, channel_mult and num_blocks must not leak into an EDM2 or DiT section that names a
+    # preset. A layer that names no kind (a smoke overlay shrinking the row's network) still merges.
+    for section in (merged, merged.get("teacher")):
+        ours = (layer if section is merged else layer.get("teacher") or {}).get("network")
+        below = (config if section is merged else config.get("teacher") or {}).get("network")
+        if (isinstance(ours, dict) and isinstance(below, dict) and "kind" in ours
+                and ours["kind"] != below.get("kind")):
+            section["network"] = copy.deepcopy(ours)
+    return merged
 
 
 def expand_baseline(config):

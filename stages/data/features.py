@@ -4,7 +4,14 @@
 needs no download, is exactly reproducible, and at 64 dimensions its covariance is well estimated
 from 1,797 images, whereas Inception features (2048-d) of 8x8 digits upsampled to 299x299 would
 measure the upsampling more than the digits and need more samples than the data set holds.
-`inception`: the StyleGAN/EDM Inception TorchScript through clean-fid (the paper rows).
+`inception`: the StyleGAN/EDM Inception TorchScript through clean-fid (the paper rows). With
+resize `inside` it is clean-fid's `legacy_tensorflow` mode (the same TorchScript, resizing inside):
+the port of the TensorFlow Inception graph that the ADM evaluation suite, and so MeanFlow's FIDs,
+run on.
+
+Reference statistics are computed from the prepared dataset, or (features.reference) read from the
+ADM suite's reference batch (`VIRTUAL_imagenet256_labeled.npz`: mu, sigma of the 2048-d pool
+features, mu_s, sigma_s of its spatial features, arr_0 10k images), with numpy and no pickles.
 
 The distance itself is clean-fid's `frechet_distance`, not re-implemented.
 """
@@ -104,6 +111,31 @@ def save_statistics(path, mu, sigma, **meta):
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
     atomic.write_bytes(path, buf.getvalue())
+
+
+ADM_FEATURES = 2048
+
+
+def load_adm_reference(path):
+    """(mu [2048], sigma [2048, 2048]) float64 from an ADM evaluation-suite reference batch (.npz),
+    read with allow_pickle=False. A file without both keys, or of another shape, is refused."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"features.reference: {path} is not a numpy .npz file ({e}); download the ADM "
+                         "reference batch again (the fetch_assets rule)") from e
+    with data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(f"features.reference: {path} has no {' and '.join(missing)} (keys: {sorted(data.files)}); "
+                             "an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz holds mu and sigma")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.shape != (ADM_FEATURES,) or sigma.shape != (ADM_FEATURES, ADM_FEATURES):
+        raise ValueError(f"features.reference: {path}: mu {mu.shape}, sigma {sigma.shape}; the Inception pool "
+                         f"statistics are ({ADM_FEATURES},) and ({ADM_FEATURES}, {ADM_FEATURES})")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"features.reference: {path}: mu or sigma is not finite; the file is damaged")
+    return mu, sigma
 
 
 def load_statistics(path):

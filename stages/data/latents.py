@@ -134,28 +134,6 @@ class LatentBatches:
         return latent_codec.posterior_draw(stored, self.scale, self.bias, generator), labels
 
 
-def is_manifest(path):
-    """Whether a training stage's --dataset is an encoded dataset's manifest (.json; a prepared
-    pixel dataset is a .npz): one argument, so the pixel rows' commands stay as they were."""
-    return str(path).endswith(".json")
-
-
-def training_batches(manifest_path, seed, local_batch, latents_cfg, accelerator, shuffle_buffer=1000):
-    """LatentBatches of this process (accelerate's rank and world) over every shard of a manifest,
-    checked by size (the manifest's shards were hashed when made; training stages of the pixel rows
-    trust the prepared dataset's sha256 the same way)."""
-    _, paths, counts = manifest_shards(manifest_path, fast=True)
-    return LatentBatches(paths, counts, seed, local_batch, latents_cfg, accelerator.process_index,
-                         accelerator.num_processes, shuffle_buffer, accelerator.device)
-
-
-def latent_shape(manifest_path):
-    """(channels, resolution) of the final latents of an encoded dataset."""
-    _, paths, _ = manifest_shards(manifest_path, fast=True)
-    stored = read_first(paths[0])
-    return stored.shape[0] // 2, stored.shape[-1]
-
-
 def read_first(path):
     """The stored latents of a shard's first sample, without reading the rest."""
     pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]),

@@ -1,7 +1,9 @@
 """Trajectory shards: WebDataset tars with one sample per trajectory.
 
 Sample `<index:09d>`: `states.npy` (all solver states, [K+1, C, H, W], fp16 by default),
-`sigmas.npy` (float64 [K+1]), `meta.json` (index, seed, data index if the start used data).
+`sigmas.npy` (float64 [K+1]; a flow-time trajectory of a MeanFlow teacher stores `times.npy`,
+flow times t in [0, 1] noise first, instead), `meta.json` (index, seed, data index if the start
+used data, class `label` of a class-conditional teacher).
 Tars are written with fixed metadata (mtime 0, fixed owner) and pre-encoded members, so equal
 trajectories give equal bytes (the solver's states may differ in their last bits between machines
 and thread counts: stages/trajectory_shard.py); a shard is written under a temporary name and renamed.
@@ -71,9 +73,15 @@ def in_background(iterable, depth=2):
         thread.join()
 
 
-def write_shard(path, samples, background=False):
-    """Write an iterable of (index, states, sigmas, meta) to `path` atomically; returns the count.
+GRID_NAMES = ("sigmas", "times")
+
+
+def write_shard(path, samples, background=False, grid_name="sigmas"):
+    """Write an iterable of (index, states, grid, meta) to `path` atomically; returns the count.
+    The grid is stored as `<grid_name>.npy` (GRID_NAMES: sigmas of an EDM solver, flow times).
     background=True produces the samples in a thread while this one writes (in_background)."""
+    if grid_name not in GRID_NAMES:
+        raise ValueError(f"write_shard: grid_name {grid_name!r}; known: {list(GRID_NAMES)}")
     count = 0
     with atomic.atomic_path(path) as tmp:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
@@ -81,7 +89,7 @@ def write_shard(path, samples, background=False):
                 sink.write({
                     "__key__": f"{index:09d}",
                     "states.npy": encode_npy(states),
-                    "sigmas.npy": encode_npy(sigmas),
+                    f"{grid_name}.npy": encode_npy(sigmas),
                     "meta.json": json.dumps(meta, sort_keys=True).encode(),
                 })
                 count += 1
@@ -93,10 +101,13 @@ def decode_sample(sample, source="?"):
     key = sample.get("__key__", "?")
     url = sample.get("__url__", source)
     try:
+        grids = [name for name in GRID_NAMES if f"{name}.npy" in sample]
+        if len(grids) != 1:
+            raise KeyError(f"one of {[n + '.npy' for n in GRID_NAMES]} expected, found {len(grids)}")
         return {
             "index": int(key),
             "states": decode_npy(sample["states.npy"]),
-            "sigmas": decode_npy(sample["sigmas.npy"]),
+            grids[0]: decode_npy(sample[f"{grids[0]}.npy"]),
             "meta": json.loads(sample["meta.json"]),
         }
     except Exception as e:  # a damaged member must stop the job, not be skipped

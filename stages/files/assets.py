@@ -71,6 +71,11 @@ for _name in ("edm2-img64-s-1073741-0.075", "edm2-img64-xl-0671088-0.040", "edm2
 for _name in ("img512", "img64"):
     CATALOG[f"edm2-dataset-refs-{_name}"] = Asset(f"{EDM2}/dataset-refs/{_name}.pkl",
                                                   f"edm2-dataset-refs-{_name}.pkl")
+# The ADM evaluation suite's ImageNet-256 reference batch (mu, sigma of TF-Inception pool features
+# over the training set): the reference of MeanFlow's FIDs, read by numpy (features.load_adm_reference).
+CATALOG["adm-imagenet256-reference"] = Asset(
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    "VIRTUAL_imagenet256_labeled.npz")
 FOLDERS = {"sd-vae-ft-mse": ("sd-vae-ft-mse-config", "sd-vae-ft-mse-weights")}
 
 

@@ -60,10 +60,29 @@ def logit_normal(n, generator, mean, std):
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, dtype=torch.float64))
 
 
-def sample_r_t(n, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25):
-    """Two logit-normal draws sorted so t >= r; r is then set to t except on a `ratio_r_neq_t`
-    fraction of the samples (chosen at random). Returned as float64 [n] each."""
-    a, b = logit_normal(n, generator, P_mean, P_std), logit_normal(n, generator, P_mean, P_std)
+T_DISTRIBUTIONS = ("logit_normal", "uniform")
+
+
+def shift_time(t, shift):
+    """t' = s t / (1 + (s - 1) t): the resolution shift of SD3 / the authors' MF-RAE code (s > 1 moves
+    the draws towards noise; s = 1 leaves them as they are)."""
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
+
+
+def sample_r_t(n, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, distribution="logit_normal",
+               shift=1.0):
+    """Two draws sorted so t >= r; r is then set to t except on a `ratio_r_neq_t` fraction of the
+    samples (chosen at random). Returned as float64 [n] each. The draws are logit-normal(P_mean,
+    P_std) (MeanFlow), or uniform on [0, 1) (`distribution` uniform: the MF-RAE configs), each then
+    shifted by `shift` (shift_time; MF-RAE: sqrt(latent dimension / 4096))."""
+    if distribution not in T_DISTRIBUTIONS:
+        raise ValueError(f"sample_r_t: distribution {distribution!r}; known: {list(T_DISTRIBUTIONS)}")
+    if distribution == "logit_normal":
+        a, b = logit_normal(n, generator, P_mean, P_std), logit_normal(n, generator, P_mean, P_std)
+    else:
+        a = torch.rand(n, generator=generator, dtype=torch.float64)
+        b = torch.rand(n, generator=generator, dtype=torch.float64)
+    a, b = shift_time(a, shift), shift_time(b, shift)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
     keep = torch.rand(n, generator=generator, dtype=torch.float64) < ratio_r_neq_t
     return torch.where(keep, r, t), t
@@ -75,9 +94,18 @@ def linear_path(x, eps, t):
     return (1 - tt) * x + tt * eps, eps - x
 
 
-def adaptive_weighted(delta, p=1.0, c=1e-3):
-    """w ||delta||^2 with w = 1 / (||delta||^2 + c)^p detached: ~||delta||^(2 - 2p) in scale."""
+ADAPTIVE_FORMS = ("meanflow", "mf_rae")
+
+
+def adaptive_weighted(delta, p=1.0, c=1e-3, form="meanflow"):
+    """w L with w = 1 / (L + c)^p detached, on L = ||delta||^2 (form meanflow: the MeanFlow paper's,
+    ~||delta||^(2 - 2p) in scale) or on L = ||delta||^4 (form mf_rae: the authors' MF-RAE code squares
+    the summed squared error before weighting it, so c sets the scale of ||delta||^4)."""
+    if form not in ADAPTIVE_FORMS:
+        raise ValueError(f"adaptive weighting form {form!r}; known: {list(ADAPTIVE_FORMS)}")
     sq = delta.flatten(1).square().sum(1)
+    if form == "mf_rae":
+        sq = sq.square()
     return sq / (sq.detach() + c) ** p
 
 
@@ -88,7 +116,7 @@ def mean_velocity_derivative(u, z, r, t, v, labels=None):
     return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None):
+def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None, form="meanflow"):
     """The MeanFlow loss at given (z, r, t, v); with guidance, v is the guided field (cfg_velocity),
     which then is both the JVP's tangent and the target's velocity: the model learns the average
     velocity of the guided flow, whose states move with dz/dt = v_tilde.
@@ -110,7 +138,7 @@ def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None):
                 _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v, labels)
         out = flowmap.call_u(u, z, r, t, labels)
     target = (v - (t - r).reshape(-1, 1, 1, 1) * dudt).detach()
-    return adaptive_weighted(out - target, p, c)
+    return adaptive_weighted(out - target, p, c, form)
 
 
 def flow_matching_loss_at(u, z, t, v, *, p=1.0, c=1e-3, labels=None):
@@ -206,22 +234,93 @@ def cfg_velocity(u, z, t, v, labels, dropped, null_class, guidance):
 
 
 def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, p=1.0, c=1e-3,
-                  jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None):
+                  jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None,
+                  t_distribution="logit_normal", t_shift=1.0, form="meanflow"):
     """MeanFlow from data x. With `labels` [B] (a class-conditional model): label dropout to
     `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the target.
-    The guidance runs on `jvp_u` where given (the bare module), else on `u`."""
-    r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t)
+    The guidance runs on `jvp_u` where given (the bare module), else on `u`. `t_distribution`,
+    `t_shift` (sample_r_t) and `form` (adaptive_weighted) select the MF-RAE code's variants."""
+    r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t,
+                      distribution=t_distribution, shift=t_shift)
     r, t = r.to(x.dtype).to(x.device), t.to(x.dtype).to(x.device)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype).to(x.device)
     z, v = linear_path(x, eps, t)
     if labels is None:
         if guidance is not None or label_dropout:
             raise ValueError("meanflow_loss: guidance and label dropout need class labels (labels=None given)")
-        return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u)
+        return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, form=form)
     if null_class is None:
         raise ValueError("meanflow_loss: class labels need the model's null_class")
     labels = labels.to(x.device)
     labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator)
     if guidance is not None:
         v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
-    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in)
+    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in, form=form)
+
+
+# ----------------------------------------------------------------------------------------------
+# One config section -> the MeanFlow objective of a training stage (the MeanFlow teacher, MeanFlow
+# post-training): the (r, t) sampler, the adaptive weight, and for a class-conditional network the
+# label dropout and the guidance in the target.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    P_mean: float = -0.4
+    P_std: float = 1.0
+    ratio_r_neq_t: float = 0.25
+    p: float = 1.0
+    c: float = 1e-3
+    label_dropout: float = 0.0
+    guidance: Guidance | None = None
+    null_class: int | None = None
+    jvp_u: torch.nn.Module | None = None
+    t_distribution: str = "logit_normal"
+    t_shift: float = 1.0
+    form: str = "meanflow"
+
+    @classmethod
+    def from_config(cls, section, net, what):
+        """`section`: P_mean, P_std, ratio_r_neq_t, adaptive_p, adaptive_c and, for a class-conditional
+        `net` (the bare module: the JVP and the guidance run on it), label_dropout and guidance
+        {omega, kappa, t_min, t_max}. An unconditional net refuses label dropout and guidance."""
+        num_classes = int(getattr(net, "num_classes", 0) or 0)
+        dropout, guidance = float(section.get("label_dropout") or 0.0), section.get("guidance")
+        if not num_classes and (dropout or guidance):
+            raise ValueError(f"{what}: label_dropout and guidance need a class-conditional network "
+                             "(network.num_classes > 0); this one is unconditional")
+        if guidance and not dropout:
+            raise ValueError(f"{what}.guidance needs label_dropout > 0: the unconditional field it mixes in "
+                             "is learnt only from the dropped labels")
+        return cls(P_mean=section["P_mean"], P_std=section["P_std"], ratio_r_neq_t=section["ratio_r_neq_t"],
+                   p=section["adaptive_p"], c=section["adaptive_c"], label_dropout=dropout,
+                   guidance=Guidance(**guidance) if guidance else None,
+                   null_class=getattr(net, "null_class", None) if num_classes else None, jvp_u=net,
+                   t_distribution=section.get("t_distribution", "logit_normal"),
+                   t_shift=float(section.get("t_shift", 1.0)), form=section.get("adaptive_form", "meanflow"))
+
+    def describe(self):
+        times = (f"logit-normal({self.P_mean}, {self.P_std})" if self.t_distribution == "logit_normal"
+                 else "uniform") + (f" shifted by {self.t_shift:g}" if self.t_shift != 1 else "")
+        out = f"r!=t ratio {self.ratio_r_neq_t} {times} p={self.p} c={self.c}"
+        if self.form != "meanflow":
+            out += f" (adaptive weight on ||delta||^4, form {self.form})"
+        if self.null_class is not None:
+            out += f", label dropout {self.label_dropout}"
+        if self.guidance is not None:
+            g = self.guidance
+            out += (f", guidance in the target omega {g.omega} kappa {g.kappa} on t in [{g.t_min}, {g.t_max}] "
+                    f"(effective scale {g.effective_scale:.3g})")
+        return out
+
+    def loss(self, u, x, generator, labels=None):
+        """Per-sample MeanFlow loss of data x (labels [B] int64 for a class-conditional network)."""
+        if self.null_class is None:
+            labels = None
+        elif labels is None:
+            raise ValueError("this network is class-conditional: the MeanFlow loss needs the data's labels")
+        return meanflow_loss(u, x, generator, P_mean=self.P_mean, P_std=self.P_std,
+                             ratio_r_neq_t=self.ratio_r_neq_t, p=self.p, c=self.c, jvp_u=self.jvp_u,
+                             labels=labels, null_class=self.null_class, label_dropout=self.label_dropout,
+                             guidance=self.guidance, t_distribution=self.t_distribution, t_shift=self.t_shift,
+                             form=self.form)

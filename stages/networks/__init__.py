@@ -19,11 +19,11 @@ from stages.networks.precond import Precond
 from stages.networks.small_unet import SmallUNet
 
 
-def dit(**architecture):
+def dit(dual_time=True, **architecture):
     # imported on first use: timm takes seconds to import, which only the DiT rows should pay
     from stages.networks.dit import DiT
 
-    return DiT(**architecture)
+    return DiT(dual_time=dual_time, **architecture)
 
 
 ARCHITECTURES = {"small_unet": SmallUNet, "ddpmpp": DDPMpp, "edm2": EDM2UNet, "dit": dit}

@@ -70,21 +70,6 @@ def random_vae(spec):
     return vae.eval().requires_grad_(False)
 
 
-def build_codec(vae, folder=None, whitening=None, batch_size=8):
-    """The codec of a `latents` config: `vae` a random VAE's spec ({config, seed}) or a catalog folder
-    name, whose local copy is `folder`; `whitening` the section's raw_mean, raw_std, final_mean,
-    final_std (EDM2's where absent)."""
-    if isinstance(vae, dict):
-        model = random_vae(vae)
-    elif folder is not None:
-        model = load_vae(folder)
-    else:
-        raise ValueError(f"latents.vae names the asset folder {vae!r}: pass its local path (--vae)")
-    w = whitening or {}
-    return LatentCodec(model, w.get("raw_mean", RAW_MEAN), w.get("raw_std", RAW_STD), w.get("final_mean", FINAL_MEAN),
-                       w.get("final_std", FINAL_STD), batch_size=batch_size)
-
-
 def posterior_draw(stored, scale, bias, generator=None):
     """Stored latents [N, 2C, h, w] (posterior mean, std) -> final latents [N, C, h, w]:
     (mean + std * eps) * scale + bias with eps ~ N(0, I), as EDM2 does at every use of an image.
@@ -160,3 +145,12 @@ class LatentCodec(nn.Module):
         raw = self.to_raw(final.to(self.scale.device, torch.float32))
         images = torch.cat([self.vae.decode(batch).sample for batch in raw.split(self.batch_size)])
         return images.clamp(0, 1).mul(255).to(torch.uint8)  # truncation, as EDM2 (see module doc)
+
+
+def from_config(latents_cfg, folder=None, batch_size=8):
+    """The codec of a latent row: its `latents` section's whitening, the VAE from `folder` (the
+    asset folder the rule resolved) or, with latents.vae a {config, seed} spec, a random one."""
+    vae = load_vae(folder) if folder else random_vae(latents_cfg["vae"])
+    return LatentCodec(vae, raw_mean=latents_cfg.get("raw_mean", RAW_MEAN), raw_std=latents_cfg.get("raw_std", RAW_STD),
+                       final_mean=latents_cfg.get("final_mean", FINAL_MEAN),
+                       final_std=latents_cfg.get("final_std", FINAL_STD), batch_size=batch_size)

@@ -104,14 +104,22 @@ if LATENTS:
     # what the stage needs: the resolved dataset section and the encoding settings
     # what the training stages see: the encoded dataset through the whitening
     WHITENING = {k: LATENTS_CFG[k] for k in ("raw_mean", "raw_std", "final_mean", "final_std")}
-    LATENT_DATA_ID = {"latents": LATENT_KEY, "whitening": WHITENING}
     LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
                         "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
-TEACHER_CFG = {"seed": config["seed"], "network": config["network"], "teacher": config["teacher"], **SIGMAS}
-if LATENTS and TEACHER_SOURCE == "train":  # trained on whitened posterior draws of the encoded dataset
-    TEACHER_CFG["latents"] = WHITENING
+# A MeanFlow teacher may have its own network (teacher.network: MF-B/4 beside an MF-XL/2 student):
+# then the row's network is no part of the teacher
+TEACHER_CFG = {"seed": config["seed"], "network": config["teacher"].get("network", config["network"]),
+               "teacher": config["teacher"], **SIGMAS}
+# A latent row (latents.smk) trains on the encoded dataset and starts its trajectories from noise: no
+# job reads the prepared pixels but fid_reference of a smoke run. A teacher trained on a latent row
+# (the MeanFlow teacher, the smoke runs' EDM2) trains on the encoded dataset: the latents section
+# (VAE, whitening) is part of what it is.
+LATENT_ROW = LATENTS
+if LATENT_ROW and TEACHER_SOURCE == "train":
+    TEACHER_CFG["latents"] = config["latents"]
+    TEACHER_CFG["latents_code"] = CODE_VERSION["latents"]
 if TEACHER_SOURCE == "import":
     # An imported teacher is its pickle: the key derives from the catalog URL (not a mirror's)
     # and the sha256 pinned in config, if any; the dataset and training settings play no part.
@@ -121,9 +129,7 @@ if TEACHER_SOURCE == "import":
                           "network": config["network"], **SIGMAS, "code": CODE_VERSION["teacher"]})
 else:
     # batch_per_gpu says how a job splits the batch, like its number of GPUs: not part of the key
-    # a latent row's teacher trains on the encoded dataset, whitened as the latents section says
-    TEACHER_KEY = digest({"dataset": LATENT_DATA_ID if LATENTS else DATASET_KEY, **TEACHER_CFG,
-                          "code": CODE_VERSION["teacher"],
+    TEACHER_KEY = digest({"dataset": DATASET_KEY, **TEACHER_CFG, "code": CODE_VERSION["teacher"],
                           "teacher": {k: v for k, v in config["teacher"].items() if k != "batch_per_gpu"}})
 TEACHER = f"{STORE}/teachers/{TEACHER_KEY}/model.safetensors"
 TEACHER_FILES = [TEACHER, TEACHER.replace(".safetensors", ".json")]
@@ -204,6 +210,10 @@ def shard_file(shard):
 # as inputs: a teammate's newer copy of the same key never makes this workdir's results stale.
 RECEIPTS = f"{RES}/receipts"
 DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
+# The prepared pixels, where a job reads them: a latent MeanFlow row trains on the encoded dataset and
+# its trajectories start from noise, so its training jobs need no prepared dataset (ImageNet-256:
+# 252 GB of uint8), only fid_reference may (pixel features of smoke runs)
+PIXELS_RECEIPT = [] if LATENT_ROW else DATASET_RECEIPT
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
 GUIDE_RECEIPT = f"{RECEIPTS}/guide.json"
 ECD_TEACHER_RECEIPT = f"{RECEIPTS}/ecd-teacher.json"
@@ -358,12 +368,11 @@ def state_args(folder):
 FEATURES_CFG = dict(config["features"])
 if config["features"]["kind"] == "inception":
     FEATURES_CFG["model"] = asset(config["features"].get("model", "inception-2015-12-05"))
+    if "reference" in FEATURES_CFG:  # published statistics (the ADM suite's): no dataset features
+        FEATURES_CFG["reference"] = asset(FEATURES_CFG["reference"])
 else:
     FEATURES_CFG.pop("model", None)
-# features.reference: EDM2's published statistics instead of the pipeline's own (stays out of the
-# stages' features section: how the reference is made is the fid_reference rule's business)
-FID_REFERENCE = asset(FEATURES_CFG.pop("reference", None)) if config["features"]["kind"] == "inception" else None
-FEATURES_CFG.pop("reference", None)
+    FEATURES_CFG.pop("reference", None)  # a smoke run's pixel features have their own reference
 # How the trajectories are checked (verify, spot_check) is not how the model is trained: changing it
 # reruns nothing (see trajectory_checks).
 INPUT_CHECKS = ("verify", "spot_check")
@@ -400,18 +409,7 @@ if LATENTS:
         _vgg["epochs"] * (LATENTS_CFG["num_shards"] - _vgg["holdout_shards"]) * LATENTS_CFG["per_shard"] / _vgg["batch"]))
 
 
-# The data the training stages read (train_teacher, posttrain): the encoded dataset in the latent
-# rows, else the prepared one. The latent rows start their trajectories from noise (data-free CMT),
-# so no job of theirs reads pixels but the encoding and (smoke runs) the pixel FD reference.
-TRAIN_DATA = LATENT_MANIFEST if LATENTS else DATASET_RECEIPT
-# (their --dataset takes either: a prepared dataset.npz or an encoded dataset's manifest.json)
-TRAIN_DATA_PATH = LATENT_MANIFEST if LATENTS else DATASET
-PIXEL_DATA = [] if LATENTS else DATASET_RECEIPT
-# What fid and report score: a latent row's samples are latents, which the decode rule turns into images.
-SCORED = "decoded" if LATENTS else "samples"
-if LATENTS:
-    # folder: the SD-VAE's local copy (None for a random VAE)
-    DECODE_CFG = {"vae": LATENTS_CFG["vae"], "folder": VAE_DIR, "latents": WHITENING, "batch": LATENTS_CFG["batch"]}
+# E-LatentLPIPS brings its own backbone (the latent VGG16): no LPIPS weights
 if MIDTRAIN_CFG.get("distance") == "elatentlpips":
     MIDTRAIN_CFG.pop("lpips_weights", None)
 
@@ -420,6 +418,39 @@ if MIDTRAIN_CFG.get("distance") == "elatentlpips":
 MID_MF = config.get("midtrain_mf", {})
 MIDTRAIN_MF_CFG = {k: v for k, v in MID_MF.items() if k not in INPUT_CHECKS}
 POST_MF = config.get("posttrain_mf", {})
+# A MeanFlow teacher (teacher.objective meanflow) has its own network: the students take the row's,
+# passed to them (an EDM teacher's students take the teacher's architecture, and their params stay as they were).
+MF_TEACHER = config["teacher"].get("objective") == "meanflow"
+STUDENT_NETWORK = {"network": config["network"]} if MF_TEACHER else {}
+# A latent row: the training stages read the encoded dataset (its manifest, checked as the
+# mid-training section's verify says), sample and fid_teacher decode with the row's VAE.
+LATENT_TRAINING = {"latents": config["latents"]} if LATENT_ROW else {}
+
+
+def latent_training_inputs(wildcards):
+    return [LATENT_MANIFEST] if LATENT_ROW else []
+
+
+def latent_training_args(wildcards, output):
+    """--latents and --verify of a training rule on a latent row (a function of `output`, like
+    state_args: how the shards are checked makes nothing stale)."""
+    if not LATENT_ROW:
+        return ""
+    verify = config["midtrain_mf" if FAMILY == "mf" else "midtrain"]["verify"]
+    return f"--latents {shlex.quote(LATENT_MANIFEST)} --verify {verify}"
+
+
+def decode_inputs(wildcards):
+    return asset_inputs(VAE_DIR) if LATENT_ROW and VAE_DIR else []
+
+
+def decode_args(wildcards, output):
+    """--latents (and --vae) of sample and fid_teacher on a latent row; nothing elsewhere (a
+    function of `output`: no other row's jobs see a new param)."""
+    if not LATENT_ROW:
+        return ""
+    vae = f" --vae {shlex.quote(VAE_DIR)}" if VAE_DIR else ""
+    return f"--latents {shlex.quote(as_arg(config['latents']))}{vae}"
 # Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
 POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 
@@ -431,6 +462,17 @@ def meanflow_steps(init):
     if init == "random" and POST_MF["equal_total_budget"]:
         steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
     return steps
+
+
+def _row_gpus(rule):
+    return int(config.get("resources", {}).get(rule, {}).get("gpu", 0) or 0)
+
+
+# GPUs per job of each benchmark kind of the cost ledger (stages/runtime/ledger.py), from the row's
+# resources (a --set-resources override on the command line is not seen here)
+LEDGER_GPUS = {"train_teacher": _row_gpus("train_teacher"), "trajectory_shard": _row_gpus("trajectory_shard"),
+               "midtrain": _row_gpus("midtrain_mf" if FAMILY == "mf" else "midtrain"),
+               "posttrain": _row_gpus("posttrain_mf" if FAMILY == "mf" else "posttrain")}
 
 
 def launch_gpus(wildcards, output, resources):

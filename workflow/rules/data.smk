@@ -31,15 +31,15 @@ if DATASET_STORED:
 
 rule fid_reference:
     input:
-        # EDM2's published statistics (features.reference), or the prepared dataset's own
-        dataset=asset_inputs(FID_REFERENCE) if FID_REFERENCE else DATASET_RECEIPT,
-        inception=asset_inputs(FEATURES_CFG.get("model")),
+        # published statistics (features.reference, the ADM suite's) need no prepared dataset
+        dataset=[] if "reference" in FEATURES_CFG else DATASET_RECEIPT,
+        inception=asset_inputs(FEATURES_CFG.get("model"), FEATURES_CFG.get("reference")),
     output:
         f"{RES}/fid_reference.npz",
     params:
         cfg=as_arg(FEATURES_CFG),
         gpus=launch_gpus,
-        dataset=FID_REFERENCE or DATASET,
+        dataset=DATASET,
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -1,10 +1,12 @@
 rule sample:
     input:
-        lambda w: sampled_model(w.init, w.snap),
+        model=lambda w: sampled_model(w.init, w.snap),
+        vae=decode_inputs,
     output:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
-        cfg=lambda w: as_arg({**sampling_cfg(w), **({"latents": True} if LATENTS else {})}),
+        cfg=lambda w: as_arg(sampling_cfg(w)),
+        decode=decode_args,
         gpus=launch_gpus,
     threads: config["threads"]["light"]
     conda:
@@ -15,7 +17,7 @@ rule sample:
         f"{BENCH}/sample/{{init}}/{{snap}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.sample "
-        "--config {params.cfg:q} --threads {threads} --model {input} "
+        "--config {params.cfg:q} --threads {threads} --model {input.model} {params.decode} "
         "--out {output} > {log} 2>&1"
 
 
@@ -23,7 +25,7 @@ rule fid:
     input:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
-        samples=lambda w: [f"{RES}/{SCORED}/{w.init}/{s}.npz" for s in scored_snapshots(w)],
+        samples=lambda w: [f"{RES}/samples/{w.init}/{s}.npz" for s in scored_snapshots(w)],
         models=lambda w: [sampled_model(w.init, s) for s in scored_snapshots(w)],
     output:
         f"{RES}/fid/{{init}}.json",
@@ -47,11 +49,12 @@ rule fid_teacher:
         reference=f"{RES}/fid_reference.npz",
         inception=asset_inputs(FEATURES_CFG.get("model")),
         manifest=MANIFEST,
-        vae=asset_inputs(VAE_DIR) if LATENTS else [],
+        vae=decode_inputs,
     output:
         f"{RES}/fid/teacher-solver.json",
     params:
-        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"], **({"decode": DECODE_CFG} if LATENTS else {})}),
+        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        decode=decode_args,
         gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
@@ -62,14 +65,14 @@ rule fid_teacher:
     shell:
         "python -m stages.launch --gpus {params.gpus} --one-process stages.fid_teacher "
         "--config {params.cfg:q} --reference {input.reference} "
-        "--manifest {input.manifest} --out {output} > {log} 2>&1"
+        "--manifest {input.manifest} {params.decode} --out {output} > {log} 2>&1"
 
 
 rule report:
     input:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
-        samples=expand(f"{RES}/{SCORED}/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
+        samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
         latent_vgg=[LATENT_VGG_ACCURACY] if LATENTS and MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
         teacher=TEACHER_RECEIPT,
         models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
@@ -83,6 +86,7 @@ rule report:
         cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
                     "paper": config.get("paper", {}), "notes": config.get("notes", ""),
                     "final_snapshot": FINAL_SNAPSHOT, **({"midtrain_online": True} if MIDTRAIN_ONLINE else {}),
+                    "gpus": LEDGER_GPUS,
                     # the post-training method where it is not ECT (the ECT rows' params stay as they were)
                     **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
         bench=BENCH,

@@ -95,24 +95,3 @@ rule train_latent_vgg:
         "--threads {threads} --manifest {input:q} --verify {params.verify} --out {output.model:q} "
         "--accuracy {output.accuracy:q} {params.state} > {log} 2>&1"
 
-
-# A latent row's samples are latents: the VAE decodes them into the images fid and report read.
-rule decode:
-    input:
-        samples=f"{RES}/samples/{{init}}/{{snap}}.npz",
-        vae=asset_inputs(VAE_DIR),
-    output:
-        f"{RES}/decoded/{{init}}/{{snap}}.npz",
-    params:
-        cfg=as_arg(DECODE_CFG),
-        gpus=launch_gpus,
-    threads: config["threads"]["light"]
-    conda:
-        "../../envs/cmt.yaml"
-    log:
-        f"{LOGS}/decode/{{init}}/{{snap}}.log",
-    benchmark:
-        f"{BENCH}/decode/{{init}}/{{snap}}.tsv"
-    shell:
-        "python -m stages.launch --gpus {params.gpus} --one-process stages.decode --config {params.cfg:q} "
-        "--threads {threads} --samples {input.samples} --out {output} > {log} 2>&1"

@@ -1,5 +1,6 @@
-# The MeanFlow family (family: mf): CMT-MF mid-training on the EDM teacher's trajectories (read in
-# flow-matching time through stages/method/flowmap.py), then MeanFlow post-training from {cmt, random}.
+# The MeanFlow family (family: mf): CMT-MF mid-training on the teacher's trajectories (an EDM
+# teacher's read in flow-matching time through stages/method/flowmap.py, a MeanFlow teacher's made in
+# flow time), then MeanFlow post-training from {cmt, random}.
 # Outputs take the consistency family's paths, so sample, fid and report serve both families.
 rule midtrain_mf:
     # the critical path: ahead of the random init's post-training, which needs no trajectories
@@ -7,12 +8,12 @@ rule midtrain_mf:
     input:
         teacher=TEACHER_RECEIPT,
         manifest=MANIFEST,
-        dataset=DATASET_RECEIPT,
+        dataset=PIXELS_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG}),
+        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG, **STUDENT_NETWORK}),
         checks=trajectory_checks("midtrain_mf"),
         teacher=TEACHER,
         dataset=DATASET,
@@ -35,7 +36,8 @@ rule midtrain_mf:
 rule posttrain_mf:
     input:
         init=init_input,
-        dataset=DATASET_RECEIPT,
+        dataset=PIXELS_RECEIPT,
+        latents=latent_training_inputs,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
@@ -45,11 +47,12 @@ rule posttrain_mf:
         init="cmt|random",
     params:
         cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
-                              "posttrain_mf": POSTTRAIN_MF_CFG}),
+                              "posttrain_mf": POSTTRAIN_MF_CFG, **STUDENT_NETWORK, **LATENT_TRAINING}),
         init=init_model,
         dataset=DATASET,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
+        latents=latent_training_args,
         gpus=launch_gpus,
     threads: config["threads"]["train"]
     retries: slice_retries(*[(meanflow_steps(i), POST_MF["batch"]) for i in INITS])
@@ -61,5 +64,5 @@ rule posttrain_mf:
         f"{BENCH}/posttrain/{{init}}.tsv"
     shell:
         "python -m stages.launch --gpus {params.gpus} stages.posttrain_mf --config {params.cfg:q} --threads {threads} "
-        "--init {wildcards.init} --init-model {params.init:q} --dataset {params.dataset:q} "
+        "--init {wildcards.init} --init-model {params.init:q} --dataset {params.dataset:q} {params.latents} "
         "--out {output.model} --snapshots {params.snapshots} {params.state} > {log} 2>&1"

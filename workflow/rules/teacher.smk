@@ -5,16 +5,18 @@ if TEACHER_SOURCE == "train":
 
     rule train_teacher:
         input:
-            TRAIN_DATA,
+            PIXELS_RECEIPT,
+            latent_training_inputs,
         output:
             TEACHER_RECEIPT,
         params:
             cfg=as_arg(TEACHER_CFG),
             key=TEACHER_KEY,
             files=TEACHER_FILES,
-            dataset=TRAIN_DATA_PATH,
+            dataset=DATASET,
             store_mode=store_mode(lambda w: TEACHER_STORED),
             state=state_args(lambda w: TEACHER_STATE),
+            latents=latent_training_args,
             gpus=launch_gpus,
         threads: config["threads"]["teacher"]
         retries: slice_retries((config["teacher"]["steps"], config["teacher"]["batch"]))
@@ -28,7 +30,8 @@ if TEACHER_SOURCE == "train":
             "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
             "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
             "--threads {threads} "
-            "--dataset {params.dataset:q} --key {params.key} --out {params.files[0]:q} {params.state} > {log} 2>&1"
+            "--dataset {params.dataset:q} {params.latents} --key {params.key} --out {params.files[0]:q} {params.state} "
+            "> {log} 2>&1"
 
     # The teacher is in the store already: a local job writes this workdir's receipt from its record.
     if TEACHER_STORED:

@@ -7,7 +7,7 @@ rule midtrain:
         manifest=[] if MIDTRAIN_ONLINE else MANIFEST,
         lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
         latent_vgg=[LATENT_VGG] if MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
-        dataset=PIXEL_DATA,
+        dataset=PIXELS_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
@@ -40,7 +40,8 @@ rule midtrain:
 rule posttrain:
     input:
         init=init_input,
-        dataset=TRAIN_DATA,
+        dataset=PIXELS_RECEIPT,
+        latents=latent_training_inputs,
         distill=distillation_inputs,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
@@ -54,8 +55,9 @@ rule posttrain:
                               "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init),
                               **({"latents": WHITENING} if LATENTS else {})}),
         init=init_model,
-        dataset=TRAIN_DATA_PATH,
-        distill=distillation_args,
+        dataset=DATASET,
+        # (and --latents of a latent row: one param, so the pixel rows' command and params stay as they were)
+        distill=lambda w: " ".join(a for a in (distillation_args(w), latent_training_args(w, None)) if a),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
         state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,

@@ -33,7 +33,7 @@ rule trajectory_shard:
     input:
         teacher=TEACHER_RECEIPT,
         spec=SPEC_RECEIPT,
-        dataset=PIXEL_DATA,
+        dataset=PIXELS_RECEIPT,
     output:
         f"{RECEIPTS}/shards/{{shard}}.json",
     wildcard_constraints:

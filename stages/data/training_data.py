@@ -1,0 +1,76 @@
+"""What a MeanFlow training stage (the MeanFlow teacher, MeanFlow post-training) draws its batches
+from: the prepared dataset's pixels, or (`--latents`, the latent rows) the encoded dataset's
+posterior draws through stages/data/latents.py, with their labels either way.
+
+Both give `batch(step, part, generator)` -> (x [B, C, H, W] float32 on the device, labels [B] int64
+on the device), `shape` = (C, H) of what the network sees, `state` (what the training state saves
+beside the model: the latent stream's position, or None for pixels drawn by index) and `sha256` of
+the input file that identifies the run.
+"""
+
+import torch
+
+from stages.data import latents
+from stages.files import atomic
+from stages.training import loop
+
+
+class Pixels:
+    """The prepared dataset on the device; each step draws `local` images by index from `generator`."""
+
+    def __init__(self, path, accelerator, batch, key, batch_per_gpu=None):
+        self.data, _, self.labels = loop.load_images(path, accelerator, batch, key, labels=True)
+        self.local, self.micro_batches = loop.split_batch(batch, batch_per_gpu, accelerator.num_processes,
+                                                          key.rsplit(".", 1)[0])
+        self.shape = (self.data.shape[1], self.data.shape[2])
+        self.state, self.sha256, self.path = None, atomic.sha256_file(path), path
+
+    def all_labels(self):
+        return self.labels.cpu().numpy()
+
+    def batch(self, step, part, generator):
+        pick = torch.randint(len(self.data), (self.local,), generator=generator).to(self.data.device)
+        return self.data[pick], self.labels[pick]
+
+
+class Latents:
+    """The encoded dataset of a latent row: each step takes the next `local` encoded images of this
+    rank's stream and draws one posterior sample of each, folded from (seed, step, part), whitened
+    as the row's `latents` section says (stages/data/latents.py LatentBatches)."""
+
+    def __init__(self, manifest, latents_cfg, accelerator, batch, key, seed, batch_per_gpu=None, fast=False,
+                 shuffle_buffer=1000):
+        _, paths, counts = latents.manifest_shards(manifest, fast=fast)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if batch % world:
+            raise ValueError(f"{key} {batch} is not divisible by {world} processes")
+        self.local, self.micro_batches = loop.split_batch(batch, batch_per_gpu, world, key.rsplit(".", 1)[0])
+        self.state = latents.LatentBatches(paths, counts, seed, self.local, latents_cfg, rank, world,
+                                           shuffle_buffer, accelerator.device)
+        channels2, height, _ = latents.read_shard(paths[0])[0]["latents"].shape
+        self.shape = (channels2 // 2, height)
+        self.sha256, self.path = atomic.sha256_file(manifest), manifest
+
+    def all_labels(self):
+        return None  # checked batch by batch: the labels are in the shards
+
+    def batch(self, step, part, generator):
+        return self.state.next(step, part)
+
+
+def open_training_data(args, cfg, accelerator, batch, key, seed, batch_per_gpu=None):
+    """Pixels of `args.dataset`, or latents of `args.latents` (with cfg["latents"]) when given."""
+    if getattr(args, "latents", None):
+        if "latents" not in cfg:
+            raise ValueError("--latents needs the row's `latents` section in the stage's config (the whitening)")
+        return Latents(args.latents, cfg["latents"], accelerator, batch, key, seed, batch_per_gpu,
+                       fast=getattr(args, "verify", "full") == "fast")
+    return Pixels(args.dataset, accelerator, batch, key, batch_per_gpu)
+
+
+def check_labels(labels, num_classes, where):
+    """Refuse labels a class-conditional network cannot take (unlabelled -1, more classes)."""
+    if num_classes and bool(((labels < 0) | (labels >= num_classes)).any()):
+        bad = labels[(labels < 0) | (labels >= num_classes)][:5].tolist()
+        raise ValueError(f"{where}: labels {bad} outside 0..{num_classes - 1} of this class-conditional network; "
+                         "a conditional row needs a labelled dataset with at most network.num_classes classes")

@@ -1,0 +1,54 @@
+"""The cost ledger (stages/runtime/ledger.py): GPU-hours per stage from given Snakemake benchmark
+files, hand-computed."""
+
+import pytest
+
+from stages.runtime import ledger
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def bench(folder, name, *seconds):
+    path = folder / f"{name}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + "".join(f"{s}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t0\n" for s in seconds))
+    return path
+
+
+def test_gpu_hours_per_stage_and_route(tmp_path):
+    bench(tmp_path, "train_teacher", 7200)              # 2 h on 4 GPUs: 8 GPU-h
+    bench(tmp_path, "trajectory_shard/000000", 360)     # 0.1 h x 1 GPU
+    bench(tmp_path, "trajectory_shard/000001", 540)     # 0.15 h x 1 GPU
+    bench(tmp_path, "midtrain", 3600)                   # 1 h x 8 GPUs
+    bench(tmp_path, "posttrain/cmt", 1800, 1800)        # two rows of one job: 1 h x 8 GPUs
+    bench(tmp_path, "posttrain/random", 9000)           # 2.5 h x 8 GPUs
+    bench(tmp_path, "sample/cmt/p100", 99999)           # evaluation: not in the ledger
+    gpus = {"train_teacher": 4, "trajectory_shard": 1, "midtrain": 8, "posttrain": 8}
+    costs = ledger.ledger(tmp_path, ["cmt", "random"], gpus)
+    cmt = costs["cmt"]
+    assert cmt["pretrain"]["gpu_hours"] == pytest.approx(8.0)
+    assert cmt["midtrain"]["jobs"] == 3 and cmt["midtrain"]["gpu_hours"] == pytest.approx(0.25 + 8.0)
+    assert cmt["posttrain"]["gpu_hours"] == pytest.approx(8.0)
+    assert cmt["total"]["gpu_hours"] == pytest.approx(24.25) and cmt["total"]["jobs"] == 5
+    assert costs["random"]["posttrain"]["gpu_hours"] == pytest.approx(20.0)
+    assert costs["random"]["total"]["gpu_hours"] == pytest.approx(20.0)
+    lines = ledger.table(costs, {"cmt": {"pretrain": 38, "midtrain": 135, "posttrain": 587, "total": 760},
+                                 "random": {"total": 1520}}, {"cmt": "CMT-MF", "random": "MeanFlow"})
+    assert "| CMT-MF | pretrain | 1 | 8 | 0 | 38 |" in lines
+    assert "| CMT-MF | **total** | 5 | 24.2 | 0 | 760 |" in lines
+    assert "| MeanFlow | **total** | 1 | 20 | 0 | 1520 |" in lines
+
+
+def test_cpu_jobs_count_apart_and_missing_stages_are_reused(tmp_path):
+    bench(tmp_path, "midtrain", 1800)
+    bench(tmp_path, "posttrain/cmt", 900)
+    costs = ledger.ledger(tmp_path, ["cmt"], {"midtrain": 0, "posttrain": 0})
+    assert costs["cmt"]["pretrain"] is None  # imported or in the store: no benchmark here
+    assert costs["cmt"]["total"]["gpu_hours"] == 0 and costs["cmt"]["total"]["cpu_hours"] == pytest.approx(0.75)
+    assert "| cmt | pretrain | | not run here (store or import) | |  |" in ledger.table(costs, {}, {})
+
+
+def test_a_file_that_is_no_benchmark_is_refused(tmp_path):
+    (tmp_path / "midtrain.tsv").write_text("x\ty\n1\t2\n")
+    with pytest.raises(ValueError, match="midtrain.tsv: not a Snakemake benchmark"):
+        ledger.ledger(tmp_path, ["cmt"], {})
