@@ -94,4 +94,3 @@ rule train_latent_vgg:
         "python -m stages.launch --gpus {params.gpus} stages.train_latent_vgg --config {params.cfg:q} "
         "--threads {threads} --manifest {input:q} --verify {params.verify} --out {output.model:q} "
         "--accuracy {output.accuracy:q} {params.state} > {log} 2>&1"
-
