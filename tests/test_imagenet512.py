@@ -184,3 +184,49 @@ def test_imagenet512_ecd_smoke_through_snakemake(tmp_path):
         assert samples["images_2step_r0"].shape == (4, 3, 256, 256) and samples["images_2step_r0"].dtype == np.uint8
         assert samples["labels_r0"].shape == (4,)
     assert "Nothing to be done" in snakemake(tmp_path, "-n", configs=configs).stdout
+
+
+def test_posttrain_on_latents_resumes_bit_exactly(tmp_path):
+    """ECT post-training of a latent row reads the encoded dataset (--latents: posterior draws, the
+    stream's position in the training state): a run killed after a save and rerun ends with the
+    state of an uninterrupted run."""
+    import copy
+    import signal
+
+    from stagekit import (ARCH as PIXEL_ARCH, assert_same_tensors, load_state, posttrain_config, run, run_in_process,
+                          state_args)
+    from stages import networks
+    from stages.data import latents
+    from stages.files import atomic, checkpoints
+    from stages.networks.precond import Precond
+
+    g = np.random.default_rng(0)
+    entries = []
+    for k in range(2):
+        path = tmp_path / f"shard-{k}.tar"
+        latents.write_shard(path, [(6 * k + i, 6 * k + i, np.concatenate(
+            [4 * g.standard_normal((4, 8, 8)), np.full((4, 8, 8), 0.2)]).astype(np.float32), i % 3, 12) for i in range(6)])
+        entries.append({"path": str(path), "count": 6, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)})
+    atomic.write_json(tmp_path / "manifest.json", {"spec": {}, "total": 12, "shards": entries})
+    arch = {**PIXEL_ARCH, "in_channels": 4}
+    torch.manual_seed(0)
+    net = Precond(networks.build(arch), "edm", 0.5, 0.002)
+    checkpoints.save(tmp_path / "teacher.safetensors", net=net, ema=copy.deepcopy(net), meta={
+        "role": "teacher", "key": "test", "architecture": arch, "precond": "edm", "sigma_data": 0.5,
+        "sigma_min": 0.002, "sigma_max": 80.0, "time": "sigma"})
+    cfg = {**posttrain_config(), "latents": {}}  # EDM2's whitening
+
+    def args(name, **checkpoint):
+        return ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", tmp_path / "teacher.safetensors",
+                "--dataset", tmp_path / "no-pixels.npz", "--latents", tmp_path / "manifest.json", "--verify", "fast",
+                "--out", tmp_path / name / "model.safetensors", "--snapshots", tmp_path / name / "snapshots",
+                *state_args(tmp_path / name / "state", **checkpoint)]
+
+    run_in_process("stages.posttrain", args("straight", every_steps=6), keep_state=True)
+    killed = run("stages.posttrain", args("killed", every_steps=6), faults=["--kill-after-save", 6])
+    assert killed.returncode == -signal.SIGKILL, killed.log
+    run_in_process("stages.posttrain", args("killed", every_steps=6), keep_state=True)
+    straight, info = load_state(tmp_path / "straight" / "state" / f"step-{12:09d}")
+    resumed, _ = load_state(tmp_path / "killed" / "state" / f"step-{12:09d}")
+    assert_same_tensors(resumed, straight)
+    assert info["data"]["epoch"] >= 1  # 12 steps x 8 draws went through the 12 encoded images several times
