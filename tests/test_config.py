@@ -9,14 +9,13 @@ import pytest
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-from workflow_runs import REPO, TINY, TINY_MF, snakemake
+from workflow_runs import REPO, ROWS, TINY, TINY_MF, snakemake
 
 from stages.config import checks, layers
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 
-ROWS = REPO / "config" / "rows"
 DEFAULT = REPO / "config" / "default.yaml"
 # Overlays apply on top of a row; every other file under config/rows is a row or a base a row extends.
 OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yaml", "afhqv2-64-cmt-ect.yaml"],

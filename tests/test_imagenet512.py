@@ -17,7 +17,7 @@ from stages.data import features
 from stages.files import unpickle
 from stages.method import losses
 from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-from tests.test_rows import ROWS, REPO, planned_jobs, snakemake
+from workflow_runs import REPO, ROWS, planned_jobs, snakemake
 
 ARCH = {"in_channels": 4, "num_classes": 10, "width": 0.125, "groups": 4, "hidden": 16, "pool": 1, "dropout": 0.0}
 

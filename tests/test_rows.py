@@ -14,9 +14,8 @@ import yaml
 from stages import networks
 from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, write_edm_pickle
-from workflow_runs import REPO, planned_jobs, snakemake
+from workflow_runs import REPO, ROWS, planned_jobs, snakemake
 
-ROWS = REPO / "config" / "rows"
 pytestmark = pytest.mark.slow
 
 

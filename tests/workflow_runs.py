@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
+ROWS = REPO / "config" / "rows"
 TINY = REPO / "tests" / "tiny.yaml"
 TINY_MF = REPO / "tests" / "tiny-mf.yaml"
 
