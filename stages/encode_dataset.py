@@ -50,7 +50,8 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not isinstance(spec["vae"], dict) and not args.vae:
     raise ValueError(f"latents.vae names the asset folder {spec['vae']!r}: pass its local path with --vae")
 # the stored form is the posterior before any whitening: the section's scale and bias play no part
-codec = latent_codec.from_config({"vae": spec["vae"]}, args.vae, batch_size=args.vae_batch).to(device)
+codec = latent_codec.from_config({"vae": spec["vae"], "pixels": spec.get("pixels", "unit")}, args.vae,
+                                 batch_size=args.vae_batch).to(device)
 print(f"[encode_dataset] shard {args.shard}: pool positions {start}..{start + len(images) - 1} of {total}, "
       f"{resolution}x{resolution} -> {2 * codec.latent_channels}x{resolution // 8}x{resolution // 8} {dtype}",
       flush=True)

@@ -71,6 +71,11 @@ def test_shards_hold_the_codec_posterior_of_the_adm_crop(imagenet, tmp_path):
     half = latents.read_shard(tmp_path / "h.tar")[0]["latents"]
     assert half.dtype == np.float16
     np.testing.assert_allclose(half.astype(np.float32), direct[order[6]], rtol=2e-3, atol=1e-4)
+    # pixels: signed (the VAE's own [-1, 1], the ImageNet-256 row) encodes with that range
+    signed = latent_codec.LatentCodec(latent_codec.random_vae(TINY_VAE), pixels="signed")
+    assert encode({**stage_cfg(imagenet), "pixels": "signed"}, 2, tmp_path / "s.tar").returncode == 0
+    want = signed.encode_pixels(torch.from_numpy(pixels[order[6:]])).numpy()[0]
+    np.testing.assert_allclose(latents.read_shard(tmp_path / "s.tar")[0]["latents"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_shard_past_the_dataset_is_refused(imagenet, tmp_path):

@@ -105,6 +105,24 @@ def test_decode_clamps_to_the_unit_range():
     assert decoded[0, 2].unique().tolist() == [255]
 
 
+def test_signed_pixels_are_the_vaes_own_range_in_and_out(pixels):
+    """latents.pixels: signed (the ImageNet-256 MeanFlow row): x / 127.5 - 1 into the VAE, and out
+    floor(127.5 y + 128) clamped to [0, 255]."""
+    codec = LatentCodec(tiny_vae(seed=1), pixels="signed")
+    posterior = codec.vae.encode(pixels.float() / 127.5 - 1).latent_dist
+    stored = codec.encode_pixels(pixels)
+    torch.testing.assert_close(stored[:, :4], posterior.mean)
+    torch.testing.assert_close(stored[:, 4:], posterior.std)
+    for layer in codec.vae.decoder.conv_out, codec.vae.post_quant_conv:  # a decoder that outputs bias only
+        layer.weight.data.zero_()
+    codec.vae.decoder.conv_out.bias.data = torch.tensor([-1.2, 0.1, 0.999])
+    decoded = codec.decode(torch.randn(1, 4, 2, 2))
+    # by hand: 127.5 * -1.2 + 128 = -25 -> 0; 127.5 * 0.1 + 128 = 140.75 -> 140; 255.37 -> 255
+    assert [decoded[0, c].unique().tolist() for c in range(3)] == [[0], [140], [255]]
+    with pytest.raises(ValueError, match="latents.pixels"):
+        LatentCodec(codec.vae, pixels="minus_one_to_one")
+
+
 def test_bad_input_is_named(codec, tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         codec.encode_pixels(torch.zeros(1, 3, 32, 32))

@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 
 from stages.data import shards
-from stages.files import atomic, store
+from stages.files import store
 from stages.networks import latent_codec
 from stages.training import rng
 
@@ -42,18 +42,12 @@ def encoding_order(count):
 def write_shard(path, samples):
     """Write (position, source_index, stored [2C, h, w], label, source_count) tuples to `path`
     atomically; returns the count."""
-    count = 0
-    with atomic.atomic_path(path) as tmp:
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
-            for position, source_index, stored, label, source_count in samples:
-                sink.write({
-                    "__key__": f"{position:09d}",
-                    "latents.npy": shards.encode_npy(stored),
-                    "meta.json": json.dumps({"source_index": int(source_index), "label": int(label),
-                                             "source_count": int(source_count)}, sort_keys=True).encode(),
-                })
-                count += 1
-    return count
+    def member(position, source_index, stored, label, source_count):
+        meta = {"source_index": int(source_index), "label": int(label), "source_count": int(source_count)}
+        return {"__key__": f"{position:09d}", "latents.npy": shards.encode_npy(stored),
+                "meta.json": json.dumps(meta, sort_keys=True).encode()}
+
+    return shards.write_tar(path, (member(*sample) for sample in samples))
 
 
 def decode_sample(sample, source="?"):

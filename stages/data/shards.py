@@ -82,16 +82,21 @@ def write_shard(path, samples, background=False, grid_name="sigmas"):
     background=True produces the samples in a thread while this one writes (in_background)."""
     if grid_name not in GRID_NAMES:
         raise ValueError(f"write_shard: grid_name {grid_name!r}; known: {list(GRID_NAMES)}")
+    items = in_background(samples) if background else samples
+    return write_tar(path, ({"__key__": f"{index:09d}", "states.npy": encode_npy(states),
+                             f"{grid_name}.npy": encode_npy(sigmas),
+                             "meta.json": json.dumps(meta, sort_keys=True).encode()}
+                            for index, states, sigmas, meta in items))
+
+
+def write_tar(path, members):
+    """Write WebDataset samples (dicts of member name -> bytes, with `__key__`) to `path` atomically,
+    reproducibly (no times or owners of this machine in the tar); returns the count."""
     count = 0
     with atomic.atomic_path(path) as tmp:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="cmt", group="cmt") as sink:
-            for index, states, sigmas, meta in (in_background(samples) if background else samples):
-                sink.write({
-                    "__key__": f"{index:09d}",
-                    "states.npy": encode_npy(states),
-                    f"{grid_name}.npy": encode_npy(sigmas),
-                    "meta.json": json.dumps(meta, sort_keys=True).encode(),
-                })
+            for member in members:
+                sink.write(member)
                 count += 1
     return count
 

@@ -15,6 +15,9 @@ Two quirks of EDM2 kept on purpose (the teachers and their FIDs depend on them):
 - pixels go into the VAE as x / 255 in [0, 1], not 2x - 1 in the [-1, 1] the VAE was trained on, and
   the decoder's output is read as [0, 1] (clamped there), not mapped back from [-1, 1];
 - decoded pixels are truncated to uint8 (`mul(255).to(uint8)`), not rounded.
+Rows that train their own networks on the latents (the ImageNet-256 MeanFlow row, as DiT, SiT and
+MeanFlow do) take the VAE's own range instead, `pixels: signed`: x / 127.5 - 1 in, and out
+floor(127.5 y + 128) clamped to [0, 255] (DiT's sampling script; within half a level of rounding).
 
 The VAE is loaded from a local diffusers folder (config.json + diffusion_pytorch_model.safetensors),
 which `fetch_assets` fills (catalog folder `sd-vae-ft-mse`); nothing here touches the network.
@@ -32,6 +35,7 @@ RAW_STD = (4.17, 4.62, 3.71, 3.28)
 FINAL_MEAN = 0.0
 FINAL_STD = 0.5
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+PIXEL_RANGES = ("unit", "signed")  # [0, 1] (EDM2) or [-1, 1] (the VAE's training range; DiT, MeanFlow)
 
 
 def whitening(raw_mean=RAW_MEAN, raw_std=RAW_STD, final_mean=FINAL_MEAN, final_std=FINAL_STD):
@@ -88,8 +92,11 @@ class LatentCodec(nn.Module):
     """
 
     def __init__(self, vae, raw_mean=RAW_MEAN, raw_std=RAW_STD, final_mean=FINAL_MEAN, final_std=FINAL_STD,
-                 batch_size=8):
+                 batch_size=8, pixels="unit"):
         super().__init__()
+        if pixels not in PIXEL_RANGES:
+            raise ValueError(f"latents.pixels: {pixels!r} is none of {PIXEL_RANGES}")
+        self.pixels = pixels
         latent_channels = vae.config.latent_channels
         if not len(raw_mean) == len(raw_std) == latent_channels:
             raise ValueError(f"raw_mean and raw_std need {latent_channels} values (the VAE's latent channels), "
@@ -114,7 +121,8 @@ class LatentCodec(nn.Module):
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"encode_pixels takes uint8 images [N, 3, H, W], got {pixels.dtype} "
                              f"{tuple(pixels.shape)}")
-        x = pixels.to(self.scale.device, torch.float32) / 255  # [0, 1], as EDM2 (see module doc)
+        x = pixels.to(self.scale.device, torch.float32)
+        x = x / 255 if self.pixels == "unit" else x / 127.5 - 1  # see the module doc
         out = []
         for batch in x.split(self.batch_size):
             posterior = self.vae.encode(batch).latent_dist
@@ -144,7 +152,9 @@ class LatentCodec(nn.Module):
             raise ValueError(f"decode takes final latents [N, {self.latent_channels}, h, w], got {tuple(final.shape)}")
         raw = self.to_raw(final.to(self.scale.device, torch.float32))
         images = torch.cat([self.vae.decode(batch).sample for batch in raw.split(self.batch_size)])
-        return images.clamp(0, 1).mul(255).to(torch.uint8)  # truncation, as EDM2 (see module doc)
+        if self.pixels == "unit":
+            return images.clamp(0, 1).mul(255).to(torch.uint8)  # truncation, as EDM2 (see module doc)
+        return images.mul(127.5).add(128).clamp(0, 255).to(torch.uint8)
 
 
 def from_config(latents_cfg, folder=None, batch_size=8):
@@ -153,4 +163,5 @@ def from_config(latents_cfg, folder=None, batch_size=8):
     vae = load_vae(folder) if folder else random_vae(latents_cfg["vae"])
     return LatentCodec(vae, raw_mean=latents_cfg.get("raw_mean", RAW_MEAN), raw_std=latents_cfg.get("raw_std", RAW_STD),
                        final_mean=latents_cfg.get("final_mean", FINAL_MEAN),
-                       final_std=latents_cfg.get("final_std", FINAL_STD), batch_size=batch_size)
+                       final_std=latents_cfg.get("final_std", FINAL_STD), batch_size=batch_size,
+                       pixels=latents_cfg.get("pixels", "unit"))

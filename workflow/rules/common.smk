@@ -99,6 +99,8 @@ if LATENTS:
     LATENT_SPEC = {"dataset_key": DATASET_KEY, "resolution": config["dataset"].get("resolution"), "vae": _vae_id,
                    "per_shard": LATENTS_CFG["per_shard"], "dtype": LATENTS_CFG["dtype"],
                    "code": CODE_VERSION["latents"]}
+    if LATENTS_CFG["pixels"] != "unit":  # (EDM2's range, the default, keeps the keys made before the key existed)
+        LATENT_SPEC["pixels"] = LATENTS_CFG["pixels"]
     LATENT_KEY = digest(LATENT_SPEC)
     LATENT_DIR = f"{STORE}/latents/{config['dataset']['name']}-{LATENT_KEY}"
     # what the stage needs: the resolved dataset section and the encoding settings
@@ -106,6 +108,8 @@ if LATENTS:
     WHITENING = {k: LATENTS_CFG[k] for k in ("raw_mean", "raw_std", "final_mean", "final_std")}
     LATENT_STAGE_CFG = {"dataset": DATASET_SPEC, "vae": _vae, "per_shard": LATENTS_CFG["per_shard"],
                         "dtype": LATENTS_CFG["dtype"], "spec": LATENT_SPEC}
+    if LATENTS_CFG["pixels"] != "unit":
+        LATENT_STAGE_CFG["pixels"] = LATENTS_CFG["pixels"]
 
 TEACHER_SOURCE = config["teacher"].get("source", "train")
 # A MeanFlow teacher may have its own network (teacher.network: MF-B/4 beside an MF-XL/2 student):
