@@ -24,10 +24,7 @@ p.add_argument("--init", required=True, choices=["cmt", "teacher", "random", "ba
                help="baseline = vanilla ECT from the teacher (the row's `baseline` settings)")
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random only its architecture is used")
-p.add_argument("--dataset", required=True, help="the prepared dataset.npz (pixel rows)")
-p.add_argument("--latents", default=None,
-               help="a latent row: the encoded dataset's manifest (latent_manifest), read instead of --dataset")
-p.add_argument("--verify", choices=["full", "fast"], default="full", help="--latents: check shards by sha256 or size")
+cli.add_data_args(p, dataset_required=True)
 p.add_argument("--teacher", default=None, help="method ecd: the teacher model.safetensors (EMA, EDM preconditioning)")
 p.add_argument("--guide", default=None, help="method ecd with autoguidance: the guide model.safetensors")
 p.add_argument("--out", required=True, help="final model.safetensors")
@@ -65,6 +62,8 @@ target_context = networks.target_context(net)
 label_dim = class_labels.label_dim_of(net)
 if source is None:
     class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, args.dataset)
+else:
+    source.expect_classes(label_dim)
 ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -112,7 +111,6 @@ def loss_fn(step, part):
     g = rng.generator(seed, step, part, "ect-batch")
     if source is not None:  # the next encoded images of this rank's stream, a fresh posterior draw each
         y, classes = source.batch(step, part, g)
-        training_data.check_labels(classes, label_dim, args.latents)
         onehot = class_labels.dataset_one_hot(classes, label_dim)
     else:
         pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)

@@ -15,7 +15,7 @@ dataset's posterior draws (stages/data/training_data.py).
 
 import torch
 
-from stages.data import labels as class_labels, training_data
+from stages.data import training_data
 from stages.files import checkpoints
 from stages.runtime import cli
 from stages.method import meanflow
@@ -26,9 +26,7 @@ p = cli.add_state_args(cli.parser(__doc__))
 p.add_argument("--init", required=True, choices=["cmt", "random"])
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random the teacher (architecture only)")
-p.add_argument("--dataset", default=None, help="prepared dataset.npz (pixels)")
-p.add_argument("--latents", default=None, help="a latent row: the encoded dataset's manifest (latent_manifest)")
-p.add_argument("--verify", choices=["full", "fast"], default="full", help="--latents: check shards by sha256 or size")
+cli.add_data_args(p)
 p.add_argument("--out", required=True, help="final model.safetensors")
 p.add_argument("--snapshots", required=True, help="folder for the EMA snapshots p000.safetensors, ...")
 args = p.parse_args()
@@ -69,9 +67,8 @@ net, optimizer = accelerator.prepare(net, optimizer)
 # wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph keeps the
 # tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
 objective = meanflow.Objective.from_config(pc, net=accelerator.unwrap_model(net), what="posttrain_mf")
-all_labels = source.all_labels()
-if objective.null_class is not None and all_labels is not None:
-    class_labels.check_dataset(all_labels, objective.null_class, source.path)
+if objective.null_class is not None:
+    source.expect_classes(objective.null_class)
 
 # ---- the job: resumable state, EMA snapshots, what the model files say (images_seen_total:
 # the mid-training's images included, the axis on which the two inits are compared)
@@ -85,8 +82,6 @@ snapshots = job.snapshots(pc["snapshots"], total_steps=total, batch=pc["batch"],
 def loss_fn(step, part):
     g = rng.generator(seed, step, part, "meanflow-batch")
     x, y = source.batch(step, part, g)
-    if objective.null_class is not None and all_labels is None:  # latents: the labels come with each batch
-        training_data.check_labels(y, objective.null_class, source.path)
     return objective.loss(net, x, g, y)
 
 

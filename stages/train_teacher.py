@@ -19,10 +19,7 @@ from stages.training import loop, rng
 from stages.training.job import TrainingJob
 
 p = cli.add_state_args(cli.parser(__doc__))
-p.add_argument("--dataset", default=None, help="prepared dataset.npz (pixels)")
-p.add_argument("--latents", default=None,
-               help="a latent row: the encoded dataset's manifest (latent_manifest), read instead of --dataset")
-p.add_argument("--verify", choices=["full", "fast"], default="full", help="--latents: check shards by sha256 or size")
+cli.add_data_args(p)
 p.add_argument("--out", required=True, help="model.safetensors to write")
 p.add_argument("--key", required=True, help="store key of this teacher (provenance digest)")
 args = p.parse_args()
@@ -65,9 +62,10 @@ else:
     label_dim = class_labels.label_dim_of(net)
 print(f"[train_teacher] objective {objective}: {sum(p.numel() for p in net.parameters()):,} parameters, "
       f"data {input_path}, batch {tc['batch']}, {tc['steps']} steps", flush=True)
-all_labels = source.all_labels() if source is not None else data_labels.cpu().numpy()
-if all_labels is not None:
-    class_labels.check_dataset(all_labels, label_dim, input_path)
+if source is not None:
+    source.expect_classes(label_dim)
+else:
+    class_labels.check_dataset(data_labels.cpu().numpy(), label_dim, input_path)
 ema = loop.EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), tc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
@@ -82,12 +80,9 @@ def loss_fn(step, part):
     g = rng.generator(seed, step, part, "teacher-batch")
     if objective == "meanflow":
         x, y = source.batch(step, part, g)
-        if label_dim and all_labels is None:  # latents: the labels come with each batch
-            training_data.check_labels(y, label_dim, input_path)
         return mf.loss(net, x, g, y if label_dim else None)
     if source is not None:  # the encoded images of this rank's stream, a fresh posterior draw each
         y, classes = source.batch(step, part, g)
-        training_data.check_labels(classes, label_dim, input_path)
         onehot = class_labels.dataset_one_hot(classes, label_dim)
     else:
         pick = torch.randint(len(data), (local_batch,), generator=g).to(data.device)

@@ -49,6 +49,10 @@ def test_latent_batches_are_whitened_posterior_draws_with_labels(encoded):
     assert 0.5 < float(x.std()) < 1.5
     with pytest.raises(ValueError, match="labels \\[10\\] outside 0..9"):
         training_data.check_labels(torch.tensor([3, 10]), 10, "x")
+    # a network of fewer classes than the shards hold: the next batch is refused as it is read
+    source.expect_classes(1)
+    with pytest.raises(ValueError, match="outside 0..0 of this class-conditional network"):
+        source.batch(1, 0, None)
 
 
 def teacher_args(folder, manifest):

@@ -106,6 +106,7 @@ class LatentBatches:
         self.seed, self.batch, self.rank = seed, int(batch), rank
         self.scale, self.bias = (t.to(device) for t in whitening(latents_cfg))
         self.device = torch.device(device)
+        self.label_check = None  # set by the stage that knows its network's classes (training_data)
 
     def state_dict(self):
         return self.stream.state_dict()
@@ -118,6 +119,8 @@ class LatentBatches:
         items = [next(self.stream) for _ in range(self.batch)]
         stored = torch.from_numpy(np.stack([it["latents"] for it in items]).astype(np.float32))
         labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+        if self.label_check is not None:
+            self.label_check(labels)
         return stored.to(self.device), labels.to(self.device)
 
     def next(self, step, part=None):

@@ -10,7 +10,7 @@ the input file that identifies the run.
 
 import torch
 
-from stages.data import latents
+from stages.data import labels as class_labels, latents
 from stages.files import atomic
 from stages.training import loop
 
@@ -25,8 +25,9 @@ class Pixels:
         self.shape = (self.data.shape[1], self.data.shape[2])
         self.state, self.sha256, self.path = None, atomic.sha256_file(path), path
 
-    def all_labels(self):
-        return self.labels.cpu().numpy()
+    def expect_classes(self, num_classes):
+        """Refuse, once, a dataset with labels a network of `num_classes` classes cannot take."""
+        class_labels.check_dataset(self.labels.cpu().numpy(), num_classes, self.path)
 
     def batch(self, step, part, generator):
         pick = torch.randint(len(self.data), (self.local,), generator=generator).to(self.data.device)
@@ -51,8 +52,11 @@ class Latents:
         self.shape = (channels2 // 2, height)
         self.sha256, self.path = atomic.sha256_file(manifest), manifest
 
-    def all_labels(self):
-        return None  # checked batch by batch: the labels are in the shards
+    def expect_classes(self, num_classes):
+        """The labels are in the shards: each batch's are checked on the host as it is read, before
+        they reach the device (no device sync in the training step)."""
+        if num_classes:
+            self.state.label_check = lambda labels: check_labels(labels, num_classes, self.path)
 
     def batch(self, step, part, generator):
         return self.state.next(step, part)

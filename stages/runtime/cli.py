@@ -26,6 +26,17 @@ def add_state_args(p):
     return p
 
 
+def add_data_args(p, dataset_required=False):
+    """The training data of a stage that reads images: the prepared pixels, or on a latent row the
+    encoded dataset (stages/data/training_data.py) and how its shards are checked."""
+    p.add_argument("--dataset", required=dataset_required, default=None, help="prepared dataset.npz (pixels)")
+    p.add_argument("--latents", default=None,
+                   help="a latent row: the encoded dataset's manifest (latent_manifest), read instead of --dataset")
+    p.add_argument("--verify", choices=["full", "fast"], default="full",
+                   help="--latents: check shards by sha256 or size")
+    return p
+
+
 def add_trajectory_args(p, manifest_required=True):
     """The trajectory inputs of a mid-training stage and how they are checked before the first
     step. The rule passes --verify and --spot-check apart from --config: they change nothing that
