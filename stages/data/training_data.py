@@ -48,7 +48,7 @@ class Latents:
         self.local, self.micro_batches = loop.split_batch(batch, batch_per_gpu, world, key.rsplit(".", 1)[0])
         self.state = latents.LatentBatches(paths, counts, seed, self.local, latents_cfg, rank, world,
                                            shuffle_buffer, accelerator.device)
-        channels2, height, _ = latents.read_shard(paths[0])[0]["latents"].shape
+        channels2, height, _ = latents.read_first(paths[0]).shape  # the first sample only
         self.shape = (channels2 // 2, height)
         self.sha256, self.path = atomic.sha256_file(manifest), manifest
 
