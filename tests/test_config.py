@@ -11,18 +11,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 from workflow_runs import REPO, ROWS, TINY, TINY_MF, snakemake
 
-from stages.config import checks, layers
+from stages.config import OVERLAYS, checks, layers
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 
 DEFAULT = REPO / "config" / "default.yaml"
-# Overlays apply on top of a row; every other file under config/rows is a row or a base a row extends.
-OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yaml", "afhqv2-64-cmt-ect.yaml"],
-            "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"],
-            "ablations/digits-cmt-mf-mfrae.yaml": ["digits-cmt-mf.yaml"],
-            "smoke/imagenet256.yaml": ["imagenet256-cmt-mf.yaml"],
-            "smoke/imagenet512.yaml": ["imagenet512-cmt-ecd.yaml", "imagenet512-cmt-ect.yaml"]}
+
 
 
 def default():

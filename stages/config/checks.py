@@ -1,6 +1,8 @@
 """Checks across config keys that a JSON schema cannot express, run by the Snakefile right after
 the schema (so before any job starts). Every message starts with the key to change."""
 
+from stages.runtime import workload
+
 # The digits are 8x8; other sources declare `dataset.resolution`.
 SOURCE_RESOLUTION = {"digits": 8}
 # LPIPS's VGG trunk pools five times; below 16x16 its deepest features are empty.
@@ -97,9 +99,7 @@ def meanflow_problems(cfg):
     out += trajectories_per_step("midtrain_mf", mid["batch"], mid["pairs_per_trajectory"],
                                  "midtrain_mf.pairs_per_trajectory", traj,
                                  "a step draws pairs_per_trajectory pairs from each of its trajectories")
-    budgets = [post["steps"]]
-    if "random" in post["inits"] and post["equal_total_budget"]:  # as meanflow_steps in common.smk
-        budgets.append(post["steps"] + round(mid["steps"] * mid["batch"] / post["batch"]))
+    budgets = sorted({workload.meanflow_steps(cfg, init) for init in post["inits"]})
     out += snapshot_problems("posttrain_mf", post["snapshots"], budgets)
     return out
 

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 from stages.files.assets import CATALOG, FOLDERS  # noqa: E402  (the catalog of downloadable files: stdlib only)
 from stages.files import store  # noqa: E402  (records, locks and receipts of the store: stdlib only)
+from stages.runtime import workload  # noqa: E402  (what each job processes: stdlib only)
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
 CODE_VERSION = {"dataset": 1, "teacher": 1, "trajectories": 1, "latents": 1}
@@ -272,12 +273,9 @@ POSTTRAIN_CFG = {k: v for k, v in config["posttrain"].items() if k != "inits"}
 
 
 def posttrain_cfg(init):
-    """The `baseline` init (vanilla ECT from the teacher at the row's total budget) is post-training
-    from the teacher with the `baseline` section: the row's overrides over posttrain's settings,
-    merged by the Snakefile (stages/config/layers.py). The snapshots are the row's."""
-    if init == "baseline":
-        return {**config["baseline"], "snapshots": config["posttrain"]["snapshots"]}
-    return POSTTRAIN_CFG
+    """An init's post-training section; the `baseline` init's is the row's `baseline` overrides over
+    posttrain's settings (stages/runtime/workload.py)."""
+    return workload.posttrain_section(config, init)
 
 
 def init_model(wildcards):
@@ -408,9 +406,7 @@ if LATENTS:
     LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
     LATENT_VGG_ACCURACY = f"{RES}/latent_vgg/accuracy.json"
     # planned steps (the stage counts the images; here the pool's size less the held-out shards)
-    _vgg = config["latent_vgg"]
-    LATENT_VGG_STEPS = _vgg["steps"] or max(1, round(
-        _vgg["epochs"] * (LATENTS_CFG["num_shards"] - _vgg["holdout_shards"]) * LATENTS_CFG["per_shard"] / _vgg["batch"]))
+    LATENT_VGG_STEPS = workload.latent_vgg_steps(config)
 
 
 # E-LatentLPIPS brings its own backbone (the latent VGG16): no LPIPS weights
@@ -460,12 +456,8 @@ POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
 
 
 def meanflow_steps(init):
-    """Post-training steps of an init: at equal total budget, random also gets the mid-training's
-    images (rounded to whole post-training batches)."""
-    steps = POST_MF["steps"]
-    if init == "random" and POST_MF["equal_total_budget"]:
-        steps += round(MID_MF["steps"] * MID_MF["batch"] / POST_MF["batch"])
-    return steps
+    """Post-training steps of an init (at equal total budget, random also gets the mid-training's images)."""
+    return workload.meanflow_steps(config, init)
 
 
 def _row_gpus(rule):
