@@ -1,0 +1,443 @@
+"""Projected GPU-hours of each row, stage by stage, from seconds per unit measured on this device,
+beside the paper's own cost figures.
+
+For each row: stages/runtime/workload.py counts what the row's configuration asks of every stage
+(training images, trajectories, samples, images encoded or scored), and this script times one unit
+of each kind on the row's own networks at their real size, with random weights, on this device:
+- train_teacher, train_latent_vgg, midtrain (CMT-CM with the row's distance), midtrain_mf (CMT-MF),
+  posttrain (ECT, ECD with its teacher and guide, the 512 code's ECT), posttrain_mf (MeanFlow): the
+  row's loss, forward and backward, at its per-GPU micro-batch, then the optimizer and EMA update;
+  seconds per image = (micro-batches x micro-batch time + update time) / batch;
+- trajectory_shard: trajectories.Generator.states, the solve the stage runs, at the row's solver batch
+  (the shard writing on top is at most 10 % more: ratio 1 of bench/pipeline_ratios.py);
+- encode_dataset: the VAE encoder at the row's latents.batch (an SD-VAE of the hub's architecture with
+  random weights where the row names the download);
+- sample: one network forward per sampler step at the sampling batch, and the VAE decoder on a latent row;
+- fid: Inception features (torchvision's InceptionV3 at 299x299 with random weights: the architecture
+  of the FID TorchScript, whose weights are a download); free for pixel features.
+A row's projection = counts x seconds per unit / 3600 on one device of this kind: no overlap
+between jobs, no multi-GPU communication, no start-up, queueing or checkpointing, no reference
+statistics. Routes are the paper's cost table's: pre-training (the teacher, where the row trains
+it), mid-training (trajectories and CMT), post-training; `data` (encoding, the latent VGG) and
+`evaluation` (sampling and FID) stand apart. The paper gives GPU-hours for the ImageNet-256 row
+only, and its budgets in Mimg for others: both are printed beside ours where the row states them.
+
+    python bench/row_costs.py --out bench/row-costs-<card>-<date>.json      # every row, full size (a GPU)
+    python bench/row_costs.py --rows cifar10-cmt-ect imagenet512-cmt-ecd --out ...
+    python bench/row_costs.py --smoke --out /tmp/row-costs-smoke.json      # CPU proof: smoke overlays
+
+--smoke layers each row's smoke overlay (tiny networks and batches) over it: the script's paths all
+run, the numbers are not the rows' costs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import networks  # noqa: E402
+from stages.config import OVERLAYS, REPO, resolve  # noqa: E402
+from stages.data import labels as class_labels  # noqa: E402
+from stages.files import checkpoints  # noqa: E402
+from stages.method import flowmap, losses, meanflow, solvers, trajectories  # noqa: E402
+from stages.runtime import precision, workload  # noqa: E402
+from stages.training import loop  # noqa: E402
+
+ROWS = REPO / "config" / "rows"
+# stabilityai/sd-vae-ft-mse's config.json (the AutoencoderKL the latent rows download), for a
+# random-weight VAE of the same cost
+SD_VAE_ARCH = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+               "block_out_channels": [128, 256, 512, 512], "act_fn": "silu", "sample_size": 256,
+               "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--rows", nargs="*", default=None, help="row names under config/rows (default: every row there)")
+p.add_argument("--smoke", action="store_true", help="each row under its smoke overlay: a CPU proof run")
+p.add_argument("--config", type=yaml.safe_load, default=None,
+               help="a YAML mapping layered on top, as snakemake's --config, e.g. '{features: {kind: inception}}'")
+p.add_argument("--repeats", type=int, default=None, help="timed repetitions per figure (median; default 3, smoke 1)")
+p.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if args.threads:
+    torch.set_num_threads(args.threads)
+repeats = args.repeats or (1 if args.smoke else 3)
+smoke_of = {Path(row).stem: overlay for overlay, rows in OVERLAYS.items() if overlay.startswith("smoke/") for row in rows}
+names = args.rows or sorted(p.stem for p in ROWS.glob("*.yaml"))
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb():
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS so far
+
+
+def timed(fn):
+    """Median seconds of `fn` over `repeats` calls after one warm-up call; one call where the warm-up
+    took over 10 s (an XXL solve: the device time is better spent on the other rows)."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats if time.perf_counter() - t0 < 10 else 1):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(key, fn):
+    """Run one measurement; its figures, or the error that stopped it (out of memory at the row's
+    batch is an answer too), with the peak memory it reached."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        out = fn()
+    except Exception as err:  # recorded, and the run goes on: one device run measures every row
+        out = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+    out["peak_gb"] = peak_gb()
+    print(f"  [{key}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()),
+          flush=True)
+    return out
+
+
+class Row:
+    """A row's configuration and the networks its stages build, with random weights on the device."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.family = cfg.get("family", "cm")
+        self.codec = None
+        if "latents" in cfg:
+            from stages.networks import latent_codec
+
+            lat = cfg["latents"]
+            spec = lat["vae"] if isinstance(lat["vae"], dict) else {"config": SD_VAE_ARCH, "seed": 0}
+            self.codec = latent_codec.from_config({**lat, "vae": spec}, batch_size=8).to(device)
+            factor = 2 ** (len(self.codec.vae.config.block_out_channels) - 1)
+            self.shape = (self.codec.latent_channels, cfg["dataset"]["resolution"] // factor)
+        else:
+            self.shape = (1 if cfg["dataset"]["source"] == "digits" else 3, cfg["dataset"]["resolution"])
+
+    def architecture(self, section, dropout, dual_time=False):
+        arch = networks.architecture(section, *self.shape, dropout)
+        return {**arch, "dual_time": True} if dual_time else arch
+
+    def meta(self, arch, precond):
+        c = self.cfg
+        return {"architecture": arch, "precond": precond, "sigma_data": c["sigma_data"], "sigma_min": c["sigma_min"],
+                "sigma_max": c["sigma_max"], "time": "flow_t" if precond == "meanflow" else "sigma"}
+
+    def teacher(self, dropout=0.0):
+        """(network, meta) of the row's teacher: EDM denoiser, or the MeanFlow teacher's u."""
+        tc = self.cfg["teacher"]
+        if tc.get("objective", "edm") == "meanflow":
+            meta = self.meta(self.architecture(tc.get("network") or self.cfg["network"], dropout, True), "meanflow")
+        else:
+            meta = self.meta(self.architecture(self.cfg["network"], dropout), "edm")
+        torch.manual_seed(0)
+        return networks.freeze_unused_heads(checkpoints.build_precond(meta)).to(device), meta
+
+    def student(self, dropout, average_velocity=False):
+        torch.manual_seed(0)
+        if average_velocity:
+            net = checkpoints.build_precond(self.meta(self.architecture(self.cfg["network"], dropout, True), "meanflow"))
+        else:
+            arch = self.architecture(self.cfg["network"], dropout)
+            net = networks.build_precond(arch, networks.student_kind(arch), self.cfg["sigma_data"],
+                                         self.cfg["sigma_boundary"])
+        return networks.freeze_unused_heads(net).to(device)
+
+    def classes(self, net, n):
+        """(one-hot [n, label_dim] for an EDM-style network or int64 [n] for a DiT, or None)."""
+        if isinstance(net, torch.nn.Module) and getattr(net, "num_classes", 0):
+            return torch.randint(net.num_classes, (n,), device=device)
+        dim = class_labels.label_dim_of(net)
+        return class_labels.one_hot(torch.randint(dim, (n,)).tolist(), dim, device) if dim else None
+
+    def data(self, n):
+        return torch.randn(n, self.shape[0], self.shape[1], self.shape[1], device=device) * self.cfg["sigma_data"]
+
+
+def training_rate(net, section, job, loss_fn):
+    """Seconds per image of a training stage: micro-batches of forward + backward, then the update."""
+    ema = loop.EMA(net, section["ema"]["beta"], section["ema"].get("rampup")) if section.get("ema") else loop.NoEMA()
+    opt = loop.build_optimizer([q for q in net.parameters() if q.requires_grad], section["optimizer"])
+    micro, batch = job["micro_batch"], job["batch"]
+    if batch % micro:
+        raise ValueError(f"{job['job']}: batch {batch} is not a whole number of micro-batches of {micro}")
+
+    def backward():
+        loss_fn(micro).mean().backward()
+
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(net, 1)
+
+    micro_s = timed(backward)
+    update_s = timed(update)
+    # GPU-seconds of one step over the job's processes: every micro-batch once, one update per process
+    gpu_s = micro_s * batch / micro + update_s * job["gpus"]
+    return {"seconds_per_unit": gpu_s / batch, "micro_batch": micro, "micro_batch_s": micro_s, "update_s": update_s,
+            "step_gpu_s": gpu_s, "images_per_gpu_s": batch / gpu_s,
+            "parameters": sum(q.numel() for q in net.parameters())}
+
+
+def rate(row, job):
+    """The figures of one job of the workload."""
+    cfg, rule = row.cfg, job["rule"]
+    g = torch.Generator().manual_seed(0)
+    if rule == "train_teacher":
+        tc = cfg["teacher"]
+        net, _ = row.teacher(tc["dropout"])
+        net.train()
+        if job["objective"] == "meanflow":
+            objective = meanflow.Objective.from_config(tc["meanflow"], net, "teacher.meanflow")
+            return training_rate(net, tc, job, lambda n: objective.loss(net, row.data(n), g, row.classes(net, n)))
+        return training_rate(net, tc, job, lambda n: losses.edm_loss(
+            net, row.data(n), g, cfg["sigma_data"], tc.get("P_mean", -1.2), tc.get("P_std", 1.2), row.classes(net, n)))
+
+    if rule == "train_latent_vgg":
+        from stages.method.elatentlpips import LatentVGG16
+
+        vgg = cfg["latent_vgg"]
+        torch.manual_seed(0)
+        net = LatentVGG16(in_channels=row.shape[0], **(vgg.get("architecture") or {})).to(device).train()
+        section = {"ema": None, "optimizer": {"name": "sgd", "lr": vgg["lr"], "momentum": vgg["momentum"],
+                                                        "weight_decay": vgg["weight_decay"]}}
+        return training_rate(net, section, job, lambda n: F.cross_entropy(
+            net(row.data(n)), torch.randint(1000, (n,), device=device), reduction="none"))
+
+    if rule == "trajectory_shard":
+        teacher, meta = row.teacher()
+        spec = {**cfg["trajectories"], "seed": 0, "sigma_max": cfg["sigma_max"], "sigma_min": cfg["sigma_min"]}
+        start = None
+        if spec.get("x_T") == "data_plus_noise":
+            start = row.data(64).cpu()
+        labels = torch.zeros(64, dtype=torch.int64) if start is not None else None
+        gen = trajectories.Generator(teacher, meta, spec, device, start, labels)
+        batch = job["batch"]
+        sec = timed(lambda: gen.states(range(batch)))
+        return {"seconds_per_unit": sec / batch, "batch": batch, "nfe": job["nfe"], "trajectories_per_s": batch / sec,
+                "forwards_per_s": batch * job["nfe"] / sec}
+
+    if rule == "midtrain":
+        mc = cfg["midtrain"]
+        net = row.student(mc["dropout"]).train()
+        K = cfg["trajectories"]["nfe"]
+        if mc["distance"] == "elatentlpips":
+            from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
+
+            distance = ELatentLPIPS(LatentVGG16(in_channels=row.shape[0],
+                                                **(cfg["latent_vgg"].get("architecture") or {}))).to(device)
+        elif mc["distance"] == "lpips":
+            distance = losses.LPIPSDistance(None).to(device)  # random VGG trunk: the cost of the real one
+        else:
+            distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"))
+        sigmas = solvers.logsnr_grid(K, cfg["sigma_max"], cfg["sigma_min"]).to(torch.float32).to(device)
+
+        def loss(n):
+            T = n // K
+            states = torch.randn(T, K + 1, row.shape[0], row.shape[1], row.shape[1], device=device)
+            return losses.cmt_cm_loss(net, states, sigmas, distance, row.classes(net, T))
+
+        out = training_rate(net, mc, job, loss)
+        if mc.get("trajectories") == "online":
+            out["note"] = "the step only: online mid-training also solves its trajectories (see trajectory_shard)"
+        return out
+
+    if rule == "midtrain_mf":
+        mc = cfg["midtrain_mf"]
+        net = row.student(mc["dropout"], average_velocity=True).train()
+        P, K = mc["pairs_per_trajectory"], cfg["trajectories"]["nfe"] + 1
+        t = solvers.flow_time_grid(cfg["trajectories"]["nfe"]).to(torch.float32).to(device)
+        distance = losses.make_distance(mc["distance"])
+
+        def loss(n):
+            z = torch.randn(n // P, K, row.shape[0], row.shape[1], row.shape[1], device=device)
+            return meanflow.cmt_mf_loss(net, z, t, P, g, distance, labels=row.classes(net, n // P))
+
+        return training_rate(net, mc, job, loss)
+
+    if rule == "posttrain":
+        pc = workload.posttrain_section(cfg, job["init"])
+        net = row.student(pc["dropout"]).train()
+        context = networks.target_context(net)
+        common = lambda n: dict(stage=0, q=pc["q"], k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"],  # noqa: E731
+                                c=pc["c"], labels=row.classes(net, n), target_context=context)
+        if job["method"] == "ecd":
+            teacher = row.teacher()[0].eval().requires_grad_(False)
+            guidance = pc.get("guidance") or {}
+            guide = None
+            if guidance.get("guide") == "teacher":
+                guide = teacher
+            elif guidance.get("guide"):
+                torch.manual_seed(1)
+                guide = networks.build_precond(row.architecture(guidance["network"], 0.0), "edm",
+                                               cfg["sigma_data"]).to(device).eval().requires_grad_(False)
+            denoise = losses.guided_denoiser(teacher, guide, guidance.get("weight", 1.0))
+            return training_rate(net, pc, job, lambda n: losses.ecd_loss(
+                net, row.data(n), g, denoise, sigma_data=cfg["sigma_data"], **common(n)))
+        if job["method"] == "ect_snr":
+            return training_rate(net, pc, job, lambda n: losses.ect_snr_loss(
+                net, row.data(n), g, sigma_data=cfg["sigma_data"], **common(n)))
+        return training_rate(net, pc, job, lambda n: losses.ect_loss(
+            net, row.data(n), g, sigma_min=cfg["sigma_min"], **common(n)))
+
+    if rule == "posttrain_mf":
+        pc = cfg["posttrain_mf"]
+        net = row.student(pc["dropout"], average_velocity=True).train()
+        objective = meanflow.Objective.from_config(pc, net, "posttrain_mf")
+        return training_rate(net, pc, job, lambda n: objective.loss(net, row.data(n), g, row.classes(net, n)))
+
+    if rule == "encode_dataset":
+        batch = job["batch"]
+        codec = row.codec
+        codec.batch_size = batch
+        size = cfg["dataset"]["resolution"]
+        pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+        sec = timed(lambda: codec.encode_pixels(pixels))
+        return {"seconds_per_unit": sec / batch, "batch": batch, "images_per_s": batch / sec}
+
+    if rule == "sample":
+        net = row.student(0.0, average_velocity=row.family == "mf").eval()
+        batch = job["batch"]
+        x = row.data(batch)
+        labels = row.classes(net, batch)
+        with torch.no_grad():
+            if row.family == "mf":
+                forward = lambda: flowmap.call_u(net, x, 0.0, 1.0, labels)  # noqa: E731
+            else:
+                forward = lambda: losses.call(net, x, torch.full((batch,), cfg["sigma_max"], device=device), labels)  # noqa: E731
+            forward_s = timed(forward) / batch
+            decode_s = 0.0
+            if job["decoded"]:
+                row.codec.batch_size = 8  # as the sample stage decodes
+                decode_s = timed(lambda: row.codec.decode(x)) / batch
+        seconds = (job["forwards"] * forward_s + job["count"] * decode_s) / job["count"]
+        return {"seconds_per_unit": seconds, "batch": batch, "forward_s_per_image": forward_s,
+                "decode_s_per_image": decode_s}
+
+    if rule in ("fid", "fid_teacher"):
+        decode_s = 0.0
+        if job.get("decoded"):  # fid_teacher decodes the pool's final latents on a latent row
+            with torch.no_grad():
+                decode_s = timed(lambda: row.codec.decode(row.data(8))) / 8
+        if job["features"] != "inception":
+            return {"seconds_per_unit": decode_s, "note": f"features {job['features']}: no network"}
+        import torchvision
+
+        batch = job["batch"]
+        torch.manual_seed(0)
+        inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
+        images = torch.randn(batch, 3, 299, 299, device=device)
+        with torch.no_grad():
+            sec = timed(lambda: inception(images))
+        return {"seconds_per_unit": sec / batch + decode_s, "batch": batch, "images_per_s": batch / sec,
+                "decode_s_per_image": decode_s}
+    raise ValueError(f"no measurement for rule {rule}")
+
+
+def cache_key(job):
+    """Jobs whose unit costs the same share one measurement."""
+    keep = ("rule", "method", "micro_batch", "batch", "objective", "decoded", "features")
+    key = {k: job.get(k) for k in keep}
+    key["decoded"] = bool(job.get("decoded"))
+    if job["rule"] == "posttrain" and job["method"] == "ecd":
+        key["init"] = job["init"]
+    return json.dumps(key, sort_keys=True)
+
+
+def project(name):
+    configs = [ROWS / f"{name}.yaml"]
+    if args.smoke:
+        if name in smoke_of:
+            configs.append(ROWS / smoke_of[name])
+        elif not name.startswith("digits"):
+            raise SystemExit(f"--smoke: no smoke overlay for row {name} (stages/config OVERLAYS)")
+    cfg = resolve(configs, args.config)
+    os.environ[precision.ENV] = str(int(cfg["tf32"]))
+    precision.apply()
+    print(f"[{name}] {' + '.join(str(c.relative_to(ROWS)) for c in configs)}", flush=True)
+    row = Row(cfg)
+    jobs = workload.workload(cfg)
+    rates, hours = {}, {}
+    for job in jobs:
+        key = cache_key(job)
+        if key not in rates:
+            rates[key] = measure(job["job"], lambda: rate(row, job))
+        r = rates[key]
+        job["rate"] = r
+        job["hours"] = None if "seconds_per_unit" not in r else job["count"] * r["seconds_per_unit"] / 3600
+        hours[job["job"]] = job["hours"]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    family_post = cfg["posttrain_mf" if row.family == "mf" else "posttrain"]
+    paper = cfg.get("paper", {}).get("methods", {})
+    comparable = cfg.get("paper", {}).get("comparable", True)
+    routes = {}
+    for init in family_post["inits"]:
+        route = {}
+        for job in jobs:
+            stage = job["stage"]
+            if stage in ("data", "evaluation") or job["hours"] is None:
+                continue
+            if stage in ("pretrain", "midtrain") and init != "cmt":
+                continue
+            if stage == "posttrain" and job["init"] != init:
+                continue
+            route[stage] = route.get(stage, 0.0) + job["hours"]
+        route["total"] = sum(route.values())
+        routes[init] = {"ours_gpu_hours": route, "ours_mimg": workload.mimg(jobs, init),
+                        "paper_gpu_hours": paper.get(init, {}).get("gpu_hours"),
+                        "paper_mimg": paper.get(init, {}).get("budget_mimg"), "paper_comparable": comparable}
+    apart = {stage: sum(j["hours"] for j in jobs if j["stage"] == stage and j["hours"] is not None)
+             for stage in ("data", "evaluation")}
+    missing = [j["job"] for j in jobs if j["hours"] is None]
+    for init, route in routes.items():
+        ours = ", ".join(f"{k} {v:.4g}" for k, v in route["ours_gpu_hours"].items())
+        theirs = route["paper_gpu_hours"] or route["paper_mimg"] or "-"
+        print(f"[{name}] route {init}: {ours} h (ours, projected) | paper: {theirs} "
+              f"{'GPU-h' if route['paper_gpu_hours'] else 'Mimg' if route['paper_mimg'] else ''}"
+              f"{'' if comparable else ' (another data set and model: for orientation)'}", flush=True)
+    print(f"[{name}] apart from the routes: data {apart['data']:.4g} h, evaluation {apart['evaluation']:.4g} h"
+          + (f"; NOT MEASURED: {missing}" if missing else ""), flush=True)
+    return {"configs": [str(c.relative_to(REPO)) for c in configs], "shape": list(row.shape), "jobs": jobs,
+            "routes": routes, "apart": apart, "not_measured": missing}
+
+
+results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "smoke": args.smoke, "repeats": repeats,
+           "rows": {}}
+t_start = time.perf_counter()
+for name in names:
+    results["rows"][name] = project(name)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")  # what is done survives a later failure
+results["seconds"] = time.perf_counter() - t_start
+if args.smoke:
+    results["note"] = "smoke overlays: tiny networks and batches; the figures prove the script runs, not the rows' costs"
+Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+print(f"wrote {args.out} ({results['seconds']:.0f} s)")
