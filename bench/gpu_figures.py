@@ -1,7 +1,7 @@
-"""GPU figures of the CIFAR-10 row: teacher forward img/s, trajectory generation traj/s, CMT
-mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, peak
-memory, and the projected GPU-hours of the whole row (cifar10-cmt-ect.yaml budgets). Then the
-speed levers, each against the fp32 baseline, side by side in one run (`levers` in the output):
+"""GPU figures of the CIFAR-10 row's DDPM++: teacher forward img/s, trajectory generation traj/s,
+CMT mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, and peak
+memory. (Every row's figures at its own sizes, EDM2 and DiT included, and its projected GPU-hours
+beside the paper's: bench/row_costs.py.) Then the speed levers, each against the fp32 baseline, side by side in one run (`levers` in the output):
 channels_last, torch.compile of the network, the fused Adam, 2x and 4x the solver batch, and bf16
 autocast of the teacher in trajectory generation with the error of its states against fp32, which
 must stay below what storing the fp32 states in float16 already costs (else bf16 changes the pool
@@ -37,9 +37,7 @@ from stages.runtime import precision  # noqa: E402
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
          "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4}
-# The row's budgets (config/rows/cifar10-cmt-ect.yaml over config/rows/base/pixel-ect.yaml)
-ROW = {"trajectories": 2_400_000, "nfe": 16, "midtrain_steps": 300_000, "posttrain_steps": {"cmt": 100_000,
-       "baseline": 400_000}, "batch": 128, "fid_images": 2 * 5 * 3 * 50_000, "reference_images": 50_000}
+BATCH, NFE = 128, 16  # the row's mid- and post-training batch, its solver's NFE
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--tiny", action="store_true", help="CPU proof run: 16 channels, 1 block, batch 16")
@@ -54,9 +52,9 @@ precision.apply()  # TF32 as the rows run (CMT_TF32, off unless set): cuDNN's de
 if device.type == "cpu":
     torch.set_num_threads(1)
 arch = dict(CIFAR, **({"channels": 16, "num_blocks": 1} if args.tiny else {}))
-batch = 16 if args.tiny else ROW["batch"]
+batch = 16 if args.tiny else BATCH
 repeats = args.repeats or (2 if args.tiny else 20)
-nfe = 4 if args.tiny else ROW["nfe"]
+nfe = 4 if args.tiny else NFE
 
 
 def sync():
@@ -160,18 +158,6 @@ for dtype in ("fp32", "bf16"):
     fig["posttrain_step_img_per_s"] = batch / sec
     fig["posttrain_peak_gb"] = peak_gb()
     del student, ema, opt, lpips
-
-    # Projection for the whole row on this device (one device, no overlap between jobs)
-    hours = {
-        "trajectories": ROW["trajectories"] / fig["trajectories_per_s"] * (ROW["nfe"] / nfe) / 3600,
-        "midtrain": ROW["midtrain_steps"] * ROW["batch"] / fig["midtrain_step_img_per_s"] / 3600,
-        "posttrain_cmt": ROW["posttrain_steps"]["cmt"] * ROW["batch"] / fig["posttrain_step_img_per_s"] / 3600,
-        "posttrain_baseline": ROW["posttrain_steps"]["baseline"] * ROW["batch"] / fig["posttrain_step_img_per_s"] / 3600,
-        # 1- and 2-step samples: 1.5 student forwards per image on average
-        "sampling": ROW["fid_images"] * 1.5 / fig["teacher_forward_img_per_s"] / 3600,
-    }
-    hours["total"] = sum(hours.values())
-    fig["projected_gpu_hours" if device.type == "cuda" else "projected_device_hours"] = hours
     print(f"[{dtype}] " + ", ".join(f"{k} {v:.3g}" for k, v in fig.items() if not isinstance(v, dict)), flush=True)
 
 

@@ -21,10 +21,12 @@ Also measured, for converting trajectories into images of ECT post-training (ben
 the ECT step's seconds per image at the row's posttrain batch, and one trajectory in those images.
 
 Runs the project's own code on the digits default's network (config/default.yaml) with random
-weights, or on a row's network with --config. Results are printed and, with --out, written as JSON.
+weights, or on a row's (a consistency-family row: CMT-CM) with --config, read as the workflow reads it
+(its `extends` bases, the schema's defaults; a class-conditional teacher solves and trains with
+classes). Results are printed and, with --out, written as JSON.
 
     python bench/pipeline_ratios.py                    # digits default
-    python bench/pipeline_ratios.py --out bench/ratios-cpu.json
+    python bench/pipeline_ratios.py --config config/rows/cifar10-cmt-ect.yaml --out bench/ratios-<card>.json
 """
 
 import argparse
@@ -39,19 +41,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import networks  # noqa: E402
-from stages.data import shards  # noqa: E402
+from stages.config import resolve  # noqa: E402
+from stages.data import labels as class_labels, shards  # noqa: E402
 from stages.method import losses, trajectories  # noqa: E402
-from stages.networks.precond import Precond  # noqa: E402
 from stages.training import loop  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--config", default=None, help="a row config layered on config/default.yaml (its network, nfe, batches)")
+p.add_argument("--config", nargs="*", default=[], help="row config files over config/default.yaml, as --configfile")
 p.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (the median is reported)")
 p.add_argument("--threads", type=int, default=1, help="torch threads (the pipeline runs 1 per job on CPU)")
 p.add_argument("--project-trajectories", type=float, default=2.4e6, help="ratio 3's projection: trajectories (CIFAR row)")
@@ -59,20 +59,20 @@ p.add_argument("--project-steps", type=float, default=3e5, help="ratio 3's proje
 p.add_argument("--out", default=None)
 args = p.parse_args()
 
-cfg = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-if args.config:
-    for key, value in yaml.safe_load(Path(args.config).read_text()).items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+cfg = resolve(args.config)
+if cfg["family"] != "cm" or "latents" in cfg:
+    raise SystemExit(f"{args.config}: the ratios are CMT-CM's on pixels; this row is family {cfg['family']}"
+                     f"{' on latents' if 'latents' in cfg else ''} (bench/row_costs.py measures every row)")
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.set_num_threads(args.threads)
-resolution = cfg["dataset"].get("resolution", 8)
+resolution = cfg["dataset"]["resolution"]
 channels = 1 if cfg["dataset"]["source"] == "digits" else 3
-arch = {**cfg["network"], "in_channels": channels, "resolution": resolution, "dropout": 0.0}
+arch = networks.architecture(cfg["network"], channels, resolution, 0.0)
 traj = cfg["trajectories"]
-nfe, solve_batch = traj.get("nfe", 16), traj.get("batch", 512)
-spec = {"solver": "dpm_solver_pp", "order": traj.get("order", 3), "lower_order_final": True, "nfe": nfe,
+nfe, solve_batch = traj["nfe"], traj["batch"]
+spec = {"solver": "dpm_solver_pp", "order": traj["order"], "lower_order_final": traj["lower_order_final"], "nfe": nfe,
         "x_T": "noise", "seed": 1, "per_shard": solve_batch, "batch": solve_batch,
-        "dtype": traj.get("dtype", "float16"), "sigma_max": cfg["sigma_max"], "sigma_min": cfg["sigma_min"]}
+        "dtype": traj["dtype"], "sigma_max": cfg["sigma_max"], "sigma_min": cfg["sigma_min"]}
 
 
 def sync():
@@ -94,7 +94,9 @@ def median_seconds(fn, repeats=args.repeats, warmup=1):
 
 
 torch.manual_seed(0)
-teacher = Precond(networks.build(arch), "edm", cfg["sigma_data"], cfg["sigma_min"]).to(device).eval()
+teacher = networks.freeze_unused_heads(networks.build_precond(arch, "edm", cfg["sigma_data"], cfg["sigma_min"]))
+teacher = teacher.to(device).eval()
+label_dim = class_labels.label_dim_of(teacher)
 with torch.no_grad():  # a denoiser that is not the identity: the zero-initialised output layer perturbed
     for name, param in teacher.named_parameters():
         if param.abs().sum() == 0 and param.ndim > 1:
@@ -107,8 +109,9 @@ results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else 
 # ---- 1. trajectory stage against NFE teacher forwards
 x = cfg["sigma_max"] * torch.randn(solve_batch, channels, resolution, resolution, device=device)
 sigma = torch.full((solve_batch,), 2.0, device=device)
+onehot = class_labels.one_hot([0] * solve_batch, label_dim, device)
 with torch.no_grad():
-    forward = median_seconds(lambda: teacher(x, sigma))
+    forward = median_seconds(lambda: losses.call(teacher, x, sigma, onehot))
 generator = trajectories.Generator(teacher, {"architecture": arch}, spec, device)
 tmp = Path(tempfile.mkdtemp())
 per_shard = traj.get("per_shard", 4 * solve_batch)
@@ -149,24 +152,33 @@ def next_batch():
     chosen = [next(stream) for _ in range(per_step)]
     states = torch.from_numpy(np.stack([c["states"] for c in chosen]).astype(np.float32)).to(device)
     sigmas = torch.from_numpy(chosen[0]["sigmas"].astype(np.float32)).to(device)
-    return states, sigmas
+    return states, sigmas, class_labels.one_hot([c["meta"].get("label") for c in chosen], label_dim, device)
 
 
 for _ in range(2 * len(paths)):  # fill the shuffle buffer first: steady state, not start-up
     next_batch()
 reader = median_seconds(lambda: [next_batch() for _ in range(20)], warmup=0) / 20
-student = Precond(networks.build({**arch, "dropout": mc.get("dropout", 0.1)}), "ecm", cfg["sigma_data"],
-                  cfg["sigma_min"]).to(device).train()
-student.load_state_dict(teacher.state_dict())
-ema = loop.EMA(student, 0.999)
-opt_cfg = {"betas": [0.9, 0.999], "eps": 1e-8, **mc["optimizer"]}
-optimizer = loop.build_optimizer(student.parameters(), opt_cfg)
-distance = losses.make_distance(mc.get("distance", "l2"))
-states, sigmas = next_batch()
+
+
+def consistency_student(dropout):
+    """The teacher's weights in the student's preconditioning (ECM; EDM2: plain EDM)."""
+    net = networks.build_precond({**arch, "dropout": dropout}, networks.student_kind(arch), cfg["sigma_data"],
+                                 cfg["sigma_boundary"])
+    net.load_state_dict(teacher.state_dict())
+    return networks.freeze_unused_heads(net).to(device).train()
+
+
+student = consistency_student(mc["dropout"])
+ema = loop.EMA(student, mc["ema"]["beta"])
+optimizer = loop.build_optimizer([q for q in student.parameters() if q.requires_grad], mc["optimizer"])
+# LPIPS with a random VGG trunk: the cost of the real one, without its download
+distance = (losses.LPIPSDistance(None).to(device) if mc["distance"] == "lpips"
+            else losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c")))
+states, sigmas, labels = next_batch()
 
 
 def step():
-    loss = losses.cmt_cm_loss(student, states, sigmas, distance).mean()
+    loss = losses.cmt_cm_loss(student, states, sigmas, distance, labels).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -185,14 +197,15 @@ step_index = [0]
 
 
 def offline_step():
-    global states, sigmas
-    states, sigmas = next_batch()
+    global states, sigmas, labels
+    states, sigmas, labels = next_batch()
     step()
 
 
 def online_step():
-    global states, sigmas
-    states, sigmas, _ = online.batch(step_index[0])
+    global states, sigmas, labels
+    states, sigmas, metas = online.batch(step_index[0])
+    labels = class_labels.one_hot([m.get("label") for m in metas], label_dim, device)
     step_index[0] += 1
     step()
 
@@ -210,17 +223,18 @@ results["offline_vs_online"] = {
 # ---- the ECT post-training step per image, and a trajectory in those images
 pc = cfg["posttrain"]
 post_batch = pc["batch"]
-ect_student = Precond(networks.build({**arch, "dropout": pc.get("dropout", 0.1)}), "ecm", cfg["sigma_data"],
-                      cfg["sigma_min"]).to(device).train()
-ect_student.load_state_dict(teacher.state_dict())
-ect_optimizer = loop.build_optimizer(ect_student.parameters(), {"betas": [0.9, 0.999], "eps": 1e-8, **pc["optimizer"]})
-ect_ema = loop.EMA(ect_student, 0.999)
+ect_student = consistency_student(pc["dropout"])
+ect_optimizer = loop.build_optimizer([q for q in ect_student.parameters() if q.requires_grad], pc["optimizer"])
+ect_ema = loop.EMA(ect_student, pc["ema"]["beta"])
 images = torch.rand(post_batch, channels, resolution, resolution, device=device) * 2 - 1
+image_labels = class_labels.one_hot([0] * post_batch, label_dim, device)
 ect_rng = torch.Generator().manual_seed(0)
 
 
 def ect_step():
-    loss = losses.ect_loss(ect_student, images, ect_rng, stage=0, q=pc.get("q", 256)).mean()
+    loss = losses.ect_loss(ect_student, images, ect_rng, stage=0, q=pc["q"], k=pc["k"], b=pc["b"], P_mean=pc["P_mean"],
+                           P_std=pc["P_std"], c=pc["c"], labels=image_labels,
+                           target_context=networks.target_context(ect_student)).mean()
     ect_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     ect_optimizer.step()

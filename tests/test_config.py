@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 from workflow_runs import REPO, ROWS, TINY, TINY_MF, snakemake
 
-from stages.config import OVERLAYS, checks, layers
+from stages.config import OVERLAYS, checks, layers, resolve
 
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -47,6 +47,21 @@ def test_every_row_config_is_valid(stack):
     cfg = layers.assemble(DEFAULT, stack)
     validate(cfg, SCHEMA)
     assert checks.problems(cfg) == []
+
+
+@pytest.mark.parametrize("stack", row_stacks() + [[]], ids=lambda s: "+".join(p.stem for p in s) or "default")
+def test_tools_see_the_config_the_workflow_sees(stack):
+    """stages.config.resolve (bench/, without Snakemake) fills in the same defaults as the
+    Snakefile's snakemake.utils.validate, row by row."""
+    ours = resolve(stack)
+    workflow = layers.assemble(DEFAULT, stack)
+    validate(workflow, SCHEMA)
+    assert ours == workflow
+
+
+def test_tools_refuse_an_invalid_config():
+    with pytest.raises(Exception, match="posttrain"):
+        resolve([], {"posttrain": {"inits": ["nonsense"]}})
 
 
 def test_every_base_is_extended_by_a_row():

@@ -17,14 +17,11 @@ OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yam
 def resolve(configfiles=(), command_line=None):
     """The configuration a `snakemake --configfile <configfiles> --config <command_line>` run of this
     repository sees: assembled as the Snakefile does, validated against the schema with its defaults
-    filled in, and checked across keys. For tools beside the workflow (bench/)."""
-    from snakemake.utils import validate
-
+    filled in, and checked across keys. For tools beside the workflow (bench/); no Snakemake needed."""
     from stages.config import checks, layers
 
-    schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
-    config = layers.assemble(REPO / "config" / "default.yaml", configfiles, command_line,
-                             schema=layers.load_schema(schema))
-    validate(config, str(schema))
+    schema = layers.load_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
+    config = layers.assemble(REPO / "config" / "default.yaml", configfiles, command_line, schema=schema)
+    layers.validate_with_defaults(config, schema)
     checks.check(config)
     return config

@@ -220,6 +220,26 @@ def load_schema(path):
     return yaml.load(Path(path).read_text(), Loader=LOADER)
 
 
+def validate_with_defaults(config, schema):
+    """Validate `config` against `schema`, filling in the defaults of the properties an object lacks
+    (in place), as the Snakefile's `snakemake.utils.validate` does: jsonschema's validator extended
+    as its documentation suggests, so tools beside the workflow (bench/) see the workflow's config
+    without importing Snakemake. Raises jsonschema's ValidationError."""
+    from jsonschema import Draft202012Validator, validators
+
+    check_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, node):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from check_properties(validator, properties, instance, node)
+
+    validators.extend(Draft202012Validator, {"properties": properties_with_defaults})(schema).validate(config)
+    return config
+
+
 def assemble(default, configfiles=(), command_line=None, schema=None):
     """The workflow's configuration before schema validation (see the module docstring).
 
