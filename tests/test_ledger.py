@@ -75,7 +75,8 @@ def test_a_sliced_run_counts_every_job_its_model_records(tmp_path):
             {"wall_seconds": 3000.0, "steps": [0, 400], "ended": "slice"},
             {"wall_seconds": 2400.0, "steps": [400, 720], "ended": "signal", "signal": "SIGUSR1"},
             {"wall_seconds": 1800.0, "steps": [720, 960], "ended": "finished"}]),
-        "posttrain/cmt": model(tmp_path, "posttrain", [{"wall_seconds": 1700.0, "steps": [0, 99], "ended": "finished"}]),
+        "posttrain/cmt": model(tmp_path, "posttrain",
+                               [{"wall_seconds": 1700.0, "steps": [0, 99], "ended": "finished"}]),
         "train_teacher": model(tmp_path, "teacher"),    # no benchmark here: reused, whatever it records
     }
     costs = ledger.ledger(tmp_path, ["cmt"], {"trajectory_shard": 1, "midtrain": 8, "posttrain": 8}, models=models)
