@@ -14,6 +14,8 @@ holders: with --resources gpu=N at most N GPUs are asked for at once, so a wait 
 that is ending, and a long one means Snakemake was not told how many GPUs there are.
 
 The launcher replaces itself with the stage (exec), so signals from SLURM or Snakemake reach it.
+It passes its start time to the stage's processes (CMT_JOB_STARTED): a training stage times each
+of its jobs from there (stages/training/job_log.py).
 """
 
 import argparse
@@ -25,6 +27,8 @@ import socket
 import sys
 import tempfile
 import time
+
+from stages.runtime.cli import STARTED_ENV
 
 
 def visible_devices(env):
@@ -142,6 +146,7 @@ def job_name(module, args):
 
 
 def main(argv=None):
+    started = time.time()  # the job's start, for the training stages' record of their jobs
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=0, help="GPUs the job asked for (its gpu resource)")
     p.add_argument("--one-process", action="store_true",
@@ -157,6 +162,7 @@ def main(argv=None):
     processes, cuda_visible, fds = plan(a.gpus, os.environ, a.lock_folder, a.one_process, a.claim_timeout,
                                         holder=job_name(a.module, args))
     env = dict(os.environ)
+    env[STARTED_ENV] = repr(started)
     if cuda_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible
     for fd in fds:  # the locks live as long as the stage's processes

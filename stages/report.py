@@ -131,13 +131,16 @@ if args.latent_vgg_accuracy:
 models = dict(zip(["train_teacher", "midtrain"] + [f"posttrain/{i}" for i in inits], args.models))
 
 
-def bench(name):
+def bench(name, model=None):
+    """(wall seconds, max RSS of the last job, jobs) of a benchmarked job, or None where it did not run
+    here; a training job's `model` records the jobs of a sliced or resumed run (ledger.job_seconds)."""
     path = Path(args.benchmarks) / f"{name}.tsv"
     if not path.exists():
         return None
     with open(path) as f:
         row = next(csv.DictReader(f, delimiter="\t"))
-    return float(row["s"]), float(row["max_rss"]) if row["max_rss"] not in ("-", "NA") else float("nan")
+    seconds, jobs = ledger.job_seconds(path, model)
+    return seconds, float(row["max_rss"]) if row["max_rss"] not in ("-", "NA") else float("nan"), jobs
 
 
 images, seconds = {}, {}
@@ -147,10 +150,12 @@ for name, model in models.items():
     if meta.get("source") == "import":  # an official snapshot: no training here
         name = "import_teacher"
         meta = {**meta, "images_seen": 0}
-    b = bench(name)
+    b = bench(name, None if name == "import_teacher" else model)
     images[name], seconds[name] = meta["images_seen"], b[0] if b else None
-    cost.append(f"| {name} | {meta['images_seen']:,} | {f'{b[0]:.0f}' if b else 'reused from the store'} | "
-                f"{f'{b[1]:.0f}' if b else ''} |")
+    split = b is not None and b[2] > 1
+    cost.append(f"| {name} | {meta['images_seen']:,} | "
+                f"{(f'{b[0]:.0f}' + (f' ({b[2]} jobs)' if split else '')) if b else 'reused from the store'} | "
+                f"{(f'{b[1]:.0f}' + (' (last job)' if split else '')) if b else ''} |")
 shard_times = [bench(f"trajectory_shard/{p.stem}") for p in sorted(Path(args.benchmarks, "trajectory_shard").glob("*.tsv"))]
 if shard_times:
     seconds["trajectories"] = sum(t[0] for t in shard_times)
@@ -222,12 +227,13 @@ lines += cost
 
 # ---- the cost ledger: GPU-hours per stage of each init's route, beside the paper's
 if cfg.get("gpus") is not None:
-    costs = ledger.ledger(args.benchmarks, inits, cfg["gpus"])
+    costs = ledger.ledger(args.benchmarks, inits, cfg["gpus"], models=models)
     paper_hours = {i: methods[i]["gpu_hours"] for i in methods if "gpu_hours" in methods[i]}
     lines += ["## GPU-hours per stage", "",
               "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`), jobs "
-              "without a GPU counted in CPU hours. A training run sliced into several jobs, or resumed after "
-              "a failure, records its last job only. Sampling and FID are left out, as in the paper's table."
+              "without a GPU counted in CPU hours. A training run sliced into several jobs or resumed counts "
+              "every job its model file records (a job killed without saving, up to its last save). "
+              "Sampling and FID are left out, as in the paper's table."
               + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
     lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", LABELS.get(i, i)) for i in inits})
     lines.append("")

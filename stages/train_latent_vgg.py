@@ -122,7 +122,8 @@ if accelerator.is_main_process:
                   metadata={"format": FORMAT})
     meta = {"format": FORMAT, "role": "latent_vgg", "architecture": architecture, "accuracy": accuracy,
             "config": cfg, "steps": steps, "images_seen": steps * batch, "epochs": steps * batch / train_images,
-            "train_seconds": elapsed, "tf32": precision.flags(), "sha256": atomic.sha256_file(args.out),
+            "train_seconds": elapsed, "jobs": job.jobs(steps), "tf32": precision.flags(),
+            "sha256": atomic.sha256_file(args.out),
             "inputs": {"manifest": {"path": args.manifest, "sha256": manifest_sha256}}}
     atomic.write_json(str(args.out).removesuffix(".safetensors") + ".json", meta)
     atomic.write_json(args.accuracy, {**accuracy, "steps": steps, "epochs": meta["epochs"]})

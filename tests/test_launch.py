@@ -1,6 +1,7 @@
 """stages.launch: how many processes a job gets, which GPUs, and that concurrent local jobs get
 distinct devices; one real 2-process run through `accelerate launch` on CPU."""
 
+import argparse
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages import launch
+from stages.runtime import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,21 +48,42 @@ def test_concurrent_local_jobs_get_distinct_devices(tmp_path):
 
 
 def test_two_processes_through_accelerate_launch(tmp_path):
-    """--gpus 2 in a SLURM job with two devices starts two ranks that all-reduce (gloo on CPU here)."""
+    """--gpus 2 in a SLURM job with two devices starts two ranks that all-reduce (gloo on CPU here);
+    both are told the launcher's start, the job's (stages.runtime.cli.started)."""
     (tmp_path / "probe.py").write_text(
         "import sys, torch\ntorch.set_num_threads(1)\nfrom accelerate import Accelerator\n"
+        "from stages.runtime import cli\n"
         "a = Accelerator(cpu=not torch.cuda.is_available())\n"
         "s = a.reduce(torch.tensor([a.process_index + 1.0]), 'sum').item()\n"
         "print(f'rank {a.process_index} of {a.num_processes} sum {s} args {sys.argv[1:]}', flush=True)\n"
+        "print(f'launched at {cli.launched_at()!r}', flush=True)\n"
         "a.end_training()\n")
     env = {**os.environ, "SLURM_JOB_ID": "1", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{REPO}:{tmp_path}"}
+    before = time.time()
     run = subprocess.run([sys.executable, "-m", "stages.launch", "--gpus", "2", "probe", "--x", "1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    after = time.time()
     assert run.returncode == 0, run.stderr[-3000:]
+    launched = re.findall(r"launched at ([\d.]+)", run.stdout)
+    assert len(launched) == 2 and launched[0] == launched[1] and before <= float(launched[0]) <= after, run.stdout
     # the two ranks share one pipe: their lines may interleave
     lines = sorted(re.findall(r"rank \d of \d sum [\d.]+ args \[[^\]]*\]", run.stdout))
     assert lines == ["rank 0 of 2 sum 3.0 args ['--x', '1']", "rank 1 of 2 sum 3.0 args ['--x', '1']"], run.stdout
+
+
+def test_a_stage_times_its_job_from_the_launcher_else_from_its_start(monkeypatch):
+    args = argparse.Namespace(config={}, threads=1)
+    monkeypatch.setenv(cli.STARTED_ENV, "1700000000.25")
+    cli.start(args, "test")
+    assert cli.started() == 1700000000.25
+    monkeypatch.delenv(cli.STARTED_ENV)
+    before = time.time()
+    cli.start(args, "test")
+    assert before <= cli.started() <= time.time()
+    monkeypatch.setenv(cli.STARTED_ENV, "yesterday")
+    with pytest.raises(ValueError, match="CMT_JOB_STARTED='yesterday': not seconds since the epoch"):
+        cli.start(args, "test")
 
 
 def test_one_process_stages_claim_their_devices_too(tmp_path):

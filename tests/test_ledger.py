@@ -1,8 +1,11 @@
 """The cost ledger (stages/runtime/ledger.py): GPU-hours per stage from given Snakemake benchmark
-files, hand-computed."""
+files and the jobs a sliced run's model file records, hand-computed."""
+
+import json
 
 import pytest
 
+from stages.files import checkpoints
 from stages.runtime import ledger
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
@@ -52,3 +55,53 @@ def test_a_file_that_is_no_benchmark_is_refused(tmp_path):
     (tmp_path / "midtrain.tsv").write_text("x\ty\n1\t2\n")
     with pytest.raises(ValueError, match="midtrain.tsv: not a Snakemake benchmark"):
         ledger.ledger(tmp_path, ["cmt"], {})
+
+
+def model(folder, name, jobs=None):
+    """A training stage's model file as the ledger reads it: its .json (the weights are not read)."""
+    path = folder / "models" / name / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": checkpoints.FORMAT, "role": "midtrain", **({} if jobs is None else {"jobs": jobs})}
+    (path.parent / "model.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_a_sliced_run_counts_every_job_its_model_records(tmp_path):
+    bench(tmp_path, "trajectory_shard/000000", 360)     # 0.1 h x 1 GPU
+    bench(tmp_path, "midtrain", 1850)                   # the last of three slices only
+    bench(tmp_path, "posttrain/cmt", 1800)              # one job: its benchmark
+    models = {
+        "midtrain": model(tmp_path, "midtrain", [
+            {"wall_seconds": 3000.0, "steps": [0, 400], "ended": "slice"},
+            {"wall_seconds": 2400.0, "steps": [400, 720], "ended": "signal", "signal": "SIGUSR1"},
+            {"wall_seconds": 1800.0, "steps": [720, 960], "ended": "finished"}]),
+        "posttrain/cmt": model(tmp_path, "posttrain",
+                               [{"wall_seconds": 1700.0, "steps": [0, 99], "ended": "finished"}]),
+        "train_teacher": model(tmp_path, "teacher"),    # no benchmark here: reused, whatever it records
+    }
+    costs = ledger.ledger(tmp_path, ["cmt"], {"trajectory_shard": 1, "midtrain": 8, "posttrain": 8}, models=models)
+    mid = costs["cmt"]["midtrain"]
+    # 3000 + 2400 + 1800 = 7200 s of midtrain x 8 GPUs = 16 GPU-h, and the shard's 0.1 GPU-h
+    assert mid["seconds"] == pytest.approx(360 + 7200)
+    assert mid["gpu_hours"] == pytest.approx(16.0 + 0.1)
+    assert mid["jobs"] == 1 + 3 and mid["split"] == {"midtrain": 3}
+    post = costs["cmt"]["posttrain"]
+    assert post["seconds"] == pytest.approx(1800) and post["gpu_hours"] == pytest.approx(4.0)  # 1800 s x 8 GPUs
+    assert post["jobs"] == 1 and post["split"] == {}
+    assert costs["cmt"]["pretrain"] is None
+    total = costs["cmt"]["total"]
+    assert total["gpu_hours"] == pytest.approx(20.1) and total["jobs"] == 5
+    lines = ledger.table(costs, {}, {"cmt": "CMT"})
+    assert "| CMT | midtrain | 4 (midtrain in 3 jobs) | 16.1 | 0 |  |" in lines
+    assert "| CMT | posttrain | 1 | 4 | 0 |  |" in lines
+    assert "| CMT | **total** | 5 | 20.1 | 0 |  |" in lines
+    # a model made before jobs were recorded: the benchmark, as before
+    assert ledger.job_seconds(tmp_path / "midtrain.tsv", model(tmp_path, "old")) == (1850.0, 1)
+
+
+def test_a_job_record_that_is_not_one_is_refused_naming_the_model(tmp_path):
+    bench(tmp_path, "midtrain", 100)
+    bad = model(tmp_path, "midtrain", [{"wall_seconds": -5.0, "steps": [0, 4], "ended": "slice"},
+                                       {"wall_seconds": 5.0, "steps": [4, 8], "ended": "finished"}])
+    with pytest.raises(ValueError, match=r"models/midtrain/model.json: jobs\[0\] .* is not a job record"):
+        ledger.ledger(tmp_path, ["cmt"], {"midtrain": 1}, models={"midtrain": bad})

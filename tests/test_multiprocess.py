@@ -71,6 +71,9 @@ def test_midtrain_and_posttrain_under_two_processes(tmp_path):
     assert reads[0][1].count("shard-") == 2 and reads[1][1].count("shard-") == 1, reads
     meta = checkpoints.read_meta(tmp_path / "mid.safetensors")
     assert meta["images_seen"] == 4 * midtrain_config()["midtrain"]["batch"]  # the global batch
+    # one job, timed from the launcher's start: accelerate's start-up and every rank's set-up included
+    assert [(j["steps"], j["ended"]) for j in meta["jobs"]] == [([0, 4], "finished")]
+    assert meta["jobs"][0]["wall_seconds"] > meta["train_seconds"]
 
     cfg = posttrain_config(steps=4, batch=8)
     post = launch("stages.posttrain", ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", teacher,

@@ -13,6 +13,7 @@ from stagekit import midtrain_config, run_in_process
 from workflow_runs import TINY, planned_jobs, planned_resources
 
 from stages.files import atomic, checkpoints, store
+from stages.runtime import ledger
 from stages.data import shards
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,10 @@ def test_tiny_row_end_to_end(tiny_run):
     # a training state lives only until its stage has written its outputs
     assert not list((res / "state").rglob("state.json"))
     assert not list((tiny_run / "store" / "teachers").glob("*-state"))
+    # one job each: the ledger counts the benchmarks
+    assert "## GPU-hours per stage" in report and "| CMT init (ours) | **total** | 5 |" in report
+    assert [(j["steps"], j["ended"]) for j in checkpoints.read_meta(res / "midtrain" / "model.safetensors")["jobs"]] \
+        == [([0, 20], "finished")]
     # nothing is left to do
     assert "Nothing to be done" in snakemake(tiny_run, "-n").stdout
 
@@ -192,6 +197,14 @@ def test_a_run_sliced_into_more_jobs_than_retries_finishes_in_one_invocation(tmp
     assert (teacher["steps"], post["steps"]) == (8, 4)
     assert not list((tmp_path / "store" / "teachers").glob("*-state"))
     assert not list((tmp_path / "results" / "tiny" / "state").rglob("state.json"))
+    # every attempt is in the model files, and the ledger counts them all, not the benchmark's last
+    assert [(j["steps"], j["ended"]) for j in teacher["jobs"]] == [
+        ([0, 2], "slice"), ([2, 4], "slice"), ([4, 6], "slice"), ([6, 8], "finished")]
+    assert [(j["steps"], j["ended"]) for j in post["jobs"]] == [([0, 2], "slice"), ([2, 4], "finished")]
+    bench = tmp_path / "results" / "tiny" / "benchmarks"
+    model = next((tmp_path / "store" / "teachers").glob("*/model.safetensors"))
+    assert ledger.job_seconds(bench / "train_teacher.tsv", model) == (
+        pytest.approx(sum(j["wall_seconds"] for j in teacher["jobs"])), 4)
 
 
 # ---- the team store -------------------------------------------------------------------------

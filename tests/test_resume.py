@@ -18,10 +18,16 @@ from stagekit import (assert_same_tensors, load_state, make_dataset, make_teache
                       make_trajectories, midtrain_config, posttrain_config, run, run_in_process,
                       state_args)
 
+from stages.files import checkpoints  # noqa: E402
 from stages.training import resume  # noqa: E402
 
 N = 12  # steps of every run here; the kills fall at N / 2
 SIGKILLED = -signal.SIGKILL
+
+
+def model_jobs(run_dir):
+    """The jobs a run's model file records (stages/training/job_log.py)."""
+    return checkpoints.read_meta(run_dir / "model.safetensors")["jobs"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +74,10 @@ def test_midtrain_sigkill_and_resume_is_bit_exact(mid, mid_straight, capsys):
     assert_same_tensors(tensors, straight_tensors)  # network, EMA and optimizer, bit for bit
     assert info["data"] == straight_info["data"] == {"epoch": 2, "offset": 4}
     assert straight_tensors["optimizer.0.step"].item() == N
+    # the killed job recorded itself up to its save at N/2 (the state of N/2 holds it); the resume
+    # trains from there
+    jobs = model_jobs(mid["dir"] / "killed")
+    assert [(j["steps"], j["ended"]) for j in jobs] == [([0, N // 2], "lost"), ([N // 2, N], "finished")]
 
 
 def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_straight):
@@ -79,10 +89,22 @@ def test_midtrain_slice_stops_with_its_code_and_the_rerun_finishes(mid, mid_stra
     assert sorted(p.name for p in state_dir.glob("step-*")) == [f"step-{N // 2:09d}"]
     assert not (mid["dir"] / "sliced" / "model.safetensors").exists()
 
+    first_jobs = load_state(state_dir / f"step-{N // 2:09d}")[1]["jobs"]
+    assert [(j["steps"], j["ended"]) for j in first_jobs] == [([0, N // 2], "slice")]
+
     run_in_process("stages.midtrain", args)
     final = load_file(str(mid["dir"] / "sliced" / "model.safetensors"))
     assert_same_tensors(final, mid_straight[0], prefixes=("net.", "ema."))
     assert not state_dir.exists()  # the outputs are written: the state is gone
+    # both jobs in the model file, one after the other without a gap, each with its own wall time
+    jobs = model_jobs(mid["dir"] / "sliced")
+    assert [(j["steps"], j["ended"]) for j in jobs] == [([0, N // 2], "slice"), ([N // 2, N], "finished")]
+    assert jobs[0] == first_jobs[0]
+    assert all(j["wall_seconds"] > 0 for j in jobs)
+    # the run's training time is in the jobs' wall time, which also holds each job's setup
+    assert sum(j["wall_seconds"] for j in jobs) > checkpoints.read_meta(mid["dir"] / "sliced" / "model.safetensors")[
+        "train_seconds"]
+    assert [(j["steps"], j["ended"]) for j in model_jobs(mid["dir"] / "straight")] == [([0, N], "finished")]
 
 
 def test_midtrain_ctrl_c_saves_and_exits_and_the_rerun_is_bit_exact(mid, mid_straight, capsys):
@@ -102,6 +124,9 @@ def test_midtrain_ctrl_c_saves_and_exits_and_the_rerun_is_bit_exact(mid, mid_str
     tensors, info = load_state(state_dir / f"step-{N:09d}")
     assert_same_tensors(tensors, mid_straight[0])
     assert info["data"] == mid_straight[1]["data"]
+    jobs = model_jobs(mid["dir"] / "interrupted")
+    assert [(j["steps"], j["ended"], j.get("signal")) for j in jobs] == [
+        ([0, 4], "signal", "SIGINT"), ([4, N], "finished", None)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ torch.set_num_threads(1)
 
 from stagekit import make_samples  # noqa: E402
 
-from stages.training import loop, resume, rng  # noqa: E402
+from stages.training import job_log, loop, resume, rng  # noqa: E402
 from stages.data import shards  # noqa: E402
 
 ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
@@ -108,6 +109,37 @@ def test_fit_signal_then_resume_equals_a_straight_run(tmp_path, micro):
     net2, ema2, opt2 = _setup()
     _fit(net2, ema2, opt2, None, total=6, micro_batches=micro)
     assert not torch.equal(net2.lin.weight, net.lin.weight)
+
+
+def test_each_job_records_its_wall_time_steps_and_end_in_the_state(tmp_path):
+    """A slice, a job that crashes after its save at step 5 (a SIGKILL leaves the same state), and
+    the job that finishes: three records, steps without a gap, each timed from its own start."""
+    now = time.time()
+    net, ema, opt = _setup()
+    with pytest.raises(resume.Interrupted):  # a slice of 3 steps of 8 images
+        _fit(net, ema, opt, _state(tmp_path, slice_kimg=0.024, started=now - 100), total=8)
+
+    def crash(step):
+        if step == 5:
+            raise RuntimeError("the node went away")
+
+    net, ema, opt = _setup()
+    with pytest.raises(RuntimeError, match="went away"):
+        _fit(net, ema, opt, _state(tmp_path, every_steps=1, started=now - 50), total=8, on_step=crash)
+    running = json.loads((tmp_path / "step-000000005" / "state.json").read_text())["jobs"]
+    assert [(j["steps"], j["ended"]) for j in running] == [([0, 3], "slice"), ([3, 5], job_log.RUNNING)]
+
+    net, ema, opt = _setup()
+    last = _state(tmp_path, started=now - 10)
+    _fit(net, ema, opt, last, total=8)
+    jobs = last.log.through(8, "finished")  # what TrainingJob.finish writes into the model file
+    assert [(j["steps"], j["ended"]) for j in jobs] == [([0, 3], "slice"), ([3, 5], "lost"), ([5, 8], "finished")]
+    took = time.time() - now  # each record: the seconds since its start, at its last save
+    for job, start in zip(jobs, (100, 50, 10)):
+        assert start <= job["wall_seconds"] <= start + took
+    assert jobs[1] == {**running[1], "ended": "lost"}
+    with pytest.raises(ValueError, match="job ended 'killed'"):
+        last.log.through(8, "killed")
 
 
 def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):

@@ -5,6 +5,11 @@ import json
 import os
 import platform
 import sys
+import time
+
+# stages/launch.py puts its start (seconds since the epoch) here for the processes it starts
+STARTED_ENV = "CMT_JOB_STARTED"
+_started = None
 
 
 def parser(description):
@@ -53,6 +58,8 @@ def add_trajectory_args(p, manifest_required=True):
 def start(args, stage):
     """Pin torch to the job's threads (more threads than cores slowed a job ninefold here), set
     TF32 from the config (precision.py) and print the resolved configuration at the top of the log."""
+    global _started
+    _started = launched_at() or time.time()
     import torch
 
     from stages.runtime import precision
@@ -68,3 +75,23 @@ def start(args, stage):
           f"threads {threads} cuda {torch.cuda.is_available()} tf32 {tf32}", flush=True)
     print(f"[{stage}] argv {' '.join(sys.argv[1:])}", flush=True)
     return args.config
+
+
+def launched_at():
+    """The start of stages.launch that started this process (CMT_JOB_STARTED), or None."""
+    value = os.environ.get(STARTED_ENV)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{STARTED_ENV}={value!r}: not seconds since the epoch; stages.launch sets it, "
+                         "unset it to time the job from the stage's start") from None
+
+
+def started():
+    """When this job started, in seconds since the epoch (the training stages record each job's wall
+    time, stages/training/job_log.py): the start of stages.launch where it started the stage (a
+    multi-GPU job's processes start after `accelerate launch`), else the call of start(); None
+    before start()."""
+    return _started

@@ -6,12 +6,17 @@ A stage keeps what is its own (data, model, loss, the metadata of its model) and
     job = TrainingJob(args, cfg, stage=..., accelerator=..., identity=...)
     elapsed = loop.fit(..., state=job.state)
     job.finish(net, ema, meta=..., steps=..., batch=..., train_seconds=elapsed)
+
+The model file records every job that trained the run (`jobs`, stages/training/job_log.py): a run
+sliced or resumed over several jobs is costed from them (stages/runtime/ledger.py).
 """
 
 from pathlib import Path
 
 from stages.files import checkpoints
+from stages.runtime import cli
 from stages.training import resume
+from stages.training.job_log import JobLog
 
 
 def snapshot_name(fraction):
@@ -33,7 +38,9 @@ class TrainingJob:
         self.args, self.cfg, self.stage, self.accelerator = args, cfg, stage, accelerator
         self.images_before = images_before
         self.state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage,
-                                                 identity={"config": cfg, **identity})
+                                                 identity={"config": cfg, **identity}, started=cli.started())
+        # the jobs before this one come with the state (loop.fit restores it); without one this job is all
+        self.log = self.state.log if self.state is not None else JobLog(cli.started())
         self.snapshot_set = None
 
     def images(self, steps, batch):
@@ -41,6 +48,10 @@ class TrainingJob:
         if self.images_before is not None:
             seen["images_seen_total"] = self.images_before + steps * batch
         return seen
+
+    def jobs(self, steps):
+        """Every job's record for the model file, this one's finishing the run at `steps`."""
+        return self.log.through(steps, "finished")
 
     def snapshots(self, fractions, *, total_steps, batch, ema, meta):
         """EMA snapshots at `fractions` of `total_steps` into the rule's --snapshots folder; pass
@@ -56,7 +67,8 @@ class TrainingJob:
         `meta` plus the config and the images seen, publishes the snapshots and deletes the state."""
         if self.accelerator.is_main_process:
             checkpoints.save(self.args.out, net=self.accelerator.unwrap_model(net), ema=ema.module, meta={
-                **meta, "config": self.cfg, **self.images(steps, batch), "train_seconds": train_seconds})
+                **meta, "config": self.cfg, **self.images(steps, batch), "train_seconds": train_seconds,
+                "jobs": self.jobs(steps)})
             if self.snapshot_set is not None and self.state is not None:
                 # the snapshots become outputs now that the job will succeed
                 checkpoints.copy(self.snapshot_set.folder, self.snapshot_set.steps.values(), self.args.snapshots)

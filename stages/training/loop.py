@@ -180,6 +180,8 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     restored first (network, EMA, optimizer, step and, through `data.state_dict()` /
     `data.load_state_dict()`, the data stream's position), the state is saved when it is due,
     and a signal (resume.SIGNALS: SIGTERM, SIGUSR1, SIGINT) or a finished slice saves it and raises resume.Interrupted.
+    Each save records this job (`state.log`, stages/training/job_log.py): its wall time and steps so
+    far, and how it ended where it stops; the job that finishes adds its own record to the model file.
     """
     # The EMA copy is made before accelerator.prepare moves the network to its device.
     ema.module.to(accelerator.device)
@@ -201,15 +203,15 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     params = [p for p in net.parameters() if p.requires_grad]
     rank = accelerator.process_index
 
-    def save(steps_done):
+    def save(steps_done, **ended):
         if accelerator.is_main_process:
             state.save(step=steps_done, total_steps=total_steps, batch=batch,
                        net=accelerator.unwrap_model(net), ema=ema.module, optimizer=optimizer, data=data,
-                       train_seconds=seconds_before + status.elapsed())
+                       train_seconds=seconds_before + status.elapsed(), **ended)
         accelerator.wait_for_everyone()
 
-    def stop(reason, code, steps_done):
-        save(steps_done)
+    def stop(reason, code, steps_done, **ended):
+        save(steps_done, **ended)
         print(f"[{stage}] {reason}; state saved at step {steps_done}/{total_steps} in {state.dir}; "
               "rerun the same command (Snakemake: --retries) to continue", flush=True)
         raise resume.Interrupted(code)
@@ -223,9 +225,11 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         signum, slice_done, due = any_rank(accelerator, state.signal_received,
                                            state.slice_done((done - start_step) * batch), state.due(done))
         if signum:
-            stop(f"stopped by {signal.Signals(signum).name}", 128 + signum, done)
+            name = signal.Signals(signum).name
+            stop(f"stopped by {name}", 128 + signum, done, ended="signal", signal_name=name)
         if slice_done:
-            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", resume.EXIT_SLICE, done)
+            stop(f"slice of {state.slice_images / 1e3:g} kimg done in this job", resume.EXIT_SLICE, done,
+                 ended="slice")
         if due:
             save(done)
 

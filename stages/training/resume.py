@@ -4,7 +4,8 @@ Snakemake deletes the outputs of a failed job, so a stage keeps its state in a f
 (the rule passes `--state-dir`). A state is one folder `step-<step:09d>/` holding
 `state.safetensors` (network `net.*`, EMA `ema.*`, optimizer tensors `optimizer.<param>.<name>`)
 and `state.json` (step, images, data-stream position, the optimizer's other fields, the identity
-the run was started with). It is written into a temporary folder and renamed: a folder named
+the run was started with, the training seconds so far and the record of every job that trained
+the run, job_log.py). It is written into a temporary folder and renamed: a folder named
 `step-*` is complete, and the previous one is removed only after the new one is in place.
 
 Nothing random needs saving: every draw is folded from (seed, step, rank, purpose) and the
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages.files import atomic, checkpoints
+from stages.training.job_log import RUNNING, JobLog
 
 FORMAT = "cmt-train-state/1"
 # Exit codes of a job that stopped on purpose after saving its state (the rerun continues):
@@ -69,10 +71,12 @@ class TrainState:
     `identity` is everything a resumed run must share with the run that saved the state (the
     stage's configuration and the digests of its inputs); a difference stops the resume with the
     differing keys listed. `every_steps`, `every_minutes` and `slice_kimg` come from the config's
-    `checkpoint` section and may change between jobs.
+    `checkpoint` section and may change between jobs. `started`: this job's start in seconds since
+    the epoch (stages.runtime.cli.started(); None: now), from which `log` times it.
     """
 
-    def __init__(self, folder, *, stage, identity, every_steps=None, every_minutes=None, slice_kimg=None):
+    def __init__(self, folder, *, stage, identity, every_steps=None, every_minutes=None, slice_kimg=None,
+                 started=None):
         self.dir = Path(folder)
         self.stage = stage
         self.identity = json.loads(json.dumps(identity))  # what JSON would give back on restore
@@ -81,17 +85,18 @@ class TrainState:
         self.slice_images = None if slice_kimg is None else 1000.0 * slice_kimg
         self.last_save_time = time.monotonic()
         self.signal_received = None
+        self.log = JobLog(started)
         self._old_handlers = {}
         self._lock = None
 
     @classmethod
-    def from_args(cls, state_dir, checkpoint_cfg, *, stage, identity):
+    def from_args(cls, state_dir, checkpoint_cfg, *, stage, identity, started=None):
         """The state a stage's `--state-dir` / `--checkpoint` arguments describe (None: no resume)."""
         if state_dir is None:
             return None
         cfg = checkpoint_cfg or {}
         return cls(state_dir, stage=stage, identity=identity, every_steps=cfg.get("every_steps"),
-                   every_minutes=cfg.get("every_minutes"), slice_kimg=cfg.get("slice_kimg"))
+                   every_minutes=cfg.get("every_minutes"), slice_kimg=cfg.get("slice_kimg"), started=started)
 
     # ------------------------------------------------------------------------------------------
     # Where the states are
@@ -152,7 +157,10 @@ class TrainState:
     # ------------------------------------------------------------------------------------------
     # Save and restore
 
-    def save(self, *, step, total_steps, batch, net, ema, optimizer, data=None, train_seconds=0.0):
+    def save(self, *, step, total_steps, batch, net, ema, optimizer, data=None, train_seconds=0.0,
+             ended=RUNNING, signal_name=None):
+        """Save the state of `step`. `ended`: how this job ends after the save (job_log.ENDINGS:
+        slice, signal named `signal_name`), or RUNNING where it trains on."""
         tensors, meta = _tensors_and_meta(net, ema, optimizer)
         info = {
             "format": FORMAT, "stage": self.stage, "step": step, "total_steps": total_steps,
@@ -168,6 +176,8 @@ class TrainState:
         try:
             write_tensors(tmp / "state.safetensors", tensors)
             info["sha256"] = atomic.sha256_file(tmp / "state.safetensors")
+            # this job's wall time runs to here: the tensors, the bulk of a save, are written
+            info["jobs"] = self.log.through(step, ended, signal_name)
             (tmp / "state.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
             _fsync(tmp / "state.json")
             if final.exists():  # the same step saved again (a resumed run repeating it)
@@ -184,7 +194,7 @@ class TrainState:
 
     def restore(self, *, net, ema, optimizer, data=None):
         """Load the newest state into the given objects; returns (step, train_seconds), or
-        (0, 0.0) when there is none."""
+        (0, 0.0) when there is none. The jobs it records precede this one in `log`."""
         self.remove_partial()
         latest = self.latest()
         if latest is None:
@@ -212,6 +222,7 @@ class TrainState:
         optimizer.load_state_dict(_optimizer_state(tensors, info["optimizer"]))
         if data is not None:
             data.load_state_dict(info["data"])
+        self.log.resume(info.get("jobs", []), step)  # none in a state saved before jobs were recorded
         self.last_save_time = time.monotonic()
         return step, info.get("train_seconds", 0.0)
 
