@@ -15,9 +15,10 @@ of each kind on the row's own networks at their real size, with random weights, 
 - sample: one network forward per sampler step at the sampling batch, and the VAE decoder on a latent row;
 - fid: Inception features (torchvision's InceptionV3 at 299x299 with random weights: the architecture
   of the FID TorchScript, whose weights are a download); free for pixel features.
-A row's projection = counts x seconds per unit / 3600 on one device of this kind: no overlap
-between jobs, no multi-GPU communication, no start-up, queueing or checkpointing, no reference
-statistics. Routes are the paper's cost table's: pre-training (the teacher, where the row trains
+A row's projection = (counts x seconds per unit + jobs x GPUs x the start-up of a job: a fresh Python
+importing torch and the stage code and initialising the device) / 3600 on devices of this kind: no
+overlap between jobs, no multi-GPU communication, queueing, model loading, data reading or
+checkpointing, no reference statistics. `--benchmarks` sets a row's projection beside a run of it. Routes are the paper's cost table's: pre-training (the teacher, where the row trains
 it), mid-training (trajectories and CMT), post-training; `data` (encoding, the latent VGG) and
 `evaluation` (sampling and FID) stand apart. The paper gives GPU-hours for the ImageNet-256 row
 only, and its budgets in Mimg for others: both are printed beside ours where the row states them.
@@ -31,12 +32,14 @@ run, the numbers are not the rows' costs.
 """
 
 import argparse
+import csv
 import datetime
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,15 +70,22 @@ p.add_argument("--smoke", action="store_true", help="each row under its smoke ov
 p.add_argument("--config", type=yaml.safe_load, default=None,
                help="a YAML mapping layered on top, as snakemake's --config, e.g. '{features: {kind: inception}}'")
 p.add_argument("--repeats", type=int, default=None, help="timed repetitions per figure (median; default 3, smoke 1)")
-p.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")
+p.add_argument("--threads", type=int, default=None,
+               help="torch threads on a CPU (default: each rule's, from the row's `threads` as the workflow sets them)")
+p.add_argument("--benchmarks", type=Path, default=None,
+               help="one row: its run's benchmarks folder (results/<row>/benchmarks), to set each job's "
+                    "projection beside the seconds it took")
 p.add_argument("--out", required=True)
 args = p.parse_args()
+if args.benchmarks and len(args.rows or []) != 1:
+    p.error("--benchmarks compares one row's run: name that row with --rows")
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if args.threads:
     torch.set_num_threads(args.threads)
 repeats = args.repeats or (1 if args.smoke else 3)
-smoke_of = {Path(row).stem: overlay for overlay, rows in OVERLAYS.items() if overlay.startswith("smoke/") for row in rows}
+smoke_of = {Path(row).stem: overlay for overlay, rows in OVERLAYS.items() if overlay.startswith("smoke/")
+            for row in rows}
 names = args.rows or sorted(p.stem for p in ROWS.glob("*.yaml"))
 
 
@@ -90,14 +100,19 @@ def peak_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS so far
 
 
-def timed(fn):
-    """Median seconds of `fn` over `repeats` calls after one warm-up call; one call where the warm-up
-    took over 10 s (an XXL solve: the device time is better spent on the other rows)."""
+def timed(fn, min_seconds=1.0):
+    """Median seconds of `fn` after one warm-up call, over `repeats` calls and at least `min_seconds`
+    of them (a 50 ms step timed 3 times is noise on a shared machine); one call where the warm-up took
+    over 10 s (an XXL solve: the device time is better spent on the other rows)."""
     t0 = time.perf_counter()
     fn()
     sync()
+    if time.perf_counter() - t0 > 10:
+        budget, min_seconds = 1, 0.0
+    else:
+        budget = repeats
     times = []
-    for _ in range(repeats if time.perf_counter() - t0 < 10 else 1):
+    while len(times) < budget or (sum(times) < min_seconds and len(times) < 200):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -119,6 +134,28 @@ def measure(key, fn):
     print(f"  [{key}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()),
           flush=True)
     return out
+
+
+def startup_seconds():
+    """What a job spends before its first unit: a fresh Python importing torch and the stage code and
+    initialising the device (median of 3); every Snakemake job pays it once per GPU process."""
+    code = ("import torch, stages.networks, stages.method.losses, stages.data.shards; "
+            f"torch.zeros(1, device={device.type!r}).sum().item()")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def on_device(make):
+    """make() with its parameters created on the device (a 1.5B-parameter XXL initialises in seconds
+    there, in minutes on the host), then moved there whole."""
+    torch.manual_seed(0)
+    with device:
+        net = make()
+    return net.to(device)
 
 
 class Row:
@@ -155,18 +192,15 @@ class Row:
             meta = self.meta(self.architecture(tc.get("network") or self.cfg["network"], dropout, True), "meanflow")
         else:
             meta = self.meta(self.architecture(self.cfg["network"], dropout), "edm")
-        torch.manual_seed(0)
-        return networks.freeze_unused_heads(checkpoints.build_precond(meta)).to(device), meta
+        return on_device(lambda: networks.freeze_unused_heads(checkpoints.build_precond(meta))), meta
 
     def student(self, dropout, average_velocity=False):
-        torch.manual_seed(0)
         if average_velocity:
-            net = checkpoints.build_precond(self.meta(self.architecture(self.cfg["network"], dropout, True), "meanflow"))
-        else:
-            arch = self.architecture(self.cfg["network"], dropout)
-            net = networks.build_precond(arch, networks.student_kind(arch), self.cfg["sigma_data"],
-                                         self.cfg["sigma_boundary"])
-        return networks.freeze_unused_heads(net).to(device)
+            meta = self.meta(self.architecture(self.cfg["network"], dropout, dual_time=True), "meanflow")
+            return on_device(lambda: checkpoints.build_precond(meta))
+        arch = self.architecture(self.cfg["network"], dropout)
+        return on_device(lambda: networks.freeze_unused_heads(networks.build_precond(
+            arch, networks.student_kind(arch), self.cfg["sigma_data"], self.cfg["sigma_boundary"])))
 
     def classes(self, net, n):
         """(one-hot [n, label_dim] for an EDM-style network or int64 [n] for a DiT, or None)."""
@@ -187,16 +221,17 @@ def training_rate(net, section, job, loss_fn):
     if batch % micro:
         raise ValueError(f"{job['job']}: batch {batch} is not a whole number of micro-batches of {micro}")
 
-    def backward():
+    def backward():  # gradients accumulate over calls, as over a step's micro-batches
         loss_fn(micro).mean().backward()
 
-    def update():
+    def step():  # one micro-batch and the update (which needs the gradients: timed with them)
+        backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(net, 1)
 
     micro_s = timed(backward)
-    update_s = timed(update)
+    update_s = max(timed(step) - micro_s, 0.0)
     # GPU-seconds of one step over the job's processes: every micro-batch once, one update per process
     gpu_s = micro_s * batch / micro + update_s * job["gpus"]
     return {"seconds_per_unit": gpu_s / batch, "micro_batch": micro, "micro_batch_s": micro_s, "update_s": update_s,
@@ -284,8 +319,11 @@ def rate(row, job):
         pc = workload.posttrain_section(cfg, job["init"])
         net = row.student(pc["dropout"]).train()
         context = networks.target_context(net)
-        common = lambda n: dict(stage=0, q=pc["q"], k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"],  # noqa: E731
-                                c=pc["c"], labels=row.classes(net, n), target_context=context)
+
+        def common(n):
+            return dict(stage=0, q=pc["q"], k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
+                        labels=row.classes(net, n), target_context=context)
+
         if job["method"] == "ecd":
             teacher = row.teacher()[0].eval().requires_grad_(False)
             guidance = pc.get("guidance") or {}
@@ -293,9 +331,9 @@ def rate(row, job):
             if guidance.get("guide") == "teacher":
                 guide = teacher
             elif guidance.get("guide"):
-                torch.manual_seed(1)
-                guide = networks.build_precond(row.architecture(guidance["network"], 0.0), "edm",
-                                               cfg["sigma_data"]).to(device).eval().requires_grad_(False)
+                arch = row.architecture(guidance["network"], 0.0)
+                guide = on_device(lambda: networks.build_precond(arch, "edm", cfg["sigma_data"]))
+                guide = guide.eval().requires_grad_(False)
             denoise = losses.guided_denoiser(teacher, guide, guidance.get("weight", 1.0))
             return training_rate(net, pc, job, lambda n: losses.ecd_loss(
                 net, row.data(n), g, denoise, sigma_data=cfg["sigma_data"], **common(n)))
@@ -325,11 +363,14 @@ def rate(row, job):
         batch = job["batch"]
         x = row.data(batch)
         labels = row.classes(net, batch)
-        with torch.no_grad():
+        sigma = torch.full((batch,), cfg["sigma_max"], device=device)
+
+        def forward():  # one sampler step: u(z, 0, 1), or f(x, sigma_max)
             if row.family == "mf":
-                forward = lambda: flowmap.call_u(net, x, 0.0, 1.0, labels)  # noqa: E731
-            else:
-                forward = lambda: losses.call(net, x, torch.full((batch,), cfg["sigma_max"], device=device), labels)  # noqa: E731
+                return flowmap.call_u(net, x, 0.0, 1.0, labels)
+            return losses.call(net, x, sigma, labels)
+
+        with torch.no_grad():
             forward_s = timed(forward) / batch
             decode_s = 0.0
             if job["decoded"]:
@@ -350,7 +391,8 @@ def rate(row, job):
 
         batch = job["batch"]
         torch.manual_seed(0)
-        inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
+        inception = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+        inception = inception.to(device).eval()
         images = torch.randn(batch, 3, 299, 299, device=device)
         with torch.no_grad():
             sec = timed(lambda: inception(images))
@@ -367,6 +409,39 @@ def cache_key(job):
     if job["rule"] == "posttrain" and job["method"] == "ecd":
         key["init"] = job["init"]
     return json.dumps(key, sort_keys=True)
+
+
+# the row's `threads` entry each rule runs with (workflow/rules/*.smk); the others run on one thread
+THREADS_OF = {"train_teacher": "teacher", "trajectory_shard": "light", "sample": "light", "encode_dataset": "light",
+              "midtrain": "train", "midtrain_mf": "train", "posttrain": "train", "posttrain_mf": "train",
+              "train_latent_vgg": "train"}
+# a workload job -> the benchmark files (globs, relative to the benchmarks folder) of its Snakemake jobs
+BENCHMARK_FILES = {"encode_dataset": "encode_dataset/*", "trajectory_shard": "trajectory_shard/*",
+                   "midtrain_mf": "midtrain"}  # family mf writes the consistency family's paths
+
+
+def measured(jobs, folder):
+    """Each job's projection beside what its run took (wall seconds x the job's GPUs; CPU seconds),
+    from Snakemake's benchmark files; a job without them is left out."""
+    out = []
+    for job in jobs:
+        pattern = BENCHMARK_FILES.get(job["job"], f"{job['job']}/*" if job["rule"] == "sample" else job["job"])
+        files = sorted(folder.glob(f"{pattern}.tsv"))
+        if not files or job["hours"] is None:
+            continue
+        wall = cpu = 0.0
+        for path in files:
+            with open(path) as f:
+                for r in csv.DictReader(f, delimiter="\t"):
+                    wall, cpu = wall + float(r["s"]), cpu + float(r["cpu_time"])
+        gpus = job.get("gpus", 1)
+        projected = job["hours"] * 3600
+        out.append({"job": job["job"], "files": len(files), "projected_s": projected, "measured_wall_s": wall * gpus,
+                    "measured_cpu_s": cpu, "measured_over_projected": wall * gpus / projected if projected else None})
+        print(f"  {job['job']:<22} projected {projected:9.1f} s | measured {wall * gpus:9.1f} s wall x GPUs, "
+              f"{cpu:9.1f} s CPU over {len(files)} job(s) | measured / projected "
+              f"{wall * gpus / projected if projected else float('nan'):.2f}", flush=True)
+    return out
 
 
 def project(name):
@@ -386,10 +461,15 @@ def project(name):
     for job in jobs:
         key = cache_key(job)
         if key not in rates:
+            if device.type == "cpu" and not args.threads:
+                torch.set_num_threads(cfg["threads"][THREADS_OF[job["rule"]]] if job["rule"] in THREADS_OF else 1)
             rates[key] = measure(job["job"], lambda: rate(row, job))
+            rates[key]["threads"] = torch.get_num_threads()
         r = rates[key]
         job["rate"] = r
-        job["hours"] = None if "seconds_per_unit" not in r else job["count"] * r["seconds_per_unit"] / 3600
+        job["startup_hours"] = job["jobs"] * job.get("gpus", 1) * startup / 3600
+        job["hours"] = (None if "seconds_per_unit" not in r
+                        else job["count"] * r["seconds_per_unit"] / 3600 + job["startup_hours"])
         hours[job["job"]] = job["hours"]
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -424,20 +504,28 @@ def project(name):
               f"{'' if comparable else ' (another data set and model: for orientation)'}", flush=True)
     print(f"[{name}] apart from the routes: data {apart['data']:.4g} h, evaluation {apart['evaluation']:.4g} h"
           + (f"; NOT MEASURED: {missing}" if missing else ""), flush=True)
-    return {"configs": [str(c.relative_to(REPO)) for c in configs], "shape": list(row.shape), "jobs": jobs,
-            "routes": routes, "apart": apart, "not_measured": missing}
+    out = {"configs": [str(c.relative_to(REPO)) for c in configs], "shape": list(row.shape), "jobs": jobs,
+           "routes": routes, "apart": apart, "not_measured": missing}
+    if args.benchmarks:
+        print(f"[{name}] projection against the run in {args.benchmarks}:", flush=True)
+        out["measured"] = measured(jobs, args.benchmarks)
+    return out
 
 
 results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "smoke": args.smoke, "repeats": repeats,
+           "torch": torch.__version__, "threads": args.threads or "each rule's (the row's threads)", "smoke": args.smoke,
+           "repeats": repeats,
            "rows": {}}
 t_start = time.perf_counter()
+startup = results["startup_s"] = startup_seconds()
+print(f"start-up of a job: {startup:.2f} s (python, torch, the stage code, the device)", flush=True)
 for name in names:
     results["rows"][name] = project(name)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")  # what is done survives a later failure
 results["seconds"] = time.perf_counter() - t_start
 if args.smoke:
-    results["note"] = "smoke overlays: tiny networks and batches; the figures prove the script runs, not the rows' costs"
+    results["note"] = ("smoke overlays: tiny networks and batches; the figures prove the script runs, "
+                       "not the rows' costs")
 Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 print(f"wrote {args.out} ({results['seconds']:.0f} s)")
