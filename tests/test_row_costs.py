@@ -47,14 +47,17 @@ def test_hours_are_counts_times_seconds(projection):
     jobs = {j["job"]: j for j in row["jobs"]}
     assert counts == {name: j["count"] for name, j in jobs.items()}
     for name, job in jobs.items():
-        assert job["hours"] == pytest.approx(job["count"] * job["rate"]["seconds_per_unit"] / 3600)
+        startup = job["jobs"] * job.get("gpus", 1) * results["startup_s"] / 3600
+        assert job["startup_hours"] == pytest.approx(startup) and startup > 0
+        assert job["hours"] == pytest.approx(job["count"] * job["rate"]["seconds_per_unit"] / 3600 + startup)
     # the routes are the paper's stages: the CMT route adds the teacher, its trajectories and CMT-MF
     cmt = row["routes"]["cmt"]["ours_gpu_hours"]
     assert cmt["pretrain"] == pytest.approx(jobs["train_teacher"]["hours"])
     assert cmt["midtrain"] == pytest.approx(jobs["trajectory_shard"]["hours"] + jobs["midtrain_mf"]["hours"])
     assert cmt["total"] == pytest.approx(cmt["pretrain"] + cmt["midtrain"] + cmt["posttrain"])
     random = row["routes"]["random"]["ours_gpu_hours"]
-    assert random == pytest.approx({"posttrain": jobs["posttrain/random"]["hours"], "total": jobs["posttrain/random"]["hours"]})
+    alone = jobs["posttrain/random"]["hours"]
+    assert random == pytest.approx({"posttrain": alone, "total": alone})
     assert row["routes"]["cmt"]["paper_gpu_hours"] == {"pretrain": 38, "midtrain": 135, "posttrain": 587, "total": 760}
     # a training job's seconds per image: its micro-batches and one update per process, over the batch
     post = jobs["posttrain/cmt"]

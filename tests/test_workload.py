@@ -25,7 +25,8 @@ def test_each_rows_training_budget_is_the_papers(name):
     batches come to the same Mimg, route by route."""
     cfg = row(name)
     jobs = workload.workload(cfg)
-    stated = {init: m["budget_mimg"] for init, m in cfg.get("paper", {}).get("methods", {}).items() if "budget_mimg" in m}
+    methods = cfg.get("paper", {}).get("methods", {})
+    stated = {init: m["budget_mimg"] for init, m in methods.items() if "budget_mimg" in m}
     for init, budget in stated.items():
         ours = workload.mimg(jobs, init)
         assert ours.keys() == budget.keys(), (init, ours, budget)

@@ -64,9 +64,9 @@ def workload(cfg):
     """The row's work as a list of {job, rule, jobs, unit, count, ...}: `job` names the benchmark (as
     the ledger does: posttrain/cmt ...; sample/<init> stands for all its snapshots' jobs), `jobs` how
     many Snakemake jobs of `rule` it is, `count` the units they process. Training jobs also give steps,
-    batch, gpus and micro_batch (see _training); trajectory
-    jobs the solver batch and forwards (count x NFE); sample jobs the network forwards (1 per step of
-    the sampler) and whether the samples are decoded from latents."""
+    batch, gpus and micro_batch (see _training); trajectory jobs the solver batch and forwards
+    (count x NFE); sample jobs the network forwards (1 per step of the sampler) and whether the
+    samples are decoded from latents. `stage` is the job's place in the paper's cost table."""
     family = cfg.get("family", "cm")
     latent = "latents" in cfg
     jobs = []
@@ -92,8 +92,7 @@ def workload(cfg):
         shards = min(shards, math.ceil(ceiling / traj["per_shard"]))
     count = shards * traj["per_shard"]
     jobs.append({"job": "trajectory_shard", "rule": "trajectory_shard", "jobs": shards, "unit": "trajectories",
-                 "count": count,
-                 "batch": traj["batch"], "nfe": traj["nfe"], "forwards": count * traj["nfe"],
+                 "count": count, "batch": traj["batch"], "nfe": traj["nfe"], "forwards": count * traj["nfe"],
                  "solver": traj.get("solver", "dpm_solver_pp")})
 
     if family == "mf":
@@ -101,8 +100,8 @@ def workload(cfg):
         jobs.append(_training(cfg, "midtrain_mf", "midtrain_mf", mid["steps"], mid["batch"], mid))
         inits = post["inits"]
         for init in inits:
-            jobs.append(_training(cfg, f"posttrain/{init}", "posttrain_mf", meanflow_steps(cfg, init), post["batch"], post,
-                                  init=init, method="meanflow"))
+            jobs.append(_training(cfg, f"posttrain/{init}", "posttrain_mf", meanflow_steps(cfg, init), post["batch"],
+                                  post, init=init, method="meanflow"))
         sampled = [(init, len(post["snapshots"])) for init in inits]
     else:
         mid = cfg["midtrain"]
