@@ -7,7 +7,7 @@ of each kind on the row's own networks at their real size, with random weights, 
 - train_teacher, train_latent_vgg, midtrain (CMT-CM with the row's distance), midtrain_mf (CMT-MF),
   posttrain (ECT, ECD with its teacher and guide, the 512 code's ECT), posttrain_mf (MeanFlow): the
   row's loss, forward and backward, at its per-GPU micro-batch, then the optimizer and EMA update;
-  seconds per image = (micro-batches x micro-batch time + update time) / batch;
+  GPU-seconds per image = (micro-batches x micro-batch time + GPUs x update time) / batch;
 - trajectory_shard: trajectories.Generator.states, the solve the stage runs, at the row's solver batch
   (the shard writing on top is at most 10 % more: ratio 1 of bench/pipeline_ratios.py);
 - encode_dataset: the VAE encoder at the row's latents.batch (an SD-VAE of the hub's architecture with
@@ -18,8 +18,10 @@ of each kind on the row's own networks at their real size, with random weights, 
 A row's projection = (counts x seconds per unit + jobs x GPUs x the start-up of a job: a fresh Python
 importing torch and the stage code and initialising the device) / 3600 on devices of this kind: no
 overlap between jobs, no multi-GPU communication, queueing, model loading, data reading or
-checkpointing, no reference statistics. `--benchmarks` sets a row's projection beside a run of it. Routes are the paper's cost table's: pre-training (the teacher, where the row trains
-it), mid-training (trajectories and CMT), post-training; `data` (encoding, the latent VGG) and
+checkpointing, no reference statistics: a floor (the digits default took 1.1-1.5x it per training
+job on a CPU, bench/RESULTS.md). `--benchmarks` sets a row's projection beside a run of it.
+Routes are the paper's cost table's: pre-training (the teacher, where the row trains it),
+mid-training (trajectories and CMT), post-training; `data` (encoding, the latent VGG) and
 `evaluation` (sampling and FID) stand apart. The paper gives GPU-hours for the ImageNet-256 row
 only, and its budgets in Mimg for others: both are printed beside ours where the row states them.
 
@@ -150,8 +152,8 @@ def startup_seconds():
 
 
 def on_device(make):
-    """make() with its parameters created on the device (a 1.5B-parameter XXL initialises in seconds
-    there, in minutes on the host), then moved there whole."""
+    """make() with its parameters created on the device (the random init of a 1.5B-parameter XXL then
+    runs there, not on the host), then moved there whole."""
     torch.manual_seed(0)
     with device:
         net = make()
