@@ -417,6 +417,24 @@ def cache_key(job):
 THREADS_OF = {"train_teacher": "teacher", "trajectory_shard": "light", "sample": "light", "encode_dataset": "light",
               "midtrain": "train", "midtrain_mf": "train", "posttrain": "train", "posttrain_mf": "train",
               "train_latent_vgg": "train"}
+def runtime_checks(cfg, jobs):
+    """Each job's projected wall minutes (one Snakemake job on its GPUs; one slice of a sliced
+    training run, checkpoint.slice_kimg) against the runtime the row's `resources` ask for it."""
+    slice_images = 1000 * cfg["checkpoint"]["slice_kimg"] if cfg["checkpoint"].get("slice_kimg") else None
+    out = []
+    for job in jobs:
+        asked = cfg.get("resources", {}).get(job["rule"], {}).get("runtime")
+        if job["hours"] is None or asked is None:
+            continue
+        gpus = job.get("gpus") or int(cfg["resources"][job["rule"]].get("gpu") or 1)
+        share = 1.0 if slice_images is None or job["unit"] != "images" or "steps" not in job else \
+            min(1.0, slice_images / job["count"])
+        projected = job["hours"] * 60 / job["jobs"] / gpus * share
+        out.append({"job": job["job"], "rule": job["rule"], "gpus": gpus, "projected_min": projected,
+                    "asked_min": asked})
+    return out
+
+
 # a workload job -> the benchmark files (globs, relative to the benchmarks folder) of its Snakemake jobs
 BENCHMARK_FILES = {"encode_dataset": "encode_dataset/*", "trajectory_shard": "trajectory_shard/*",
                    "midtrain_mf": "midtrain"}  # family mf writes the consistency family's paths
@@ -506,8 +524,15 @@ def project(name):
               f"{'' if comparable else ' (another data set and model: for orientation)'}", flush=True)
     print(f"[{name}] apart from the routes: data {apart['data']:.4g} h, evaluation {apart['evaluation']:.4g} h"
           + (f"; NOT MEASURED: {missing}" if missing else ""), flush=True)
+    checks = runtime_checks(cfg, jobs)
+    for c in checks:
+        print(f"[{name}] runtime of a {c['rule']} job ({c['job']}): projected {c['projected_min']:.3g} min on "
+              f"{c['gpus']} GPU(s), the row asks {c['asked_min']} min"
+              + (" ** TOO SHORT: raise resources.{0}.runtime or slice the run **".format(c["rule"])
+                 if c["asked_min"] < c["projected_min"] else f" ({c['asked_min'] / c['projected_min']:.3g}x)"),
+              flush=True)
     out = {"configs": [str(c.relative_to(REPO)) for c in configs], "shape": list(row.shape), "jobs": jobs,
-           "routes": routes, "apart": apart, "not_measured": missing}
+           "routes": routes, "apart": apart, "not_measured": missing, "runtime_checks": checks}
     if args.benchmarks:
         print(f"[{name}] projection against the run in {args.benchmarks}:", flush=True)
         out["measured"] = measured(jobs, args.benchmarks)

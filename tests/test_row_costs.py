@@ -59,6 +59,13 @@ def test_hours_are_counts_times_seconds(projection):
     alone = jobs["posttrain/random"]["hours"]
     assert random == pytest.approx({"posttrain": alone, "total": alone})
     assert row["routes"]["cmt"]["paper_gpu_hours"] == {"pretrain": 38, "midtrain": 135, "posttrain": 587, "total": 760}
+    # the runtime each job is projected to need, against what the row's resources ask
+    checks = {c["job"]: c for c in row["runtime_checks"]}
+    post = checks["posttrain/cmt"]
+    assert post["asked_min"] == cfg["resources"]["posttrain_mf"]["runtime"]
+    assert post["projected_min"] == pytest.approx(jobs["posttrain/cmt"]["hours"] * 60 / post["gpus"])
+    shards = checks["trajectory_shard"]
+    assert shards["projected_min"] == pytest.approx(jobs["trajectory_shard"]["hours"] * 60 / jobs["trajectory_shard"]["jobs"])
     # a training job's seconds per image: its micro-batches and one update per process, over the batch
     post = jobs["posttrain/cmt"]
     r = post["rate"]
