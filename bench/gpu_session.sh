@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of bench/RESULTS.md in one go, for a session on one card (about 10 minutes, an estimate:
-# it has not run on a GPU yet; each script has its own time limit, and what a script finished is kept when a later
-# one runs out):
+# The GPU measurements of bench/RESULTS.md in one go, for a session on one card (about 10 minutes
+# on one H100, an estimate: it has not run on a GPU yet). Each script has its own time limit, and
+# what a script finished is kept when a later one runs out:
 #   1. bench/row_costs.py: every row's seconds per unit on its own networks and the projected
 #      GPU-hours beside the paper's, and each job's minutes against the runtime its row asks;
 #   2. bench/gpu_figures.py: the CIFAR-10 DDPM++'s throughput in fp32 and bf16 and the speed levers;
