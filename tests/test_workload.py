@@ -2,11 +2,13 @@
 of bench/row_costs.py multiplies, checked against the paper's budgets, hand-computed numbers and
 the workflow's own dry runs."""
 
+import re
+
 import pytest
 
 from stages.config import resolve
 from stages.runtime import workload
-from workflow_runs import ROWS, planned_jobs, snakemake
+from workflow_runs import ROWS, planned_jobs, planned_resources, snakemake
 
 PAPER_ROWS = sorted(p.stem for p in ROWS.glob("*.yaml"))
 
@@ -105,3 +107,24 @@ def test_workload_has_the_dry_runs_jobs(configs, tmp_path):
              "fetch_assets", "trajectory_spec", "trajectory_manifest", "latent_manifest", "report", "all"}
     assert set(planned) - set(counted) <= light, set(planned) - set(counted)
 
+
+
+def test_random_init_budget_of_its_own(tmp_path):
+    """posttrain_mf.random_steps budgets MeanFlow from scratch alone (the paper's 240 epochs): the
+    cmt init's job is unchanged, so only the random init would rerun."""
+    override = {"posttrain_mf": {"random_steps": 1_201_094}}
+    jobs = by_job(workload.workload(row("imagenet256-cmt-mf", **override)))
+    assert jobs["posttrain/random"]["steps"] == 1_201_094  # 240 x 1,281,167 / 256
+    assert jobs["posttrain/cmt"]["steps"] == 464_000
+
+    def commands(*configs):
+        result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "imagenet256-cmt-mf.yaml", *configs])
+        planned = planned_resources(result, "posttrain_mf")
+        return {re.search(r"posttrain/(\w+)\.log", shell).group(1): shell for _, _, shell in planned}
+
+    before = commands()
+    extra = tmp_path / "random-steps.yaml"
+    extra.write_text("posttrain_mf: {random_steps: 1201094}\n")
+    after = commands(extra)
+    assert after["cmt"] == before["cmt"]
+    assert '"steps": 769000' in before["random"] and '"steps": 1201094' in after["random"]

@@ -23,9 +23,11 @@ PAPER_STAGE = {"encode_dataset": "data", "train_latent_vgg": "data", "train_teac
 
 
 def meanflow_steps(cfg, init):
-    """Post-training steps of a family-mf init: at equal total budget, `random` also gets the
-    mid-training's images, rounded to whole post-training batches."""
+    """Post-training steps of a family-mf init: `random` runs posttrain_mf.random_steps where set,
+    else at equal total budget also the mid-training's images, rounded to whole post-training batches."""
     post, mid = cfg["posttrain_mf"], cfg["midtrain_mf"]
+    if init == "random" and post.get("random_steps"):
+        return post["random_steps"]
     steps = post["steps"]
     if init == "random" and post["equal_total_budget"]:
         steps += round(mid["steps"] * mid["batch"] / post["batch"])

@@ -451,8 +451,9 @@ def decode_args(wildcards, output):
         return ""
     vae = f" --vae {shlex.quote(VAE_DIR)}" if VAE_DIR else ""
     return f"--latents {shlex.quote(as_arg(config['latents']))}{vae}"
-# Everything of posttrain_mf but the list of inits: adding an init must not rerun the others.
-POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k != "inits"}
+# Everything of posttrain_mf but the list of inits and the random init's own budget (its steps reach
+# its job alone, through meanflow_steps): adding an init or budgeting one must not rerun the others.
+POSTTRAIN_MF_CFG = {k: v for k, v in POST_MF.items() if k not in ("inits", "random_steps")}
 
 
 def meanflow_steps(init):
