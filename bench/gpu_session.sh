@@ -8,6 +8,7 @@
 #   3. bench/pipeline_ratios.py on the CIFAR-10 row: trajectory stage against NFE forwards, shard
 #      reader against the step, offline against online mid-training.
 # Usage: bench/gpu_session.sh OUTDIR [ROW ...]   (rows: bench/row_costs.py's --rows; default every row)
+# torch.compile comes last in gpu_figures.py: where the limit cuts it, the other levers are written.
 # Then copy OUTDIR/*.json into bench/ under the card's name and record them in bench/RESULTS.md.
 set -uo pipefail
 out=${1:?usage: bench/gpu_session.sh OUTDIR [ROW ...]}
@@ -31,8 +32,14 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: its output in OUTDIR/NAME.log, a t
     fi
 }
 
-run 330 row-costs python bench/row_costs.py --out "$out/row-costs.json" ${1:+--rows "$@"}
-run 180 gpu-figures python bench/gpu_figures.py --out "$out/gpu-figures.json"
-run 90 ratios-cifar10 python bench/pipeline_ratios.py --repeats 3 --config config/rows/cifar10-cmt-ect.yaml \
+# the rows whose sizes nothing has measured yet first (XXL, MF-XL/2, EDM2-S), the digits last; each
+# row's figures are written as it ends, and rows that share a stage's networks share its measurement
+rows=("$@")
+[ ${#rows[@]} -gt 0 ] || rows=(imagenet512-cmt-ecd imagenet256-cmt-mf imagenet64-cmt-ecd cifar10-cmt-ect
+                              imagenet512-cmt-ect imagenet64-cmt-ect ffhq64-cmt-ect afhqv2-64-cmt-ect
+                              digits-cmt-ect digits-cmt-mf)
+run 360 row-costs python bench/row_costs.py --out "$out/row-costs.json" --rows "${rows[@]}"
+run 150 gpu-figures python bench/gpu_figures.py --out "$out/gpu-figures.json"
+run 60 ratios-cifar10 python bench/pipeline_ratios.py --repeats 3 --config config/rows/cifar10-cmt-ect.yaml \
     --out "$out/ratios-cifar10.json"
 exit $status

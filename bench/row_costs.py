@@ -403,14 +403,29 @@ def rate(row, job):
     raise ValueError(f"no measurement for rule {rule}")
 
 
-def cache_key(job):
-    """Jobs whose unit costs the same share one measurement."""
-    keep = ("rule", "method", "micro_batch", "batch", "objective", "decoded", "features")
+# the config sections a rule's unit cost depends on (besides the job's own batch sizes): rows that
+# agree on them share one measurement (the two ImageNet-512 rows differ in post-training alone)
+COST_SECTIONS = {
+    "train_teacher": ("teacher", "network"), "train_latent_vgg": ("latent_vgg",),
+    "trajectory_shard": ("teacher", "network", "trajectories", "sigma_max", "sigma_min"),
+    "midtrain": ("network", "midtrain", "trajectories", "latent_vgg", "sigma_boundary"),
+    "midtrain_mf": ("network", "midtrain_mf", "trajectories"),
+    "posttrain": ("network", "sigma_boundary"), "posttrain_mf": ("network", "posttrain_mf"),
+    "encode_dataset": ("latents",), "sample": ("network", "sampling", "latents"),
+    "fid": ("features", "latents"), "fid_teacher": ("features", "latents")}
+
+
+def cache_key(cfg, shape, job):
+    """Jobs whose unit costs the same, in this row or another, share one measurement."""
+    keep = ("rule", "method", "micro_batch", "batch", "gpus", "objective", "features")
     key = {k: job.get(k) for k in keep}
     key["decoded"] = bool(job.get("decoded"))
-    if job["rule"] == "posttrain" and job["method"] == "ecd":
-        key["init"] = job["init"]
-    return json.dumps(key, sort_keys=True)
+    key.update(shape=list(shape), tf32=cfg["tf32"], threads=cfg["threads"], sigma_data=cfg["sigma_data"],
+               resolution=cfg["dataset"]["resolution"])
+    key.update({name: cfg.get(name) for name in COST_SECTIONS[job["rule"]]})
+    if job["rule"] == "posttrain":  # the init's own section: the baseline's differs from the others'
+        key["section"] = workload.posttrain_section(cfg, job["init"])
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 # the row's `threads` entry each rule runs with (workflow/rules/*.smk); the others run on one thread
@@ -477,9 +492,9 @@ def project(name):
     print(f"[{name}] {' + '.join(str(c.relative_to(ROWS)) for c in configs)}", flush=True)
     row = Row(cfg)
     jobs = workload.workload(cfg)
-    rates, hours = {}, {}
+    hours = {}
     for job in jobs:
-        key = cache_key(job)
+        key = cache_key(cfg, row.shape, job)
         if key not in rates:
             if device.type == "cpu" and not args.threads:
                 torch.set_num_threads(cfg["threads"][THREADS_OF[job["rule"]]] if job["rule"] in THREADS_OF else 1)
@@ -545,6 +560,7 @@ results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else 
            "repeats": repeats,
            "rows": {}}
 t_start = time.perf_counter()
+rates = {}  # cache_key -> figures, over all rows
 startup = results["startup_s"] = startup_seconds()
 print(f"start-up of a job: {startup:.2f} s (python, torch, the stage code, the device)", flush=True)
 for name in names:
