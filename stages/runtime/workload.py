@@ -6,8 +6,8 @@ project a row's GPU-hours; tests check the counts against the paper's budgets (a
 paper.methods.<init>.budget_mimg).
 
 The counts follow the workflow's own rules (workflow/rules/*.smk), of which this module holds the
-two that the Snakefile imports: the MeanFlow baseline's equal-total-budget steps
-(`meanflow_steps`) and the baseline init's post-training section (`posttrain_section`).
+ones the Snakefile imports: the MeanFlow random init's steps (`meanflow_steps`), the baseline
+init's post-training section (`posttrain_section`) and the latent VGG's steps (`latent_vgg_steps`).
 Only stdlib: the Snakefile imports this before any job starts.
 """
 
