@@ -17,7 +17,7 @@ from stages.data import features
 from stages.files import unpickle
 from stages.method import losses
 from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-from workflow_runs import REPO, ROWS, planned_jobs, snakemake
+from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 ARCH = {"in_channels": 4, "num_classes": 10, "width": 0.125, "groups": 4, "hidden": 16, "pool": 1, "dropout": 0.0}
 
@@ -169,9 +169,7 @@ def test_imagenet512_ecd_smoke_through_snakemake(tmp_path):
     from stages.data import latents, shards
 
     configs = [ROWS / "imagenet512-cmt-ecd.yaml", ROWS / "smoke" / "imagenet512.yaml"]
-    result = snakemake(tmp_path, configs=configs)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    res = tmp_path / "results" / "imagenet512-cmt-ecd-smoke"
+    res = finished_run(tmp_path, "imagenet512-cmt-ecd-smoke", configs)
     report = (res / "report.md").read_text()
     assert "then ECD" in report and "| 1.84 | " in report and "E-LatentLPIPS with the latent VGG16" in report
     (encoded,) = (tmp_path / "store" / "latents").glob("*/shard-000000.tar")

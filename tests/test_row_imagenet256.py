@@ -4,27 +4,12 @@ through Snakemake on CPU, offline (heavy)."""
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from workflow_runs import ROWS, finished_run, planned_jobs, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-ROW = REPO / "config" / "rows" / "imagenet256-cmt-mf.yaml"
-SMOKE = REPO / "config" / "rows" / "smoke" / "imagenet256.yaml"
-
-
-def snakemake(workdir, *args, configs=(ROW,)):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir),
-           "-c2", "--configfile", *map(str, configs), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
-
-
-def planned_jobs(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = result.stdout.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+ROW = ROWS / "imagenet256-cmt-mf.yaml"
+SMOKE = ROWS / "smoke" / "imagenet256.yaml"
 
 
 def stage_config(out, stage):
@@ -34,7 +19,7 @@ def stage_config(out, stage):
 
 
 def test_dry_run_lists_every_job_of_the_row(tmp_path):
-    result = snakemake(tmp_path, "-n", "-p")
+    result = snakemake(tmp_path, "-n", "-p", configs=[ROW])
     # no prepare_dataset: the training jobs read the encoded latents, FID the ADM statistics
     assert planned_jobs(result) == {
         "fetch_assets": 4, "encode_dataset": 257, "latent_manifest": 1, "fid_reference": 1, "train_teacher": 1,
@@ -68,9 +53,7 @@ def test_dry_run_lists_every_job_of_the_row(tmp_path):
 
 @pytest.mark.heavy
 def test_smoke_row_end_to_end(tmp_path):
-    result = snakemake(tmp_path, configs=(ROW, SMOKE))
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    res = tmp_path / "results" / "imagenet256-cmt-mf-smoke"
+    res = finished_run(tmp_path, "imagenet256-cmt-mf-smoke", (ROW, SMOKE))
     report = (res / "report.md").read_text()
     assert "## GPU-hours per stage" in report and "| 38 |" in report and "| 1520 |" in report
     teacher_log = (res / "logs" / "train_teacher.log").read_text()

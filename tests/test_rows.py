@@ -14,7 +14,7 @@ import yaml
 from stages import networks
 from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, write_edm_pickle
-from workflow_runs import REPO, ROWS, planned_jobs, snakemake
+from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -163,9 +163,7 @@ def test_cifar10_smoke_through_snakemake(tmp_path):
     imported.write_text(yaml.safe_dump({"teacher": {"source": "import"}}))
 
     configs = [ROWS / "cifar10-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml", imported]
-    result = snakemake(tmp_path, configs=configs)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    res = tmp_path / "results" / "cifar10-cmt-ect-smoke"
+    res = finished_run(tmp_path, "cifar10-cmt-ect-smoke", configs)
     assert not (res / "logs" / "fetch_assets").exists()  # the asset was in place: no download
     assert not (tmp_path / "marker").exists()  # nothing from the pickle ran
     report = (res / "report.md").read_text()
@@ -241,9 +239,7 @@ def test_imagenet64_ecd_smoke_through_snakemake(tmp_path):
     from stages.data import shards
 
     configs = [ROWS / "imagenet64-cmt-ecd.yaml", ROWS / "smoke" / "imagenet64.yaml"]
-    result = snakemake(tmp_path, configs=configs)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    res = tmp_path / "results" / "imagenet64-cmt-ecd-smoke"
+    res = finished_run(tmp_path, "imagenet64-cmt-ecd-smoke", configs)
     report = (res / "report.md").read_text()
     assert "then ECD" in report and "| CMT + ECD | " in report and "| 1.32 | " in report
     assert "[posttrain:cmt] ECD q=1024" in (res / "logs" / "posttrain" / "cmt.log").read_text()

@@ -28,6 +28,13 @@ def snakemake(workdir, *args, configs=(), cores=2):
                           cwd=workdir)
 
 
+def finished_run(workdir, row, configs):
+    """Run snakemake over `configs` to the end, which must succeed; the results folder of `row`."""
+    result = snakemake(workdir, configs=configs)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir / "results" / row
+
+
 def planned_jobs(result):
     """{rule: count} from the 'Job stats' table of a dry run."""
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
