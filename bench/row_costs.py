@@ -56,7 +56,7 @@ from stages.config import OVERLAYS, REPO, resolve  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
 from stages.method import flowmap, losses, meanflow, solvers, trajectories  # noqa: E402
-from stages.runtime import precision, workload  # noqa: E402
+from stages.runtime import ledger, precision, workload  # noqa: E402
 from stages.training import loop  # noqa: E402
 
 ROWS = REPO / "config" / "rows"
@@ -457,24 +457,27 @@ BENCHMARK_FILES = {"encode_dataset": "encode_dataset/*", "trajectory_shard": "tr
 
 def measured(jobs, folder):
     """Each job's projection beside what its run took (wall seconds x the job's GPUs; CPU seconds),
-    from Snakemake's benchmark files; a job without them is left out."""
+    from Snakemake's benchmark files; a job without them is left out. The wall seconds are the cost
+    ledger's (stages/runtime/ledger.py): a sliced or resumed mid- or post-training counts every job
+    its model file records; the CPU seconds are the benchmarks' (a sliced run's last job)."""
     out = []
     for job in jobs:
         pattern = BENCHMARK_FILES.get(job["job"], f"{job['job']}/*" if job["rule"] == "sample" else job["job"])
         files = sorted(folder.glob(f"{pattern}.tsv"))
         if not files or job["hours"] is None:
             continue
+        model = folder.parent / pattern / "model.safetensors"  # midtrain, posttrain/<init> in the results
         wall = cpu = 0.0
         for path in files:
+            wall += ledger.job_seconds(path, model if model.exists() else None)[0]
             with open(path) as f:
-                for r in csv.DictReader(f, delimiter="\t"):
-                    wall, cpu = wall + float(r["s"]), cpu + float(r["cpu_time"])
+                cpu += sum(float(r["cpu_time"]) for r in csv.DictReader(f, delimiter="\t"))
         gpus = job.get("gpus", 1)
         projected = job["hours"] * 3600
         out.append({"job": job["job"], "files": len(files), "projected_s": projected, "measured_wall_s": wall * gpus,
                     "measured_cpu_s": cpu, "measured_over_projected": wall * gpus / projected if projected else None})
         print(f"  {job['job']:<22} projected {projected:9.1f} s | measured {wall * gpus:9.1f} s wall x GPUs, "
-              f"{cpu:9.1f} s CPU over {len(files)} job(s) | measured / projected "
+              f"{cpu:9.1f} s CPU, {len(files)} benchmark file(s) | measured / projected "
               f"{wall * gpus / projected if projected else float('nan'):.2f}", flush=True)
     return out
 
