@@ -60,6 +60,8 @@ def planned(stack):
         words = shlex.split(shell.group(1).split(" > ")[0])
         entry = {flag.strip("-"): words[words.index(flag) + 1] for flag in ("--config", "--key", "--spec")
                  if flag in words}
+        if not entry.get("spec", "{").startswith("{"):  # a receipt's path (trajectory_manifest), not a spec
+            del entry["spec"]
         name = job_output(rule.group(1), output.group(1))
         if name in jobs and jobs[name] != entry:
             raise SystemExit(f"{stack_name(stack)}: {name} differs between its shards")
