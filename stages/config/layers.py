@@ -13,7 +13,8 @@ nothing. One exception: a `network` section (the row's or teacher.network) that 
 A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
 overlay serves every row. Then strings the schema does not allow where it expects a number,
 boolean or null are read as YAML (Snakemake reads every nested `--config` value as a string),
-and the `baseline` section is filled in from `posttrain` (a row writes only what differs).
+and the `baseline` section is filled in from `posttrain` (a row writes only what differs); the
+post-training snapshots are sorted.
 Only stdlib, PyYAML and jsonschema: the Snakefile imports this before any job starts.
 """
 
@@ -257,4 +258,14 @@ def assemble(default, configfiles=(), command_line=None, schema=None):
         problems = restore_types(config, schema)
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return expand_baseline(config)
+    return sort_snapshots(expand_baseline(config))
+
+
+def sort_snapshots(config):
+    """Post-training snapshots may come in any order: they are kept sorted (reordering the list reruns
+    nothing), and the last is the final model's. A list that is not all numbers is left to validation."""
+    for section in ("posttrain", "posttrain_mf"):
+        snaps = config.get(section, {}).get("snapshots") if isinstance(config.get(section), dict) else None
+        if isinstance(snaps, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in snaps):
+            config[section]["snapshots"] = sorted(snaps)
+    return config
