@@ -37,7 +37,7 @@ config_checks.check(config)
 
 # Jobs run the stages/ package that sits beside this Snakefile, whatever the working directory.
 # (Snakemake formats the prefix too, hence the doubled braces inside the f-string.)
-# CMT_TF32 carries `tf32` to every stage (stages/runtime/precision.py): through the environment,
+# CMT_TF32 carries `tf32` to every stage (stages/core/precision.py): through the environment,
 # not a param, as it changes the last bits of a result and not what it is, so it reruns nothing.
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
              f"export CMT_TF32={int(config['tf32'])}; ")

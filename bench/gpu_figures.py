@@ -33,7 +33,8 @@ from stages.method import losses, solvers  # noqa: E402
 from stages import networks  # noqa: E402
 from stages.training import loop  # noqa: E402
 from stages.networks.precond import Precond  # noqa: E402
-from stages.runtime import precision  # noqa: E402
+from stages.core import precision  # noqa: E402
+from stages.training.ema import EMA  # noqa: E402
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
          "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, "channel_mult_emb": 4}
@@ -123,7 +124,7 @@ for dtype in ("fp32", "bf16"):
     # CMT-CM mid-training step: batch / nfe trajectories x nfe points, LPIPS, RAdam, EMA
     peak_reset()
     student = model("ecm", dropout=0.2).train()
-    ema = loop.EMA(student, 0.999)
+    ema = EMA(student, 0.999)
     opt = loop.build_optimizer(student.parameters(), {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999],
                                                           "eps": 1e-8})
     lpips = losses.LPIPSDistance(None).to(device)

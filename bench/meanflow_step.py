@@ -39,7 +39,7 @@ def run_variant(name, batch, steps, threads, channels):
                              "channel_mult": [1, 2], "num_blocks": 1, "dropout": 0.1},
             "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002}
     torch.manual_seed(0)
-    u = checkpoints.build_precond(meta).to(device).train()
+    u = checkpoints.build(meta).to(device).train()
     opt = torch.optim.Adam(u.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(batch, 1, 8, 8, device=device)
 

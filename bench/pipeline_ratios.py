@@ -48,6 +48,7 @@ from stages.config import resolve  # noqa: E402
 from stages.data import labels as class_labels, shards  # noqa: E402
 from stages.method import losses, trajectories  # noqa: E402
 from stages.training import loop  # noqa: E402
+from stages.training.ema import EMA  # noqa: E402
 
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -169,7 +170,7 @@ def consistency_student(dropout):
 
 
 student = consistency_student(mc["dropout"])
-ema = loop.EMA(student, mc["ema"]["beta"])
+ema = EMA(student, mc["ema"]["beta"])
 optimizer = loop.build_optimizer([q for q in student.parameters() if q.requires_grad], mc["optimizer"])
 # LPIPS with a random VGG trunk: the cost of the real one, without its download
 distance = (losses.LPIPSDistance(None).to(device) if mc["distance"] == "lpips"
@@ -225,7 +226,7 @@ pc = cfg["posttrain"]
 post_batch = pc["batch"]
 ect_student = consistency_student(pc["dropout"])
 ect_optimizer = loop.build_optimizer([q for q in ect_student.parameters() if q.requires_grad], pc["optimizer"])
-ect_ema = loop.EMA(ect_student, pc["ema"]["beta"])
+ect_ema = EMA(ect_student, pc["ema"]["beta"])
 images = torch.rand(post_batch, channels, resolution, resolution, device=device) * 2 - 1
 image_labels = class_labels.one_hot([0] * post_batch, label_dim, device)
 ect_rng = torch.Generator().manual_seed(0)

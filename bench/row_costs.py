@@ -43,21 +43,27 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import networks  # noqa: E402
-from stages.config import OVERLAYS, REPO, resolve  # noqa: E402
+from stages.config import OVERLAYS, REPO, resolve, stage_configs  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
-from stages.method import flowmap, losses, meanflow, solvers, trajectories  # noqa: E402
+from stages.method import flowmap, losses, trajectories  # noqa: E402
+from stages.recipes import examples  # noqa: E402
+from stages.recipes import latent_vgg as latent_vgg_recipe, midtrain as midtrain_recipe  # noqa: E402
+from stages.recipes import midtrain_mf as midtrain_mf_recipe, posttrain as posttrain_recipe  # noqa: E402
+from stages.recipes import posttrain_mf as posttrain_mf_recipe, teacher as teacher_recipe  # noqa: E402
+from stages.training.ema import EMA, NoEMA  # noqa: E402
 from stages.config import workload  # noqa: E402
-from stages.runtime import ledger, precision  # noqa: E402
+from stages.core import precision  # noqa: E402
+from stages.reporting import ledger  # noqa: E402
 from stages.training import loop  # noqa: E402
 
 ROWS = REPO / "config" / "rows"
@@ -162,7 +168,8 @@ def on_device(make):
 
 
 class Row:
-    """A row's configuration and the networks its stages build, with random weights on the device."""
+    """A row's configuration and what its stages build, with random weights on the device: the
+    recipes' own networks and losses (stages/recipes/), given the stage configs the workflow passes."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -179,46 +186,28 @@ class Row:
         else:
             self.shape = (1 if cfg["dataset"]["source"] == "digits" else 3, cfg["dataset"]["resolution"])
 
-    def architecture(self, section, dropout, dual_time=False):
-        arch = networks.architecture(section, *self.shape, dropout)
-        return {**arch, "dual_time": True} if dual_time else arch
+    def stage(self, rule, init=None):
+        return stage_configs.stage_config(rule, self.cfg, init)
 
-    def meta(self, arch, precond):
-        c = self.cfg
-        return {"architecture": arch, "precond": precond, "sigma_data": c["sigma_data"], "sigma_min": c["sigma_min"],
-                "sigma_max": c["sigma_max"], "time": "flow_t" if precond == "meanflow" else "sigma"}
+    def teacher_meta(self):
+        """model.json of the row's teacher (an imported one has the row's network section too)."""
+        return teacher_recipe.model_meta(self.stage("train_teacher"), self.shape)
 
-    def teacher(self, dropout=0.0):
-        """(network, meta) of the row's teacher: EDM denoiser, or the MeanFlow teacher's u."""
-        tc = self.cfg["teacher"]
-        if tc.get("objective", "edm") == "meanflow":
-            meta = self.meta(self.architecture(tc.get("network") or self.cfg["network"], dropout, True), "meanflow")
-        else:
-            meta = self.meta(self.architecture(self.cfg["network"], dropout), "edm")
-        return on_device(lambda: networks.freeze_unused_heads(checkpoints.build_precond(meta))), meta
+    def teacher(self):
+        """The teacher in eval mode, frozen: EDM denoiser or the MeanFlow teacher's u."""
+        meta = self.teacher_meta()
+        net = on_device(lambda: networks.freeze_unused_heads(checkpoints.build(meta)))
+        return net.eval().requires_grad_(False), meta
 
-    def student(self, dropout, average_velocity=False):
-        if average_velocity:
-            meta = self.meta(self.architecture(self.cfg["network"], dropout, dual_time=True), "meanflow")
-            return on_device(lambda: checkpoints.build_precond(meta))
-        arch = self.architecture(self.cfg["network"], dropout)
-        return on_device(lambda: networks.freeze_unused_heads(networks.build_precond(
-            arch, networks.student_kind(arch), self.cfg["sigma_data"], self.cfg["sigma_boundary"])))
-
-    def classes(self, net, n):
-        """(one-hot [n, label_dim] for an EDM-style network or int64 [n] for a DiT, or None)."""
-        if isinstance(net, torch.nn.Module) and getattr(net, "num_classes", 0):
-            return torch.randint(net.num_classes, (n,), device=device)
-        dim = class_labels.label_dim_of(net)
-        return class_labels.one_hot(torch.randint(dim, (n,)).tolist(), dim, device) if dim else None
-
-    def data(self, n):
-        return torch.randn(n, self.shape[0], self.shape[1], self.shape[1], device=device) * self.cfg["sigma_data"]
+    def images(self, net, n, classes=None):
+        """A batch of the recipes' image sources: (images, class indices of the network's classes)."""
+        count = classes if classes is not None else class_labels.label_dim_of(net)
+        return examples.images(n, self.shape, count, device, self.cfg["sigma_data"])
 
 
 def training_rate(net, section, job, loss_fn):
     """Seconds per image of a training stage: micro-batches of forward + backward, then the update."""
-    ema = loop.EMA(net, section["ema"]["beta"], section["ema"].get("rampup")) if section.get("ema") else loop.NoEMA()
+    ema = EMA(net, section["ema"]["beta"], section["ema"].get("rampup")) if section.get("ema") else NoEMA()
     opt = loop.build_optimizer([q for q in net.parameters() if q.requires_grad], section["optimizer"])
     micro, batch = job["micro_batch"], job["batch"]
     if batch % micro:
@@ -242,37 +231,41 @@ def training_rate(net, section, job, loss_fn):
             "parameters": sum(q.numel() for q in net.parameters())}
 
 
+def random_latent_vgg(scfg, channels, folder):
+    """A latent VGG16 model file with random weights, for E-LatentLPIPS's cost (the row trains its own)."""
+    net, architecture = latent_vgg_recipe.network(scfg, channels)
+    path = Path(folder) / "latent_vgg.safetensors"
+    checkpoints.save(path, net=net, meta={"role": "latent_vgg", "architecture": architecture})
+    return str(path)
+
+
 def rate(row, job):
-    """The figures of one job of the workload."""
+    """The figures of one job of the workload: the recipe of its stage, timed on random batches."""
     cfg, rule = row.cfg, job["rule"]
     g = torch.Generator().manual_seed(0)
     if rule == "train_teacher":
-        tc = cfg["teacher"]
-        net, _ = row.teacher(tc["dropout"])
-        net.train()
-        if job["objective"] == "meanflow":
-            objective = meanflow.Objective.from_config(tc["meanflow"], net, "teacher.meanflow")
-            return training_rate(net, tc, job, lambda n: objective.loss(net, row.data(n), g, row.classes(net, n)))
-        return training_rate(net, tc, job, lambda n: losses.edm_loss(
-            net, row.data(n), g, cfg["sigma_data"], tc.get("P_mean", -1.2), tc.get("P_std", 1.2), row.classes(net, n)))
+        scfg = row.stage("train_teacher")
+        net, _ = teacher_recipe.network(scfg, row.shape)
+        net = net.to(device).train()
+        loss_of, _ = teacher_recipe.objective(scfg, net)
+        classes = teacher_recipe.classes_of(scfg, net)
+        return training_rate(net, scfg["teacher"], job, lambda n: loss_of(net, row.images(net, n, classes), g))
 
     if rule == "train_latent_vgg":
-        from stages.method.elatentlpips import LatentVGG16
-
-        vgg = cfg["latent_vgg"]
-        torch.manual_seed(0)
-        net = LatentVGG16(in_channels=row.shape[0], **(vgg.get("architecture") or {})).to(device).train()
-        section = {"ema": None, "optimizer": {"name": "sgd", "lr": vgg["lr"], "momentum": vgg["momentum"],
-                                                        "weight_decay": vgg["weight_decay"]}}
-        return training_rate(net, section, job, lambda n: F.cross_entropy(
-            net(row.data(n)), torch.randint(1000, (n,), device=device), reduction="none"))
+        scfg = row.stage("train_latent_vgg")
+        net, _ = latent_vgg_recipe.network(scfg, row.shape[0])
+        net = net.to(device).train()
+        loss_of = latent_vgg_recipe.objective(scfg)
+        section = {"ema": None, "optimizer": latent_vgg_recipe.optimizer_section(scfg, job["count"] // job["steps"])}
+        return training_rate(net, section, job, lambda n: loss_of(
+            net, row.images(net, n, scfg["latent_vgg"]["num_classes"]), g))
 
     if rule == "trajectory_shard":
         teacher, meta = row.teacher()
-        spec = {**cfg["trajectories"], "seed": 0, "sigma_max": cfg["sigma_max"], "sigma_min": cfg["sigma_min"]}
+        spec = {**row.stage("trajectory_shard"), "seed": 0}
         start = None
         if spec.get("x_T") == "data_plus_noise":
-            start = row.data(64).cpu()
+            start = row.images(teacher, 64)[0].cpu()
         labels = torch.zeros(64, dtype=torch.int64) if start is not None else None
         gen = trajectories.Generator(teacher, meta, spec, device, start, labels)
         batch = job["batch"]
@@ -281,76 +274,59 @@ def rate(row, job):
                 "forwards_per_s": batch * job["nfe"] / sec}
 
     if rule == "midtrain":
-        mc = cfg["midtrain"]
-        net = row.student(mc["dropout"]).train()
-        K = cfg["trajectories"]["nfe"]
-        if mc["distance"] == "elatentlpips":
-            from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-
-            distance = ELatentLPIPS(LatentVGG16(in_channels=row.shape[0],
-                                                **(cfg["latent_vgg"].get("architecture") or {}))).to(device)
-        elif mc["distance"] == "lpips":
-            distance = losses.LPIPSDistance(None).to(device)  # random VGG trunk: the cost of the real one
-        else:
-            distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"))
-        sigmas = solvers.logsnr_grid(K, cfg["sigma_max"], cfg["sigma_min"]).to(torch.float32).to(device)
-
-        def loss(n):
-            T = n // K
-            states = torch.randn(T, K + 1, row.shape[0], row.shape[1], row.shape[1], device=device)
-            return losses.cmt_cm_loss(net, states, sigmas, distance, row.classes(net, T))
-
-        out = training_rate(net, mc, job, loss)
-        if mc.get("trajectories") == "online":
+        scfg = row.stage("midtrain")
+        teacher_meta = row.teacher_meta()
+        net = on_device(lambda: midtrain_recipe.student(scfg, teacher_meta)[0]).train()
+        with tempfile.TemporaryDirectory() as folder:
+            latent_vgg = None
+            if scfg["midtrain"]["distance"] == "elatentlpips":
+                latent_vgg = random_latent_vgg(row.stage("train_latent_vgg"), row.shape[0], folder)
+            # LPIPS with a random VGG trunk: the cost of the real one, whose weights are a download
+            distance = midtrain_recipe.distance_of(
+                {**scfg, "midtrain": {**scfg["midtrain"], "lpips_weights": None}}, latent_vgg)
+        if isinstance(distance, torch.nn.Module):
+            distance = distance.to(device)
+        loss_of = midtrain_recipe.objective(distance)
+        out = training_rate(net, scfg["midtrain"], job, lambda n: loss_of(
+            net, midtrain_recipe.example_batch(cfg, teacher_meta, net, n, device)))
+        if scfg["midtrain"].get("trajectories") == "online":
             out["note"] = "the step only: online mid-training also solves its trajectories (see trajectory_shard)"
         return out
 
     if rule == "midtrain_mf":
-        mc = cfg["midtrain_mf"]
-        net = row.student(mc["dropout"], average_velocity=True).train()
-        P, K = mc["pairs_per_trajectory"], cfg["trajectories"]["nfe"] + 1
-        t = solvers.flow_time_grid(cfg["trajectories"]["nfe"]).to(torch.float32).to(device)
-        distance = losses.make_distance(mc["distance"])
-
-        def loss(n):
-            z = torch.randn(n // P, K, row.shape[0], row.shape[1], row.shape[1], device=device)
-            return meanflow.cmt_mf_loss(net, z, t, P, g, distance, labels=row.classes(net, n // P))
-
-        return training_rate(net, mc, job, loss)
+        scfg = row.stage("midtrain_mf")
+        net, meta = midtrain_mf_recipe.student(scfg, row.teacher_meta())
+        net = net.to(device).train()
+        loss_of = midtrain_mf_recipe.objective(scfg)
+        return training_rate(net, scfg["midtrain_mf"], job, lambda n: loss_of(
+            net, midtrain_mf_recipe.example_batch(cfg, meta, net, n, device), g))
 
     if rule == "posttrain":
-        pc = workload.posttrain_section(cfg, job["init"])
-        net = row.student(pc["dropout"]).train()
-        context = networks.target_context(net)
-
-        def common(n):
-            return dict(stage=0, q=pc["q"], k=pc["k"], b=pc["b"], P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
-                        labels=row.classes(net, n), target_context=context)
-
+        scfg = row.stage("posttrain", job["init"])
+        net = on_device(lambda: posttrain_recipe.student(scfg, row.teacher_meta())[0]).train()
+        denoise = None
         if job["method"] == "ecd":
-            teacher = row.teacher()[0].eval().requires_grad_(False)
-            guidance = pc.get("guidance") or {}
+            teacher = row.teacher()[0]
+            guidance = scfg["posttrain"].get("guidance") or {}
             guide = None
             if guidance.get("guide") == "teacher":
                 guide = teacher
             elif guidance.get("guide"):
-                arch = row.architecture(guidance["network"], 0.0)
+                arch = networks.architecture(guidance["network"], *row.shape, 0.0)
                 guide = on_device(lambda: networks.build_precond(arch, "edm", cfg["sigma_data"]))
                 guide = guide.eval().requires_grad_(False)
             denoise = losses.guided_denoiser(teacher, guide, guidance.get("weight", 1.0))
-            return training_rate(net, pc, job, lambda n: losses.ecd_loss(
-                net, row.data(n), g, denoise, sigma_data=cfg["sigma_data"], **common(n)))
-        if job["method"] == "ect_snr":
-            return training_rate(net, pc, job, lambda n: losses.ect_snr_loss(
-                net, row.data(n), g, sigma_data=cfg["sigma_data"], **common(n)))
-        return training_rate(net, pc, job, lambda n: losses.ect_loss(
-            net, row.data(n), g, sigma_min=cfg["sigma_min"], **common(n)))
+        loss_of = posttrain_recipe.objective(scfg, net, denoise)
+        return training_rate(net, scfg["posttrain"], job, lambda n: loss_of(net, row.images(net, n), g, 0))
 
     if rule == "posttrain_mf":
-        pc = cfg["posttrain_mf"]
-        net = row.student(pc["dropout"], average_velocity=True).train()
-        objective = meanflow.Objective.from_config(pc, net, "posttrain_mf")
-        return training_rate(net, pc, job, lambda n: objective.loss(net, row.data(n), g, row.classes(net, n)))
+        scfg = row.stage("posttrain_mf", job["init"])
+        net, _ = posttrain_mf_recipe.student(scfg, "random", row.teacher_meta())
+        net = net.to(device).train()
+        loss_of, _ = posttrain_mf_recipe.objective(scfg, net)
+        classes = int(getattr(net, "num_classes", 0) or 0)
+        return training_rate(net, scfg["posttrain_mf"], job, lambda n: loss_of(
+            net, row.images(net, n, classes), g))
 
     if rule == "encode_dataset":
         batch = job["batch"]
@@ -362,10 +338,16 @@ def rate(row, job):
         return {"seconds_per_unit": sec / batch, "batch": batch, "images_per_s": batch / sec}
 
     if rule == "sample":
-        net = row.student(0.0, average_velocity=row.family == "mf").eval()
+        if row.family == "mf":
+            net, _ = posttrain_mf_recipe.student(row.stage("posttrain_mf", "random"), "random", row.teacher_meta())
+            classes = int(getattr(net, "num_classes", 0) or 0)
+        else:
+            net = posttrain_recipe.student(row.stage("posttrain", "cmt"), row.teacher_meta())[0]
+            classes = class_labels.label_dim_of(net)
+        net = net.to(device).eval()
         batch = job["batch"]
-        x = row.data(batch)
-        labels = row.classes(net, batch)
+        x, y = row.images(net, batch, classes)
+        labels = y if row.family == "mf" and classes else examples.one_hot(batch, classes, device)
         sigma = torch.full((batch,), cfg["sigma_max"], device=device)
 
         def forward():  # one sampler step: u(z, 0, 1), or f(x, sigma_max)
@@ -387,7 +369,7 @@ def rate(row, job):
         decode_s = 0.0
         if job.get("decoded"):  # fid_teacher decodes the pool's final latents on a latent row
             with torch.no_grad():
-                decode_s = timed(lambda: row.codec.decode(row.data(8))) / 8
+                decode_s = timed(lambda: row.codec.decode(torch.randn(8, *row.shape, row.shape[1], device=device))) / 8
         if job["features"] != "inception":
             return {"seconds_per_unit": decode_s, "note": f"features {job['features']}: no network"}
         import torchvision
@@ -459,7 +441,7 @@ BENCHMARK_FILES = {"encode_dataset": "encode_dataset/*", "trajectory_shard": "tr
 def measured(jobs, folder):
     """Each job's projection beside what its run took (wall seconds x the job's GPUs; CPU seconds),
     from Snakemake's benchmark files; a job without them is left out. The wall seconds are the cost
-    ledger's (stages/runtime/ledger.py): a sliced or resumed mid- or post-training counts every job
+    ledger's (stages/reporting/ledger.py): a sliced or resumed mid- or post-training counts every job
     its model file records; the CPU seconds are the benchmarks' (a sliced run's last job)."""
     out = []
     for job in jobs:

@@ -18,7 +18,7 @@ import torch
 from stages.data import datasets, latents
 from stages.files import atomic
 from stages.networks import latent_codec
-from stages.runtime import cli
+from stages.core import cli
 
 p = cli.parser(__doc__)
 p.add_argument("--shard", type=int, required=True)

@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.data import features
 from stages.files import atomic, checkpoints
-from stages.runtime import precision
+from stages.core import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')

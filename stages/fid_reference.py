@@ -6,7 +6,7 @@ import argparse
 import json
 
 from stages.data import datasets, features
-from stages.runtime import precision
+from stages.core import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")

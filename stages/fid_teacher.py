@@ -10,7 +10,7 @@ import torch
 
 from stages.data import datasets, features, shards
 from stages.files import atomic
-from stages.runtime import precision
+from stages.core import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')

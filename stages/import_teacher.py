@@ -5,7 +5,7 @@ imported by the same stage (it is a teacher of the same task)."""
 
 from stages import networks
 from stages.files import atomic, checkpoints, edm2_import, edm_import
-from stages.runtime import cli
+from stages.core import cli
 
 p = cli.parser(__doc__)
 p.add_argument("--pickle", required=True, help="the EDM snapshot, e.g. assets/edm-cifar10-32x32-uncond-vp.pkl")
@@ -16,7 +16,7 @@ cfg = cli.start(args, "import_teacher")
 
 if cfg["network"]["kind"] == "edm2":
     # EDM2's post-hoc EMA pickles: the row's network (a preset, overrides) must be the pickle's
-    imported = edm2_import.load_edm2(args.pickle, cfg["sigma_min"])
+    imported = edm2_import.load_edm2(args.pickle)
     net, architecture, sigma_data = imported.net, imported.architecture, imported.sigma_data
     info = {**imported.info, "encoder": imported.encoder}
     expected = networks.architecture(cfg["network"], architecture["in_channels"], architecture["resolution"],
@@ -26,7 +26,7 @@ if cfg["network"]["kind"] == "edm2":
         raise ValueError(f"{args.pickle}: a latent-space model ({imported.encoder['class_name']}); this pipeline "
                          "runs in pixel space: use an edm2-img64 pickle")
 else:
-    net, architecture, sigma_data, info = edm_import.load_edm_teacher(args.pickle, cfg["sigma_min"])
+    net, architecture, sigma_data, info = edm_import.load_edm_teacher(args.pickle)
     edm_import.check_network_config(architecture, cfg["network"], args.pickle)
 if abs(sigma_data - cfg["sigma_data"]) > 1e-12:
     raise ValueError(f"{args.pickle}: snapshot sigma_data {sigma_data} != config sigma_data {cfg['sigma_data']}")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from stages.runtime.cli import STARTED_ENV
+from stages.core.cli import STARTED_ENV
 
 
 def visible_devices(env):

@@ -25,10 +25,10 @@ import torch
 
 from stages import networks
 from stages.files import atomic, checkpoints
-from stages.runtime import cli
+from stages.core import cli
 from stages.data import datasets, labels as class_labels
 from stages.method import flowmap, losses
-from stages.training import rng
+from stages.core import rng
 
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)

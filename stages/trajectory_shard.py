@@ -14,7 +14,7 @@ import time
 import torch
 
 from stages.files import checkpoints
-from stages.runtime import cli
+from stages.core import cli
 from stages.data import datasets, shards
 from stages.method import trajectories
 

@@ -9,54 +9,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
-from snakemake.utils import validate
 
-from stages.files import atomic, checkpoints
-from stages.data import datasets, shards
 from stages import networks
+from stages.config import resolve, stage_configs
+from stages.data import datasets, shards
+from stages.files import atomic, checkpoints
 from stages.method import solvers
 from stages.networks.precond import Precond
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 ARCH = {"kind": "small_unet", "channels": 8, "channel_mult": [1], "num_blocks": 1, "in_channels": 1,
         "resolution": 8, "dropout": 0.0}
 NFE = 4
 
 
-def deep_update(base, extra):
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def config(**overrides):
-    """The default config with `overrides` merged in, validated (defaults filled)."""
-    cfg = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    cfg = deep_update(cfg, copy.deepcopy(overrides))
-    validate(cfg, SCHEMA)
-    return cfg
+    """The workflow's config of the digits default with `overrides` given as `--config` would give
+    them (assembled, validated, defaults filled: stages.config.resolve)."""
+    return resolve(command_line=copy.deepcopy(overrides))
+
+
+def stage_config(rule, init=None, **overrides):
+    """What the workflow passes to `rule`'s stage (stages/config/stage_configs.py) under `overrides`."""
+    return stage_configs.stage_config(rule, config(**overrides), init)
 
 
 def midtrain_config(**midtrain):
-    cfg = config(trajectories={"nfe": NFE}, midtrain={
+    return stage_config("midtrain", trajectories={"nfe": NFE}, midtrain={
         "steps": 12, "batch": 2 * NFE, "shuffle_buffer": 4, "optimizer": {"name": "radam", "lr": 1e-3,
         "betas": [0.9, 0.99]}, "ema": {"beta": 0.9, "rampup": 0.1}, **midtrain})
-    return {"seed": cfg["seed"], "sigma_boundary": cfg["sigma_boundary"], "midtrain": cfg["midtrain"]}
 
 
-def posttrain_config(**posttrain):
-    cfg = config(posttrain={
+def posttrain_config(init="teacher", **posttrain):
+    return stage_config("posttrain", init, posttrain={
         "steps": 12, "batch": 8, "q": 4, "double_every": 4, "snapshots": [0, 0.5, 1.0],
         "optimizer": {"name": "adam", "lr": 1e-3}, "ema": {"beta": 0.9, "rampup": 0.1}, **posttrain})
-    post = {k: v for k, v in cfg["posttrain"].items() if k != "inits"}
-    return {"seed": cfg["seed"], "sigma_min": cfg["sigma_min"], "sigma_boundary": cfg["sigma_boundary"],
-            "posttrain": post}
 
 
 def make_teacher(path):

@@ -22,7 +22,7 @@ def make_precond(seed, arch=ARCH, kind="edm"):
     with torch.no_grad():
         for p in net.parameters():  # every tensor random, including the zero-initialised ones
             p.normal_(0, 0.2)
-    return Precond(net, kind=kind, sigma_data=0.5, sigma_min=0.002)
+    return Precond(net, kind=kind, sigma_data=0.5, sigma_boundary=0.002)
 
 
 def meta_for(arch=ARCH, precond="ecm"):
@@ -47,7 +47,7 @@ def test_save_load_round_trip(tmp_path):
         loaded, lmeta = checkpoints.load(path, which=which)
         assert lmeta == meta
         assert isinstance(loaded, Precond) and loaded.kind == "ecm"
-        assert loaded.sigma_data == 0.5 and loaded.sigma_min == 0.002
+        assert loaded.sigma_data == 0.5 and loaded.sigma_boundary == 0.002
         want = source.state_dict()
         got = loaded.state_dict()
         assert set(got) == set(want)

@@ -13,6 +13,7 @@ torch.set_num_threads(1)
 from stages import networks  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
 from stages.method import flowmap, meanflow  # noqa: E402
+from stages.networks.average_velocity import AverageVelocity
 
 TINY = {"kind": "dit", "resolution": 8, "in_channels": 4, "num_classes": 10, "patch_size": 2,
         "hidden_size": 32, "depth": 2, "num_heads": 2}
@@ -202,20 +203,20 @@ def test_unpatchify_inverts_dit_patch_order():
 
 def test_average_velocity_of_the_dit_is_direct():
     net = tiny_dit().eval()
-    u = flowmap.AverageVelocity(net, sigma_data=0.5)
+    u = AverageVelocity(net, sigma_data=0.5)
     assert u.inputs == "direct" and u.null_class == 10
     z, t, _, y = inputs()
     r = t * 0.3
     torch.testing.assert_close(u(z, r, t, y), net(z, t, t - r, y), rtol=0, atol=0)
     unet = networks.build({"kind": "small_unet", "in_channels": 1, "resolution": 4, "channels": 8,
                            "channel_mult": [1, 2], "num_blocks": 1, "dual_time": True})
-    assert flowmap.AverageVelocity(unet).inputs == "edm"
+    assert AverageVelocity(unet).inputs == "edm"
     with pytest.raises(ValueError, match="unconditional"):
-        flowmap.AverageVelocity(unet)(torch.zeros(1, 1, 4, 4), 0.2, 0.5, torch.tensor([0]))
+        AverageVelocity(unet)(torch.zeros(1, 1, 4, 4), 0.2, 0.5, torch.tensor([0]))
 
 
 def test_jvp_through_the_dit_matches_finite_difference_float64():
-    u = flowmap.AverageVelocity(tiny_dit().eval())
+    u = AverageVelocity(tiny_dit().eval())
     z, t, _, y = inputs()
     r = t * 0.4
     v = torch.randn_like(z)
@@ -232,7 +233,7 @@ def test_model_file_round_trip_builds_the_direct_wrapper(tmp_path):
     meta = {"architecture": arch, "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002,
             "sigma_max": 80.0, "time": "flow_t"}
     torch.manual_seed(3)
-    u = checkpoints.build_precond(meta)
+    u = checkpoints.build(meta)
     with torch.no_grad():
         for prm in u.parameters():
             prm.add_(0.05 * torch.randn_like(prm))

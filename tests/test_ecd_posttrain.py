@@ -54,7 +54,7 @@ def test_ecd_gets_the_autoguided_teacher(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "ecd_loss", lambda net, y, g, denoise, **k: calls.append((denoise, k)) or
                         ecd(net, y, g, denoise, **k))
     meta = run(tmp_path, "ecd", ["--teacher", teacher, "--guide", guide], inputs=inputs,
-               guidance={"weight": 2.05, "guide": "test-guide"})
+               guidance={"weight": 2.05, "guide": "teacher"})
     assert len(calls) == 2 and meta["precond"] == "edm"
     denoise, kwargs = calls[0]
     assert (kwargs["q"], kwargs["c"], kwargs["P_mean"], kwargs["P_std"], kwargs["sigma_data"]) == (1024, 0.06, -0.8,

@@ -10,7 +10,7 @@ import torch
 from stages import networks
 from stages.files import checkpoints
 from stages.networks import edm2
-from stages.training import rng
+from stages.core import rng
 from tests.stagekit import config, make_dataset, posttrain_config, run_in_process
 
 NETWORK = {"kind": "edm2", "preset": "edm2-img64-s", "label_dim": 10, "channels": 8, "channel_mult": [1, 2],

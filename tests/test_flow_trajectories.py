@@ -14,7 +14,7 @@ from torch import nn
 from stages.data import labels as class_labels, shards
 from stages.files import checkpoints
 from stages.method import solvers, trajectories
-from stages.training import rng
+from stages.core import rng
 
 MU = torch.tensor([[0.3], [-1.0], [0.8]], dtype=torch.float64)  # per class (1 channel); row 3 = null: 0
 S = 0.6
@@ -84,7 +84,7 @@ def mf_teacher(tmp_path_factory):
     torch.manual_seed(0)
     meta = {"key": "k-mf", "architecture": DIT, "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002,
             "sigma_max": 80.0, "time": "flow_t"}
-    net = checkpoints.build_precond(meta)
+    net = checkpoints.build(meta)
     with torch.no_grad():  # a non-trivial u: perturb the zero-initialised output layer and modulations
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -162,7 +162,7 @@ def test_sample_draws_seeded_classes_and_records_them(teacher, tmp_path):
         got, images = f["labels_r0"], f["images_1step_r0"]
     want = [labels.random_label(11, i, CLASSES) for i in range(5)]
     np.testing.assert_array_equal(got, want)
-    from stages.training import rng
+    from stages.core import rng
     z = torch.stack([torch.randn(1, 8, 8, generator=rng.generator(11, i, "z")) for i in range(5)])
     net.eval()
     with torch.no_grad():

@@ -8,13 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from stages.data import latents
+from stages.files import checkpoints
 from stages.files import atomic
 from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-from stages.training import loop, rng
+from stages.core import rng
+from stages.training import loop
 from tests.stagekit import run, state_args
 
 CLASSES = 4
@@ -83,7 +85,7 @@ def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     assert meta["architecture"] == {"in_channels": 4, "num_classes": CLASSES, **ARCH}
     assert meta["accuracy"]["top1"] == accuracy["top1"]
     trained = LatentVGG16(**meta["architecture"])
-    trained.load_state_dict(load_file(str(out / "model.safetensors")))
+    trained.load_state_dict(checkpoints.load_weights(out / "model.safetensors", "net"))
     torch.manual_seed(rng.fold(0, "latent-vgg-init"))
     initial = LatentVGG16(**meta["architecture"])
     assert held_out_loss(trained, manifest) < 0.5 * held_out_loss(initial, manifest)
@@ -91,6 +93,11 @@ def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     lpips = ELatentLPIPS.from_file(out / "model.safetensors", meta["architecture"], augment=None)
     x = torch.randn(2, 4, 8, 8)
     assert lpips(x, x).abs().max() == 0 and (lpips(x, x + 0.5) > 0).all()
+    # a file of the format train_latent_vgg wrote before its model file went through checkpoints
+    # (the state dict under its own names) gives the same backbone
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "old.safetensors"))
+    old = ELatentLPIPS.from_file(tmp_path / "old.safetensors", meta["architecture"], augment=None)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), lpips.state_dict().values()))
     assert not (tmp_path / "run" / "state").exists()  # the state is removed once the outputs are written
 
 

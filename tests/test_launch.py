@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages import launch
-from stages.runtime import cli
+from stages.core import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,10 @@ def test_concurrent_local_jobs_get_distinct_devices(tmp_path):
 
 def test_two_processes_through_accelerate_launch(tmp_path):
     """--gpus 2 in a SLURM job with two devices starts two ranks that all-reduce (gloo on CPU here);
-    both are told the launcher's start, the job's (stages.runtime.cli.started)."""
+    both are told the launcher's start, the job's (stages.core.cli.started)."""
     (tmp_path / "probe.py").write_text(
         "import sys, torch\ntorch.set_num_threads(1)\nfrom accelerate import Accelerator\n"
-        "from stages.runtime import cli\n"
+        "from stages.core import cli\n"
         "a = Accelerator(cpu=not torch.cuda.is_available())\n"
         "s = a.reduce(torch.tensor([a.process_index + 1.0]), 'sum').item()\n"
         "print(f'rank {a.process_index} of {a.num_processes} sum {s} args {sys.argv[1:]}', flush=True)\n"

@@ -1,4 +1,4 @@
-"""The cost ledger (stages/runtime/ledger.py): GPU-hours per stage from given Snakemake benchmark
+"""The cost ledger (stages/reporting/ledger.py): GPU-hours per stage from given Snakemake benchmark
 files and the jobs a sliced run's model file records, hand-computed."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from stages.files import checkpoints
-from stages.runtime import ledger
+from stages.reporting import ledger
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 

@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 
 from stages.method import flowmap, losses, meanflow  # noqa: E402
 from stages import networks  # noqa: E402
+from stages.networks.average_velocity import AverageVelocity
 
 
 def tiny_u(dtype=torch.float64, dropout=0.0, seed=0):
@@ -20,7 +21,7 @@ def tiny_u(dtype=torch.float64, dropout=0.0, seed=0):
     with torch.no_grad():
         for prm in net.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    return flowmap.AverageVelocity(net, sigma_data=0.5).to(dtype)
+    return AverageVelocity(net, sigma_data=0.5).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ torch.set_num_threads(1)
 
 from stages import networks  # noqa: E402
 from stages.method import flowmap, meanflow  # noqa: E402
+from stages.networks.average_velocity import AverageVelocity
 
 XL2 = meanflow.Guidance(omega=0.2, kappa=0.92, t_min=0.0, t_max=0.75)
 
@@ -145,7 +146,7 @@ def tiny_u(seed=0):
     with torch.no_grad():
         for prm in net.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    return flowmap.AverageVelocity(net)
+    return AverageVelocity(net)
 
 
 def batch(n=8, seed=2):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from stagekit import (assert_same_tensors, config, load_state, make_dataset, run, run_in_process,
                       state_args)
+from stages.config import stage_configs
 from stages.data import shards
 from stages.files import atomic, checkpoints
 from stages.method import trajectories
@@ -23,12 +24,23 @@ SIGKILLED = -signal.SIGKILL
 MEANFLOW = {"label_dropout": 0.1, "guidance": {"omega": 1.0, "kappa": 0.5, "t_max": 0.75}}
 
 
+def row(**overrides):
+    """A class-conditional MeanFlow row of the digits: DiT teacher and student, flow-time trajectories."""
+    return config(**{"family": "mf", "network": STUDENT_NET,
+                     "trajectories": {"solver": "meanflow", "label_dropout": 0.1},
+                     "teacher": {"objective": "meanflow", "network": TEACHER_NET, "meanflow": MEANFLOW, "steps": 6,
+                                 "batch": 8, "dropout": 0.0, "ema": {"beta": 0.9},
+                                 "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.95]}},
+                     "midtrain_mf": {"steps": 4, "batch": 16, "pairs_per_trajectory": 8, "shuffle_buffer": 2,
+                                     "optimizer": {"name": "adam", "lr": 1e-3}, "ema": {"beta": 0.9}},
+                     "posttrain_mf": {"steps": 2, "batch": 4, "snapshots": [1.0], **MEANFLOW,
+                                      "equal_total_budget": False, "optimizer": {"name": "adam", "lr": 1e-4},
+                                      "ema": {"beta": 0.9}},
+                     **overrides})
+
+
 def teacher_config():
-    cfg = config(teacher={"objective": "meanflow", "network": TEACHER_NET, "meanflow": MEANFLOW, "steps": 6,
-                          "batch": 8, "dropout": 0.0, "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.95]},
-                          "ema": {"beta": 0.9}})
-    return {"seed": 0, "network": cfg["network"], "teacher": cfg["teacher"], "sigma_data": 0.5,
-            "sigma_min": 0.002, "sigma_max": 80.0}
+    return stage_configs.stage_config("train_teacher", row())
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +99,16 @@ def test_flow_time_trajectories_feed_class_conditional_cmt_mf_then_meanflow(mf_t
     manifest = tmp_path / "manifest.json"
     atomic.write_json(manifest, {"spec": spec, "teacher": {"path": str(mf_teacher), "sha256": meta["sha256"]},
                                  "total": 8, "shards": entries})
-    cfg = config(family="mf", midtrain_mf={"steps": 4, "batch": 16, "pairs_per_trajectory": 8, "shuffle_buffer": 2,
-                                           "optimizer": {"name": "adam", "lr": 1e-3}, "ema": {"beta": 0.9}},
-                 posttrain_mf={"steps": 2, "batch": 4, "snapshots": [1.0], **MEANFLOW,
-                               "optimizer": {"name": "adam", "lr": 1e-4}, "ema": {"beta": 0.9}})
+    cfg = row()
     mid_out = tmp_path / "mid" / "model.safetensors"
     run_in_process("stages.midtrain_mf", [
-        "--config", json.dumps({"seed": 0, "midtrain_mf": cfg["midtrain_mf"], "network": STUDENT_NET}),
+        "--config", json.dumps(stage_configs.stage_config("midtrain_mf", cfg)),
         "--teacher", mf_teacher, "--manifest", manifest, "--spot-check", 2, "--out", mid_out])
     mid = checkpoints.read_meta(mid_out)
     assert mid["architecture"] == {**STUDENT_NET, "in_channels": 1, "resolution": 8, "dropout": 0.0, "dual_time": True}
     assert mid["trajectories_seen"] == 4 * 2 and mid["time_convention"]["trajectories"] == "flow time (MeanFlow teacher)"
-    post = {k: v for k, v in cfg["posttrain_mf"].items() if k != "inits"}
     run_in_process("stages.posttrain_mf", [
-        "--config", json.dumps({"seed": 0, "steps": 2, "posttrain_mf": post, "network": STUDENT_NET}),
+        "--config", json.dumps(stage_configs.stage_config("posttrain_mf", cfg, "cmt")),
         "--init", "cmt", "--init-model", mid_out, "--dataset", digits, "--out", tmp_path / "post" / "model.safetensors",
         "--snapshots", tmp_path / "post" / "snapshots"])
     out = checkpoints.read_meta(tmp_path / "post" / "model.safetensors")
@@ -108,7 +116,7 @@ def test_flow_time_trajectories_feed_class_conditional_cmt_mf_then_meanflow(mf_t
 
     # the random init (MeanFlow from scratch) takes the row's network, not the teacher's
     run_in_process("stages.posttrain_mf", [
-        "--config", json.dumps({"seed": 0, "steps": 2, "posttrain_mf": post, "network": STUDENT_NET}),
+        "--config", json.dumps(stage_configs.stage_config("posttrain_mf", cfg, "random")),
         "--init", "random", "--init-model", mf_teacher, "--dataset", digits,
         "--out", tmp_path / "rand" / "model.safetensors", "--snapshots", tmp_path / "rand" / "snapshots"])
     assert checkpoints.read_meta(tmp_path / "rand" / "model.safetensors")["architecture"] == mid["architecture"]
@@ -127,16 +135,16 @@ def test_objective_from_config_refuses_labels_on_an_unconditional_network_and_gu
     from stages.method import meanflow
 
     section = {"P_mean": -0.4, "P_std": 1.0, "ratio_r_neq_t": 0.25, "adaptive_p": 1.0, "adaptive_c": 1e-3}
-    unconditional = checkpoints.build_precond({"architecture": {**TEACHER_NET, "num_classes": 0, "in_channels": 1,
+    unconditional = checkpoints.build({"architecture": {**TEACHER_NET, "num_classes": 0, "in_channels": 1,
                                                                 "resolution": 8, "dropout": 0.0},
-                                               "precond": "meanflow", "sigma_data": 0.5})
+                                               "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002})
     with pytest.raises(ValueError, match="unconditional"):
         meanflow.Objective.from_config({**section, "label_dropout": 0.1}, unconditional, "posttrain_mf")
     plain = meanflow.Objective.from_config(section, unconditional, "posttrain_mf")
     assert plain.null_class is None and plain.guidance is None
-    conditional = checkpoints.build_precond({"architecture": {**TEACHER_NET, "in_channels": 1, "resolution": 8,
+    conditional = checkpoints.build({"architecture": {**TEACHER_NET, "in_channels": 1, "resolution": 8,
                                                               "dropout": 0.0},
-                                             "precond": "meanflow", "sigma_data": 0.5})
+                                             "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002})
     with pytest.raises(ValueError, match="needs label_dropout"):
         meanflow.Objective.from_config({**section, "guidance": {"omega": 1.0}}, conditional, "posttrain_mf")
     full = meanflow.Objective.from_config({**section, **MEANFLOW}, conditional, "teacher.meanflow")

@@ -139,7 +139,7 @@ def test_online_midtrain_under_two_processes_trains_like_one(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from stages.training.rng import fold
+    from stages.core.rng import fold
 
     teacher = make_teacher(tmp_path / "teacher.safetensors")
     spec = {"solver": "dpm_solver_pp", "order": 3, "lower_order_final": True, "nfe": 4, "x_T": "noise",

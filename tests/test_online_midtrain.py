@@ -81,7 +81,7 @@ def test_online_gradients_equal_the_offline_ones_on_the_same_trajectories(teache
     # the trajectory is the teacher's: its first state is the start point of its index
     torch.testing.assert_close(states_on[0, 0], gen.start_point(online.indices(step)[0])[0])
 
-    student, _ = checkpoints.load(teacher, which="ema", kind="ecm", sigma_min=0.002)
+    student, _ = checkpoints.load(teacher, which="ema", kind="ecm", sigma_boundary=0.002)
     distance = losses.make_distance("l2")
     grads = []
     for states, sigmas in ((states_on, sigmas_on), (states_off, sigmas_off)):

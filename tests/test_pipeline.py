@@ -13,7 +13,7 @@ from stagekit import midtrain_config, run_in_process
 from workflow_runs import TINY, planned_jobs, planned_resources
 
 from stages.files import atomic, checkpoints, store
-from stages.runtime import ledger
+from stages.reporting import ledger
 from stages.data import shards
 
 pytestmark = pytest.mark.slow
@@ -101,8 +101,9 @@ def test_models_carry_the_boundary_and_the_precision_of_the_config(tiny_run):
         for name in ("model.safetensors", "snapshots/p000.safetensors")]
     for path in made:
         meta = checkpoints.read_meta(path)
-        assert meta["sigma_min"] == 0.003 and meta["tf32"] == {"matmul": True, "cudnn": True}, path
-        model = checkpoints.build_precond(meta).eval()
+        assert meta["sigma_boundary"] == 0.003 and meta["tf32"] == {"matmul": True, "cudnn": True}, path
+        assert meta["sigma_min"] == 0.002, path  # the grid's end, as in every model file
+        model = checkpoints.build(meta).eval()
         c_skip, c_out, _ = model.coefficients(torch.tensor(0.821, dtype=torch.float64))
         assert (round(c_skip.item(), 6), round(c_out.item(), 6)) == (0.271998, 0.425479), path
 

@@ -11,7 +11,7 @@ import torch
 from stages.files import checkpoints
 from stages.networks.precond import Precond
 from stages import networks
-from stages.runtime import cli, precision
+from stages.core import cli, precision
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def test_random_network_output_is_nonzero():
 
 
 def test_ecm_eval_is_identity_at_sigma_min():
-    pre = Precond(random_net(), kind="ecm", sigma_data=SD, sigma_min=SMIN).eval()
+    pre = Precond(random_net(), kind="ecm", sigma_data=SD, sigma_boundary=SMIN).eval()
     x = inputs()
     with torch.no_grad():
         out = pre(x, torch.full((3,), SMIN))
@@ -48,7 +48,7 @@ def test_ecm_eval_is_identity_at_sigma_min():
 
 def test_ecm_train_mode_uses_edm_coefficients_and_is_not_identity():
     net = random_net()
-    pre = Precond(net, kind="ecm", sigma_data=SD, sigma_min=SMIN).train()
+    pre = Precond(net, kind="ecm", sigma_data=SD, sigma_boundary=SMIN).train()
     x = inputs()
     sigma = torch.full((3,), SMIN)
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_ecm_train_mode_uses_edm_coefficients_and_is_not_identity():
     assert (out - x).abs().max() > 1e-5
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     # and an EDM precond around the same network agrees in train mode
-    edm = Precond(net, kind="edm", sigma_data=SD, sigma_min=SMIN).eval()
+    edm = Precond(net, kind="edm", sigma_data=SD, sigma_boundary=SMIN).eval()
     with torch.no_grad():
         torch.testing.assert_close(edm(x, sigma), out, rtol=0, atol=0)
 
@@ -114,10 +114,13 @@ def test_the_boundary_from_the_config_reaches_the_model_a_stage_builds():
     from stages.files import checkpoints
 
     teacher_meta = {"architecture": ARCH, "precond": "edm", "sigma_data": SD, "sigma_min": 0.002}
-    student = checkpoints.build_precond(teacher_meta, kind="ecm", sigma_min=0.003).eval()
+    student = checkpoints.build(teacher_meta, kind="ecm", sigma_boundary=0.003).eval()
     c_skip, c_out, _ = student.coefficients(torch.tensor(0.821, dtype=torch.float64))
     assert (round(c_skip.item(), 6), round(c_out.item(), 6)) == (0.271998, 0.425479)
-    assert checkpoints.build_precond({**teacher_meta, "precond": "ecm"}).sigma_min == 0.002
+    assert checkpoints.build({**teacher_meta, "precond": "ecm"}).sigma_boundary == 0.002
+    # a student's file names its boundary; one written before `sigma_boundary` existed kept it in sigma_min
+    assert checkpoints.build({**teacher_meta, "precond": "ecm", "sigma_boundary": 0.003}).sigma_boundary == 0.003
+    assert checkpoints.build({**teacher_meta, "precond": "ecm", "sigma_min": 0.003}).sigma_boundary == 0.003
 
 
 class _Recorder(torch.nn.Module):
@@ -135,7 +138,7 @@ class _Recorder(torch.nn.Module):
 @pytest.mark.parametrize("kind, training", [("edm", True), ("edm", False), ("ecm", True), ("ecm", False)])
 def test_forward_composition_by_hand(kind, training):
     rec = _Recorder()
-    pre = Precond(rec, kind=kind, sigma_data=SD, sigma_min=SMIN).train(training)
+    pre = Precond(rec, kind=kind, sigma_data=SD, sigma_boundary=SMIN).train(training)
     x = inputs(batch=4)
     sigmas = [0.002, 0.3, 2.0, 80.0]
     out = pre(x, torch.tensor(sigmas))
@@ -156,7 +159,7 @@ def test_forward_composition_by_hand(kind, training):
 
 
 def test_edm_train_and_eval_agree_without_dropout():
-    pre = Precond(random_net(), kind="edm", sigma_data=SD, sigma_min=SMIN)
+    pre = Precond(random_net(), kind="edm", sigma_data=SD, sigma_boundary=SMIN)
     x = inputs()
     sigma = torch.tensor([0.002, 0.7, 80.0])
     with torch.no_grad():

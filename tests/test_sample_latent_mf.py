@@ -14,7 +14,7 @@ from stages.data import labels as class_labels
 from stages.files import checkpoints
 from stages.method import flowmap
 from stages.networks import latent_codec
-from stages.training import rng
+from stages.core import rng
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"kind": "dit", "in_channels": 4, "resolution": 4, "depth": 1, "hidden_size": 32, "patch_size": 2,
@@ -31,7 +31,7 @@ def test_latent_samples_are_the_decoded_one_step_outputs_of_their_classes(tmp_pa
     torch.manual_seed(0)
     meta = {"architecture": ARCH, "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
             "time": "flow_t", "images_seen": 0, "steps": 0}
-    net = checkpoints.build_precond(meta)
+    net = checkpoints.build(meta)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

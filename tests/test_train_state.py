@@ -15,8 +15,10 @@ torch.set_num_threads(1)
 
 from stagekit import make_samples  # noqa: E402
 
-from stages.training import job_log, loop, resume, rng  # noqa: E402
+from stages.core import rng
+from stages.training import job_log, loop, resume  # noqa: E402
 from stages.data import shards  # noqa: E402
+from stages.training.ema import EMA  # noqa: E402
 
 ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 
@@ -33,7 +35,7 @@ class _Tiny(torch.nn.Module):
 def _setup(width=6):
     torch.manual_seed(0)
     net = _Tiny(width)
-    ema = loop.EMA(net, 0.9, rampup=0.5)
+    ema = EMA(net, 0.9, rampup=0.5)
     return net, ema, loop.build_optimizer(net.parameters(), ADAM)
 
 

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add synchronisation
 
-from stages.training import loop, rng
+from stages.core import rng
+from stages.training import loop
+from stages.training.ema import EMA  # noqa: E402
+from stages.data.training_data import split_batch  # noqa: E402
 
 RADAM = {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 ADAM = {**RADAM, "name": "adam"}
@@ -108,9 +111,9 @@ class _One(torch.nn.Module):
 
 
 def test_beta_at():
-    assert loop.EMA(_One(), 0.999).beta_at(1) == 0.999
-    assert loop.EMA(_One(), 0.999).beta_at(10**6) == 0.999
-    ema = loop.EMA(_One(), 0.999, rampup=0.05)
+    assert EMA(_One(), 0.999).beta_at(1) == 0.999
+    assert EMA(_One(), 0.999).beta_at(10**6) == 0.999
+    ema = EMA(_One(), 0.999, rampup=0.05)
     for n in (1, 10, 100, 1000, 13_862, 13_863, 10**5):
         want = min(0.999, 0.5 ** (1 / (0.05 * n)))
         assert ema.beta_at(n) == pytest.approx(want, rel=1e-12)
@@ -123,7 +126,7 @@ def test_beta_at():
 @pytest.mark.parametrize("rampup", [None, 0.5])
 def test_ema_update_hand_formula(rampup):
     net = _One(1.0)
-    ema = loop.EMA(net, 0.9, rampup=rampup)
+    ema = EMA(net, 0.9, rampup=rampup)
     assert not ema.module.training and not ema.module.w.requires_grad
     expected = 1.0
     for step, value in enumerate([3.0, -2.0, 5.0], start=1):
@@ -156,7 +159,7 @@ class _Tiny(torch.nn.Module):
 
 def _run(seed, net, total_steps=6, opt_cfg=None, loss_override=None, on_step_end=None):
     opt_cfg = opt_cfg or {**ADAM, "lr": 1e-2, "schedule": "constant"}
-    ema = loop.EMA(net, 0.9)
+    ema = EMA(net, 0.9)
     optimizer = loop.build_optimizer(net.parameters(), opt_cfg)
     target = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5])
 
@@ -274,14 +277,14 @@ def test_fold_is_a_pure_63_bit_function():
 
 
 def test_split_batch():
-    assert loop.split_batch(64, None, 2, "posttrain") == (32, 1)
-    assert loop.split_batch(64, 8, 2, "posttrain") == (8, 4)
-    assert loop.split_batch(64, 64, 1, "posttrain") == (64, 1)
-    assert loop.split_batch(64, 128, 1, "posttrain") == (64, 1)  # more room than the share needs
+    assert split_batch(64, None, 2, "posttrain") == (32, 1)
+    assert split_batch(64, 8, 2, "posttrain") == (8, 4)
+    assert split_batch(64, 64, 1, "posttrain") == (64, 1)
+    assert split_batch(64, 128, 1, "posttrain") == (64, 1)  # more room than the share needs
     with pytest.raises(ValueError, match="posttrain.batch_per_gpu: 12 samples per micro-batch do not divide the 32"):
-        loop.split_batch(64, 12, 2, "posttrain")
+        split_batch(64, 12, 2, "posttrain")
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
-        loop.split_batch(64, 8, 3, "posttrain")
+        split_batch(64, 8, 3, "posttrain")
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4])
@@ -303,7 +306,7 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(micro_batches):
 
     opt_cfg = {**ADAM, "lr": 1e-2, "schedule": "constant"}
     optimizer = loop.build_optimizer(model.parameters(), opt_cfg)
-    loop.fit(stage="test", accelerator=loop.make_accelerator(), net=model, ema=loop.EMA(model, 0.9),
+    loop.fit(stage="test", accelerator=loop.make_accelerator(), net=model, ema=EMA(model, 0.9),
              optimizer=optimizer, opt_cfg=opt_cfg, total_steps=1, batch=8, seed=0, loss_fn=loss_fn,
              status_every=1000, micro_batches=micro_batches)
     assert parts == [(0, k) for k in range(micro_batches)]

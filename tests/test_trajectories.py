@@ -18,7 +18,7 @@ import torch
 
 from stages.files import checkpoints
 from stages import networks
-from stages.training import rng
+from stages.core import rng
 from stages.data import shards
 from stages.networks.precond import Precond
 

@@ -104,7 +104,7 @@ def rule_gpus(config, rule):
 
 
 def ledger_gpus(config):
-    """GPUs per job of each benchmark kind of the cost ledger (stages/runtime/ledger.py), from the
+    """GPUs per job of each benchmark kind of the cost ledger (stages/reporting/ledger.py), from the
     row's resources (a --set-resources override on the command line is not seen here)."""
     mf = family(config) == "mf"
     return {"train_teacher": rule_gpus(config, "train_teacher"),

@@ -13,7 +13,7 @@ Only stdlib: the Snakefile imports this before any job starts.
 
 import math
 
-# Where each job's cost goes in the paper's cost table (stages/runtime/ledger.py has the same stages):
+# Where each job's cost goes in the paper's cost table (stages/reporting/ledger.py has the same stages):
 # pre-training the teacher, mid-training (its trajectories and CMT), post-training; the data
 # preparation a latent row needs first, and the evaluation outside the table as in the paper.
 PAPER_STAGE = {"encode_dataset": "data", "train_latent_vgg": "data", "train_teacher": "pretrain",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.training import rng
+from stages.core import rng
 
 
 def label_dim_of(net):

@@ -29,7 +29,7 @@ import webdataset as wds
 from stages.data import shards
 from stages.files import store
 from stages.networks import latent_codec
-from stages.training import rng
+from stages.core import rng
 
 FORMAT = "cmt-latents/1"
 

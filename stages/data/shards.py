@@ -168,7 +168,7 @@ class TrajectoryStream:
         return next(self._samples)
 
     def _epoch(self, epoch):
-        from stages.training.rng import fold
+        from stages.core.rng import fold
 
         order = np.random.default_rng(fold(self.seed, epoch, "shard-order")).permutation(len(self.paths))
         return wds.DataPipeline(
@@ -208,7 +208,7 @@ class RankTrajectoryStream(TrajectoryStream):
     shards_key = "trajectories.num_shards"
 
     def __init__(self, paths, counts, seed, shuffle_buffer, rank, world):
-        from stages.training.rng import fold
+        from stages.core.rng import fold
 
         paths = [str(p) for p in paths]
         if len(paths) < world:

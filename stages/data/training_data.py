@@ -10,17 +10,16 @@ the input file that identifies the run.
 
 import torch
 
-from stages.data import labels as class_labels, latents
+from stages.data import datasets, labels as class_labels, latents
 from stages.files import atomic
-from stages.training import loop
 
 
 class Pixels:
     """The prepared dataset on the device; each step draws `local` images by index from `generator`."""
 
     def __init__(self, path, accelerator, batch, key, batch_per_gpu=None):
-        self.data, _, self.labels = loop.load_images(path, accelerator, batch, key, labels=True)
-        self.local, self.micro_batches = loop.split_batch(batch, batch_per_gpu, accelerator.num_processes,
+        self.data, _, self.labels = load_images(path, accelerator, batch, key, labels=True)
+        self.local, self.micro_batches = split_batch(batch, batch_per_gpu, accelerator.num_processes,
                                                           key.rsplit(".", 1)[0])
         self.shape = (self.data.shape[1], self.data.shape[2])
         self.state, self.sha256, self.path = None, atomic.sha256_file(path), path
@@ -45,7 +44,7 @@ class Latents:
         world, rank = accelerator.num_processes, accelerator.process_index
         if batch % world:
             raise ValueError(f"{key} {batch} is not divisible by {world} processes")
-        self.local, self.micro_batches = loop.split_batch(batch, batch_per_gpu, world, key.rsplit(".", 1)[0])
+        self.local, self.micro_batches = split_batch(batch, batch_per_gpu, world, key.rsplit(".", 1)[0])
         self.state = latents.LatentBatches(paths, counts, seed, self.local, latents_cfg, rank, world,
                                            shuffle_buffer, accelerator.device)
         channels2, height, _ = latents.read_first(paths[0]).shape  # the first sample only
@@ -78,3 +77,46 @@ def check_labels(labels, num_classes, where):
         bad = labels[(labels < 0) | (labels >= num_classes)][:5].tolist()
         raise ValueError(f"{where}: labels {bad} outside 0..{num_classes - 1} of this class-conditional network; "
                          "a conditional row needs a labelled dataset with at most network.num_classes classes")
+
+
+def split_batch(batch, batch_per_gpu, world, key, unit="samples"):
+    """(units per micro-batch, micro-batches per step) of one process's share of the global
+    `batch` (config section `key`; `unit`: what batch counts, e.g. the trajectories of a
+    mid-training batch): the share is batch / world, in micro-batches of `batch_per_gpu` (None:
+    one micro-batch of the whole share). The global batch is the row's whatever the number of
+    processes; a split that does not divide evenly is refused."""
+    if batch % world:
+        raise ValueError(f"{key}.batch: {batch} {unit} per step are not divisible by {world} processes")
+    share = batch // world
+    per = share if batch_per_gpu is None else min(batch_per_gpu, share)
+    if share % per:
+        raise ValueError(f"{key}.batch_per_gpu: {batch_per_gpu} {unit} per micro-batch do not divide the {share} "
+                         f"{unit} per process ({batch} over {world} processes); choose a divisor of {share}")
+    return per, share // per
+
+
+def load_images(path, accelerator, batch, key, labels=False):
+    """The prepared dataset at `path` as a [-1, 1] tensor on the device, and this process's share
+    of the global `batch` (config key `key`), which must split evenly over the processes; with
+    `labels`, also the class indices (int64 [N] on the device, -1 where unlabelled)."""
+    images, classes = datasets.load(path)
+    world = accelerator.num_processes
+    if batch % world:
+        raise ValueError(f"{key} {batch} is not divisible by {world} processes")
+    out = DeviceImages(images, accelerator.device), batch // world
+    return (*out, torch.from_numpy(classes.astype("int64")).to(accelerator.device)) if labels else out
+
+
+class DeviceImages:
+    """A prepared dataset on the device as uint8 (ImageNet-64: 16 GB, not 63 GB of float32), read
+    as [-1, 1] float32 batches: data[indices] is datasets.to_model_range of those images."""
+
+    def __init__(self, images_uint8, device):
+        self.images = torch.from_numpy(images_uint8).to(device)
+        self.device, self.shape = self.images.device, self.images.shape
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index].to(torch.float32) / 127.5 - 1.0

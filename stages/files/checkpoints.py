@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from stages.files import atomic
 from stages import networks
-from stages.runtime import precision
+from stages.core import precision
 
 FORMAT = "cmt-model/1"
 
@@ -53,19 +53,22 @@ def read_meta(path):
     return meta
 
 
-def build_precond(meta, kind=None, dropout=None, sigma_min=None):
-    """A fresh Precond(network) described by `meta`; optionally another precond kind, dropout or
-    boundary sigma_min (a teacher's grid end becomes its consistency student's sigma_boundary).
-    Kind "meanflow" is the average-velocity model u(z, r, t) (flowmap.AverageVelocity)."""
+def boundary(meta):
+    """The consistency function's boundary a model file records: `sigma_boundary`; a student's file
+    written before the key existed kept it under `sigma_min` (which means the solver grid's end in
+    every other file)."""
+    return meta.get("sigma_boundary", meta["sigma_min"])
+
+
+def build(meta, kind=None, dropout=None, sigma_boundary=None):
+    """A fresh model as `meta` (a model.json) describes it (networks.build_precond), with random
+    weights; optionally another preconditioning `kind`, dropout or boundary (a teacher becomes a
+    consistency student with the config's sigma_boundary)."""
     arch = dict(meta["architecture"])
     if dropout is not None:
         arch["dropout"] = dropout
-    if (kind or meta["precond"]) == "meanflow":
-        from stages.method.flowmap import AverageVelocity
-
-        return AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=meta["sigma_data"])
     return networks.build_precond(arch, kind=kind or meta["precond"], sigma_data=meta["sigma_data"],
-                                  sigma_min=meta["sigma_min"] if sigma_min is None else sigma_min)
+                                  sigma_boundary=boundary(meta) if sigma_boundary is None else sigma_boundary)
 
 
 def load_weights(path, which):
@@ -100,9 +103,9 @@ def load_into(module, path, which="ema"):
     return module
 
 
-def load(path, which="ema", kind=None, dropout=None, sigma_min=None):
+def load(path, which="ema", kind=None, dropout=None, sigma_boundary=None):
     """Build the model described beside `path` and load its `which` weights; returns (module, meta)."""
     meta = read_meta(path)
-    module = build_precond(meta, kind=kind, dropout=dropout, sigma_min=sigma_min)
+    module = build(meta, kind=kind, dropout=dropout, sigma_boundary=sigma_boundary)
     load_into(module, path, which)
     return module, meta

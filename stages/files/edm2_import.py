@@ -128,7 +128,7 @@ def encoder_settings(encoder, path="<pickle>"):
     return settings
 
 
-def load_edm2(path, sigma_min=0.002):
+def load_edm2(path):
     """Read `path`; returns EDM2Import(net, architecture, sigma_data, encoder, info)."""
     data = unpickle.load(path)
     if not isinstance(data, dict) or "ema" not in data or "encoder" not in data:
@@ -137,7 +137,7 @@ def load_edm2(path, sigma_min=0.002):
     architecture, sigma_data, use_fp16 = architecture_of(data["ema"], path)
     encoder = encoder_settings(data["encoder"], path)
     tensors = unpickle.state_dict(data["ema"])
-    net = networks.build_precond(architecture, "edm", sigma_data, sigma_min)
+    net = networks.build_precond(architecture, "edm", sigma_data)
     own = net.state_dict()
     checkpoints.check_fits(own, tensors, f"the 'ema' tensors (EDM2 {architecture})", path)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]

@@ -67,7 +67,7 @@ def check_network_config(architecture, network_cfg, path):
                          + "\n  ".join(wrong) + "\nfix the row's network section (or use the right pickle)")
 
 
-def load_edm_teacher(path, sigma_min=0.002):
+def load_edm_teacher(path):
     """Read `path`; returns (Precond in EDM mode with the EMA weights, architecture, sigma_data, info)."""
     data = unpickle.load(path)
     if not isinstance(data, dict) or "ema" not in data:
@@ -75,7 +75,7 @@ def load_edm_teacher(path, sigma_min=0.002):
         raise ValueError(f"{path}: no 'ema' entry (found {have}); not an EDM training snapshot")
     architecture, sigma_data = architecture_of(data["ema"], path)
     tensors = unpickle.state_dict(data["ema"])
-    net = Precond(networks.build(architecture), "edm", sigma_data, sigma_min)
+    net = Precond(networks.build(architecture), "edm", sigma_data)
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)

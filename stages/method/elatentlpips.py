@@ -86,11 +86,16 @@ class ELatentLPIPS(nn.Module):
 
     @classmethod
     def from_file(cls, path, architecture=None, **kwargs):
-        """From a LatentVGG16 state dict in a safetensors file (the head's weights may be there or not)."""
+        """From a LatentVGG16 state dict in a safetensors file (the head's weights may be there or not):
+        a model file of train_latent_vgg holds it under `net.`, a bare state dict (and train_latent_vgg's
+        files of format cmt-latent-vgg/1) under its own names."""
         from safetensors.torch import load_file
 
         backbone = LatentVGG16(**(architecture or {}))
-        state = {k: v for k, v in load_file(str(path)).items() if k.startswith("features.")}
+        tensors = load_file(str(path))
+        if any(k.startswith("net.") for k in tensors):
+            tensors = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+        state = {k: v for k, v in tensors.items() if k.startswith("features.")}
         try:
             missing, unexpected = backbone.load_state_dict(state, strict=False)
             problem = [k for k in missing if k.startswith("features.")] + unexpected

@@ -20,7 +20,7 @@ import torch
 from stages.data import datasets, labels as class_labels, shards
 from stages.files import checkpoints
 from stages.method import solvers
-from stages.training import rng
+from stages.core import rng
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

@@ -7,12 +7,14 @@ describes itself and loads without pickles:
   (edm2.py; `edm2.preset(name)` gives the architecture of an EDM2 preset);
 - `dit`: the DiT/SiT transformer with MeanFlow's two time inputs, presets MF-B/4 ... MF-XL/2 (dit.py).
 
-Preconditioning (EDM, ECM) wraps a raw network into a denoiser or consistency function (precond.py);
-`build_precond` picks the wrapper whose tensor names match the network's official checkpoints.
+Preconditioning wraps a raw network into a denoiser or consistency function (EDM, ECM: precond.py)
+or MeanFlow's average velocity u(z, r, t) (average_velocity.py); `build_precond` picks the wrapper
+whose tensor names match the network's official checkpoints.
 """
 
 from torch import nn
 
+from stages.networks.average_velocity import AverageVelocity
 from stages.networks.ddpmpp import DDPMpp
 from stages.networks.edm2 import EDM2Precond, EDM2UNet
 from stages.networks.precond import Precond
@@ -84,7 +86,11 @@ def target_context(net: nn.Module):
     return lambda: edm2.forced_weight_norm(net, False)
 
 
-def build_precond(architecture: dict, kind="edm", sigma_data=0.5, sigma_min=0.002) -> Precond:
-    """The network of `architecture` inside the preconditioning of `kind` ('edm' or 'ecm')."""
+def build_precond(architecture: dict, kind="edm", sigma_data=0.5, sigma_boundary=0.002) -> nn.Module:
+    """The network of `architecture` inside the preconditioning of `kind`: 'edm' or 'ecm' (a denoiser
+    or a consistency function with boundary `sigma_boundary`, which ECM's eval mode alone reads), or
+    'meanflow' (the average velocity u(z, r, t) of a network with two time inputs)."""
+    if kind == "meanflow":
+        return AverageVelocity(build({**architecture, "dual_time": True}), sigma_data=sigma_data)
     wrapper = PRECONDS.get(architecture.get("kind"), Precond)
-    return wrapper(build(architecture), kind, sigma_data, sigma_min)
+    return wrapper(build(architecture), kind, sigma_data, sigma_boundary)

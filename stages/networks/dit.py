@@ -16,7 +16,7 @@ N(0, 0.02) timestep MLPs and class table, and zero adaLN modulations and final l
 block starts as the identity and the network's output starts at exactly zero.
 
 The network takes the state and the flow times as they are (MeanFlow's DiT: z_t, t and t - r in
-[0, 1]) and returns u; `meanflow_inputs = "direct"` tells flowmap.AverageVelocity so.
+[0, 1]) and returns u; `meanflow_inputs = "direct"` tells networks/average_velocity.py so.
 
 Parameter counts (no position table: it is a non-persistent buffer recomputed from the config):
 MF-XL/2 676,440,592 and MF-B/4 131,165,248, against DiT-XL/2 675,129,632 and DiT-B/4 130,475,648:

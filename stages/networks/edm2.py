@@ -260,8 +260,8 @@ class EDM2Precond(Precond):
 
     network_name = "unet"
 
-    def __init__(self, unet, kind="edm", sigma_data=0.5, sigma_min=0.002):
-        super().__init__(unet, kind, sigma_data, sigma_min)
+    def __init__(self, unet, kind="edm", sigma_data=0.5, sigma_boundary=0.002):
+        super().__init__(unet, kind, sigma_data, sigma_boundary)
         self.logvar_fourier = MPFourier(unet.logvar_channels)
         self.logvar_linear = MPConv(unet.logvar_channels, 1, ())
 

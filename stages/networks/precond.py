@@ -4,9 +4,9 @@ EDM:  D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
       c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2),
       c_noise = ln(s) / 4.
 ECM (the consistency student of ECT and CMT): the EDM coefficients in train mode, and in eval mode
-(EMA, sampling, FID) the boundary-shifted pair
-      c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = (s - s_min) sd / sqrt(s^2 + sd^2),
-which makes f(x, s_min) = x exactly. The asymmetry is inherited from ECT and kept on purpose.
+(EMA, sampling, FID) the pair shifted to the boundary s_b (config sigma_boundary)
+      c_skip = sd^2 / ((s - s_b)^2 + sd^2), c_out = (s - s_b) sd / sqrt(s^2 + sd^2),
+which makes f(x, s_b) = x exactly. The asymmetry is inherited from ECT and kept on purpose.
 """
 
 import torch
@@ -22,9 +22,9 @@ def edm_coefficients(sigma, sigma_data):
     return c_skip, c_out, c_in
 
 
-def ecm_boundary_coefficients(sigma, sigma_data, sigma_min):
-    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
-    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+def ecm_boundary_coefficients(sigma, sigma_data, sigma_boundary):
+    c_skip = sigma_data**2 / ((sigma - sigma_boundary) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_boundary) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     return c_skip, c_out, c_in
 
@@ -38,14 +38,14 @@ class Precond(nn.Module):
 
     network_name = "model"  # attribute of the raw network, hence the prefix of its tensors' names
 
-    def __init__(self, model, kind="edm", sigma_data=0.5, sigma_min=0.002):
+    def __init__(self, model, kind="edm", sigma_data=0.5, sigma_boundary=0.002):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"precond kind {kind!r} is not one of {KINDS}")
         setattr(self, self.network_name, model)
         self.kind = kind
         self.sigma_data = float(sigma_data)
-        self.sigma_min = float(sigma_min)
+        self.sigma_boundary = float(sigma_boundary)
 
     @property
     def network(self):
@@ -57,7 +57,7 @@ class Precond(nn.Module):
 
     def coefficients(self, sigma):
         if self.kind == "ecm" and not self.training:
-            return ecm_boundary_coefficients(sigma, self.sigma_data, self.sigma_min)
+            return ecm_boundary_coefficients(sigma, self.sigma_data, self.sigma_boundary)
         return edm_coefficients(sigma, self.sigma_data)
 
     def check_labels(self, labels, batch):

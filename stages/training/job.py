@@ -1,28 +1,16 @@
-"""What every training stage does around loop.fit, in one place: the resumable state its rule
-asked for (--state-dir, --checkpoint), EMA snapshots at fractions of the budget, the model file it
-writes (with the config and the images it saw), and the teardown once the outputs are written.
-
-A stage keeps what is its own (data, model, loss, the metadata of its model) and reads
-    job = TrainingJob(args, cfg, stage=..., accelerator=..., identity=...)
-    elapsed = loop.fit(..., state=job.state)
-    job.finish(net, ema, meta=..., steps=..., batch=..., train_seconds=elapsed)
+"""What every training job does around loop.fit, in one place: the resumable state its rule asked
+for (--state-dir, --checkpoint), EMA snapshots at fractions of the budget, the model file it writes
+(with the config and the images it saw), and the teardown once the outputs are written.
 
 The model file records every job that trained the run (`jobs`, stages/training/job_log.py): a run
-sliced or resumed over several jobs is costed from them (stages/runtime/ledger.py).
+sliced or resumed over several jobs is costed from them (stages/reporting/ledger.py).
 """
 
 from pathlib import Path
 
 from stages.files import checkpoints
-from stages.runtime import cli
 from stages.training import resume
 from stages.training.job_log import JobLog
-
-
-def snapshot_name(fraction):
-    """p000, p025, ..., p100: the snapshot at `fraction` of the budget (workflow/rules/common.smk
-    names the rule's outputs the same way)."""
-    return f"p{round(100 * fraction):03d}"
 
 
 class TrainingJob:
@@ -31,16 +19,17 @@ class TrainingJob:
     `identity` is what a resumed run must share with the one that saved the state, besides the
     stage's config (the digests of its inputs, ...). `images_before` is what the initialisation has
     already seen (the MeanFlow rows compare inits at equal total images): given, the model files
-    also record `images_seen_total`.
+    also record `images_seen_total`. `started`: the job's start in seconds since the epoch
+    (stages.core.cli.started()), from which its wall time is counted.
     """
 
-    def __init__(self, args, cfg, *, stage, accelerator, identity, images_before=None):
+    def __init__(self, args, cfg, *, stage, accelerator, identity, images_before=None, started=None):
         self.args, self.cfg, self.stage, self.accelerator = args, cfg, stage, accelerator
         self.images_before = images_before
         self.state = resume.TrainState.from_args(args.state_dir, args.checkpoint, stage=stage,
-                                                 identity={"config": cfg, **identity}, started=cli.started())
+                                                 identity={"config": cfg, **identity}, started=started)
         # the jobs before this one come with the state (loop.fit restores it); without one this job is all
-        self.log = self.state.log if self.state is not None else JobLog(cli.started())
+        self.log = self.state.log if self.state is not None else JobLog(started)
         self.snapshot_set = None
 
     def images(self, steps, batch):
@@ -53,13 +42,13 @@ class TrainingJob:
         """Every job's record for the model file, this one's finishing the run at `steps`."""
         return self.log.through(steps, "finished")
 
-    def snapshots(self, fractions, *, total_steps, batch, ema, meta):
-        """EMA snapshots at `fractions` of `total_steps` into the rule's --snapshots folder; pass
-        the result's `save` to loop.fit as on_step_end."""
+    def snapshots(self, names, *, total_steps, batch, ema, meta):
+        """EMA snapshots (`names`: fraction of the budget -> file name) into the rule's --snapshots
+        folder; pass the result's `save` to loop.fit as on_step_end."""
         # Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in
         # its state folder until the end, as a later job could not remake the EMA of an earlier step.
         folder = self.state.dir / "snapshots" if self.state is not None else Path(self.args.snapshots)
-        self.snapshot_set = Snapshots(self, fractions, total_steps, batch, ema, meta, folder)
+        self.snapshot_set = Snapshots(self, names, total_steps, batch, ema, meta, folder)
         return self.snapshot_set
 
     def finish(self, net, ema, *, meta, steps, batch, train_seconds):
@@ -84,10 +73,10 @@ class Snapshots:
     """The EMA at fixed fractions of the budget (step 0 included: the initialisation itself), what
     the FD curve is drawn from. `steps` maps each snapshot's step to its name."""
 
-    def __init__(self, job, fractions, total_steps, batch, ema, meta, folder):
+    def __init__(self, job, names, total_steps, batch, ema, meta, folder):
         self.job, self.total, self.batch, self.ema, self.meta = job, total_steps, batch, ema, meta
         self.folder = folder
-        self.steps = {round(f * total_steps): snapshot_name(f) for f in fractions}
+        self.steps = {round(f * total_steps): name for f, name in names.items()}
 
     def save(self, steps_done):
         name = self.steps.get(steps_done)

@@ -1,10 +1,10 @@
-"""The jobs that trained one run, for the cost ledger (stages/runtime/ledger.py).
+"""The jobs that trained one run, for the cost ledger (stages/reporting/ledger.py).
 
 A run sliced by checkpoint.slice_kimg, stopped by a signal (a SLURM time limit, a preemption) or
 killed is trained by several jobs: Snakemake attempts of one job, or jobs of several invocations.
 Snakemake's benchmark file of the job keeps the last attempt only, so each training job records
 itself: its wall seconds, from its start (stages.launch's, which starts the stage's processes,
-else the stage's call of stages.runtime.cli.start) to the moment it saved its state and exited or
+else the stage's call of stages.core.cli.start) to the moment it saved its state and exited or
 wrote the model; the steps [from, to] it trained; and how it ended. The list travels from job to
 job in the training state (resume.py) and ends in the model's .json as `jobs`, oldest first:
 
@@ -38,7 +38,7 @@ ENDINGS = ("slice", "signal", "lost", "finished")
 class JobLog:
     """The records of the jobs before this one (from the training state) and this job's clock.
 
-    `started`: this job's start in seconds since the epoch (stages.runtime.cli.started()); None,
+    `started`: this job's start in seconds since the epoch (stages.core.cli.started()); None,
     the time the log is made."""
 
     def __init__(self, started=None):

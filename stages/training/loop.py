@@ -5,7 +5,6 @@ and every stage prints the same status line (step, kimg, loss, images/s, sec/kim
 """
 
 import contextlib
-import copy
 import math
 import signal
 import sys
@@ -13,8 +12,8 @@ import time
 
 import torch
 
-from stages.data import datasets
-from stages.training import resume, rng
+from stages.core import rng
+from stages.training import resume
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
@@ -66,49 +65,6 @@ def lr_at(step, total_steps, cfg):
     elif cfg["schedule"] != "constant":
         raise ValueError(f"optimizer.schedule: unknown schedule {cfg['schedule']!r}")
     return lr
-
-
-# ----------------------------------------------------------------------------------------------
-# EMA
-
-
-class EMA:
-    """ema <- beta ema + (1 - beta) theta after every step.
-
-    With `rampup` set, the half-life (in steps) is capped at rampup * steps_done, so a short run's
-    EMA forgets its initialisation (a fixed 0.9999 over 2,000 steps keeps ~80 % of the initial
-    weights and flatters whichever init was best). The official recipes use rampup = None.
-    """
-
-    def __init__(self, module, beta, rampup=None):
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
-        self.beta = beta
-        self.rampup = rampup
-
-    def beta_at(self, steps_done):
-        beta = self.beta
-        if self.rampup:
-            beta = min(beta, 0.5 ** (1 / max(self.rampup * steps_done, 1e-8)))
-        return beta
-
-    @torch.no_grad()
-    def update(self, module, steps_done):
-        beta = self.beta_at(steps_done)
-        for e, p in zip(self.module.parameters(), module.parameters()):
-            e.lerp_(p.detach(), 1 - beta)
-        for e, b in zip(self.module.buffers(), module.buffers()):
-            e.copy_(b)
-
-
-class NoEMA(EMA):
-    """For a recipe without an EMA (the latent VGG16 classifier): holds no copy and updates nothing,
-    so the training state carries no second set of weights."""
-
-    def __init__(self):
-        self.module, self.beta, self.rampup = torch.nn.Module(), None, None
-
-    def update(self, module, steps_done):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,49 +244,6 @@ def any_rank(accelerator, *values):
         return local
     flags = torch.tensor([local], device=accelerator.device)
     return [int(v) for v in accelerator.gather(flags).max(dim=0).values.tolist()]
-
-
-def split_batch(batch, batch_per_gpu, world, key, unit="samples"):
-    """(units per micro-batch, micro-batches per step) of one process's share of the global
-    `batch` (config section `key`; `unit`: what batch counts, e.g. the trajectories of a
-    mid-training batch): the share is batch / world, in micro-batches of `batch_per_gpu` (None:
-    one micro-batch of the whole share). The global batch is the row's whatever the number of
-    processes; a split that does not divide evenly is refused."""
-    if batch % world:
-        raise ValueError(f"{key}.batch: {batch} {unit} per step are not divisible by {world} processes")
-    share = batch // world
-    per = share if batch_per_gpu is None else min(batch_per_gpu, share)
-    if share % per:
-        raise ValueError(f"{key}.batch_per_gpu: {batch_per_gpu} {unit} per micro-batch do not divide the {share} "
-                         f"{unit} per process ({batch} over {world} processes); choose a divisor of {share}")
-    return per, share // per
-
-
-def load_images(path, accelerator, batch, key, labels=False):
-    """The prepared dataset at `path` as a [-1, 1] tensor on the device, and this process's share
-    of the global `batch` (config key `key`), which must split evenly over the processes; with
-    `labels`, also the class indices (int64 [N] on the device, -1 where unlabelled)."""
-    images, classes = datasets.load(path)
-    world = accelerator.num_processes
-    if batch % world:
-        raise ValueError(f"{key} {batch} is not divisible by {world} processes")
-    out = DeviceImages(images, accelerator.device), batch // world
-    return (*out, torch.from_numpy(classes.astype("int64")).to(accelerator.device)) if labels else out
-
-
-class DeviceImages:
-    """A prepared dataset on the device as uint8 (ImageNet-64: 16 GB, not 63 GB of float32), read
-    as [-1, 1] float32 batches: data[indices] is datasets.to_model_range of those images."""
-
-    def __init__(self, images_uint8, device):
-        self.images = torch.from_numpy(images_uint8).to(device)
-        self.device, self.shape = self.images.device, self.images.shape
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index].to(torch.float32) / 127.5 - 1.0
 
 
 def make_accelerator():

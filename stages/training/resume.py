@@ -72,7 +72,7 @@ class TrainState:
     stage's configuration and the digests of its inputs); a difference stops the resume with the
     differing keys listed. `every_steps`, `every_minutes` and `slice_kimg` come from the config's
     `checkpoint` section and may change between jobs. `started`: this job's start in seconds since
-    the epoch (stages.runtime.cli.started(); None: now), from which `log` times it.
+    the epoch (stages.core.cli.started(); None: now), from which `log` times it.
     """
 
     def __init__(self, folder, *, stage, identity, every_steps=None, every_minutes=None, slice_kimg=None,

@@ -14,7 +14,10 @@ torch.set_num_threads(1)
 
 from stages.method import flowmap, meanflow  # noqa: E402
 from stages import networks  # noqa: E402
-from stages.training import loop, rng  # noqa: E402
+from stages.core import rng
+from stages.training import loop  # noqa: E402
+from stages.networks.average_velocity import AverageVelocity
+from stages.training.ema import EMA  # noqa: E402
 
 out = Path(sys.argv[1])
 SEED, GLOBAL_BATCH = 3, 8
@@ -24,7 +27,7 @@ accelerator = loop.make_accelerator()
 world, rank = accelerator.num_processes, accelerator.process_index
 assert world == 2, f"expected 2 processes, got {world}"
 torch.manual_seed(0)
-net = flowmap.AverageVelocity(networks.build({
+net = AverageVelocity(networks.build({
     "kind": "small_unet", "in_channels": 1, "resolution": 4, "channels": 8, "channel_mult": [1, 2],
     "num_blocks": 1, "dropout": 0.2, "dual_time": True}))
 with torch.no_grad():  # non-zero output layers, so every parameter gets a gradient
@@ -41,7 +44,7 @@ def half_batch_loss(u, bare, step, k):
     return meanflow.meanflow_loss(u, x, g, ratio_r_neq_t=0.5, jvp_u=bare)
 
 
-ema = loop.EMA(net, 0.9)
+ema = EMA(net, 0.9)
 optimizer = loop.build_optimizer(net.parameters(), OPT)
 ddp, optimizer = accelerator.prepare(net, optimizer)
 assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)

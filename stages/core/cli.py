@@ -62,7 +62,7 @@ def start(args, stage):
     _started = launched_at() or time.time()
     import torch
 
-    from stages.runtime import precision
+    from stages.core import precision
 
     tf32 = precision.apply()
     threads = args.threads or len(os.sched_getaffinity(0))

@@ -1,1 +1,0 @@
-"""How a stage process starts: arguments, threads and numerical settings."""
