@@ -349,7 +349,10 @@ def provide(files, key, receipt, mode, command, remote=None, push=False):
 
             print(f"[store] pulling {where} from {remote}", flush=True)
             t0 = time.monotonic()
-            record = store_remote.Remote(remote).pull(files)
+            try:
+                record = store_remote.Remote(remote).pull(files)
+            except store_remote.RemoteError as e:
+                raise SystemExit(f"[store] {e}") from None
             note_use(files, receipt)
             print(f"[store] pulled {where} in {time.monotonic() - t0:.1f}s", flush=True)
             write_receipt(receipt, files, record, made_here=False)
@@ -387,10 +390,14 @@ def provide(files, key, receipt, mode, command, remote=None, push=False):
         note_use(files, receipt)
     print(f"[store] made {where} in {seconds:.1f}s", flush=True)
     write_receipt(receipt, files, record, made_here=True)
-    if push:
+    if push:  # the item is made and received whatever happens to the upload
         from stages.files import store_remote
 
-        print(f"[store] {store_remote.Remote(remote).push(files)}", flush=True)
+        try:
+            print(f"[store] {store_remote.Remote(remote).push(files)}", flush=True)
+        except Exception as e:  # noqa: BLE001  (a network or service error of any kind)
+            print(f"[store] {where}: not pushed to {remote} ({type(e).__name__}: {e}); push it later with "
+                  f"`cmt-store push {Path(where).parent.name}`", flush=True)
     return 0
 
 

@@ -227,19 +227,19 @@ def cmd_pull(a):
         raise SystemExit(f"{r.url}: no complete item matches {' '.join(a.patterns)}")
     failed = 0
     for name in names:
-        record = r.record(name)
-        files = [Path(a.store, name).with_name(e["name"]) for e in record["files"]]
-        with store.ItemLock(files):
-            mine = store.read_record(files)
-            if mine and [e["sha256"] for e in mine["files"]] == [e["sha256"] for e in record["files"]]:
-                print(f"{name}: here already")
-                continue
-            try:
+        try:
+            record = r.record(name)
+            files = [Path(a.store, name).with_name(e["name"]) for e in record["files"]]
+            with store.ItemLock(files):
+                mine = store.read_record(files)
+                if mine and [e["sha256"] for e in mine["files"]] == [e["sha256"] for e in record["files"]]:
+                    print(f"{name}: here already")
+                    continue
                 r.pull(files, record)
-            except store_remote.RemoteError as e:
-                failed += 1
-                print(e)
-                continue
+        except store_remote.RemoteError as e:
+            failed += 1
+            print(e)
+            continue
         print(f"pulled {name}" + (f" (replacing the local copy made by {mine['made']['by']})" if mine else ""))
     print(f"{len(names)} items from {r.url}: {failed} failed")
     return 1 if failed else 0
