@@ -271,6 +271,11 @@ def test_store_command_push_and_pull(remote_url, tmp_path, capsys):
     assert [p.read_bytes() for p in (b / "teachers" / "tk").glob("model.*") if p.is_file()]
     assert store_cli.main(["pull", "--store", str(b), "--remote", remote_url, KEY]) == 0
     assert "here already" in capsys.readouterr().out
+    one = f"trajectories/{KEY}/shard-000001.tar"
+    assert store_cli.main(["pull", "--store", str(tmp_path / "c"), "--remote", remote_url, one]) == 0
+    assert [p.name for p in (tmp_path / "c").rglob("*.tar")] == ["shard-000001.tar"]
+    with pytest.raises(SystemExit, match="no complete item matches latents/"):
+        store_cli.main(["pull", "--store", str(b), "--remote", remote_url, "latents/"])
     assert store_cli.main(["ls", "--store", str(a), "--remote", remote_url, "--no-rows", "--check-remote"]) == 0
     out = capsys.readouterr().out
     assert "IN REMOTE" in out and "2/2" in out and "1/1" in out
@@ -284,3 +289,17 @@ def test_pushed_records_read_as_records(remote_url, tmp_path):
     body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/teachers/tk/model.safetensors.record.json")
     record = json.loads(body["Body"].read())
     assert record == store.read_record(files)
+
+
+def test_the_wrapper_pushes_what_it_made_and_a_failed_push_fails_no_job(remote_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "store" / "trajectories" / KEY / "shard-000000.tar"
+    stage = [sys.executable, "-c", f"open({str(out)!r}, 'w').write('made')"]
+    out.parent.mkdir(parents=True)
+    assert store.provide([out], KEY, "r.json", "make", stage, remote=remote_url, push=True) == 0
+    name = store_remote.item_name([out])
+    assert store_remote.remote_complete(remote_url, [name]) == {name}
+    out2 = out.with_name("shard-000001.tar")
+    stage = [sys.executable, "-c", f"open({str(out2)!r}, 'w').write('made')"]
+    assert store.provide([out2], KEY, "r2.json", "make", stage, remote="s3://no-such-bucket-cmt/x", push=True) == 0
+    assert store.complete([out2]) and "not pushed to s3://no-such-bucket-cmt/x" in capsys.readouterr().out

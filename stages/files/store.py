@@ -24,7 +24,7 @@ model.json; a dataset's dataset.npz and manifest.json). Beside its first file F 
 - `.F.remaking`, while a remake runs: files a failed remake leaves are made again, not adopted.
 - `F.uses.json`, the use log: for each workdir that took the item (made it or wrote a receipt for
   it), when it last did and its receipt. The store command's `gc` removes nothing used within its
-  grace period (stages/tools/store.py states the rule). A user who cannot write the folder takes
+  grace period (stages/files/store_items.py states the rule). A user who cannot write the folder takes
   the item all the same; the log then misses that use.
 - `.F.env.json`, while the stage runs: the environment the stage leaves for the record.
 

@@ -113,7 +113,10 @@ def read_item(record_file):
     found = record.get("format") if isinstance(record, dict) else None
     if found != store.RECORD_FORMAT:
         return Item([first], None, INCOMPLETE, f"{record_file}: format {found!r}, expected {store.RECORD_FORMAT!r}")
-    files = [first.with_name(e["name"]) for e in record["files"]]
+    try:
+        files = [first.with_name(e["name"]) for e in record["files"]]
+    except (KeyError, TypeError, ValueError):
+        return Item([first], None, INCOMPLETE, f"{record_file}: names no files")
     uses = store.read_uses(files)
     if store.read_record(files) is None:
         gone = [f.name for f, e in zip(files, record["files"]) if not f.exists() or f.stat().st_size != e["bytes"]]

@@ -63,6 +63,11 @@ def item_name(files):
     return "/".join(Path(files[0]).parts[-3:])
 
 
+def plain_name(part):
+    """A name that stays in its folder (no separator, not . or ..)."""
+    return bool(part) and part not in (".", "..") and "/" not in part and "\\" not in part
+
+
 def parse(url):
     """s3://bucket/prefix -> (bucket, prefix without slashes at its ends)."""
     u = urlparse(url)
@@ -124,13 +129,14 @@ class Remote:
             found |= wanted & records
         return found
 
-    def items(self):
-        """Every item name in the remote: a LIST per kind and one per folder."""
+    def items(self, folders=lambda kind_folder: True):
+        """The item names in the remote, in the folders (`<kind>/<folder>`) that `folders` accepts: a
+        LIST for the kinds, one per kind, and one per accepted folder."""
         for kind in self.list_names(""):
             if not kind.endswith("/"):
                 continue
             for folder in self.list_names(kind):
-                if folder.endswith("/"):
+                if folder.endswith("/") and folders(folder.rstrip("/")):
                     for n in self.list_names(folder):
                         if n.endswith(RECORD_SUFFIX):
                             yield n[:-len(RECORD_SUFFIX)]
@@ -167,6 +173,8 @@ class Remote:
             raise RemoteError(f"{name}: not complete in the remote {self.url} (no record); rerun the workflow, "
                               "which plans the job that makes it")
         entries = {e["name"]: e for e in record["files"]}
+        if not all(map(plain_name, [*name.split("/"), *entries])) or len(name.split("/")) != 3:
+            raise RemoteError(f"{self.where(name + RECORD_SUFFIX)}: names files outside their folder; not pulled")
         if sorted(entries) != sorted(f.name for f in files):
             raise RemoteError(f"{self.where(name + RECORD_SUFFIX)}: records the files {sorted(entries)}, "
                               f"this item has {sorted(f.name for f in files)}")

@@ -84,7 +84,7 @@ def span(times):
 
 def cmd_ls(a):
     items = store_items.select(store_items.scan(a.store), a.patterns)
-    rows = {} if a.no_rows else store_refs.rows_store_keys(given_rows(a))
+    rows = {} if a.no_rows or not items else store_refs.rows_store_keys(given_rows(a))
     using = store_items.referencing(items, rows)
     in_remote = set()
     if a.check_remote:
@@ -220,9 +220,14 @@ def cmd_pull(a):
     from stages.files import store_remote
 
     r = remote(a)
-    names = sorted(n for n in r.items()
-                   if any(n.startswith(p.rstrip("/")) or p == n.split("/")[1] or n.split("/")[1].endswith(p)
-                          for p in a.patterns))
+
+    def folder_named(kind_folder):
+        folder = kind_folder.split("/")[1]
+        return any(p in (folder, folder.rsplit("-", 1)[-1]) or kind_folder.startswith(p.rstrip("/"))
+                   or p.startswith(kind_folder + "/") for p in a.patterns)
+
+    names = sorted(n for n in r.items(folder_named)
+                   if any(not p.startswith(n.rsplit("/", 1)[0] + "/") or n.startswith(p) for p in a.patterns))
     if not names:
         raise SystemExit(f"{r.url}: no complete item matches {' '.join(a.patterns)}")
     failed = 0
