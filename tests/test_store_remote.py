@@ -303,3 +303,10 @@ def test_the_wrapper_pushes_what_it_made_and_a_failed_push_fails_no_job(remote_u
     stage = [sys.executable, "-c", f"open({str(out2)!r}, 'w').write('made')"]
     assert store.provide([out2], KEY, "r2.json", "make", stage, remote="s3://no-such-bucket-cmt/x", push=True) == 0
     assert store.complete([out2]) and "not pushed to s3://no-such-bucket-cmt/x" in capsys.readouterr().out
+
+
+def test_a_remote_that_cannot_be_listed_is_named(s3_endpoint):
+    with pytest.raises(store_remote.RemoteError, match=r"s3://no-such-bucket-cmt/x/teachers/tk/.*NoSuchBucket"):
+        store_remote.remote_complete("s3://no-such-bucket-cmt/x", ["teachers/tk/model.safetensors"])
+    with pytest.raises(store_remote.RemoteError, match="is not s3://bucket/prefix"):
+        store_remote.Remote("https://example.org/store")

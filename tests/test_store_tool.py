@@ -33,7 +33,7 @@ for pair in sys.argv[1:]:
     open(path, "w").write(content)
 """
 
-KEYS = {"dataset": "5d68169647a2cf80", "teacher": "3c2b35df2c6620d3", "trajectories": "23404d44e8a8415a"}
+KEYS = {"dataset": "1111aaaa2222bbbb", "teacher": "3333cccc4444dddd", "trajectories": "5555eeee6666ffff"}
 
 
 class Store:
@@ -90,9 +90,10 @@ def age(files, days):
     atomic.write_json(store.uses_path(files), uses)
 
 
-def cli(capsys, *argv):
-    code = store_cli.main(list(argv))
-    return code, capsys.readouterr().out
+def cli(capsys, *argv, status=0):
+    """Run the store command on the test's store; its output. `status`: the exit status it must give."""
+    assert store_cli.main(list(argv)) == status
+    return capsys.readouterr().out
 
 
 @pytest.fixture
@@ -133,8 +134,8 @@ def test_a_record_written_before_environments_were_kept_stays_readable(made, cap
     assert store.read_record(made.spec)["format"] == "cmt-store-record/1"
     item = next(i for i in store_items.scan(made.root) if i.name.endswith("spec.json"))
     assert item.status == "complete" and store_items.env_summary(item.made) == ""
-    code, out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--no-rows", "--items")
-    assert code == 0 and "spec.json" in out
+    out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--no-rows", "--items")
+    assert "spec.json" in out
 
 
 def test_make_and_reuse_note_their_use_per_workdir(made):
@@ -184,8 +185,7 @@ def test_a_lock_on_a_removed_lock_file_is_taken_again(tmp_path):
 # ---- ls, du --------------------------------------------------------------------------------
 
 def test_ls_lists_items_with_who_made_them_and_the_rows_that_use_them(made, rows, capsys):
-    code, out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--json", *rows)
-    assert code == 0
+    out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--json", *rows)
     items = {i["name"]: i for i in json.loads(out)}
     assert sorted(items) == sorted(store_items.Item(f, None, "").name for f in
                                    [made.dataset, made.teacher, made.spec, *made.shards])
@@ -198,7 +198,7 @@ def test_ls_lists_items_with_who_made_them_and_the_rows_that_use_them(made, rows
     assert items[f"datasets/digits-{KEYS['dataset']}/dataset.npz"]["rows"] == ["row-a", "row-b"]
     assert items[f"trajectories/{KEYS['trajectories']}/shard-000001.tar"]["rows"] == []
     # grouped by key: the pool's three items on one line
-    code, out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", *rows)
+    out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", *rows)
     line = next(x for x in out.splitlines() if x.startswith("trajectories"))
     size = sum(f.stat().st_size for f in [*made.spec, *made.shards[0], *made.shards[1]])
     assert line.split()[:6] == ["trajectories", KEYS["trajectories"], "complete", "3", *store_items.human(size).split()]
@@ -207,7 +207,7 @@ def test_ls_lists_items_with_who_made_them_and_the_rows_that_use_them(made, rows
 def test_ls_shows_files_without_a_record_and_incomplete_items(made, capsys):
     (made.root / "trajectories" / KEYS["trajectories"] / "shard-000002.tar").write_text("half")
     made.shards[1][0].write_text("truncated")
-    _code, out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--no-rows")
+    out = cli(capsys, "ls", "--store", str(made.root), "--remote", "s3://x/y", "--no-rows")
     assert "shard-000002.tar: unrecorded: no record" in out
     assert "shard-000001.tar: incomplete: missing or not the recorded size: shard-000001.tar" in out
 
@@ -216,7 +216,7 @@ def test_du_sums_by_kind_and_key(made, capsys):
     state = made.root / "teachers" / f"{KEYS['teacher']}-state"
     state.mkdir()
     (state / "state.safetensors").write_bytes(b"0" * 5000)
-    _code, out = cli(capsys, "du", "--store", str(made.root), "--remote", "s3://x/y")
+    out = cli(capsys, "du", "--store", str(made.root), "--remote", "s3://x/y")
     lines = {tuple(line.split()[:2]): line.split()[-2:] for line in out.splitlines()}
     teacher = sum(f.stat().st_size for f in made.teacher)
     kinds = {line.split()[0]: line.split()[1:] for line in out.splitlines() if not line.startswith(" ")}
@@ -233,32 +233,32 @@ def test_du_sums_by_kind_and_key(made, capsys):
 # ---- verify --------------------------------------------------------------------------------
 
 def test_verify_names_the_damaged_item_and_the_command_that_remakes_it(made, capsys):
-    code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y")
-    assert code == 0 and "verified 5 items" in out and "0 damaged" in out
+    out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y")
+    assert "verified 5 items" in out and "0 damaged" in out
     shard = made.shards[1][0]
     shard.write_text(shard.read_text()[:-1] + "!")  # same size, other bytes
     receipt = made.tmp / "wd" / "results/digits/receipts/shards/000001.json"
-    code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y")
-    assert code == 1 and "1 damaged" in out
+    out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", status=1)
+    assert "1 damaged" in out
     assert f"DAMAGED trajectories/{KEYS['trajectories']}/shard-000001.tar" in out and "sha256" in out
     assert f"in {made.tmp / 'wd'}: " + store.remake_command("results/digits/receipts/shards/000001.json") in out
     receipt.unlink()  # no workdir keeps a receipt for it: the pattern for any row's workdir
-    code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "shard-000001")
+    out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "shard-000001", status=1)
     assert "verified 1 items" in out
     assert store.remake_command("results/<row>/receipts/shards/000001.json") in out
 
 
 def test_verify_a_sample_and_one_key(made, capsys):
-    code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "--sample", "2",
+    out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "--sample", "2",
                     "--seed", "1")
     assert "verified 2 items" in out
-    _code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", KEYS["trajectories"])
+    out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", KEYS["trajectories"])
     assert "verified 3 items" in out
 
 
 def test_verify_skips_an_item_being_made(made, capsys):
     with store.ItemLock(made.teacher):
-        _code, out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "teachers/")
+        out = cli(capsys, "verify", "--store", str(made.root), "--remote", "s3://x/y", "teachers/")
     assert "not verified, being made" in out and "verified 0 items" in out
 
 
@@ -267,8 +267,7 @@ def test_verify_skips_an_item_being_made(made, capsys):
 def test_gc_lists_what_no_row_uses_and_keeps_what_was_used_within_the_grace_period(made, rows, capsys):
     for files in made.shards:
         age(files, days=40)
-    code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", *rows)
-    assert code == 0
+    out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", *rows)
     shard = f"trajectories/{KEYS['trajectories']}/shard-000000.tar"
     assert f"remove  {shard}" in out and "no given row uses it" in out
     assert f"keep    trajectories/{KEYS['trajectories']}/spec.json: no given row uses it, but used" in out
@@ -280,7 +279,7 @@ def test_gc_lists_what_no_row_uses_and_keeps_what_was_used_within_the_grace_peri
 def test_gc_removes_record_first_then_files_use_log_and_lock(made, rows, capsys):
     for files in [made.spec, *made.shards]:
         age(files, days=40)
-    _code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
+    out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
     assert len([x for x in out.splitlines() if x.startswith("removed trajectories/")]) == 3
     assert not (made.root / "trajectories" / KEYS["trajectories"]).exists()
     assert store.complete(made.teacher) and store.complete(made.dataset)
@@ -292,9 +291,9 @@ def test_gc_removes_record_first_then_files_use_log_and_lock(made, rows, capsys)
 def test_gc_never_removes_an_item_used_within_the_grace_period(made, rows, capsys):
     age(made.shards[0], days=40)
     age(made.shards[1], days=29)
-    code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
+    cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
     assert store.complete(made.shards[1]) and not made.shards[0][0].exists()
-    _code, _out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", "--grace", "7", *rows)
+    cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", "--grace", "7", *rows)
     assert not made.shards[1][0].exists()
 
 
@@ -304,11 +303,11 @@ def test_gc_keeps_an_item_a_running_workflow_used_or_one_being_made(made, rows, 
     locks = made.tmp / "wd" / ".snakemake" / "locks"
     locks.mkdir(parents=True)
     (locks / "0.input.lock").write_text("")
-    code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
+    out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
     assert "a Snakemake run is in progress in" in out and store.complete(made.shards[0])
     (locks / "0.input.lock").unlink()
     with store.ItemLock(made.shards[0]):
-        _code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
+        out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
     assert "kept: being made or remade" in out and store.complete(made.shards[0])
     assert not made.shards[1][0].exists()
 
@@ -325,7 +324,7 @@ def test_gc_puts_the_record_back_when_a_use_is_noted_during_the_removal(made):
 def test_gc_by_last_use(made, capsys):
     age(made.teacher, days=100)
     age(made.dataset, days=50)
-    _code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y",
+    out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y",
                     "--unused-since", (datetime.now(timezone.utc) - timedelta(days=60)).date().isoformat())
     assert f"remove  teachers/{KEYS['teacher']}/model.safetensors" in out and "datasets/" not in out
     assert "unused since" in out
@@ -334,7 +333,7 @@ def test_gc_by_last_use(made, capsys):
 def test_gc_leaves_incomplete_items_alone(made, rows, capsys):
     age(made.shards[0], days=40)
     made.shards[0][0].write_text("cut")
-    _code, out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
+    out = cli(capsys, "gc", "--store", str(made.root), "--remote", "s3://x/y", "--yes", *rows)
     assert "items not complete" in out and made.shards[0][0].exists()
 
 

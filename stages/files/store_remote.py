@@ -125,7 +125,13 @@ class Remote:
             folders[posixpath.dirname(name)].add(name)
         found = set()
         for folder, wanted in folders.items():
-            records = {n[:-len(RECORD_SUFFIX)] for n in self.list_names(folder) if n.endswith(RECORD_SUFFIX)}
+            try:
+                records = {n[:-len(RECORD_SUFFIX)] for n in self.list_names(folder) if n.endswith(RECORD_SUFFIX)}
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+                raise RemoteError(
+                    f"store_remote {self.url}: cannot list {self.where(folder)}/ ({e}). Credentials and the endpoint "
+                    "come from the environment or a profile (AWS_PROFILE, AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 for a service other than AWS)") from e
             found |= wanted & records
         return found
 

@@ -284,8 +284,17 @@ def main(argv=None):
     pl = sub.add_parser("pull", parents=[common], help="download items from the remote, checked against their records")
     pl.add_argument("patterns", nargs="+")
     a = settings(p.parse_args(argv))
-    return {"ls": cmd_ls, "du": cmd_du, "verify": cmd_verify, "gc": cmd_gc, "push": cmd_push,
-            "pull": cmd_pull}[a.command](a)
+    command = {"ls": cmd_ls, "du": cmd_du, "verify": cmd_verify, "gc": cmd_gc, "push": cmd_push, "pull": cmd_pull}
+    try:
+        return command[a.command](a)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    except Exception as e:
+        from stages.files import store_remote
+
+        if isinstance(e, store_remote.RemoteError):
+            raise SystemExit(str(e)) from None
+        raise
 
 
 if __name__ == "__main__":
