@@ -2,7 +2,7 @@
 # The DAG lives in workflow/rules/; stage code lives in stages/. Run: snakemake -c2
 import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -21,15 +21,17 @@ sys.path.insert(0, workflow.basedir)
 from stages.config import checks as config_checks
 from stages.config import layers as config_layers
 
-_assembled = config_layers.assemble(
-    None if workflow.config_settings.replace_workflow_config else f"{workflow.basedir}/config/default.yaml",
-    configfiles=workflow.config_settings.configfiles,
-    command_line=workflow.config_settings.config,
-    schema=config_layers.load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml"),
-)
+_given = {
+    "default": None if workflow.config_settings.replace_workflow_config else f"{workflow.basedir}/config/default.yaml",
+    "configfiles": workflow.config_settings.configfiles,
+    "command_line": workflow.config_settings.config,
+}
+_schema = config_layers.load_schema(f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+_assembled = config_layers.assemble(**_given, schema=_schema)
 config.clear()
 config.update(_assembled)
-validate(config, "workflow/schemas/config.schema.yaml")
+# The schema, its defaults filled in; every fault on one line naming the key and the file that set it.
+config_layers.validate_with_defaults(config, _schema, config_layers.sources(**_given))
 # Impossible combinations of keys, which a schema cannot express; also before any job starts.
 config_checks.check(config)
 

@@ -1,7 +1,7 @@
 """Projected GPU-hours of each row, stage by stage, from seconds per unit measured on this device,
 beside the paper's own cost figures.
 
-For each row: stages/runtime/workload.py counts what the row's configuration asks of every stage
+For each row: stages/config/workload.py counts what the row's configuration asks of every stage
 (training images, trajectories, samples, images encoded or scored), and this script times one unit
 of each kind on the row's own networks at their real size, with random weights, on this device:
 - train_teacher, train_latent_vgg, midtrain (CMT-CM with the row's distance), midtrain_mf (CMT-MF),
@@ -56,7 +56,8 @@ from stages.config import OVERLAYS, REPO, resolve  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
 from stages.method import flowmap, losses, meanflow, solvers, trajectories  # noqa: E402
-from stages.runtime import ledger, precision, workload  # noqa: E402
+from stages.config import workload  # noqa: E402
+from stages.runtime import ledger, precision  # noqa: E402
 from stages.training import loop  # noqa: E402
 
 ROWS = REPO / "config" / "rows"

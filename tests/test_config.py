@@ -51,17 +51,19 @@ def test_every_row_config_is_valid(stack):
 
 @pytest.mark.parametrize("stack", row_stacks() + [[]], ids=lambda s: "+".join(p.stem for p in s) or "default")
 def test_tools_see_the_config_the_workflow_sees(stack):
-    """stages.config.resolve (bench/, without Snakemake) fills in the same defaults as the
-    Snakefile's snakemake.utils.validate, row by row."""
+    """layers.validate_with_defaults (the Snakefile's validation, and stages.config.resolve's for
+    bench/) fills in the same defaults as snakemake.utils.validate, row by row."""
     ours = resolve(stack)
-    workflow = layers.assemble(DEFAULT, stack)
-    validate(workflow, SCHEMA)
-    assert ours == workflow
+    snakemakes = layers.assemble(DEFAULT, stack)
+    validate(snakemakes, SCHEMA)
+    assert ours == snakemakes
 
 
 def test_tools_refuse_an_invalid_config():
-    with pytest.raises(Exception, match="posttrain"):
+    with pytest.raises(checks.ConfigError) as err:
         resolve([], {"posttrain": {"inits": ["nonsense"]}})
+    assert str(err.value) == ("invalid configuration:\n  posttrain.inits[0]: 'nonsense' is not one of cmt, teacher, "
+                              "random, baseline (from --config)")
 
 
 def test_every_base_is_extended_by_a_row():
@@ -118,11 +120,17 @@ BAD = [
 
 @pytest.mark.parametrize("path,value,word", BAD, ids=[b[0] + "=" + str(b[1])[:12] for b in BAD])
 def test_malformed_config_is_refused(path, value, word):
+    """The Snakefile's validation refuses it in one line that starts with the key's path (an item's
+    index after it: posttrain.snapshots[1]); Snakemake's own validation refuses it too."""
     cfg = copy.deepcopy(default())
     set_key(cfg, path, value)
-    with pytest.raises(WorkflowError) as err:
+    with pytest.raises(checks.ConfigError) as err:
+        layers.validate_with_defaults(copy.deepcopy(cfg), layers.load_schema(SCHEMA))
+    head, line = str(err.value).split("\n")
+    assert head == "invalid configuration:" and re.match(rf"  {re.escape(path)}(\[\d+\])?: ", line), line
+    assert word in line
+    with pytest.raises(WorkflowError):
         validate(cfg, SCHEMA)
-    assert word in str(err.value)
 
 
 # Combinations the schema cannot see: (changes, the key the message starts with).

@@ -144,7 +144,7 @@ def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
 
 
 def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):
-    """--set-resources beats the row's `resources:` (what README, profiles and the launcher's
+    """--set-resources beats the row's `resources:` (what docs/cluster.md, profiles and the launcher's
     messages tell users to do); the row beats --default-resources."""
     result = snakemake(tmp_path, "-n", "--set-resources", "midtrain:gpu=2", "midtrain:runtime=2880",
                        "midtrain:mem=16G", "--default-resources", "runtime=5", "mem_mb=100")

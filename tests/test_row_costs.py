@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from stages.config import resolve
-from stages.runtime import workload
+from stages.config import workload
 from workflow_runs import REPO, ROWS
 
 

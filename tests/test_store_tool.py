@@ -4,6 +4,7 @@ ls and du, verify, gc and its rule, the use log and the environment kept in reco
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import store_refs
+from stages import config as project_config
+from stages.config import store_keys, store_refs
 from stages.files import atomic, store, store_items
 from stages.tools import store as store_cli
 
@@ -339,9 +341,22 @@ def test_gc_leaves_incomplete_items_alone(made, rows, capsys):
 
 # ---- the rows' keys, from the workflow -----------------------------------------------------
 
-def test_row_store_keys_are_the_workflows_store_keys():
-    """The digits row's dataset, teacher and trajectory keys, as its store jobs are given them."""
-    keys = store_refs.row_store_keys([REPO / "config" / "rows" / "digits-cmt-ect.yaml"])
-    assert len(keys) == 3 and all(re.fullmatch(r"[0-9a-f]{16}", k) for k in keys)
+@pytest.mark.parametrize("row", ["digits-cmt-ect", "imagenet512-cmt-ect"])
+def test_row_store_keys_are_the_keys_the_workflows_store_jobs_are_given(row, tmp_path):
+    """Against the workflow's own answer: the --key of every store job in a dry run of the row. A
+    latent row's pixel dataset is no job's (its jobs read the encoded dataset) but counts: its key
+    is part of the latents' and the teacher's."""
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                          "-n", "-p", "--forceall", "--configfile", str(REPO / "config" / "rows" / f"{row}.yaml")],
+                         capture_output=True, text=True, check=True)
+    planned = set(re.findall(r"--key\s+([0-9a-f]{16})\b", run.stdout))
+    keys = store_refs.row_store_keys([REPO / "config" / "rows" / f"{row}.yaml"])
+    assert planned and planned <= keys
+    extra = keys - planned
+    assert extra == ({store_keys.dataset(project_config.resolve([REPO / "config" / "rows" / f"{row}.yaml"])).key}
+                     if row.startswith("imagenet512") else set())
+
+
+def test_the_rows_are_the_row_files_not_bases_or_overlays():
     assert set(store_refs.rows()) >= {"digits-cmt-ect", "imagenet512-cmt-ect", "variants/digits-cmt-ect-equal-total"}
     assert not set(store_refs.rows()) & {"base/pixel-ect", "smoke/pixel-ect", "ablations/digits-cmt-mf-ratio1"}

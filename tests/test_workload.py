@@ -1,4 +1,4 @@
-"""What each row asks of its stages (stages/runtime/workload.py): the counts the GPU-hour projection
+"""What each row asks of its stages (stages/config/workload.py): the counts the GPU-hour projection
 of bench/row_costs.py multiplies, checked against the paper's budgets, hand-computed numbers and
 the workflow's own dry runs."""
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from stages.config import resolve
-from stages.runtime import workload
+from stages.config import workload
 from workflow_runs import ROWS, planned_jobs, planned_resources, snakemake
 
 PAPER_ROWS = sorted(p.stem for p in ROWS.glob("*.yaml"))

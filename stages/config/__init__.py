@@ -21,7 +21,8 @@ def resolve(configfiles=(), command_line=None):
     from stages.config import checks, layers
 
     schema = layers.load_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
-    config = layers.assemble(REPO / "config" / "default.yaml", configfiles, command_line, schema=schema)
-    layers.validate_with_defaults(config, schema)
+    given = {"default": REPO / "config" / "default.yaml", "configfiles": configfiles, "command_line": command_line}
+    config = layers.assemble(**given, schema=schema)
+    layers.validate_with_defaults(config, schema, layers.sources(**given))
     checks.check(config)
     return config

@@ -1,7 +1,8 @@
 """Checks across config keys that a JSON schema cannot express, run by the Snakefile right after
 the schema (so before any job starts). Every message starts with the key to change."""
 
-from stages.runtime import workload
+from stages.config import workload
+from stages.files.assets import CATALOG, FOLDERS
 
 # The digits are 8x8; other sources declare `dataset.resolution`.
 SOURCE_RESOLUTION = {"digits": 8}
@@ -52,6 +53,7 @@ def consistency_problems(cfg):
         if mid.get("lpips_weights") is None and not cfg["dataset"].get("synthetic"):
             out.append("midtrain.lpips_weights: distance lpips needs the VGG16 trunk weights (a file or "
                        "the catalog name vgg16); a random trunk is for tests and smoke runs only")
+    out += guidance_problems(post)
     latent = "latents" in cfg
     if mid["distance"] == "elatentlpips" and not latent:
         out.append("midtrain.distance: elatentlpips compares latents; it needs a `latents` section (the latent "
@@ -65,10 +67,28 @@ def consistency_problems(cfg):
     return out
 
 
+def guidance_problems(post):
+    """ECD's guide and reference teacher: `teacher` (the row's own) or networks to import."""
+    guidance = post.get("guidance") or {}
+    if post.get("method") != "ecd":
+        return []
+    out = []
+    guide, teacher = guidance.get("guide"), guidance.get("teacher")
+    if guide not in (None, "teacher") and (guide not in CATALOG or "network" not in guidance):
+        out.append(f"posttrain.guidance.guide: {guide!r} must be `teacher` or a catalog name (stages/files/assets.py), "
+                   "with posttrain.guidance.network its network section")
+    if teacher not in (None, "teacher") and teacher not in CATALOG:
+        out.append(f"posttrain.guidance.teacher: {teacher!r} must be `teacher` or a catalog name (stages/files/assets.py)")
+    return out
+
+
 def latent_problems(cfg):
     """The latent rows: the networks see the encoded dataset, never pixels."""
     out = []
     lat, resolution = cfg["latents"], cfg["dataset"].get("resolution")
+    if isinstance(lat["vae"], str) and lat["vae"] not in FOLDERS:
+        out.append(f"latents.vae: {lat['vae']!r} is no catalog folder (stages/files/assets.py FOLDERS: "
+                   f"{sorted(FOLDERS)}); name one, or give {{config, seed}} for a random AutoencoderKL")
     if cfg["trajectories"].get("x_T", "noise") != "noise":
         out.append("trajectories.x_T: the latent rows start from noise (data-free CMT); data_plus_noise would "
                    "need the pixel dataset in every trajectory job")

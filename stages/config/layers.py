@@ -13,7 +13,9 @@ nothing. One exception: a `network` section (the row's or teacher.network) that 
 A layer's `row` may name the row below it as `{row}` (`row: "{row}-smoke"`), so one
 overlay serves every row. Then strings the schema does not allow where it expects a number,
 boolean or null are read as YAML (Snakemake reads every nested `--config` value as a string),
-and the `baseline` section is filled in from `posttrain` (a row writes only what differs).
+and the `baseline` section is filled in from `posttrain` (a row writes only what differs); the
+post-training snapshots are sorted. `validate_with_defaults` then checks the result against the
+schema and fills in its defaults, naming every fault on a line of its own (errors.py).
 Only stdlib, PyYAML and jsonschema: the Snakefile imports this before any job starts.
 """
 
@@ -23,10 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from stages.config import errors
 from stages.config.checks import ConfigError
-
-# libyaml's parser where PyYAML has it (ten times faster; Snakemake parses every file once more)
-LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from stages.config.schema import LOADER, child, items, load_schema, nodes  # noqa: F401 (callers use layers.load_schema)
 
 # Sections of posttrain that belong to the row, not to one ECT run: the baseline keeps them.
 ROW_LEVEL_POSTTRAIN_KEYS = ("inits", "snapshots")
@@ -59,20 +60,32 @@ def read_yaml(path):
 
 
 def with_bases(path, _chain=()):
-    """The layers a config file stands for: what it `extends` (recursively), then the file itself."""
+    """The layers a config file stands for, each as (its file, its mapping): what it `extends`
+    (recursively), then the file itself."""
     path = Path(path).resolve()
     if path in _chain:
         raise ConfigError(f"{path}: `extends` loops back to it through {' -> '.join(map(str, _chain))}")
     data = read_yaml(path)
     base = data.pop("extends", None)
     if base is None:
-        return [data]
+        return [(path, data)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: {base!r} must be one path (relative to this file)")
     base_path = path.parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path}: extends: {base} names no file (looked for {base_path})")
-    return with_bases(base_path, (*_chain, path)) + [data]
+    return with_bases(base_path, (*_chain, path)) + [(path, data)]
+
+
+def sources(default, configfiles=(), command_line=None):
+    """Every layer of the configuration in merge order, each as (where it comes from: a file's path
+    or '--config', its mapping). The arguments are assemble's."""
+    out = [(Path(default), read_yaml(default))] if default is not None else []
+    for path in configfiles:
+        out += with_bases(path)
+    if command_line:
+        out.append(("--config", json.loads(json.dumps(dict(command_line)))))
+    return out
 
 
 def apply_layer(config, layer):
@@ -107,40 +120,6 @@ def expand_baseline(config):
 
 # ---- strings from the command line, read back as the types the schema expects
 
-def _resolve(node, root):
-    """A schema node and the nodes it pulls in through $ref / allOf (their properties apply too)."""
-    out = [node]
-    ref = node.get("$ref")
-    if ref is not None:
-        if not ref.startswith("#/"):
-            raise ValueError(f"schema: only local references are supported, got {ref!r}")
-        target = root
-        for part in ref[2:].split("/"):
-            target = target[part]
-        out += _resolve(target, root)
-    for sub in node.get("allOf", []):
-        out += _resolve(sub, root)
-    return out
-
-
-def _child(node, key, root):
-    nodes = _resolve(node, root)
-    for n in nodes:
-        if key in n.get("properties", {}):
-            return n["properties"][key]
-    for n in nodes:
-        if isinstance(n.get("additionalProperties"), dict):
-            return n["additionalProperties"]
-    return None
-
-
-def _items(node, root):
-    for n in _resolve(node, root):
-        if isinstance(n.get("items"), dict):
-            return n["items"]
-    return None
-
-
 def _readings(text):
     """What a string could have meant: int, float, then YAML (true, null, 1.0e-4, [1, 2])."""
     out = []
@@ -160,7 +139,7 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", t
 
 def _expected(node, root):
     types = set()
-    for n in _resolve(node, root):
+    for n in nodes(node, root):
         t = n.get("type")
         if t is not None:
             types.update([t] if isinstance(t, str) else t)
@@ -190,10 +169,10 @@ def restore_types(config, schema):
             return value
         if isinstance(value, dict):
             for key in list(value):
-                value[key] = walk(value[key], _child(node, key, schema), f"{path}.{key}" if path else key)
+                value[key] = walk(value[key], child(node, key, schema), f"{path}.{key}" if path else key)
             return value
         if isinstance(value, list):
-            item = _items(node, schema)
+            item = items(node, schema)
             return [walk(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
         if not isinstance(value, str) or allowed(value, node):
             return value
@@ -216,15 +195,14 @@ def restore_types(config, schema):
     return problems
 
 
-def load_schema(path):
-    return yaml.load(Path(path).read_text(), Loader=LOADER)
-
-
-def validate_with_defaults(config, schema):
+def validate_with_defaults(config, schema, layers=()):
     """Validate `config` against `schema`, filling in the defaults of the properties an object lacks
-    (in place), as the Snakefile's `snakemake.utils.validate` does: jsonschema's validator extended
-    as its documentation suggests, so tools beside the workflow (bench/) see the workflow's config
-    without importing Snakemake. Raises jsonschema's ValidationError."""
+    (in place), as `snakemake.utils.validate` does: jsonschema's validator extended as its
+    documentation suggests. The Snakefile validates with it, and tools beside the workflow (bench/)
+    see the workflow's config without importing Snakemake.
+
+    Raises ConfigError with one line for each fault (errors.py), every fault found, each naming the
+    file or --config that set the key where `layers` (`sources`' list) holds it."""
     from jsonschema import Draft202012Validator, validators
 
     check_properties = Draft202012Validator.VALIDATORS["properties"]
@@ -236,7 +214,14 @@ def validate_with_defaults(config, schema):
                     instance.setdefault(name, copy.deepcopy(sub["default"]))
         yield from check_properties(validator, properties, instance, node)
 
-    validators.extend(Draft202012Validator, {"properties": properties_with_defaults})(schema).validate(config)
+    validator = validators.extend(Draft202012Validator, {"properties": properties_with_defaults})(schema)
+    found = list(validator.iter_errors(config))  # all of them, and every default filled in on the way
+    if found:
+        faults = [fault for error in found for fault in errors.describe(error, schema)]
+        # expand_baseline copied posttrain into baseline: a fault of posttrain's is named once, there
+        copied = {(("baseline", *path[1:]), text) for path, text in faults if path[:1] == ("posttrain",)}
+        faults = [fault for fault in faults if fault not in copied or errors.origin(fault[0], layers) is not None]
+        raise ConfigError(errors.report(faults, layers))
     return config
 
 
@@ -247,14 +232,21 @@ def assemble(default, configfiles=(), command_line=None, schema=None):
     configfiles: the --configfile paths in order; command_line: the dict Snakemake parsed from
     --config; schema: the schema as a dict (types of command-line strings are restored from it).
     """
-    config = read_yaml(default) if default is not None else {}
-    for path in configfiles:
-        for layer in with_bases(path):
-            config = apply_layer(config, layer)
-    if command_line:
-        config = apply_layer(config, json.loads(json.dumps(dict(command_line))))
+    config = {}
+    for _, layer in sources(default, configfiles, command_line):
+        config = apply_layer(config, layer)
     if schema is not None:
         problems = restore_types(config, schema)
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return expand_baseline(config)
+    return sort_snapshots(expand_baseline(config))
+
+
+def sort_snapshots(config):
+    """Post-training snapshots may come in any order: they are kept sorted (reordering the list reruns
+    nothing), and the last is the final model's. A list that is not all numbers is left to validation."""
+    for section in ("posttrain", "posttrain_mf"):
+        snaps = config.get(section, {}).get("snapshots") if isinstance(config.get(section), dict) else None
+        if isinstance(snaps, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in snaps):
+            config[section]["snapshots"] = sorted(snaps)
+    return config

@@ -273,7 +273,7 @@ class ItemLock:
                 os.close(self.fd)
                 raise PermissionError(
                     f"{self.path}: cannot lock ({e}); the store must be writable by every member of the "
-                    "team (a shared group, umask 0002, setgid folders: see README, 'A team on one store')") from e
+                    "team (a shared group, umask 0002, setgid folders: see docs/team-store.md)") from e
             if self.in_place():
                 break
             os.close(self.fd)

@@ -14,8 +14,7 @@ the config's `store_remote`) and --configfile FILES (a row, as given to snakemak
 several rows: the first one also sets the defaults of --store and --remote).
 
 Which rows use an item: the rows of config/rows/ (the top level and variants/) and each
---configfile given (with --given-only, those alone); stages/config/store_refs.py says how their
-keys are found. gc's rule, which never takes an item from under a job that may read it, is
+--configfile given (with --given-only, those alone), their keys from stages/config/store_keys.py. gc's rule, which never takes an item from under a job that may read it, is
 stated in stages/files/store_items.py.
 
 This is the people's side of the store. The rules call the wrapper, `python -m stages.files.store
@@ -263,7 +262,7 @@ def main(argv=None):
                         help="every item: kind, key, size, who made it, when, which rows use it")
     ls.add_argument("--items", action="store_true", help="one line per item (default: one per key and status)")
     ls.add_argument("--json", action="store_true")
-    ls.add_argument("--no-rows", action="store_true", help="skip which rows use each item (a dry run per row)")
+    ls.add_argument("--no-rows", action="store_true", help="leave out which rows use each item")
     ls.add_argument("--check-remote", action="store_true", help="count the items complete in the remote")
     ls.add_argument("patterns", nargs="*")
     du = sub.add_parser("du", parents=[common], help="sizes by kind and key")

@@ -1,6 +1,9 @@
-# fetch_assets: the one rule that touches the network (see `asset` in common.smk), one job per
+import re
+
+# fetch_assets: the one rule that touches the network (stages/config/asset_paths.py), one job per
 # missing file, so files already in place (placed by hand, say) are never touched. It is a local
 # rule: on a cluster it runs on the login node, where there is internet.
+NEEDED_ASSETS = asset_paths.needed(config)
 if NEEDED_ASSETS:
     ASSET_OF_FILE = {CATALOG[name].filename: name for name in NEEDED_ASSETS}
 
@@ -9,11 +12,11 @@ if NEEDED_ASSETS:
 
     rule fetch_assets:
         output:
-            f"{ASSETS_DIR}/{{asset_file}}",
+            f"{asset_paths.assets_dir(config)}/{{asset_file}}",
         wildcard_constraints:
             asset_file="|".join(re.escape(f) for f in sorted(ASSET_OF_FILE)),
         params:
-            cfg=as_arg({**ASSETS_CFG, "dir": ASSETS_DIR}),
+            cfg=stage_config("fetch_assets"),
             name=lambda w: ASSET_OF_FILE[w.asset_file],
             others=lambda w: sorted(n for n in NEEDED_ASSETS if n != ASSET_OF_FILE[w.asset_file]),
         conda:

@@ -1,14 +1,16 @@
-rule prepare_dataset:
+rule:
+    name: store_rule("prepare_dataset", DATASET_STORED)
     input:
-        asset_inputs(DATASET_SPEC.get("path")),
+        asset_inputs(DATASET.spec.get("path")),
     output:
         DATASET_RECEIPT,
     params:
-        cfg=as_arg(DATASET_SPEC),
-        out=DATASET_DIR,
-        key=DATASET_KEY,
-        files=DATASET_FILES,
+        cfg=stage_config("prepare_dataset"),
+        out=DATASET.folder,
+        key=DATASET.key,
+        files=DATASET.files,
         store_mode=store_mode(lambda w: DATASET_STORED),
+    localrule: DATASET_STORED
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -16,30 +18,20 @@ rule prepare_dataset:
     benchmark:
         f"{BENCH}/prepare_dataset.tsv"
     shell:
-        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-        "--receipt {output:q} -- python -m stages.prepare_dataset --config {params.cfg:q} --out {params.out:q} > {log} 2>&1"
-
-
-# The dataset is in the store already: a local job writes this workdir's receipt from its record.
-if DATASET_STORED:
-
-    use rule prepare_dataset as prepare_dataset_from_store with:
-        localrule: True
-
-    ruleorder: prepare_dataset_from_store > prepare_dataset
+        store_command("python -m stages.prepare_dataset --config {params.cfg:q} --out {params.out:q} > {log} 2>&1")
 
 
 rule fid_reference:
     input:
         # published statistics (features.reference, the ADM suite's) need no prepared dataset
-        dataset=[] if "reference" in FEATURES_CFG else DATASET_RECEIPT,
-        inception=asset_inputs(FEATURES_CFG.get("model"), FEATURES_CFG.get("reference")),
+        dataset=[] if "reference" in stage_configs.features(config) else DATASET_RECEIPT,
+        inception=asset_inputs(stage_configs.features(config).get("model"), stage_configs.features(config).get("reference")),
     output:
         f"{RES}/fid_reference.npz",
     params:
-        cfg=as_arg(FEATURES_CFG),
+        cfg=stage_config("fid_reference"),
         gpus=launch_gpus,
-        dataset=DATASET,
+        dataset=DATASET.path,
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -5,7 +5,7 @@ rule sample:
     output:
         f"{RES}/samples/{{init}}/{{snap}}.npz",
     params:
-        cfg=lambda w: as_arg(sampling_cfg(w)),
+        cfg=stage_config("sample"),
         decode=decode_args,
         gpus=launch_gpus,
     threads: config["threads"]["light"]
@@ -24,13 +24,13 @@ rule sample:
 rule fid:
     input:
         reference=f"{RES}/fid_reference.npz",
-        inception=asset_inputs(FEATURES_CFG.get("model")),
+        inception=asset_inputs(stage_configs.features(config).get("model")),
         samples=lambda w: [f"{RES}/samples/{w.init}/{s}.npz" for s in scored_snapshots(w)],
         models=lambda w: [sampled_model(w.init, s) for s in scored_snapshots(w)],
     output:
         f"{RES}/fid/{{init}}.json",
     params:
-        cfg=lambda w: as_arg({"features": FEATURES_CFG, "sampling": sampling_cfg(w)}),
+        cfg=stage_config("fid"),
         gpus=launch_gpus,
     conda:
         "../../envs/cmt.yaml"
@@ -47,13 +47,13 @@ rule fid:
 rule fid_teacher:
     input:
         reference=f"{RES}/fid_reference.npz",
-        inception=asset_inputs(FEATURES_CFG.get("model")),
+        inception=asset_inputs(stage_configs.features(config).get("model")),
         manifest=MANIFEST,
         vae=decode_inputs,
     output:
         f"{RES}/fid/teacher-solver.json",
     params:
-        cfg=as_arg({"features": FEATURES_CFG, "sampling": config["sampling"]}),
+        cfg=stage_config("fid_teacher"),
         decode=decode_args,
         gpus=launch_gpus,
     conda:
@@ -73,7 +73,7 @@ rule report:
         fid=expand(f"{RES}/fid/{{init}}.json", init=INITS),
         ceiling=f"{RES}/fid/teacher-solver.json",
         samples=expand(f"{RES}/samples/{{init}}/{FINAL_SNAPSHOT}.npz", init=INITS),
-        latent_vgg=[LATENT_VGG_ACCURACY] if LATENTS and MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
+        latent_vgg=[LATENT_VGG_ACCURACY] if ELATENTLPIPS else [],
         teacher=TEACHER_RECEIPT,
         models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
         midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
@@ -83,18 +83,13 @@ rule report:
         curve=report(f"{RES}/fd_curve.png", caption="../report/fd_curve.rst", category="Results"),
         grids=report(f"{RES}/samples.png", caption="../report/samples.rst", category="Results"),
     params:
-        cfg=as_arg({"row": ROW, "family": FAMILY, "inits": INITS, "sampling": config["sampling"],
-                    "paper": config.get("paper", {}), "notes": config.get("notes", ""),
-                    "final_snapshot": FINAL_SNAPSHOT, **({"midtrain_online": True} if MIDTRAIN_ONLINE else {}),
-                    "gpus": LEDGER_GPUS,
-                    # the post-training method where it is not ECT (the ECT rows' params stay as they were)
-                    **({"method": POSTTRAIN_CFG["method"]} if POSTTRAIN_CFG.get("method", "ect") != "ect" else {})}),
+        cfg=stage_config("report"),
         bench=BENCH,
-        # (and a latent row's latent VGG16 accuracy: one param, so the pixel rows' params stay as they were)
+        # (and a latent row's latent VGG16 accuracy)
         midtrain=lambda w, input: " ".join(
             ([f"--midtrain-fid {input.midtrain[0]}"] if input.midtrain else [])
             + ([f"--latent-vgg-accuracy {input.latent_vgg[0]}"] if input.latent_vgg else [])),
-        teacher=TEACHER,
+        teacher=TEACHER.path,
     conda:
         "../../envs/cmt.yaml"
     log:

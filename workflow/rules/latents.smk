@@ -1,12 +1,12 @@
 # The latent rows: the dataset encoded once by the VAE (stages/encode_dataset.py) into shards in the
-# store, keyed like the trajectories (common.smk LATENT_KEY), one job per shard, each writing a
+# store, keyed like the trajectories (stages/config/store_keys.py), one job per shard, each writing a
 # receipt through stages/files/store.py; latent_manifest gathers them for the training stages.
 
 
 rule encode_dataset:
     group: "encode"
     input:
-        assets=asset_inputs(VAE_DIR, DATASET_SPEC.get("path")),
+        assets=asset_inputs(VAE_DIR, DATASET.spec.get("path")),
     output:
         f"{RECEIPTS}/latents/{{shard}}.json",
     wildcard_constraints:
@@ -14,14 +14,14 @@ rule encode_dataset:
         shard=("|".join(k for k in LATENT_SHARD_IDS if k not in LATENT_SHARDS_STORED) or "(?!)")
         if LATENT_SHARDS_STORED else r"\d{6}",
     params:
-        cfg=as_arg(LATENT_STAGE_CFG),
-        key=LATENT_KEY,
+        cfg=stage_config("encode_dataset"),
+        key=LATENT_ITEM.key,
         files=lambda w: [latent_shard_file(w.shard)],
         index=lambda w: int(w.shard),
         gpus=launch_gpus,
         vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
         # how many images per VAE call changes no shard: a function of output, out of the params trigger
-        vae_batch=lambda w, output: LATENTS_CFG["batch"],
+        vae_batch=lambda w, output: stage_configs.stage_options("encode_dataset", config)["vae_batch"],
         store_mode=store_mode(lambda w: w.shard in LATENT_SHARDS_STORED),
     threads: config["threads"]["light"]
     resources:
@@ -33,11 +33,10 @@ rule encode_dataset:
     benchmark:
         f"{BENCH}/encode_dataset/{{shard}}.tsv"
     shell:
-        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-        "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} --one-process "
-        "stages.encode_dataset --config {params.cfg:q} --threads {threads} {params.vae} --vae-batch {params.vae_batch} "
-        "--shard {params.index} "
-        "--out {params.files[0]:q} > {log} 2>&1"
+        store_command(
+            "python -m stages.launch --gpus {params.gpus} --one-process "
+            "stages.encode_dataset --config {params.cfg:q} --threads {threads} {params.vae} --vae-batch {params.vae_batch} "
+            "--shard {params.index} --out {params.files[0]:q} > {log} 2>&1")
 
 
 # Shards the store holds already: local jobs write this workdir's receipts from their records.
@@ -57,7 +56,7 @@ rule latent_manifest:
     output:
         LATENT_MANIFEST,
     params:
-        spec=as_arg(LATENT_SPEC),
+        spec=as_arg(LATENT_ITEM.spec["spec"]),
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -78,12 +77,12 @@ rule train_latent_vgg:
         meta=LATENT_VGG.replace(".safetensors", ".json"),
         accuracy=f"{RES}/latent_vgg/accuracy.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "latents": WHITENING, "latent_vgg": config["latent_vgg"]}),
-        state=state_args(lambda w: f"{STATE}/latent_vgg"),
-        verify=lambda w, output: config["midtrain"]["verify"],
+        cfg=stage_config("train_latent_vgg"),
+        state=state_args("train_latent_vgg", lambda w: f"{STATE}/latent_vgg"),
+        verify=lambda w, output: stage_configs.stage_options("train_latent_vgg", config)["verify"],
         gpus=launch_gpus,
     threads: config["threads"]["train"]
-    retries: slice_retries((LATENT_VGG_STEPS, config["latent_vgg"]["batch"]))
+    retries: slice_retries("train_latent_vgg")
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -13,14 +13,14 @@ rule midtrain_mf:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "midtrain_mf": MIDTRAIN_MF_CFG, **STUDENT_NETWORK}),
+        cfg=stage_config("midtrain_mf"),
+        teacher=TEACHER.path,
+        dataset=DATASET.path,
         checks=trajectory_checks("midtrain_mf"),
-        teacher=TEACHER,
-        dataset=DATASET,
-        state=state_args(lambda w: f"{STATE}/midtrain"),
+        state=state_args("midtrain_mf", lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
-    retries: slice_retries((MID_MF["steps"], MID_MF["batch"]))
+    retries: slice_retries("midtrain_mf")
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -46,16 +46,15 @@ rule posttrain_mf:
     wildcard_constraints:
         init="cmt|random",
     params:
-        cfg=lambda w: as_arg({"seed": config["seed"], "steps": meanflow_steps(w.init),
-                              "posttrain_mf": POSTTRAIN_MF_CFG, **STUDENT_NETWORK, **LATENT_TRAINING}),
+        cfg=stage_config("posttrain_mf"),
         init=init_model,
-        dataset=DATASET,
+        dataset=DATASET.path,
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
-        state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
-        latents=latent_training_args,
+        state=state_args("posttrain_mf", lambda w: f"{STATE}/posttrain/{w.init}"),
+        latents=latent_training_args("posttrain_mf"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
-    retries: slice_retries(*[(meanflow_steps(i), POST_MF["batch"]) for i in INITS])
+    retries: slice_retries("posttrain_mf")
     conda:
         "../../envs/cmt.yaml"
     log:

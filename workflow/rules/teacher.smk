@@ -1,25 +1,28 @@
-# The teacher: trained here (source: train) or an official EDM snapshot read by the restricted
-# unpickler (source: import). One of the two rules exists, so the teacher's receipt has one maker.
-# Both make the teacher in the store through stages.files.store and output this workdir's receipt.
-if TEACHER_SOURCE == "train":
+# The teacher: trained here (teacher.source train) or read from an official pickle by the restricted
+# unpickler (import). Either rule makes the teacher in the store through stages.files.store and
+# outputs this workdir's receipt; where the store holds the item, its `_from_store` variant is a
+# local job that only reads the record.
+if config["teacher"].get("source", "train") == "train":
 
-    rule train_teacher:
+    rule:
+        name: store_rule("train_teacher", TEACHER_STORED)
         input:
             PIXELS_RECEIPT,
             latent_training_inputs,
         output:
             TEACHER_RECEIPT,
         params:
-            cfg=as_arg(TEACHER_CFG),
-            key=TEACHER_KEY,
-            files=TEACHER_FILES,
-            dataset=DATASET,
+            cfg=stage_config("train_teacher"),
+            key=TEACHER.key,
+            files=TEACHER.files,
+            dataset=DATASET.path,
             store_mode=store_mode(lambda w: TEACHER_STORED),
-            state=state_args(lambda w: TEACHER_STATE),
-            latents=latent_training_args,
+            state=state_args("train_teacher", lambda w: store_keys.teacher_state(config)),
+            latents=latent_training_args("train_teacher"),
             gpus=launch_gpus,
-        threads: config["threads"]["teacher"]
-        retries: slice_retries((config["teacher"]["steps"], config["teacher"]["batch"]))
+        localrule: TEACHER_STORED
+        threads: 1 if TEACHER_STORED else config["threads"]["teacher"]
+        retries: slice_retries("train_teacher")
         conda:
             "../../envs/cmt.yaml"
         log:
@@ -27,117 +30,37 @@ if TEACHER_SOURCE == "train":
         benchmark:
             f"{BENCH}/train_teacher.tsv"
         shell:
-            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-            "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
-            "--threads {threads} "
-            "--dataset {params.dataset:q} {params.latents} --key {params.key} --out {params.files[0]:q} {params.state} "
-            "> {log} 2>&1"
+            store_command(
+                "python -m stages.launch --gpus {params.gpus} stages.train_teacher --config {params.cfg:q} "
+                "--threads {threads} --dataset {params.dataset:q} {params.latents} --key {params.key} "
+                "--out {params.files[0]:q} {params.state} > {log} 2>&1")
 
-    # The teacher is in the store already: a local job writes this workdir's receipt from its record.
-    if TEACHER_STORED:
 
-        use rule train_teacher as train_teacher_from_store with:
-            localrule: True
-            threads: 1
+# Networks imported from official pickles (common.smk IMPORTS): the teacher, ECD's guide and
+# reference teacher, one rule each from this one definition.
+for _rule, (_item, _asset, _receipt) in IMPORTS.items():
+    _stored = stored(_item.files)
 
-        ruleorder: train_teacher_from_store > train_teacher
-
-else:
-
-    rule import_teacher:
+    rule:
+        name: store_rule(_rule, _stored)
         input:
-            pickle=TEACHER_PICKLE,
+            pickle=asset_paths.path(config, _asset),
         output:
-            TEACHER_RECEIPT,
+            _receipt,
         params:
-            cfg=as_arg(TEACHER_CFG),
-            key=TEACHER_KEY,
-            files=TEACHER_FILES,
-            store_mode=store_mode(lambda w: TEACHER_STORED),
-        threads: config["threads"]["light"]
+            cfg=as_arg(_item.spec),
+            key=_item.key,
+            files=_item.files,
+            store_mode=store_mode(lambda w, stored=_stored: stored),
+        localrule: _stored
+        threads: 1 if _stored else config["threads"]["light"]
         conda:
             "../../envs/cmt.yaml"
         log:
-            f"{LOGS}/import_teacher.log",
+            f"{LOGS}/{_rule}.log",
         benchmark:
-            f"{BENCH}/import_teacher.tsv"
+            f"{BENCH}/{_rule}.tsv"
         shell:
-            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
-            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
-
-    if TEACHER_STORED:
-
-        use rule import_teacher as import_teacher_from_store with:
-            localrule: True
-            threads: 1
-
-        ruleorder: import_teacher_from_store > import_teacher
-
-
-# ECD's guide network (posttrain.guidance.guide): an official pickle imported like a teacher.
-if GUIDE_ASSET:
-
-    rule import_guide:
-        input:
-            pickle=GUIDE_PICKLE,
-        output:
-            GUIDE_RECEIPT,
-        params:
-            cfg=as_arg(GUIDE_CFG),
-            key=GUIDE_KEY,
-            files=GUIDE_FILES,
-            store_mode=store_mode(lambda w: GUIDE_STORED),
-        threads: config["threads"]["light"]
-        conda:
-            "../../envs/cmt.yaml"
-        log:
-            f"{LOGS}/import_guide.log",
-        benchmark:
-            f"{BENCH}/import_guide.tsv"
-        shell:
-            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
-            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
-
-    if GUIDE_STORED:
-
-        use rule import_guide as import_guide_from_store with:
-            localrule: True
-            threads: 1
-
-        ruleorder: import_guide_from_store > import_guide
-
-
-# ECD's reference teacher where it is not the trajectories' (posttrain.guidance.teacher): imported the same way.
-if ECD_TEACHER_ASSET:
-
-    rule import_ecd_teacher:
-        input:
-            pickle=ECD_TEACHER_PICKLE,
-        output:
-            ECD_TEACHER_RECEIPT,
-        params:
-            cfg=as_arg(ECD_TEACHER_CFG),
-            key=ECD_TEACHER_KEY,
-            files=ECD_TEACHER_FILES,
-            store_mode=store_mode(lambda w: ECD_TEACHER_STORED),
-        threads: config["threads"]["light"]
-        conda:
-            "../../envs/cmt.yaml"
-        log:
-            f"{LOGS}/import_ecd_teacher.log",
-        benchmark:
-            f"{BENCH}/import_ecd_teacher.tsv"
-        shell:
-            "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-            "--receipt {output:q} -- python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
-            "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1"
-
-    if ECD_TEACHER_STORED:
-
-        use rule import_ecd_teacher as import_ecd_teacher_from_store with:
-            localrule: True
-            threads: 1
-
-        ruleorder: import_ecd_teacher_from_store > import_ecd_teacher
+            store_command(
+                "python -m stages.import_teacher --config {params.cfg:q} --threads {threads} "
+                "--pickle {input.pickle} --key {params.key} --out {params.files[0]:q} > {log} 2>&1")

@@ -1,30 +1,30 @@
+# The consistency family (family: cm): CMT-CM mid-training, then post-training from each init.
 rule midtrain:
     # the critical path: ahead of the post-training runs that need no trajectories
     priority: 10
     input:
         teacher=TEACHER_RECEIPT,
         # online, the step solves its trajectories: no trajectory jobs before mid-training
-        manifest=[] if MIDTRAIN_ONLINE else MANIFEST,
-        lpips=asset_inputs(MIDTRAIN_CFG.get("lpips_weights")),
-        latent_vgg=[LATENT_VGG] if MIDTRAIN_CFG.get("distance") == "elatentlpips" else [],
+        manifest=[] if ONLINE else MANIFEST,
+        lpips=asset_inputs(stage_configs.midtrain_section(config).get("lpips_weights")),
+        latent_vgg=[LATENT_VGG] if ELATENTLPIPS else [],
         dataset=PIXELS_RECEIPT,
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
     params:
-        cfg=as_arg({"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": MIDTRAIN_CFG,
-                    **({"trajectory_spec": ONLINE_SPEC} if MIDTRAIN_ONLINE else {})}),
-        checks=trajectory_checks("midtrain"),
-        # (and the latent VGG16 of distance elatentlpips: one param, so the pixel rows' params stay as they were)
+        cfg=stage_config("midtrain"),
+        # (and the latent VGG16 of distance elatentlpips)
         manifest=lambda w, input: " ".join(
             ([f"--manifest {shlex.quote(input.manifest)}"] if input.manifest else [])
             + ([f"--latent-vgg {shlex.quote(input.latent_vgg[0])}"] if input.latent_vgg else [])),
-        teacher=TEACHER,
-        dataset=DATASET,
-        state=state_args(lambda w: f"{STATE}/midtrain"),
+        teacher=TEACHER.path,
+        dataset=DATASET.path,
+        checks=trajectory_checks("midtrain"),
+        state=state_args("midtrain", lambda w: f"{STATE}/midtrain"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
-    retries: slice_retries((config["midtrain"]["steps"], config["midtrain"]["batch"]))
+    retries: slice_retries("midtrain")
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -51,18 +51,16 @@ rule posttrain:
     wildcard_constraints:
         init="cmt|teacher|random|baseline",
     params:
-        cfg=lambda w: as_arg({"seed": config["seed"], "sigma_min": config["sigma_min"],
-                              "sigma_boundary": config["sigma_boundary"], "posttrain": posttrain_cfg(w.init),
-                              **({"latents": WHITENING} if LATENTS else {})}),
+        cfg=stage_config("posttrain"),
         init=init_model,
-        dataset=DATASET,
-        # (and --latents of a latent row: one param, so the pixel rows' command and params stay as they were)
-        distill=lambda w: " ".join(a for a in (distillation_args(w), latent_training_args(w, None)) if a),
+        dataset=DATASET.path,
+        # the networks ECD distils and, on a latent row, the encoded dataset
+        distill=lambda w: " ".join(a for a in (distillation_args(w), latent_training_args("posttrain")(w, None)) if a),
         snapshots=lambda w, output: os.path.dirname(output.snapshots[0]),
-        state=state_args(lambda w: f"{STATE}/posttrain/{w.init}"),
+        state=state_args("posttrain", lambda w: f"{STATE}/posttrain/{w.init}"),
         gpus=launch_gpus,
     threads: config["threads"]["train"]
-    retries: slice_retries(*[(posttrain_cfg(i)["steps"], posttrain_cfg(i)["batch"]) for i in INITS])
+    retries: slice_retries("posttrain")
     conda:
         "../../envs/cmt.yaml"
     log:

@@ -1,12 +1,14 @@
-rule trajectory_spec:
+rule:
+    name: store_rule("trajectory_spec", SPEC_STORED)
     priority: 10
     output:
         SPEC_RECEIPT,
     params:
-        cfg=as_arg(TRAJ_SPEC),
-        key=TRAJ_KEY,
-        files=[TRAJ_SPEC_FILE],
+        cfg=stage_config("trajectory_spec"),
+        key=TRAJ.key,
+        files=list(TRAJ.files),
         store_mode=store_mode(lambda w: SPEC_STORED),
+    localrule: SPEC_STORED
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -14,8 +16,7 @@ rule trajectory_spec:
     benchmark:
         f"{BENCH}/trajectory_spec.tsv"
     shell:
-        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-        "--receipt {output:q} -- python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1"
+        store_command("python -m stages.trajectory_spec --config {params.cfg:q} --out {params.files[0]:q} > {log} 2>&1")
 
 
 # On a cluster, `--group-components trajectories=N` (the SLURM profile) submits N shard jobs as one
@@ -40,13 +41,13 @@ rule trajectory_shard:
         # the shards the store does not hold yet (one rule per receipt: planning stays fast)
         shard="|".join(k for k in SHARD_IDS if k not in SHARDS_STORED) or "(?!)" if SHARDS_STORED else r"\d{6}",
     params:
-        cfg=as_arg(TRAJ_SPEC),
-        key=TRAJ_KEY,
+        cfg=stage_config("trajectory_shard"),
+        key=TRAJ.key,
         files=lambda w: [shard_file(w.shard)],
         index=lambda w: int(w.shard),
         gpus=launch_gpus,
-        teacher=TEACHER,
-        dataset=DATASET,
+        teacher=TEACHER.path,
+        dataset=DATASET.path,
         store_mode=store_mode(lambda w: w.shard in SHARDS_STORED),
     threads: config["threads"]["light"]
     resources:
@@ -58,23 +59,15 @@ rule trajectory_shard:
     benchmark:
         f"{BENCH}/trajectory_shard/{{shard}}.tsv"
     shell:
-        "python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-        "--receipt {output:q} -- python -m stages.launch --gpus {params.gpus} --one-process "
-        "stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
-        "--teacher {params.teacher:q} --dataset {params.dataset:q} --shard {params.index} "
-        "--out {params.files[0]:q} > {log} 2>&1"
+        store_command(
+            "python -m stages.launch --gpus {params.gpus} --one-process "
+            "stages.trajectory_shard --config {params.cfg:q} --threads {threads} "
+            "--teacher {params.teacher:q} --dataset {params.dataset:q} --shard {params.index} "
+            "--out {params.files[0]:q} > {log} 2>&1")
 
 
 # What the store holds already: local jobs write this workdir's receipts from the records, so a
 # second workdir submits no cluster job (and hashes no shard) for them.
-if SPEC_STORED:
-
-    use rule trajectory_spec as trajectory_spec_from_store with:
-        localrule: True
-
-    ruleorder: trajectory_spec_from_store > trajectory_spec
-
-
 if SHARDS_STORED:
 
     use rule trajectory_shard as trajectory_shard_from_store with:
