@@ -35,7 +35,7 @@ class Item:
 
     key: str
     folder: str
-    files: tuple
+    files: list
     spec: dict
 
     @property
@@ -54,7 +54,7 @@ def dataset_spec(config):
 def dataset(config):
     key = digest({"dataset": config["dataset"], "code": CODE_VERSION["dataset"]})
     folder = f"{config['store']}/datasets/{config['dataset']['name']}-{key}"
-    return Item(key, folder, (f"{folder}/dataset.npz", f"{folder}/manifest.json"), dataset_spec(config))
+    return Item(key, folder, [f"{folder}/dataset.npz", f"{folder}/manifest.json"], dataset_spec(config))
 
 
 def latent_spec(config):
@@ -84,7 +84,7 @@ def latents(config):
     if lat["pixels"] != "unit":
         stage["pixels"] = lat["pixels"]
     folder = f"{config['store']}/latents/{config['dataset']['name']}-{key}"
-    return Item(key, folder, (), stage)
+    return Item(key, folder, [], stage)
 
 
 def latent_shard_ids(config):
@@ -105,7 +105,7 @@ def imported(config, asset, network, section):
 
 def _teacher_item(config, key, spec):
     folder = f"{config['store']}/teachers/{key}"
-    return Item(key, folder, (f"{folder}/model.safetensors", f"{folder}/model.json"), spec)
+    return Item(key, folder, [f"{folder}/model.safetensors", f"{folder}/model.json"], spec)
 
 
 def teacher(config):
@@ -164,7 +164,7 @@ def trajectories(config):
     spec = trajectory_spec(config)
     key = digest(spec)
     folder = f"{config['store']}/trajectories/{key}"
-    return Item(key, folder, (f"{folder}/spec.json",), spec)
+    return Item(key, folder, [f"{folder}/spec.json"], spec)
 
 
 def online_midtrain(config):

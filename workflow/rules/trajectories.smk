@@ -6,7 +6,7 @@ rule:
     params:
         cfg=stage_config("trajectory_spec"),
         key=TRAJ.key,
-        files=list(TRAJ.files),
+        files=TRAJ.files,
         store_mode=store_mode(lambda w: SPEC_STORED),
     localrule: SPEC_STORED
     conda:
