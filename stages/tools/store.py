@@ -106,7 +106,7 @@ def cmd_ls(a):
     for group in groups.values():
         first = group[0]
         made_by = sorted({i.made.get("by", "?") for i in group if i.record})
-        envs = sorted({store_items.env_summary(i.made) for i in group if i.record} - {""})
+        envs = sorted({store_items.env_summary(i.made) for i in group if i.record} - {""}, key=lambda e: (-len(e), e))
         uses = [i.last_use() for i in group]
         line = [first.kind, first.key if not a.items else first.name, first.status, len(group),
                 human(sum(i.bytes for i in group)),
