@@ -106,6 +106,11 @@ def test_the_wrappers_pull_mode_writes_the_receipt(remote_url, tmp_path, monkeyp
     assert str(tmp_path) in store.read_uses(there)
     # complete here now: a second pull job takes it from the local store
     assert store.provide(there, KEY, tmp_path / "r2.json", "pull", [], remote="s3://nowhere/x") == 0
+    # an item the remote no longer holds: the job stops and says what to do
+    gone = [tmp_path / "b" / "trajectories" / KEY / "shard-000009.tar"]
+    with pytest.raises(SystemExit, match="not complete in the remote .* rerun the workflow"):
+        store.provide(gone, KEY, tmp_path / "r3.json", "pull", [], remote=remote_url)
+    assert not (tmp_path / "r3.json").exists()
 
 
 def test_a_damaged_object_is_refused_naming_it(remote_url, tmp_path):
