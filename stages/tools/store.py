@@ -14,8 +14,9 @@ the config's `store_remote`) and --configfile FILES (a row, as given to snakemak
 several rows: the first one also sets the defaults of --store and --remote).
 
 Which rows use an item: the rows of config/rows/ (the top level and variants/) and each
---configfile given (with --given-only, those alone), their keys from stages/config/store_keys.py. gc's rule, which never takes an item from under a job that may read it, is
-stated in stages/files/store_items.py.
+--configfile given (with --given-only, those alone), their keys from stages/config/store_keys.py.
+gc's rule, which never takes an item from under a job that may read it, is stated in
+stages/files/store_items.py.
 
 This is the people's side of the store. The rules call the wrapper, `python -m stages.files.store
 --files ... --key ... --receipt ... --mode ... -- <stage>`, which stays where it is: it is imported
