@@ -62,8 +62,9 @@ def start(args, stage):
     _started = launched_at() or time.time()
     import torch
 
-    from stages.core import precision
+    from stages.core import precision, provenance
 
+    provenance.leave_for_store()
     tf32 = precision.apply()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

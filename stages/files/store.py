@@ -11,13 +11,22 @@ An item is the files one job makes under one key (a shard; a teacher's model.saf
 model.json; a dataset's dataset.npz and manifest.json). Beside its first file F lie
 
 - `F.record.json`, the record, written once every file of the item is in place: sizes, sha256,
-  who made it and when. An item is complete when its record exists and every file has the
+  who made it, when, and in what environment (`made.env`: torch, CUDA, GPU model, python, host;
+  stages/core/provenance.py; provenance only, no part of the key, and absent from records
+  written before it was kept). An item is complete when its record exists and every file has the
   recorded size; a complete item is reused as it is, never rehashed.
 - `.F.lock`, the item's lock (flock). The maker holds it while the stage runs; a second maker of
   the same item (a teammate's run, an overlapping run) waits for it, then finds the item complete
   and reuses it. The kernel drops the lock when its holder dies, however it dies; the next maker
-  then makes the item (a training stage resumes from the state the dead one saved).
+  then makes the item (a training stage resumes from the state the dead one saved). A lock taken
+  on a lock file that is no longer in place (the store command removed the item) is let go and
+  taken again on the new file.
 - `.F.remaking`, while a remake runs: files a failed remake leaves are made again, not adopted.
+- `F.uses.json`, the use log: for each workdir that took the item (made it or wrote a receipt for
+  it), when it last did and its receipt. The store command's `gc` removes nothing used within its
+  grace period (stages/files/store_items.py states the rule). A user who cannot write the folder takes
+  the item all the same; the log then misses that use.
+- `.F.env.json`, while the stage runs: the environment the stage leaves for the record.
 
 Files found in place without a record (a store made before records existed, or a job killed
 between its stage's end and its record) are adopted: hashed once and recorded, not made again.
@@ -30,7 +39,15 @@ Snakemake's to delete.
 Modes: `make` (reuse the item if complete, else make it under the lock), `reuse` (the item was
 complete when the workflow was planned: only write the receipt; fail if it no longer is), `remake`
 (make it again under the lock even if complete, replacing the files atomically: the one way to
-regenerate a damaged or wrong store file, see remake_command).
+regenerate a damaged or wrong store file, see remake_command), `pull` (the item was complete in the
+remote store `--remote` when the workflow was planned: unless the local store has it by now, download
+its files and record under the lock, each file checked against the record's sha256;
+stages/files/store_remote.py). With `--push`, an item this job made is then uploaded to `--remote`.
+
+A use is noted before the record is read again: the store command removes an item's record before
+it reads the use log again and deletes the files, so of a receipt and a removal that overlap, one
+sees the other (the receipt finds no record and the item is made; or the removal finds the use and
+puts the record back).
 
 Signals: the stage runs in this process's process group and gets the signals that SLURM, Snakemake
 and terminals send to the job's processes; this process outlives it (it notes such signals and
@@ -51,9 +68,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from stages.files import atomic
+from stages.core import provenance
 
 RECORD_FORMAT = "cmt-store-record/1"
 RECEIPT_FORMAT = "cmt-store-receipt/1"
+USES_FORMAT = "cmt-store-uses/1"
 
 
 def record_path(files):
@@ -70,6 +89,17 @@ def remaking_path(files):
     """Present while an item is being remade: files without a record are then not adopted."""
     first = Path(files[0])
     return first.with_name(f".{first.name}.remaking")
+
+
+def uses_path(files):
+    first = Path(files[0])
+    return first.with_name(first.name + ".uses.json")
+
+
+def env_path(files):
+    """Where the stage leaves its environment for the record (stages/core/provenance.py)."""
+    first = Path(files[0])
+    return first.with_name(f".{first.name}.env.json")
 
 
 def remake_command(receipt):
@@ -120,7 +150,7 @@ class InconsistentItem(ValueError):
     """Files found in place that do not belong together."""
 
 
-def write_record(files, key, *, adopted=False, seconds=None):
+def write_record(files, key, *, adopted=False, seconds=None, env=None):
     """Hash the item's files and write its record (atomically, last: the record says complete).
 
     adopted: the files were found in place without a record (made by a version of the pipeline
@@ -139,9 +169,10 @@ def write_record(files, key, *, adopted=False, seconds=None):
             if stated is not None and stated != entries[0]["sha256"]:
                 raise InconsistentItem(f"{f}: names sha256 {stated[:12]}... for {files[0]}, which has "
                                        f"{entries[0]['sha256'][:12]}...")
-    record = {"format": RECORD_FORMAT, "key": key, "files": entries,
-              "made": {"by": who(), "at": now(), "workdir": os.getcwd(), "seconds": seconds,
-                       "adopted": adopted}}
+    made = {"by": who(), "at": now(), "workdir": os.getcwd(), "seconds": seconds, "adopted": adopted}
+    if env is not None:
+        made["env"] = env
+    record = {"format": RECORD_FORMAT, "key": key, "files": entries, "made": made}
     atomic.write_json(record_path(files), record)
     return record
 
@@ -156,6 +187,32 @@ def write_receipt(receipt, files, record, made_here):
     })
 
 
+def read_uses(files):
+    """{workdir: {"at", "by", "receipt"}} of the item's use log; {} if there is none. A log that
+    cannot be read counts as a use now: it never lets an item look unused."""
+    path = uses_path(files)
+    try:
+        uses = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, OSError):
+        return {f"(unreadable use log {path})": {"at": now(), "by": "?", "receipt": ""}}
+    return uses.get("workdirs", {}) if isinstance(uses, dict) else {}
+
+
+def note_use(files, receipt):
+    """Note in the use log that this workdir takes the item now. The log is replaced whole (a rename,
+    atomic on NFS too, where appends are not): of two workdirs noting a use in the same instant one
+    entry may be lost, never the fact that the item was just used."""
+    uses = read_uses(files)
+    uses[os.getcwd()] = {"at": now(), "by": who(), "receipt": str(receipt)}
+    try:
+        atomic.write_json(uses_path(files), {"format": USES_FORMAT, "workdirs": uses})
+    except OSError as e:
+        print(f"[store] {uses_path(files)}: cannot note this use ({e}); the store command's gc then "
+              "counts the item's grace period from its last noted use", flush=True)
+
+
 def read_receipt(path):
     receipt = json.loads(Path(path).read_text())
     if receipt.get("format") != RECEIPT_FORMAT:
@@ -164,32 +221,62 @@ def read_receipt(path):
     return receipt
 
 
-class ItemLock:
-    """flock on the item's lock file; waits (saying for whom) while another job holds it."""
+class ItemBusy(Exception):
+    """Another job holds the item's lock (ItemLock with wait=False)."""
 
-    def __init__(self, files):
+
+class ItemLock:
+    """flock on the item's lock file; waits (saying for whom) while another job holds it, or with
+    wait=False raises ItemBusy."""
+
+    def __init__(self, files, wait=True):
         self.path = lock_path(files)
+        self.wait = wait
         self.fd = None
 
+    def holder(self):
+        try:
+            return self.path.read_text().strip() or "another job"
+        except OSError:
+            return "another job"
+
+    def in_place(self):
+        """Whether the locked file is still the one at the lock's path: the store command removes
+        an item's lock file while it holds it, and a lock on a removed file locks nothing."""
+        try:
+            here, locked = os.stat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # a teammate's lock file under umask 0022: flock needs only a read fd locally
-            self.fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "another job"
-            print(f"[store] {self.path}: held by {holder}; waiting for it", flush=True)
-            t0 = time.monotonic()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            print(f"[store] {self.path}: acquired after {time.monotonic() - t0:.0f}s", flush=True)
-        except OSError as e:  # NFS emulates flock with write locks, which a read-only fd cannot take
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # a teammate's lock file under umask 0022: flock needs only a read fd locally
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:  # the folder was removed after the mkdir
+                continue
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.holder()
+                if not self.wait:
+                    os.close(self.fd)
+                    raise ItemBusy(f"{self.path}: held by {holder}") from None
+                print(f"[store] {self.path}: held by {holder}; waiting for it", flush=True)
+                t0 = time.monotonic()
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                print(f"[store] {self.path}: acquired after {time.monotonic() - t0:.0f}s", flush=True)
+            except OSError as e:  # NFS emulates flock with write locks, which a read-only fd cannot take
+                os.close(self.fd)
+                raise PermissionError(
+                    f"{self.path}: cannot lock ({e}); the store must be writable by every member of the "
+                    "team (a shared group, umask 0002, setgid folders: see docs/team-store.md)") from e
+            if self.in_place():
+                break
             os.close(self.fd)
-            raise PermissionError(
-                f"{self.path}: cannot lock ({e}); the store must be writable by every member of the "
-                "team (a shared group, umask 0002, setgid folders: see docs/team-store.md)") from e
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{who()} pid {os.getpid()} since {now()}\n".encode(), 0)
@@ -210,7 +297,7 @@ def remove_leftovers(files):
             tmp.unlink(missing_ok=True)
 
 
-def run_stage(command):
+def run_stage(command, env=None):
     """Run the stage; signals sent to this process alone are noted, not passed on (see the module
     docstring). Returns the stage's exit status as a shell would report it."""
 
@@ -219,7 +306,7 @@ def run_stage(command):
 
     old = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        proc = subprocess.Popen(command)
+        proc = subprocess.Popen(command, env=env)
         code = proc.wait()
     finally:
         for s, handler in old.items():
@@ -227,11 +314,20 @@ def run_stage(command):
     return 128 - code if code < 0 else code
 
 
-def provide(files, key, receipt, mode, command):
-    """Reuse, make or remake the item; write the receipt. Returns an exit status."""
+def complete_for(files, receipt):
+    """The item's record if it is complete, its use by this workdir noted; else None. The record is
+    read again after the note (see the module docstring: a removal in between is seen)."""
+    if read_record(files) is None:
+        return None
+    note_use(files, receipt)
+    return read_record(files)
+
+
+def provide(files, key, receipt, mode, command, remote=None, push=False):
+    """Reuse, make, remake or pull the item; write the receipt. Returns an exit status."""
     files = [str(f) for f in files]
     where = files[0]
-    if mode in ("make", "reuse") and (record := read_record(files)) is not None:
+    if mode in ("make", "reuse", "pull") and (record := complete_for(files, receipt)) is not None:
         print(f"[store] {where}: complete in the store (made by {record['made']['by']} at "
               f"{record['made']['at']}); reusing it", flush=True)
         write_receipt(receipt, files, record, made_here=False)
@@ -241,12 +337,26 @@ def provide(files, key, receipt, mode, command):
                          f"(record {record_path(files)}); rerun the workflow, which plans the job that makes it")
     with ItemLock(files):
         record = read_record(files)
-        if mode == "make" and record is not None:
+        if mode in ("make", "pull") and record is not None:
             print(f"[store] {where}: made by {record['made']['by']} while this job waited; reusing it",
                   flush=True)
+            note_use(files, receipt)
             write_receipt(receipt, files, record, made_here=False)
             return 0
         remove_leftovers(files)
+        if mode == "pull":
+            from stages.files import store_remote  # boto3: only the jobs that pull import it
+
+            print(f"[store] pulling {where} from {remote}", flush=True)
+            t0 = time.monotonic()
+            try:
+                record = store_remote.Remote(remote).pull(files)
+            except store_remote.RemoteError as e:
+                raise SystemExit(f"[store] {e}") from None
+            note_use(files, receipt)
+            print(f"[store] pulled {where} in {time.monotonic() - t0:.1f}s", flush=True)
+            write_receipt(receipt, files, record, made_here=False)
+            return 0
         if (mode == "make" and not record_path(files).exists() and not remaking_path(files).exists()
                 and all(Path(f).exists() for f in files)):
             print(f"[store] {where}: in place without a record (an earlier pipeline version, or a job "
@@ -256,14 +366,17 @@ def provide(files, key, receipt, mode, command):
             except InconsistentItem as e:
                 print(f"[store] {e}; making the item again", flush=True)
             else:
+                note_use(files, receipt)
                 write_receipt(receipt, files, record, made_here=False)
                 return 0
         if mode == "remake":  # incomplete until made again, and never adopted as it is
             remaking_path(files).touch()
             record_path(files).unlink(missing_ok=True)
         print(f"[store] {'remaking' if mode == 'remake' else 'making'} {where} (key {key})", flush=True)
+        sidecar = env_path(files)
+        sidecar.unlink(missing_ok=True)
         t0 = time.monotonic()
-        code = run_stage(command)
+        code = run_stage(command, env={**os.environ, provenance.SIDECAR_ENV: str(sidecar)})
         if code != 0:
             print(f"[store] {where}: the stage exited with {code}; nothing recorded", flush=True)
             return code
@@ -271,10 +384,20 @@ def provide(files, key, receipt, mode, command):
         if missing:
             raise SystemExit(f"[store] the stage exited 0 but did not write {', '.join(missing)}")
         seconds = round(time.monotonic() - t0, 1)
-        record = write_record(files, key, seconds=seconds)
+        record = write_record(files, key, seconds=seconds, env=provenance.of_job(sidecar))
+        sidecar.unlink(missing_ok=True)
         remaking_path(files).unlink(missing_ok=True)
+        note_use(files, receipt)
     print(f"[store] made {where} in {seconds:.1f}s", flush=True)
     write_receipt(receipt, files, record, made_here=True)
+    if push:  # the item is made and received whatever happens to the upload
+        from stages.files import store_remote
+
+        try:
+            print(f"[store] {store_remote.Remote(remote).push(files)}", flush=True)
+        except Exception as e:  # noqa: BLE001  (a network or service error of any kind)
+            print(f"[store] {where}: not pushed to {remote} ({type(e).__name__}: {e}); push it later with "
+                  f"`cmt-store push {Path(where).parent.name}`", flush=True)
     return 0
 
 
@@ -283,13 +406,17 @@ def main(argv=None):
     p.add_argument("--files", nargs="+", required=True, help="the item's store files, the first one naming it")
     p.add_argument("--key", required=True, help="the item's store key")
     p.add_argument("--receipt", required=True, help="the receipt to write in this workdir")
-    p.add_argument("--mode", choices=["make", "reuse", "remake"], default="make")
+    p.add_argument("--mode", choices=["make", "reuse", "remake", "pull"], default="make")
+    p.add_argument("--remote", default=None, help="the remote store (s3://bucket/prefix) of --mode pull and --push")
+    p.add_argument("--push", action="store_true", help="upload an item this job made to --remote")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the stage command that makes the files")
     a = p.parse_args(argv)
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
-    if not command and a.mode != "reuse":
+    if not command and a.mode not in ("reuse", "pull"):
         p.error("no stage command after --")
-    sys.exit(provide(a.files, a.key, a.receipt, a.mode, command))
+    if (a.mode == "pull" or a.push) and not a.remote:
+        p.error("--mode pull and --push need --remote s3://bucket/prefix")
+    sys.exit(provide(a.files, a.key, a.receipt, a.mode, command, remote=a.remote, push=a.push))
 
 
 if __name__ == "__main__":
