@@ -134,6 +134,42 @@ def cmt_cm_loss(student, states, sigmas, distance, labels=None):
 # ECT (Geng et al. 2024; docs/method.md#ect).
 
 
+def prediction_then_target(student, x_t, t, x_r, r, labels=None, target_context=None):
+    """(f(x_t, t) with gradient, f(x_r, r) under no_grad) in the official ECT/ECD order: the
+    prediction first, then the target with the same dropout mask (the RNG state the prediction
+    started from is replayed for the target and the state after the prediction restored, so the
+    caller's stream advances by one pass).
+
+    The order matters for EDM2 students: in training mode their forced weight normalisation
+    rescales the stored weights in place at the start of a pass. The prediction's pass does that,
+    and the target pass then runs inside `target_context` (a factory of a context manager, e.g.
+    networks.target_context(net): forced normalisation off), on the weights the prediction left, so
+    both passes see the same weights, as in the official losses (sony/cmt ImageNet-512 `ECMLoss`,
+    `ECDGuidLoss`). A target pass first would see the weights before normalisation, which differ
+    wherever the stored weights are not yet unit-norm (a step from imported or EMA weights).
+    For networks without forced normalisation the two orders give the same numbers."""
+    devices = [x_t.device] if x_t.device.type == "cuda" else []
+    before = _rng_states(devices)
+    pred = call(student, x_t, t, labels)
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_states(before, devices)
+        with torch.no_grad(), (target_context or contextlib.nullcontext)():
+            target = call(student, x_r, r, labels)
+    return pred, target
+
+
+def _rng_states(devices):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_states(states, devices):
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    for d, state in zip(devices, cuda):
+        torch.cuda.set_rng_state(state, d)
+
+
+
 def ect_r(t, stage, q, k=8.0, b=1.0):
     """r(t) = max(0, t - t (1 + k sigmoid(-b t)) / q^(stage+1)): the 'sigmoid' mapping."""
     dt = t * (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)
@@ -154,9 +190,9 @@ def ect_stage(step, double_every):
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,
              sigma_min=0.002, labels=None, target_context=None):
     """||f(x_t, t) - sg f(x_r, r)|| / (t - r) with shared noise; the target is the same network
-    under no_grad with the same dropout mask (the RNG state is restored), and y where r = 0.
+    under no_grad with the same dropout mask (prediction_then_target), and y where r = 0.
     c > 0 turns the numerator into the pseudo-Huber distance. `target_context`: as in
-    consistency_pair_loss (EDM2 students).
+    prediction_then_target (EDM2 students).
     """
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     t = (P_mean + P_std * n).exp()
@@ -167,12 +203,8 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
     r_eval = torch.where(r > 0, r, torch.full_like(r, sigma_min))
     x_r = y + r_eval.view(-1, 1, 1, 1) * eps
 
-    devices = [y.device] if y.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        with torch.no_grad(), (target_context or contextlib.nullcontext)():
-            target = call(student, x_r, r_eval, labels)
+    pred, target = prediction_then_target(student, x_t, t, x_r, r_eval, labels, target_context)
     target = torch.where((r > 0).view(-1, 1, 1, 1), target, y)
-    pred = call(student, x_t, t, labels)
     dist = pseudo_huber_distance(pred, target, c) if c > 0 else l2_distance(pred, target)
     return dist / (t - r)
 
@@ -223,16 +255,9 @@ def snr_plus_one_weight(t, sigma_data):
 
 
 def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None, target_context=None):
-    """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2): the target is the same network
-    under no_grad with the same dropout mask and, for EDM2 students, forced weight normalisation off
-    (`target_context`, a factory of a context manager such as
-    `lambda: edm2.forced_weight_norm(net, False)`: the target pass must not re-normalise the weights
-    in place, which the official code also avoids, and the prediction's pass does it once)."""
-    devices = [x_t.device] if x_t.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        with torch.no_grad(), (target_context or contextlib.nullcontext)():
-            target = call(student, x_r, r, labels)
-    pred = call(student, x_t, t, labels)
+    """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2), the two passes as in
+    prediction_then_target."""
+    pred, target = prediction_then_target(student, x_t, t, x_r, r, labels, target_context)
     return pseudo_huber_distance(pred, target, c) * snr_plus_one_weight(t, sigma_data)
 
 
