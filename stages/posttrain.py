@@ -68,7 +68,7 @@ ema = loop.EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
 optimizer = loop.build_optimizer(net.parameters(), pc["optimizer"])
 net, optimizer = accelerator.prepare(net, optimizer)
 
-# ---- ECD's teacher and guide: frozen, eval mode, float32
+# ---- ECD's teacher and guide: frozen, eval mode; the guide in guidance.guide_dtype on CUDA
 method = pc.get("method", "ect")
 denoise, extra_identity = None, {}
 
@@ -86,12 +86,14 @@ def frozen(path, what):
 if method == "ecd":
     if args.teacher is None:
         raise ValueError("posttrain.method ecd distils the teacher: pass --teacher")
-    weight = (pc.get("guidance") or {}).get("weight", 1.0)
+    guidance = pc.get("guidance") or {}
+    weight = guidance.get("weight", 1.0)
     if (args.guide is None) != (weight == 1.0):
         raise ValueError(f"posttrain.guidance: weight {weight} with {'no' if args.guide is None else 'a'} guide "
                          "network; autoguidance needs both (w = 1 and no guide: plain distillation)")
     denoise = losses.guided_denoiser(frozen(args.teacher, "teacher"),
-                                     frozen(args.guide, "guide") if args.guide else None, weight)
+                                     frozen(args.guide, "guide") if args.guide else None, weight,
+                                     guide_dtype=guidance.get("guide_dtype", "float16"))
 elif args.teacher or args.guide:
     raise ValueError(f"posttrain.method {method} uses no teacher or guide network")
 

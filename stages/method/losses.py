@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from stages.networks.precond import Precond
+
 # ----------------------------------------------------------------------------------------------
 # Distances d(a, b) -> [B]
 
@@ -216,19 +218,52 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
 # 1/t^2 + 1/sigma_data^2 = (t^2 + sd^2) / (t sd)^2, and there is no 1 / (t - r).
 
 
-def guided_denoiser(teacher, guide=None, weight=1.0):
+GUIDE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def guide_execution_dtype(guide, guide_dtype="float16"):
+    """The dtype the guide's raw network runs in: `guide_dtype` (posttrain.guidance.guide_dtype) for
+    a preconditioned network on CUDA, float32 elsewhere. The official ImageNet-512 loop runs the
+    guide as its pickle's own module, which EDM2 records with use_fp16, and EDM2's Precond runs
+    that in float16 on CUDA only (coefficients and output in float32); the teacher it builds from
+    its own network options, in float32."""
+    if guide_dtype not in GUIDE_DTYPES:
+        raise ValueError(f"posttrain.guidance.guide_dtype {guide_dtype!r}: use one of {sorted(GUIDE_DTYPES)}")
+    on_cuda = isinstance(guide, Precond) and any(p.is_cuda for p in guide.parameters())
+    return GUIDE_DTYPES[guide_dtype] if on_cuda else torch.float32
+
+
+def guided_denoiser(teacher, guide=None, weight=1.0, guide_dtype="float16"):
     """D_g(x; s) = g + w (D_ref - g) with g the guide (autoguidance: a smaller, less trained model
-    of the same task; w = 2.05 for the paper's ImageNet-512 ECD). w = 1 or no guide: D_ref alone."""
+    of the same task; w = 2.05 for the paper's ImageNet-512 ECD), run in guide_execution_dtype.
+    w = 1 or no guide: D_ref alone."""
     if guide is None or weight == 1.0:
         if guide is not None:
             raise ValueError("guided_denoiser: a guide network with weight 1 would be evaluated for nothing")
         return lambda x, sigma, labels=None: call(teacher, x, sigma, labels)
+    dtype = guide_execution_dtype(guide, guide_dtype)
 
     def denoise(x, sigma, labels=None):
-        g = call(guide, x, sigma, labels)
+        g = call(guide, x, sigma, labels) if dtype == torch.float32 else guide(x, sigma, labels, dtype=dtype)
         return g + weight * (call(teacher, x, sigma, labels) - g)
 
     return denoise
+
+
+def guide_precision_check(guide, x, sigma, labels=None, guide_dtype="float16"):
+    """For a GPU check of the guide as guided_denoiser runs it: the dtype its raw network receives,
+    and the largest difference of its output from the float32 one relative to that output's RMS.
+    On a CPU: float32 and 0."""
+    seen = []
+    hook = guide.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    try:
+        with torch.no_grad():
+            out = guide(x, sigma, labels, dtype=guide_execution_dtype(guide, guide_dtype))
+            ref = guide(x, sigma, labels)
+    finally:
+        hook.remove()
+    return {"dtype": str(seen[0]).removeprefix("torch."),
+            "max_rel_diff": ((out - ref).abs().max() / ref.square().mean().sqrt()).item()}
 
 
 def call(net, x, sigma, labels=None):
