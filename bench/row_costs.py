@@ -287,7 +287,8 @@ def rate(row, job):
             from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
 
             distance = ELatentLPIPS(LatentVGG16(in_channels=row.shape[0],
-                                                **(cfg["latent_vgg"].get("architecture") or {}))).to(device)
+                                                **(cfg["latent_vgg"].get("architecture") or {})),
+                                    source=mc.get("elatentlpips_augment", "sony_cmt")).to(device)
         elif mc["distance"] == "lpips":
             distance = losses.LPIPSDistance(None).to(device)  # random VGG trunk: the cost of the real one
         else:

@@ -95,7 +95,8 @@ else:
     inputs = {"manifest": {"path": args.manifest, "sha256": identity["manifest_sha256"]}}
 job = TrainingJob(args, cfg, stage="midtrain", accelerator=accelerator, identity=identity)
 distance = losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
-                                lpips_weights=mc.get("lpips_weights"), latent_vgg=args.latent_vgg)
+                                lpips_weights=mc.get("lpips_weights"), latent_vgg=args.latent_vgg,
+                                elatentlpips_augment=mc.get("elatentlpips_augment", "sony_cmt"))
 if isinstance(distance, torch.nn.Module):
     distance = distance.to(accelerator.device)
 source = ("online: the teacher solves each step's trajectories" if online else

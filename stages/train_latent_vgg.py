@@ -5,8 +5,8 @@ as an ImageNet classifier on the encoded latents, the backbone the latent rows' 
 The recipe is torchvision's VGG16 one (SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 256,
 100 epochs, the rate times 0.1 every 30 epochs), in steps: an epoch is the training images / batch.
 Inputs are the networks' latents (one posterior draw per use, whitened: stages/data/latents.py),
-flipped left-right at random (ASSUMED: a latent of the SD-VAE flips with its image closely enough;
-the paper does not say how its latent VGG was trained). The last `holdout_shards` shards of the
+not flipped, as sony/cmt's imagenet512/train_latent_vgg.py (`latent_vgg.hflip: true` flips them
+left-right at random). The last `holdout_shards` shards of the
 encoded pool (a uniform sample of the classes, stages/data/latents.py) are held out; top-1 and
 top-5 accuracy on them, at the posterior mean, go to the log and to --accuracy (the report's).
 The weights file holds the LatentVGG16 state dict under its own names (features.*, classifier.*),

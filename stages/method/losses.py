@@ -64,9 +64,10 @@ class LPIPSDistance(torch.nn.Module):
         return self.net(a, b, normalize=False).flatten()
 
 
-def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=None):
+def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=None, elatentlpips_augment="sony_cmt"):
     """The mid-training distance `name`. elatentlpips: E-LatentLPIPS on latents with the latent VGG16
-    at `latent_vgg` (train_latent_vgg's model.safetensors, its architecture in model.json beside it)."""
+    at `latent_vgg` (train_latent_vgg's model.safetensors, its architecture in model.json beside it),
+    its augmentation in the version `elatentlpips_augment` (ada_augment.SOURCES)."""
     if name == "l2":
         return l2_distance
     if name == "squared_l2":
@@ -89,7 +90,8 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=N
         if not meta.exists():
             raise FileNotFoundError(f"{meta}: the latent VGG16's description is missing beside {latent_vgg}; "
                                     "rerun train_latent_vgg")
-        return ELatentLPIPS.from_file(latent_vgg, json.loads(meta.read_text())["architecture"])
+        return ELatentLPIPS.from_file(latent_vgg, json.loads(meta.read_text())["architecture"],
+                                      source=elatentlpips_augment)
     raise ValueError(f"unknown distance {name!r}")
 
 
