@@ -56,9 +56,8 @@ def pair_by_hand(ref, x_t, t, x_r, r, labels):
 def target_first(student, x_t, t, x_r, r, labels, context):
     """The order this project ran before: the target pass (forced normalisation off) first, then
     the prediction, which normalises the weights the target did not see."""
-    with torch.random.fork_rng(devices=[]):
-        with torch.no_grad(), (context or contextlib.nullcontext)():
-            target = student(x_r, r, labels)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), (context or contextlib.nullcontext)():
+        target = student(x_r, r, labels)
     return student(x_t, t, labels), target
 
 

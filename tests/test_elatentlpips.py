@@ -11,8 +11,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from stages.method.ada_augment import BLIT, COLOUR, GEOMETRIC, OPS, AdaAugment, band_filters, band_gains, colour_matrix
-from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16, feature_slices, unit_normalize
+from stages.method.ada_augment import (
+    BLIT,
+    COLOUR,
+    GEOMETRIC,
+    OPS,
+    AdaAugment,
+    band_filters,
+    band_gains,
+    colour_matrix,
+)
+from stages.method.elatentlpips import (
+    ELatentLPIPS,
+    LatentVGG16,
+    feature_slices,
+    unit_normalize,
+)
 
 TINY = dict(width=1 / 16, groups=4, hidden=32, pool=2)  # channels 4 ... 32
 

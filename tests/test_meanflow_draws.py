@@ -44,13 +44,13 @@ def test_clip_keeps_ts_own_logit_normal_and_r_its_minimum():
 
 
 def test_swap_with_separate_parameters_gives_t_the_maximum_of_the_two():
-    r, t = meanflow.sample_r_t(N, torch.Generator().manual_seed(1), P_mean=-0.4, P_std=1.0, P_mean_r=-1.5,
+    _, t = meanflow.sample_r_t(N, torch.Generator().manual_seed(1), P_mean=-0.4, P_std=1.0, P_mean_r=-1.5,
                                P_std_r=0.5)
     mean, std = max_of_two_normals(-0.4, 1.0, -1.5, 0.5)
     lt = logit(t)
     assert lt.mean().item() == pytest.approx(mean, abs=0.01) and lt.std().item() == pytest.approx(std, rel=0.01)
     # the defaults: both draws from (P_mean, P_std), max of two iid normals: m + s / sqrt(pi)
-    r, t = meanflow.sample_r_t(N, torch.Generator().manual_seed(2), P_mean=-0.4, P_std=1.0)
+    _, t = meanflow.sample_r_t(N, torch.Generator().manual_seed(2), P_mean=-0.4, P_std=1.0)
     assert logit(t).mean().item() == pytest.approx(-0.4 + 1 / math.sqrt(math.pi), abs=0.01)
     assert logit(t).std().item() == pytest.approx(math.sqrt(1 - 1 / math.pi), rel=0.01)
 

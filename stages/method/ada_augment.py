@@ -287,7 +287,7 @@ class AdaAugment(nn.Module):
     def apply(self, x, params):
         """The transformed batch: geometry, colour, filter, noise, cutout, in ADA's order."""
         params = params.to(x.device)
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         if params.geometry is not None:
             x = warp(x, params.geometry)
         x = self.colour(x, params)
