@@ -173,7 +173,6 @@ def _set_rng_states(states, devices):
         torch.cuda.set_rng_state(state, d)
 
 
-
 def ect_r(t, stage, q, k=8.0, b=1.0):
     """r(t) = max(0, t - t (1 + k sigmoid(-b t)) / q^(stage+1)): the 'sigmoid' mapping."""
     dt = t * (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)

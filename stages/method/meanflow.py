@@ -63,7 +63,7 @@ def logit_normal(n, generator, mean, std):
 
 T_DISTRIBUTIONS = ("logit_normal", "uniform")
 R_ABOVE_T = ("swap", "clip")
-DROPPED_ROWS = ("independent", "leading")
+ROW_LAYOUTS = ("independent", "leading")
 
 
 def shift_time(t, shift):
@@ -87,8 +87,8 @@ def sample_r_t(n, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, dist
         raise ValueError(f"sample_r_t: distribution {distribution!r}; known: {list(T_DISTRIBUTIONS)}")
     if r_above_t not in R_ABOVE_T:
         raise ValueError(f"sample_r_t: r_above_t {r_above_t!r}; known: {list(R_ABOVE_T)}")
-    if r_equals_t_rows not in DROPPED_ROWS:
-        raise ValueError(f"sample_r_t: r_equals_t_rows {r_equals_t_rows!r}; known: {list(DROPPED_ROWS)}")
+    if r_equals_t_rows not in ROW_LAYOUTS:
+        raise ValueError(f"sample_r_t: r_equals_t_rows {r_equals_t_rows!r}; known: {list(ROW_LAYOUTS)}")
     if distribution == "logit_normal":
         a = logit_normal(n, generator, P_mean, P_std)
         b = logit_normal(n, generator, P_mean if P_mean_r is None else P_mean_r, P_std if P_std_r is None else P_std_r)
@@ -203,8 +203,8 @@ def drop_labels(labels, null_class, p, generator, rows="independent"):
     batch, where those rows are the ones with r = t (sample_r_t's r_equals_t_rows leading)."""
     if not 0 <= p < 1:
         raise ValueError(f"label dropout must be in [0, 1), got {p}")
-    if rows not in DROPPED_ROWS:
-        raise ValueError(f"drop_labels: rows {rows!r}; known: {list(DROPPED_ROWS)}")
+    if rows not in ROW_LAYOUTS:
+        raise ValueError(f"drop_labels: rows {rows!r}; known: {list(ROW_LAYOUTS)}")
     if labels.dtype != torch.int64 or labels.ndim != 1:
         raise ValueError(f"labels must be an int64 vector, got {labels.dtype} of shape {tuple(labels.shape)}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > null_class):
