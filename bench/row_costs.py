@@ -315,7 +315,8 @@ def rate(row, job):
                 arch = networks.architecture(guidance["network"], *row.shape, 0.0)
                 guide = on_device(lambda: networks.build_precond(arch, "edm", cfg["sigma_data"]))
                 guide = guide.eval().requires_grad_(False)
-            denoise = losses.guided_denoiser(teacher, guide, guidance.get("weight", 1.0))
+            denoise = losses.guided_denoiser(teacher, guide, guidance.get("weight", 1.0),
+                                             guide_dtype=guidance.get("guide_dtype", "float16"))
         loss_of = posttrain_recipe.objective(scfg, net, denoise)
         return training_rate(net, scfg["posttrain"], job, lambda n: loss_of(net, row.images(net, n), g, 0))
 

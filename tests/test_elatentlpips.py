@@ -1,7 +1,8 @@
 """E-LatentLPIPS: the latent VGG16's layer list and slices, the distance against a hand computation,
 its properties under augmentation (zero for identical inputs, symmetric, positive, the same draw on
 both inputs), gradients, and the classifier head learning; the ADA operations against their
-definitions (exact blits, colour formulas, the filter bank, cutout, noise)."""
+definitions (blits through ADA's resampling, colour formulas of both sources, the filter bank and its
+gains, cutout, noise). The resampling itself: tests/test_ada_resample.py."""
 
 import math
 
@@ -10,8 +11,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from stages.method.ada_augment import OPS, AdaAugment, band_filters
-from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16, feature_slices, unit_normalize
+from stages.method.ada_augment import (
+    BLIT,
+    COLOUR,
+    GEOMETRIC,
+    OPS,
+    AdaAugment,
+    band_filters,
+    band_gains,
+    colour_matrix,
+)
+from stages.method.elatentlpips import (
+    ELatentLPIPS,
+    LatentVGG16,
+    feature_slices,
+    unit_normalize,
+)
 
 TINY = dict(width=1 / 16, groups=4, hidden=32, pool=2)  # channels 4 ... 32
 
@@ -73,9 +88,10 @@ def test_distance_is_the_hand_computed_lpips_without_heads():
     for start, end in [(0, 6), (6, 12), (12, 21), (21, 31), (31, 41)]:
         for layer in vgg.features[start:end]:
             hx, hy = layer(hx), layer(hy)
-        # LPIPS' unit length over channels; eps for the all-zero feature vectors of so narrow a network
-        nx = hx / (hx.square().sum(1, keepdim=True) + 1e-10).sqrt()
-        ny = hy / (hy.square().sum(1, keepdim=True) + 1e-10).sqrt()
+        # unit length over channels as the official normalize_tensor: f / sqrt(|f|^2 + 1e-8) (the eps
+        # matters for the near-zero feature vectors of so narrow a network)
+        nx = hx / (hx.square().sum(1, keepdim=True) + 1e-8).sqrt()
+        ny = hy / (hy.square().sum(1, keepdim=True) + 1e-8).sqrt()
         expected += ((nx - ny) ** 2).sum(1).mean((1, 2))
     torch.testing.assert_close(metric(x, y), expected, rtol=1e-5, atol=1e-6)
 
@@ -181,15 +197,11 @@ def draw(ops, x, seed=0, p=1.0):
     return aug.apply(x, params), params
 
 
-def test_blits_are_exact_pixel_moves():
+def test_blits_move_pixels_through_adas_resampling():
+    """Integer translations come out exact; flips and quarter turns go through the sym6 resampling
+    as in ADA, so they are the pixel moves up to the filter's asymmetry (test_ada_resample.py):
+    close on a smooth image, each sample's draw identifiable."""
     x = latents(6, 4, 32, 32, seed=1)
-    out, _ = draw(["xflip"], x)
-    flipped = [(out[k] - x[k].flip(-1)).abs().max() < 1e-4 for k in range(6)]
-    kept = [(out[k] - x[k]).abs().max() < 1e-4 for k in range(6)]
-    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
-    out, _ = draw(["rotate90"], x, seed=1)
-    turns = [[(out[k] - torch.rot90(x[k], r, (1, 2))).abs().max() < 1e-4 for r in range(4)] for k in range(6)]
-    assert all(sum(t) == 1 for t in turns) and len({t.index(True) for t in turns}) > 1
     out, params = draw(["xint"], x, seed=2)
     for k in range(6):
         tx, ty = (int(v) for v in params.geometry[k, :2, 2].round())
@@ -197,6 +209,15 @@ def test_blits_are_exact_pixel_moves():
         src = x[k, :, max(-ty, 0):32 - max(ty, 0), max(-tx, 0):32 - max(tx, 0)]
         dst = out[k, :, max(ty, 0):32 - max(-ty, 0), max(tx, 0):32 - max(-tx, 0)]
         assert (dst - src).abs().max() < 1e-4
+    grid = torch.arange(32.0)
+    smooth = (torch.cos(0.2 * grid)[:, None] * torch.sin(0.15 * grid + 1)[None, :]).expand(6, 4, 32, 32)
+    out, _ = draw(["xflip"], smooth)
+    flipped = [(out[k] - smooth[k].flip(-1)).abs().max() < 0.05 for k in range(6)]
+    kept = [(out[k] - smooth[k]).abs().max() < 1e-4 for k in range(6)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    out, _ = draw(["rotate90"], smooth, seed=1)
+    turns = [[(out[k] - torch.rot90(smooth[k], r, (1, 2))).abs().max() < 0.05 for r in range(4)] for k in range(6)]
+    assert all(sum(t) == 1 for t in turns) and len({t.index(True) for t in turns}) > 1
 
 
 def test_geometric_draw_follows_adas_distributions():
@@ -216,19 +237,75 @@ def test_geometric_draw_follows_adas_distributions():
     torch.testing.assert_close(params.geometry @ centre, centre.expand(4000, 3), atol=1e-4, rtol=0)
 
 
-def test_colour_operations():
+def test_colour_operations_of_sony_cmts_preset():
+    """ADA's order on 4 channels, written out per operation: brightness added to every channel,
+    contrast, luma flip (the channel mean reflected), hue rotation in the plane of
+    u1 = (1, -1, 0, 0) / sqrt 2, u2 = (1, 1, -2, 0) / sqrt 6, saturation about the channel mean."""
     x = latents(3, 4, 32, 32, seed=1)
-    out, params = draw(["brightness", "contrast", "saturation"], x)
-    b, c, s = params.brightness, params.contrast, params.saturation
-    y = (x + b) * c
+    out, prm = draw(COLOUR, x)
+    view = lambda d: d.reshape(-1, 1, 1, 1)  # noqa: E731
+    y = (x + view(prm.brightness)) * view(prm.contrast)
+    y = y - 2 * view(prm.lumaflip) * y.mean(1, keepdim=True)
+    u1 = torch.tensor([1.0, -1.0, 0.0, 0.0]).reshape(1, 4, 1, 1) / math.sqrt(2)
+    u2 = torch.tensor([1.0, 1.0, -2.0, 0.0]).reshape(1, 4, 1, 1) / math.sqrt(6)
+    a, b = (y * u1).sum(1, keepdim=True), (y * u2).sum(1, keepdim=True)
+    cos, sin = view(prm.hue.cos()), view(prm.hue.sin())
+    y = y + (a * (cos - 1) - b * sin) * u1 + (b * (cos - 1) + a * sin) * u2
     mean = y.mean(1, keepdim=True)
-    torch.testing.assert_close(out, mean + (y - mean) * s)
-    many = AdaAugment(["brightness", "contrast", "saturation"]).sample((4000, 4, 8, 8), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, mean + (y - mean) * view(prm.saturation), rtol=1e-5, atol=1e-5)
+    many = AdaAugment(COLOUR).sample((4000, 4, 8, 8), torch.Generator().manual_seed(0))
     assert many.brightness.std().item() == pytest.approx(0.2, rel=0.05)
     assert torch.log2(many.contrast).std().item() == pytest.approx(0.5, rel=0.05)
     assert torch.log2(many.saturation).std().item() == pytest.approx(1.0, rel=0.05)
-    with pytest.raises(ValueError, match="RGB"):
-        AdaAugment(["hue"])
+    assert many.lumaflip.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert many.hue.abs().max() <= math.pi and many.hue.std().item() == pytest.approx(math.pi / math.sqrt(3), rel=0.05)
+
+
+def test_hue_rotation_is_adas_rotation_about_the_luma_axis_in_rgb():
+    """For 3 channels the rotation is Rodrigues' about v = (1, 1, 1) / sqrt 3 by the angle, and the
+    luma flip is I - 2 v v^T; on 4 channels the matrix is a rotation that keeps v and
+    (1, 1, 1, -3) / sqrt 12."""
+    theta = torch.tensor([0.7, -2.1])
+    m = colour_matrix(None, None, None, theta, None, channels=3)[:, :3, :3]
+    v = torch.ones(3, dtype=torch.float64) / math.sqrt(3)
+    cross = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], dtype=torch.float64)
+    for k, t in enumerate(theta.double()):
+        rodrigues = torch.eye(3, dtype=torch.float64) + t.sin() * cross + (1 - t.cos()) * cross @ cross
+        torch.testing.assert_close(m[k], rodrigues)
+    flip = colour_matrix(None, None, torch.ones(1), None, None, channels=3)[0, :3, :3]
+    torch.testing.assert_close(flip, torch.eye(3, dtype=torch.float64) - 2 * torch.outer(v, v))
+    m4 = colour_matrix(None, None, None, theta, None, channels=4)[:, :4, :4]
+    torch.testing.assert_close(m4 @ m4.transpose(1, 2), torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
+    for axis in (torch.ones(4), torch.tensor([1.0, 1.0, 1.0, -3.0])):
+        torch.testing.assert_close(m4 @ axis.double(), axis.double().expand(2, 4))
+    assert torch.linalg.det(m4).allclose(torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="3 channels"):
+        colour_matrix(None, None, None, theta, None, channels=2)
+
+
+def test_colour_operations_of_the_elatentlpips_release():
+    """Brightness + U(-0.5, 0.5), contrast about the sample's mean by U(0.5, 1.5), saturation about
+    the channel mean by U(0, 2), every sample drawn (no gate: p = 0 changes nothing), and no luma
+    flip, hue rotation or image filter: "bgcfnc" keeps what the release implements."""
+    aug = AdaAugment("bgcfnc", p=0.0, source="elatentlpips_release")
+    assert aug.ops == set(BLIT + GEOMETRIC + ("brightness", "contrast", "saturation", "noise", "cutout"))
+    x = latents(3, 4, 32, 32, seed=1)
+    colour = AdaAugment(["brightness", "contrast", "saturation"], p=0.0, source="elatentlpips_release")
+    prm = colour.sample(x.shape, generator=torch.Generator().manual_seed(0))
+    view = lambda d: d.reshape(-1, 1, 1, 1)  # noqa: E731
+    y = x + view(prm.brightness)
+    mean = y.mean((1, 2, 3), keepdim=True)
+    y = mean + (y - mean) * view(prm.contrast)
+    mean = y.mean(1, keepdim=True)
+    torch.testing.assert_close(colour.apply(x, prm), mean + (y - mean) * view(prm.saturation))
+    many = colour.sample((4000, 4, 8, 8), torch.Generator().manual_seed(0))
+    for values, lo in ((many.brightness, -0.5), (many.contrast, 0.5), (many.saturation / 2, 0.0)):
+        assert values.min() >= lo and values.max() <= lo + 1 and values.std().item() == pytest.approx(
+            1 / math.sqrt(12), rel=0.05)
+    with pytest.raises(ValueError, match="elatentlpips_release"):
+        AdaAugment(["hue"], source="elatentlpips_release")
+    with pytest.raises(ValueError, match="source"):
+        AdaAugment(source="ada")
 
 
 def test_filter_bank_splits_the_spectrum_and_adds_up_to_the_identity():
@@ -244,12 +321,28 @@ def test_filter_bank_splits_the_spectrum_and_adds_up_to_the_identity():
     response = torch.stack([(bands * torch.cos(w * n)).sum(1) for w in middles], 1)  # [band, frequency]
     assert (response.diagonal() > 0.6).all()
     assert response[0, 2:].abs().max() < 0.1 and response[3, :2].abs().max() < 0.1
-    # the applied filter: unit gains would be the identity; drawn gains keep 1/f power
+    # the applied filter is a combination of the bands with ADA's gains
     x = latents(2, 4, 32, 32, seed=1)
     out, params = draw(["imgfilter"], x)
     gains = torch.linalg.lstsq(bands.T.float(), params.filter.T).solution.T
-    torch.testing.assert_close((gains.square() * torch.tensor([10, 1, 1, 1]) / 13).sum(1), torch.ones(2))
-    assert out.shape == x.shape and (out - x).abs().max() > 1e-3
+    assert (gains > 0).all() and out.shape == x.shape and (out - x).abs().max() > 1e-3
+
+
+def test_band_gains_are_adas_product_of_per_band_normalisations():
+    """ADA normalises the vector of each band's draw (1 elsewhere) by sqrt(sum_k P_k t_k^2) and
+    multiplies: since sum P = 1 that is gain_k = d_k / prod_i sqrt(1 + (d_i^2 - 1) P_i). Equal draws
+    a give that factor times the identity (0.9332 at a = 1.5), not the identity a normalisation of
+    the whole vector would give."""
+    power = torch.tensor([10, 1, 1, 1], dtype=torch.float64) / 13
+    d = torch.exp2(torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    closed = d / torch.sqrt(1 + (d.square() - 1) * power).prod(1, keepdim=True)
+    torch.testing.assert_close(band_gains(d), closed)
+    equal = band_gains(torch.full((1, 4), 1.5, dtype=torch.float64))
+    factor = 1.5 / math.sqrt((1 + 1.25 * 10 / 13) * (1 + 1.25 / 13) ** 3)
+    torch.testing.assert_close(equal, torch.full((1, 4), factor, dtype=torch.float64))
+    assert factor == pytest.approx(0.9332, abs=1e-4)
+    once = d / (d.square() * power).sum(1, keepdim=True).sqrt()
+    assert (band_gains(d) - once).abs().max() > 0.01
 
 
 def test_noise_and_cutout():

@@ -266,7 +266,7 @@ def test_ect_loss_gradient_only_through_the_student_branch():
     y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(2))
     student = _ScaledStudent(1.3)
     loss = losses.ect_loss(student, y, torch.Generator().manual_seed(seed), stage=0, q=q)
-    assert student.grad_enabled == [False, True]  # target first, under no_grad
+    assert student.grad_enabled == [True, False]  # the prediction first, then the target under no_grad
     loss.mean().backward()
 
     t, eps = _draws(seed, B, shape)
@@ -512,7 +512,7 @@ def test_ecd_target_is_stop_gradient_inside_the_target_context():
 
     loss = losses.ecd_loss(student, y, torch.Generator().manual_seed(0), gaussian_denoiser, q=64,
                            target_context=target_context).mean()
-    assert student.calls == [True, False]
+    assert student.calls == [False, True]  # the prediction first, then the target in its context
     loss.backward()
     # by hand with the target detached
     t, r, eps, x_t = draws(y, 0, 64)

@@ -10,7 +10,8 @@ augmentations, so no VAE decoding is needed.
 - `ELatentLPIPS`: the distance over five feature slices of the conv-GN-ReLU stack, each feature
   vector scaled to unit length over channels, squared differences summed over channels (no learned
   heads), averaged over space and summed over the slices; both inputs first pass through one draw
-  of the ADA augmentation (stages/method/ada_augment.py, all of it, p = 1).
+  of the ADA augmentation (stages/method/ada_augment.py, preset "bgcfnc", p = 1, in the version of
+  sony/cmt's preset or of the E-LatentLPIPS release: `source`).
 
 The slices are module-index ranges [0:6], [6:12], [12:21], [21:31], [31:41] of `features`: every conv
 brings three modules (conv, GroupNorm, ReLU) and each 'M' one, so the ranges end at the ReLUs of
@@ -68,20 +69,22 @@ def feature_slices(features):
     return bounds
 
 
-def unit_normalize(f, eps=1e-10):
-    # eps inside the root: LPIPS' f / (|f| + eps) has an infinite gradient of |f| where a feature
-    # vector is all zeros (ReLU), which turns into NaN in the backward pass.
+def unit_normalize(f, eps=1e-8):
+    # f / sqrt(|f|^2 + eps), eps 1e-8, as the official `normalize_tensor` (sony/cmt's
+    # elatentlpips/models.py): the eps inside the root keeps the gradient finite where a feature
+    # vector is all zeros (ReLU), where LPIPS' f / (|f| + eps) would give NaN.
     return f * torch.rsqrt(f.square().sum(1, keepdim=True) + eps)
 
 
 class ELatentLPIPS(nn.Module):
     """d(x, y) -> [B] for latents [B, 4, H, W]; the backbone is frozen and always in eval mode.
-    `augment` None turns the ensembling off (plain LatentLPIPS without heads)."""
+    `augment` None turns the ensembling off (plain LatentLPIPS without heads); `source` picks whose
+    version of the augmentation runs (ada_augment.SOURCES, midtrain.elatentlpips_augment)."""
 
-    def __init__(self, backbone: LatentVGG16, augment="bgcfnc", p=1.0):
+    def __init__(self, backbone: LatentVGG16, augment="bgcfnc", p=1.0, source="sony_cmt"):
         super().__init__()
         self.slices = nn.ModuleList(backbone.features[a:b] for a, b in feature_slices(backbone.features))
-        self.augment = AdaAugment(augment, p) if augment is not None else None
+        self.augment = AdaAugment(augment, p, source) if augment is not None else None
         self.requires_grad_(False).eval()
 
     @classmethod

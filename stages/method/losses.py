@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from stages.networks.precond import Precond
+
 # ----------------------------------------------------------------------------------------------
 # Distances d(a, b) -> [B]
 
@@ -62,9 +64,10 @@ class LPIPSDistance(torch.nn.Module):
         return self.net(a, b, normalize=False).flatten()
 
 
-def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=None):
+def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=None, elatentlpips_augment="sony_cmt"):
     """The mid-training distance `name`. elatentlpips: E-LatentLPIPS on latents with the latent VGG16
-    at `latent_vgg` (train_latent_vgg's model.safetensors, its architecture in model.json beside it)."""
+    at `latent_vgg` (train_latent_vgg's model.safetensors, its architecture in model.json beside it),
+    its augmentation in the version `elatentlpips_augment` (ada_augment.SOURCES)."""
     if name == "l2":
         return l2_distance
     if name == "squared_l2":
@@ -87,7 +90,8 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=N
         if not meta.exists():
             raise FileNotFoundError(f"{meta}: the latent VGG16's description is missing beside {latent_vgg}; "
                                     "rerun train_latent_vgg")
-        return ELatentLPIPS.from_file(latent_vgg, json.loads(meta.read_text())["architecture"])
+        return ELatentLPIPS.from_file(latent_vgg, json.loads(meta.read_text())["architecture"],
+                                      source=elatentlpips_augment)
     raise ValueError(f"unknown distance {name!r}")
 
 
@@ -134,6 +138,41 @@ def cmt_cm_loss(student, states, sigmas, distance, labels=None):
 # ECT (Geng et al. 2024; docs/method.md#ect).
 
 
+def prediction_then_target(student, x_t, t, x_r, r, labels=None, target_context=None):
+    """(f(x_t, t) with gradient, f(x_r, r) under no_grad) in the official ECT/ECD order: the
+    prediction first, then the target with the same dropout mask (the RNG state the prediction
+    started from is replayed for the target and the state after the prediction restored, so the
+    caller's stream advances by one pass).
+
+    The order matters for EDM2 students: in training mode their forced weight normalisation
+    rescales the stored weights in place at the start of a pass. The prediction's pass does that,
+    and the target pass then runs inside `target_context` (a factory of a context manager, e.g.
+    networks.target_context(net): forced normalisation off), on the weights the prediction left, so
+    both passes see the same weights, as in the official losses (sony/cmt ImageNet-512 `ECMLoss`,
+    `ECDGuidLoss`). A target pass first would see the weights before normalisation, which differ
+    wherever the stored weights are not yet unit-norm (a step from imported or EMA weights).
+    For networks without forced normalisation the two orders give the same numbers."""
+    devices = [x_t.device] if x_t.device.type == "cuda" else []
+    before = _rng_states(devices)
+    pred = call(student, x_t, t, labels)
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_states(before, devices)
+        with torch.no_grad(), (target_context or contextlib.nullcontext)():
+            target = call(student, x_r, r, labels)
+    return pred, target
+
+
+def _rng_states(devices):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_states(states, devices):
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    for d, state in zip(devices, cuda):
+        torch.cuda.set_rng_state(state, d)
+
+
 def ect_r(t, stage, q, k=8.0, b=1.0):
     """r(t) = max(0, t - t (1 + k sigmoid(-b t)) / q^(stage+1)): the 'sigmoid' mapping."""
     dt = t * (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)
@@ -154,9 +193,9 @@ def ect_stage(step, double_every):
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,
              sigma_min=0.002, labels=None, target_context=None):
     """||f(x_t, t) - sg f(x_r, r)|| / (t - r) with shared noise; the target is the same network
-    under no_grad with the same dropout mask (the RNG state is restored), and y where r = 0.
+    under no_grad with the same dropout mask (prediction_then_target), and y where r = 0.
     c > 0 turns the numerator into the pseudo-Huber distance. `target_context`: as in
-    consistency_pair_loss (EDM2 students).
+    prediction_then_target (EDM2 students).
     """
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     t = (P_mean + P_std * n).exp()
@@ -167,12 +206,8 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
     r_eval = torch.where(r > 0, r, torch.full_like(r, sigma_min))
     x_r = y + r_eval.view(-1, 1, 1, 1) * eps
 
-    devices = [y.device] if y.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        with torch.no_grad(), (target_context or contextlib.nullcontext)():
-            target = call(student, x_r, r_eval, labels)
+    pred, target = prediction_then_target(student, x_t, t, x_r, r_eval, labels, target_context)
     target = torch.where((r > 0).view(-1, 1, 1, 1), target, y)
-    pred = call(student, x_t, t, labels)
     dist = pseudo_huber_distance(pred, target, c) if c > 0 else l2_distance(pred, target)
     return dist / (t - r)
 
@@ -184,19 +219,52 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
 # 1/t^2 + 1/sigma_data^2 = (t^2 + sd^2) / (t sd)^2, and there is no 1 / (t - r).
 
 
-def guided_denoiser(teacher, guide=None, weight=1.0):
+GUIDE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def guide_execution_dtype(guide, guide_dtype="float16"):
+    """The dtype the guide's raw network runs in: `guide_dtype` (posttrain.guidance.guide_dtype) for
+    a preconditioned network on CUDA, float32 elsewhere. The official ImageNet-512 loop runs the
+    guide as its pickle's own module, which EDM2 records with use_fp16, and EDM2's Precond runs
+    that in float16 on CUDA only (coefficients and output in float32); the teacher it builds from
+    its own network options, in float32."""
+    if guide_dtype not in GUIDE_DTYPES:
+        raise ValueError(f"posttrain.guidance.guide_dtype {guide_dtype!r}: use one of {sorted(GUIDE_DTYPES)}")
+    on_cuda = isinstance(guide, Precond) and any(p.is_cuda for p in guide.parameters())
+    return GUIDE_DTYPES[guide_dtype] if on_cuda else torch.float32
+
+
+def guided_denoiser(teacher, guide=None, weight=1.0, guide_dtype="float16"):
     """D_g(x; s) = g + w (D_ref - g) with g the guide (autoguidance: a smaller, less trained model
-    of the same task; w = 2.05 for the paper's ImageNet-512 ECD). w = 1 or no guide: D_ref alone."""
+    of the same task; w = 2.05 for the paper's ImageNet-512 ECD), run in guide_execution_dtype.
+    w = 1 or no guide: D_ref alone."""
     if guide is None or weight == 1.0:
         if guide is not None:
             raise ValueError("guided_denoiser: a guide network with weight 1 would be evaluated for nothing")
         return lambda x, sigma, labels=None: call(teacher, x, sigma, labels)
+    dtype = guide_execution_dtype(guide, guide_dtype)
 
     def denoise(x, sigma, labels=None):
-        g = call(guide, x, sigma, labels)
+        g = call(guide, x, sigma, labels) if dtype == torch.float32 else guide(x, sigma, labels, dtype=dtype)
         return g + weight * (call(teacher, x, sigma, labels) - g)
 
     return denoise
+
+
+def guide_precision_check(guide, x, sigma, labels=None, guide_dtype="float16"):
+    """For a GPU check of the guide as guided_denoiser runs it: the dtype its raw network receives,
+    and the largest difference of its output from the float32 one relative to that output's RMS.
+    On a CPU: float32 and 0."""
+    seen = []
+    hook = guide.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    try:
+        with torch.no_grad():
+            out = guide(x, sigma, labels, dtype=guide_execution_dtype(guide, guide_dtype))
+            ref = guide(x, sigma, labels)
+    finally:
+        hook.remove()
+    return {"dtype": str(seen[0]).removeprefix("torch."),
+            "max_rel_diff": ((out - ref).abs().max() / ref.square().mean().sqrt()).item()}
 
 
 def call(net, x, sigma, labels=None):
@@ -223,16 +291,9 @@ def snr_plus_one_weight(t, sigma_data):
 
 
 def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None, target_context=None):
-    """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2): the target is the same network
-    under no_grad with the same dropout mask and, for EDM2 students, forced weight normalisation off
-    (`target_context`, a factory of a context manager such as
-    `lambda: edm2.forced_weight_norm(net, False)`: the target pass must not re-normalise the weights
-    in place, which the official code also avoids, and the prediction's pass does it once)."""
-    devices = [x_t.device] if x_t.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        with torch.no_grad(), (target_context or contextlib.nullcontext)():
-            target = call(student, x_r, r, labels)
-    pred = call(student, x_t, t, labels)
+    """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2), the two passes as in
+    prediction_then_target."""
+    pred, target = prediction_then_target(student, x_t, t, x_r, r, labels, target_context)
     return pseudo_huber_distance(pred, target, c) * snr_plus_one_weight(t, sigma_data)
 
 

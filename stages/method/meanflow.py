@@ -9,6 +9,7 @@ exactly what they did before labels existed.
 import contextlib
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -61,6 +62,8 @@ def logit_normal(n, generator, mean, std):
 
 
 T_DISTRIBUTIONS = ("logit_normal", "uniform")
+R_ABOVE_T = ("swap", "clip")
+ROW_LAYOUTS = ("independent", "leading")
 
 
 def shift_time(t, shift):
@@ -70,21 +73,34 @@ def shift_time(t, shift):
 
 
 def sample_r_t(n, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, distribution="logit_normal",
-               shift=1.0):
-    """Two draws sorted so t >= r; r is then set to t except on a `ratio_r_neq_t` fraction of the
-    samples (chosen at random). Returned as float64 [n] each. The draws are logit-normal(P_mean,
-    P_std) (MeanFlow), or uniform on [0, 1) (`distribution` uniform: the MF-RAE configs), each then
-    shifted by `shift` (shift_time; MF-RAE: sqrt(latent dimension / 4096))."""
+               shift=1.0, P_mean_r=None, P_std_r=None, r_above_t="swap", r_equals_t_rows="independent"):
+    """(r, t), float64 [n] each, from two draws a (t's) and b (r's): logit-normal(P_mean, P_std) and
+    logit-normal(P_mean_r, P_std_r) (MeanFlow; the r parameters default to t's), or uniform on
+    [0, 1) (`distribution` uniform: the MF-RAE configs), each then shifted by `shift` (shift_time;
+    MF-RAE: sqrt(latent dimension / 4096)). `r_above_t`: swap (the MeanFlow paper, py-meanflow's v0
+    sampler: t = max(a, b), r = min(a, b)) or clip (py-meanflow's v1 recipe: t = a, r = min(a, b),
+    so t keeps its own distribution). r is then set to t except on a `ratio_r_neq_t` share:
+    `r_equals_t_rows` independent picks each sample with that probability; leading gives r = t to
+    the first floor(n (1 - ratio_r_neq_t)) rows, as the MeanFlow JAX code does per device batch
+    (drop_labels' leading rows then have r = t)."""
     if distribution not in T_DISTRIBUTIONS:
         raise ValueError(f"sample_r_t: distribution {distribution!r}; known: {list(T_DISTRIBUTIONS)}")
+    if r_above_t not in R_ABOVE_T:
+        raise ValueError(f"sample_r_t: r_above_t {r_above_t!r}; known: {list(R_ABOVE_T)}")
+    if r_equals_t_rows not in ROW_LAYOUTS:
+        raise ValueError(f"sample_r_t: r_equals_t_rows {r_equals_t_rows!r}; known: {list(ROW_LAYOUTS)}")
     if distribution == "logit_normal":
-        a, b = logit_normal(n, generator, P_mean, P_std), logit_normal(n, generator, P_mean, P_std)
+        a = logit_normal(n, generator, P_mean, P_std)
+        b = logit_normal(n, generator, P_mean if P_mean_r is None else P_mean_r, P_std if P_std_r is None else P_std_r)
     else:
         a = torch.rand(n, generator=generator, dtype=torch.float64)
         b = torch.rand(n, generator=generator, dtype=torch.float64)
     a, b = shift_time(a, shift), shift_time(b, shift)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    keep = torch.rand(n, generator=generator, dtype=torch.float64) < ratio_r_neq_t
+    t, r = (torch.maximum(a, b), torch.minimum(a, b)) if r_above_t == "swap" else (a, torch.minimum(a, b))
+    if r_equals_t_rows == "leading":
+        keep = torch.arange(n) >= math.floor(n * (1 - ratio_r_neq_t) + 1e-9)
+    else:
+        keep = torch.rand(n, generator=generator, dtype=torch.float64) < ratio_r_neq_t
     return torch.where(keep, r, t), t
 
 
@@ -180,16 +196,24 @@ class Guidance:
         return self.omega / (1 - self.kappa)
 
 
-def drop_labels(labels, null_class, p, generator):
-    """(labels with each replaced by `null_class` with probability p, the boolean mask of those)."""
+def drop_labels(labels, null_class, p, generator, rows="independent"):
+    """(labels with a share p replaced by `null_class`, the boolean mask of those). `rows`:
+    independent drops each label with probability p; leading drops as many (each of the n draws
+    below p counts one) but the first ones of the batch, as the MeanFlow JAX code does per device
+    batch, where those rows are the ones with r = t (sample_r_t's r_equals_t_rows leading)."""
     if not 0 <= p < 1:
         raise ValueError(f"label dropout must be in [0, 1), got {p}")
+    if rows not in ROW_LAYOUTS:
+        raise ValueError(f"drop_labels: rows {rows!r}; known: {list(ROW_LAYOUTS)}")
     if labels.dtype != torch.int64 or labels.ndim != 1:
         raise ValueError(f"labels must be an int64 vector, got {labels.dtype} of shape {tuple(labels.shape)}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > null_class):
         raise ValueError(f"labels must lie in 0..{null_class} ({null_class} = null class), "
                          f"got {int(labels.min())}..{int(labels.max())}")
-    dropped = (torch.rand(len(labels), generator=generator, dtype=torch.float64) < p).to(labels.device)
+    dropped = torch.rand(len(labels), generator=generator, dtype=torch.float64) < p
+    if rows == "leading":
+        dropped = torch.arange(len(labels)) < int(dropped.sum())
+    dropped = dropped.to(labels.device)
     return torch.where(dropped, torch.full_like(labels, null_class), labels), dropped
 
 
@@ -235,13 +259,17 @@ def cfg_velocity(u, z, t, v, labels, dropped, null_class, guidance):
 
 def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, p=1.0, c=1e-3,
                   jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None,
-                  t_distribution="logit_normal", t_shift=1.0, form="meanflow"):
-    """MeanFlow from data x. With `labels` [B] (a class-conditional model): label dropout to
-    `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the target.
-    The guidance runs on `jvp_u` where given (the bare module), else on `u`. `t_distribution`,
-    `t_shift` (sample_r_t) and `form` (adaptive_weighted) select the MF-RAE code's variants."""
+                  t_distribution="logit_normal", t_shift=1.0, form="meanflow", P_mean_r=None, P_std_r=None,
+                  r_above_t="swap", label_dropout_rows="independent"):
+    """MeanFlow from data x (one micro-batch). With `labels` [B] (a class-conditional model): label
+    dropout to `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the
+    target. The guidance runs on `jvp_u` where given (the bare module), else on `u`.
+    `t_distribution`, `t_shift`, `P_mean_r`, `P_std_r`, `r_above_t` (sample_r_t) and `form`
+    (adaptive_weighted) select the MF-RAE code's and py-meanflow's variants; `label_dropout_rows`
+    leading puts the dropped labels on the leading rows, which have r = t (drop_labels)."""
     r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t,
-                      distribution=t_distribution, shift=t_shift)
+                      distribution=t_distribution, shift=t_shift, P_mean_r=P_mean_r, P_std_r=P_std_r,
+                      r_above_t=r_above_t, r_equals_t_rows=label_dropout_rows)
     r, t = r.to(x.dtype).to(x.device), t.to(x.dtype).to(x.device)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype).to(x.device)
     z, v = linear_path(x, eps, t)
@@ -252,7 +280,7 @@ def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25
     if null_class is None:
         raise ValueError("meanflow_loss: class labels need the model's null_class")
     labels = labels.to(x.device)
-    labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator)
+    labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator, rows=label_dropout_rows)
     if guidance is not None:
         v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
     return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in, form=form)
@@ -278,12 +306,18 @@ class Objective:
     t_distribution: str = "logit_normal"
     t_shift: float = 1.0
     form: str = "meanflow"
+    P_mean_r: float | None = None
+    P_std_r: float | None = None
+    r_above_t: str = "swap"
+    label_dropout_rows: str = "independent"
 
     @classmethod
     def from_config(cls, section, net, what):
-        """`section`: P_mean, P_std, ratio_r_neq_t, adaptive_p, adaptive_c and, for a class-conditional
-        `net` (the bare module: the JVP and the guidance run on it), label_dropout and guidance
-        {omega, kappa, t_min, t_max}. An unconditional net refuses label dropout and guidance."""
+        """`section`: P_mean, P_std, ratio_r_neq_t, adaptive_p, adaptive_c, the optional variants
+        (t_distribution, t_shift, adaptive_form, P_mean_r, P_std_r, r_above_t) and, for a
+        class-conditional `net` (the bare module: the JVP and the guidance run on it), label_dropout,
+        label_dropout_rows and guidance {omega, kappa, t_min, t_max}. An unconditional net refuses
+        label dropout and guidance."""
         num_classes = int(getattr(net, "num_classes", 0) or 0)
         dropout, guidance = float(section.get("label_dropout") or 0.0), section.get("guidance")
         if not num_classes and (dropout or guidance):
@@ -297,16 +331,27 @@ class Objective:
                    guidance=Guidance(**guidance) if guidance else None,
                    null_class=getattr(net, "null_class", None) if num_classes else None, jvp_u=net,
                    t_distribution=section.get("t_distribution", "logit_normal"),
-                   t_shift=float(section.get("t_shift", 1.0)), form=section.get("adaptive_form", "meanflow"))
+                   t_shift=float(section.get("t_shift", 1.0)), form=section.get("adaptive_form", "meanflow"),
+                   P_mean_r=section.get("P_mean_r"), P_std_r=section.get("P_std_r"),
+                   r_above_t=section.get("r_above_t", "swap"),
+                   label_dropout_rows=section.get("label_dropout_rows", "independent"))
 
     def describe(self):
+        r_params = (self.P_mean if self.P_mean_r is None else self.P_mean_r,
+                    self.P_std if self.P_std_r is None else self.P_std_r)
         times = (f"logit-normal({self.P_mean}, {self.P_std})" if self.t_distribution == "logit_normal"
                  else "uniform") + (f" shifted by {self.t_shift:g}" if self.t_shift != 1 else "")
+        if self.t_distribution == "logit_normal" and r_params != (self.P_mean, self.P_std):
+            times += f", r's logit-normal{r_params}"
+        if self.r_above_t != "swap":
+            times += f", r above t {self.r_above_t}"
         out = f"r!=t ratio {self.ratio_r_neq_t} {times} p={self.p} c={self.c}"
         if self.form != "meanflow":
             out += f" (adaptive weight on ||delta||^4, form {self.form})"
         if self.null_class is not None:
             out += f", label dropout {self.label_dropout}"
+            if self.label_dropout_rows != "independent":
+                out += f" on the {self.label_dropout_rows} rows (r = t there)"
         if self.guidance is not None:
             g = self.guidance
             out += (f", guidance in the target omega {g.omega} kappa {g.kappa} on t in [{g.t_min}, {g.t_max}] "
@@ -323,4 +368,5 @@ class Objective:
                              ratio_r_neq_t=self.ratio_r_neq_t, p=self.p, c=self.c, jvp_u=self.jvp_u,
                              labels=labels, null_class=self.null_class, label_dropout=self.label_dropout,
                              guidance=self.guidance, t_distribution=self.t_distribution, t_shift=self.t_shift,
-                             form=self.form)
+                             form=self.form, P_mean_r=self.P_mean_r, P_std_r=self.P_std_r, r_above_t=self.r_above_t,
+                             label_dropout_rows=self.label_dropout_rows)

@@ -77,8 +77,10 @@ def freeze_unused_heads(net: nn.Module) -> nn.Module:
 
 
 def target_context(net: nn.Module):
-    """For the no-grad target pass of a consistency loss: EDM2's forced weight normalisation off
-    (it would re-normalise the weights in place before the prediction's pass does); None otherwise."""
+    """For the no-grad target pass of a consistency loss, which runs after the prediction's pass
+    (losses.prediction_then_target): EDM2's forced weight normalisation off, so the target sees the
+    weights the prediction's pass normalised and leaves the ones its graph saved untouched; None
+    for networks without it."""
     from stages.networks import edm2
 
     if not any(isinstance(m, edm2.MPConv) for m in net.modules()):

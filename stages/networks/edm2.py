@@ -93,9 +93,10 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = cout
         self.weight = nn.Parameter(torch.randn(cout, cin, *kernel))
-        # Forced weight normalisation in training mode; ECD's target pass turns it off
-        # (forced_weight_norm(net, False)): an in-place update there would change a weight that the
-        # student pass's graph saved for backward.
+        # Forced weight normalisation in training mode. The consistency losses run the prediction
+        # pass first, which normalises the stored weights here, then the no-grad target pass with it
+        # turned off (forced_weight_norm(net, False)): a second in-place update would change a
+        # weight that the prediction's graph saved for backward (losses.prediction_then_target).
         self.force_weight_norm = True
 
     def forward(self, x, gain=1.0):

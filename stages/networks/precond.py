@@ -76,7 +76,9 @@ class Precond(nn.Module):
                              f"(from class indices y: F.one_hot(y, {self.label_dim}).float())")
         return labels.to(torch.float32)
 
-    def forward(self, x, sigma, labels=None):
+    def forward(self, x, sigma, labels=None, *, dtype=torch.float32):
+        """`dtype`: what the raw network runs in (EDM2's use_fp16 execution: float16 on CUDA); the
+        coefficients and the output stay float32."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
@@ -84,6 +86,6 @@ class Precond(nn.Module):
         labels = self.check_labels(labels, x.shape[0])
         c_skip, c_out, c_in = self.coefficients(sigma)
         c_noise = sigma.log().flatten() / 4
-        x_in = (c_in * x).to(torch.float32)
+        x_in = (c_in * x).to(dtype)
         f = self.network(x_in, c_noise) if labels is None else self.network(x_in, c_noise, labels)
         return c_skip * x + c_out * f.to(torch.float32)

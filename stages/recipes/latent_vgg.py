@@ -5,7 +5,8 @@ mid-training distance (`midtrain.distance: elatentlpips`) reads.
 The recipe is torchvision's VGG16 one (SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 256,
 100 epochs, the rate times 0.1 every 30 epochs), in steps: an epoch is the training images / batch.
 Inputs are the networks' latents (one posterior draw per use, whitened: stages/data/latents.py),
-flipped left-right at random where latent_vgg.hflip says so. The last `holdout_shards` shards of the
+not flipped, as sony/cmt's imagenet512/train_latent_vgg.py (`latent_vgg.hflip: true` flips them
+left-right at random). The last `holdout_shards` shards of the
 encoded pool (a uniform sample of the classes, stages/data/latents.py) are held out; top-1 and top-5
 accuracy on them, at the posterior mean, go to the log, to the model file and to accuracy.json
 (the report's). The model file holds the LatentVGG16 under `net.` (no EMA), which

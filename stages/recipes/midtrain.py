@@ -34,7 +34,8 @@ def student(cfg, teacher_meta):
 def distance_of(cfg, latent_vgg=None):
     mc = cfg["midtrain"]
     return losses.make_distance(mc["distance"], pseudo_huber_c=mc.get("pseudo_huber_c"),
-                                lpips_weights=mc.get("lpips_weights"), latent_vgg=latent_vgg)
+                                lpips_weights=mc.get("lpips_weights"), latent_vgg=latent_vgg,
+                                elatentlpips_augment=mc.get("elatentlpips_augment", "sony_cmt"))
 
 
 def objective(distance):

@@ -57,8 +57,9 @@ def objective(cfg, net, denoise=None):
 
 
 def distillation(cfg, label_dim, teacher, guide, device):
-    """ECD's denoiser D_g from the teacher and guide networks (frozen, eval mode, float32), and the
-    identity entries of their files; (None, {}) for the methods that distil nothing."""
+    """ECD's denoiser D_g from the teacher and guide networks (frozen, eval mode; the guide in
+    guidance.guide_dtype on CUDA), and the identity entries of their files; (None, {}) for the
+    methods that distil nothing."""
     pc = cfg["posttrain"]
     method = pc.get("method", "ect")
     if method != "ecd":
@@ -67,7 +68,8 @@ def distillation(cfg, label_dim, teacher, guide, device):
         return None, {}
     if teacher is None:
         raise ValueError("posttrain.method ecd distils the teacher: pass --teacher")
-    weight = (pc.get("guidance") or {}).get("weight", 1.0)
+    guidance = pc.get("guidance") or {}
+    weight = guidance.get("weight", 1.0)
     if (guide is None) != (weight == 1.0):
         raise ValueError(f"posttrain.guidance: weight {weight} with {'no' if guide is None else 'a'} guide "
                          "network; autoguidance needs both (w = 1 and no guide: plain distillation)")
@@ -82,7 +84,8 @@ def distillation(cfg, label_dim, teacher, guide, device):
         identity[f"{what}_sha256"] = model_meta["sha256"]
         return model.to(device).eval().requires_grad_(False)
 
-    denoise = losses.guided_denoiser(frozen(teacher, "teacher"), frozen(guide, "guide") if guide else None, weight)
+    denoise = losses.guided_denoiser(frozen(teacher, "teacher"), frozen(guide, "guide") if guide else None, weight,
+                                     guide_dtype=guidance.get("guide_dtype", "float16"))
     return denoise, identity
 
 
