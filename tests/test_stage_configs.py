@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from stages.config import resolve, stage_configs, store_keys
+from workflow_runs import planned_configs
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((REPO / "tests" / "golden" / "stage_configs.json").read_text())
+
 
 KEYED = {"prepare_dataset": store_keys.dataset, "train_teacher": store_keys.teacher,
          "import_teacher": store_keys.teacher, "import_guide": store_keys.guide,
@@ -41,3 +43,17 @@ def test_stage_configs_and_store_keys_are_the_golden_ones(stack):
             assert KEYED[rule](config).key == expected["key"], job
         if "spec" in expected:  # the latent manifest checks the shards against the latents' spec
             assert stage_configs.as_arg(store_keys.latents(config).spec["spec"]) == expected["spec"], job
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("stack", sorted(GOLDEN))
+def test_snakemake_passes_every_training_stage_the_config_the_stage_tests_run(stack):
+    """What Snakemake itself prints (`-n -p`) for each training rule's job is what stage_config gives,
+    which the stage tests run (tests/stagekit.py)."""
+    config = resolve(configfiles(stack))
+    planned = planned_configs([] if stack == "default" else stack.split(" + "))
+    training = {job: entry for job, entry in planned.items() if rule_and_init(job)[0] in stage_configs.TRAINING_RULES}
+    assert training, stack
+    for job, entry in training.items():
+        rule, init = rule_and_init(job)
+        assert entry["config"] == stage_configs.as_arg(stage_configs.stage_config(rule, config, init)), job

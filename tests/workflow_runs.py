@@ -3,8 +3,10 @@
 Shared by the end-to-end tests (test_pipeline, test_rows, test_pipeline_mf, test_team, ...)."""
 
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +57,36 @@ def planned_resources(result, rule=None):
             found.append((name.group(1), dict(kv.split("=", 1) for kv in line.split(", ")),
                           shell.group(1) if shell else ""))
     return found
+
+
+def job_output(rule, output):
+    """A job's name in the golden file: its rule and output, shard numbers folded."""
+    return f"{rule} -> " + re.sub(r"(shards|latents|trajectory_shard|encode_dataset)/\d{6}", r"\1/{shard}", output)
+
+
+def planned_configs(stack):
+    """{job name: {config, key or spec}} of a dry run (`-n -p --forceall`, an empty workdir) of the config
+    files `stack` (paths relative to the repository): what every job passes its stage."""
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--snakefile", str(REPO / "Snakefile"),
+               "-d", workdir, "-c2"] + (["--configfile", *[str(REPO / s) for s in stack]] if stack else [])
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if result.returncode:
+        raise RuntimeError(f"{stack}: the dry run failed:\n{result.stderr[-3000:]}")
+    jobs = {}
+    for block in re.split(r"\n(?=\s*\[[^\]]+\]\n)", result.stdout):
+        rule = re.search(r"^\s*(?:local)?rule (\w+):$", block, re.M)
+        output = re.search(r"^\s+output: (.*)$", block, re.M)
+        shell = re.search(r"^\s*(?:Shell command: )?(python -m .*)$", block, re.M)
+        if not (rule and output and shell):
+            continue
+        words = shlex.split(shell.group(1).split(" > ")[0])
+        entry = {flag.strip("-"): words[words.index(flag) + 1] for flag in ("--config", "--key", "--spec")
+                 if flag in words}
+        if not entry.get("spec", "{").startswith("{"):  # a receipt's path (trajectory_manifest), not a spec
+            del entry["spec"]
+        name = job_output(rule.group(1), output.group(1))
+        if name in jobs and jobs[name] != entry:
+            raise RuntimeError(f"{stack}: {name} differs between its shards")
+        jobs[name] = entry
+    return jobs

@@ -12,16 +12,13 @@ Regenerate it only for such a change on purpose, and say in the commit which key
 """
 
 import json
-import re
-import shlex
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from stages.config import OVERLAYS  # noqa: E402
+from workflow_runs import planned_configs  # noqa: E402
 
 
 def stacks():
@@ -37,41 +34,9 @@ def stack_name(stack):
     return " + ".join(stack) or "default"
 
 
-def job_output(rule, output):
-    """A job's name in the golden file: its rule and output, shard numbers folded."""
-    return f"{rule} -> " + re.sub(r"(shards|latents|trajectory_shard|encode_dataset)/\d{6}", r"\1/{shard}", output)
-
-
-def planned(stack):
-    """{job name: {config, key or spec}} of a dry run of `stack`."""
-    with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--snakefile", str(REPO / "Snakefile"),
-               "-d", workdir, "-c2"] + (["--configfile", *[str(REPO / s) for s in stack]] if stack else [])
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
-    if result.returncode:
-        raise SystemExit(f"{stack_name(stack)}: the dry run failed:\n{result.stderr[-3000:]}")
-    jobs = {}
-    for block in re.split(r"\n(?=\s*\[[^\]]+\]\n)", result.stdout):
-        rule = re.search(r"^\s*(?:local)?rule (\w+):$", block, re.M)
-        output = re.search(r"^\s+output: (.*)$", block, re.M)
-        shell = re.search(r"^\s*(?:Shell command: )?(python -m .*)$", block, re.M)
-        if not (rule and output and shell):
-            continue
-        words = shlex.split(shell.group(1).split(" > ")[0])
-        entry = {flag.strip("-"): words[words.index(flag) + 1] for flag in ("--config", "--key", "--spec")
-                 if flag in words}
-        if not entry.get("spec", "{").startswith("{"):  # a receipt's path (trajectory_manifest), not a spec
-            del entry["spec"]
-        name = job_output(rule.group(1), output.group(1))
-        if name in jobs and jobs[name] != entry:
-            raise SystemExit(f"{stack_name(stack)}: {name} differs between its shards")
-        jobs[name] = entry
-    return jobs
-
-
 if __name__ == "__main__":
     golden = {}
     for stack in stacks():
-        golden[stack_name(stack)] = planned(stack)
+        golden[stack_name(stack)] = planned_configs(stack)
         print(f"{stack_name(stack)}: {len(golden[stack_name(stack)])} jobs", flush=True)
     Path(sys.argv[1]).write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
