@@ -40,7 +40,8 @@ def fraction(res):
     n_traj = sum(e["count"] for e in manifest["shards"])
     if len(shard_tsvs) != len(manifest["shards"]):
         raise ValueError(f"{len(shard_tsvs)} trajectory_shard benchmarks for {len(manifest['shards'])} shards")
-    secs = {"trajectories": sum(bench_seconds(p) for p in shard_tsvs), "midtrain": bench_seconds(bench / "midtrain.tsv"),
+    secs = {"trajectories": sum(bench_seconds(p) for p in shard_tsvs),
+            "midtrain": bench_seconds(bench / "midtrain.tsv"),
             "posttrain_cmt": bench_seconds(bench / "posttrain" / "cmt.tsv"),
             "baseline": bench_seconds(bench / "posttrain" / "baseline.tsv")}
     base_snaps, cmt_snaps = fids["baseline"]["snapshots"], fids["cmt"]["snapshots"]
@@ -52,7 +53,8 @@ def fraction(res):
     traj_images = secs["trajectories"] / ect_s_per_image
     out = {"trajectories": n_traj, "seconds": secs, "ect_images_per_trajectory": traj_images / n_traj,
            "budget_images": {"baseline": base_images, "cmt_route": traj_images + mid["images_seen"] + post_total,
-                             "midtrain": mid["images_seen"], "posttrain": post_total, "trajectories_as_ect_images": traj_images},
+                             "midtrain": mid["images_seen"], "posttrain": post_total,
+                             "trajectories_as_ect_images": traj_images},
            "budget_seconds": {"baseline": secs["baseline"],
                               "cmt_route": secs["trajectories"] + secs["midtrain"] + secs["posttrain_cmt"]}}
     for steps in ("2step", "1step"):

@@ -26,5 +26,5 @@ with tempfile.TemporaryDirectory() as work:
     seconds = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(run.stdout[-3000:] + run.stderr[-3000:])
-    planned = next(l for l in run.stdout.splitlines() if l.startswith("trajectory_shard"))
+    planned = next(line for line in run.stdout.splitlines() if line.startswith("trajectory_shard"))
     print(f"snakemake -n, {a.shards} shards: {seconds:.1f} s ({planned.split()[1]} shard jobs planned)")

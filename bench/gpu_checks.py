@@ -165,7 +165,7 @@ def one_step(net, shape, kind, dev, batch=4):
             assert torch.isfinite(p.grad).all(), f"{name}'s gradient is not finite"
     opt.step()
     after = [p for p in net.parameters() if p.requires_grad]
-    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the step changed no parameter"
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "the step changed no parameter"
     return loss.item()
 
 

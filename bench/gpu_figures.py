@@ -1,7 +1,8 @@
 """GPU figures of the CIFAR-10 row's DDPM++: teacher forward img/s, trajectory generation traj/s,
 CMT mid-training and ECT post-training step img/s at batch 128, in fp32 and bf16 autocast, and peak
 memory. (Every row's figures at its own sizes, EDM2 and DiT included, and its projected GPU-hours
-beside the paper's: bench/row_costs.py.) Then the speed levers, each against the fp32 baseline, side by side in one run (`levers` in the output):
+beside the paper's: bench/row_costs.py.) Then the speed levers, each against the fp32 baseline, side by
+side in one run (`levers` in the output):
 channels_last, torch.compile of the network, the fused Adam, 2x and 4x the solver batch, and bf16
 autocast of the teacher in trajectory generation with the error of its states against fp32, which
 must stay below what storing the fp32 states in float16 already costs (else bf16 changes the pool
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages import networks  # noqa: E402
+from stages.core import precision  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
 from stages.method import losses, solvers  # noqa: E402
-from stages import networks  # noqa: E402
-from stages.training import loop  # noqa: E402
 from stages.networks.precond import Precond  # noqa: E402
-from stages.core import precision  # noqa: E402
+from stages.training import loop  # noqa: E402
 from stages.training.ema import EMA  # noqa: E402
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
@@ -104,9 +105,9 @@ x = torch.randn(batch, 3, 32, 32, device=device) * 80
 sigma = torch.full((batch,), 2.0, device=device)
 sigmas = solvers.logsnr_grid(nfe).to(torch.float32)
 
-for dtype in ("fp32", "bf16"):
-    fig = results["figures"].setdefault(dtype, {})
-
+def figures_of(dtype):
+    """The teacher's forward and solver rates and one CMT-CM and ECT step, at precision `dtype`."""
+    fig = {}
     peak_reset()
     with torch.no_grad(), autocast(dtype):
         sec = timed(lambda: teacher(x, sigma))
@@ -126,7 +127,7 @@ for dtype in ("fp32", "bf16"):
     student = model("ecm", dropout=0.2).train()
     ema = EMA(student, 0.999)
     opt = loop.build_optimizer(student.parameters(), {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999],
-                                                          "eps": 1e-8})
+                                                      "eps": 1e-8})
     lpips = losses.LPIPSDistance(None).to(device)
     states = torch.randn(batch // nfe, nfe + 1, 3, 32, 32, device=device)
 
@@ -158,7 +159,11 @@ for dtype in ("fp32", "bf16"):
     sec = timed(post_step)
     fig["posttrain_step_img_per_s"] = batch / sec
     fig["posttrain_peak_gb"] = peak_gb()
-    del student, ema, opt, lpips
+    return fig
+
+
+for dtype in ("fp32", "bf16"):
+    fig = results["figures"][dtype] = figures_of(dtype)
     print(f"[{dtype}] " + ", ".join(f"{k} {v:.3g}" for k, v in fig.items() if not isinstance(v, dict)), flush=True)
 
 
@@ -195,13 +200,12 @@ del cl_teacher
 
 # fused Adam on the ECT post-training step (the optimizer's share grows with the network)
 y = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-for fused in (False, True):
+
+
+def ect_step_rate(fused):
+    """Images/s of an ECT step with Adam, fused or not."""
     student = model("ecm", dropout=0.2).train()
-    try:
-        opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=fused)
-    except RuntimeError as err:
-        levers["fused_adam"] = {"error": str(err)[:300]}
-        break
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=fused)
     g = torch.Generator().manual_seed(0)
 
     def step():
@@ -210,11 +214,15 @@ for fused in (False, True):
         loss.backward()
         opt.step()
 
-    rate = batch / timed(step)
-    if fused:
-        levers["fused_adam"] = {"posttrain_step_img_per_s": rate, "speedup": rate / unfused}
-    unfused = rate
-    del student, opt
+    return batch / timed(step)
+
+
+try:
+    unfused = ect_step_rate(False)
+    rate = ect_step_rate(True)
+    levers["fused_adam"] = {"posttrain_step_img_per_s": rate, "speedup": rate / unfused}
+except RuntimeError as err:
+    levers["fused_adam"] = {"error": str(err)[:300]}
 
 save()
 # more samples per solver batch
@@ -232,7 +240,8 @@ for mult in (2, 4):
 if args.teacher:
     net, meta = checkpoints.load(args.teacher)
     net = net.to(device).eval()
-    shape = (meta["architecture"]["in_channels"], meta["architecture"]["resolution"], meta["architecture"]["resolution"])
+    arch = meta["architecture"]
+    shape = (arch["in_channels"], arch["resolution"], arch["resolution"])
 else:
     net, shape = teacher, (3, 32, 32)
 z = torch.randn(batch, *shape, device=device, generator=torch.Generator(device).manual_seed(1)) * 80
@@ -252,7 +261,8 @@ scale = exact.pow(2).mean().sqrt()
 bf16_err = float((bf16 - exact).pow(2).mean().sqrt() / scale)
 fp16_err = float((exact.half().float() - exact).pow(2).mean().sqrt() / scale)
 final_bf16 = float((bf16[:, -1] - exact[:, -1]).pow(2).mean().sqrt() / exact[:, -1].pow(2).mean().sqrt())
-final_fp16 = float((exact[:, -1].half().float() - exact[:, -1]).pow(2).mean().sqrt() / exact[:, -1].pow(2).mean().sqrt())
+final_fp16 = float((exact[:, -1].half().float() - exact[:, -1]).pow(2).mean().sqrt()
+                   / exact[:, -1].pow(2).mean().sqrt())
 levers["bf16_trajectories"] = {
     "teacher": args.teacher or "random-weight DDPM++ of this run",
     "trajectories_per_s": trajectory_rate(net, z, "bf16"), "fp32_trajectories_per_s": trajectory_rate(net, z),
@@ -278,7 +288,8 @@ if not args.skip_compile:
         levers["torch_compile"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 for name, fig in levers.items():
-    print(f"[lever {name}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()),
+    print(f"[lever {name}] "
+          + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()),
           flush=True)
 
 if args.tiny:

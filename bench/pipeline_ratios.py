@@ -45,17 +45,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import networks  # noqa: E402
 from stages.config import resolve  # noqa: E402
-from stages.data import labels as class_labels, shards  # noqa: E402
+from stages.data import labels as class_labels  # noqa: E402
+from stages.data import shards
 from stages.method import losses, trajectories  # noqa: E402
 from stages.training import loop  # noqa: E402
 from stages.training.ema import EMA  # noqa: E402
-
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--config", nargs="*", default=[], help="row config files over config/default.yaml, as --configfile")
 p.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (the median is reported)")
 p.add_argument("--threads", type=int, default=1, help="torch threads (the pipeline runs 1 per job on CPU)")
-p.add_argument("--project-trajectories", type=float, default=2.4e6, help="ratio 3's projection: trajectories (CIFAR row)")
+p.add_argument("--project-trajectories", type=float, default=2.4e6,
+               help="ratio 3's projection: trajectories (CIFAR row)")
 p.add_argument("--project-steps", type=float, default=3e5, help="ratio 3's projection: mid-training steps (CIFAR row)")
 p.add_argument("--out", default=None)
 args = p.parse_args()
@@ -99,7 +100,7 @@ teacher = networks.freeze_unused_heads(networks.build_precond(arch, "edm", cfg["
 teacher = teacher.to(device).eval()
 label_dim = class_labels.label_dim_of(teacher)
 with torch.no_grad():  # a denoiser that is not the identity: the zero-initialised output layer perturbed
-    for name, param in teacher.named_parameters():
+    for param in teacher.parameters():
         if param.abs().sum() == 0 and param.ndim > 1:
             param.normal_(0, 0.05)
 results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
@@ -252,7 +253,8 @@ r3, ect = results["offline_vs_online"], results["ect_step"]
 print(f"device {results['device']}, torch {results['torch']}, threads {args.threads}, "
       f"{arch['kind']} {results['parameters']:,} parameters, NFE {nfe}")
 print(f"1. trajectory stage: {1e3 * r1['s_per_trajectory']:.3f} ms/trajectory vs NFE x forward "
-      f"{1e3 * r1['nfe_forwards_s_per_trajectory']:.3f} ms/trajectory (batch {solve_batch}, {per_shard} per shard): ratio "
+      f"{1e3 * r1['nfe_forwards_s_per_trajectory']:.3f} ms/trajectory (batch {solve_batch}, {per_shard} per shard): "
+      "ratio "
       f"{r1['ratio']:.3f} (bound <= {r1['bound']}: {'met' if r1['ratio'] <= r1['bound'] else 'NOT met'}); "
       f"writing in the solving thread instead: {r1['ratio_writing_in_the_solving_thread']:.3f}")
 print(f"2. input pipeline: reader {r2['reader_traj_per_s']:.0f} traj/s vs step {r2['step_traj_per_s']:.0f} traj/s "

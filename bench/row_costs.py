@@ -52,19 +52,27 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import networks  # noqa: E402
-from stages.config import OVERLAYS, REPO, resolve, stage_configs  # noqa: E402
+from stages.config import (  # noqa: E402
+    OVERLAYS,
+    REPO,
+    resolve,
+    stage_configs,
+    workload,  # noqa: E402
+)
+from stages.core import precision  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
 from stages.method import flowmap, losses, trajectories  # noqa: E402
 from stages.recipes import examples  # noqa: E402
-from stages.recipes import latent_vgg as latent_vgg_recipe, midtrain as midtrain_recipe  # noqa: E402
-from stages.recipes import midtrain_mf as midtrain_mf_recipe, posttrain as posttrain_recipe  # noqa: E402
-from stages.recipes import posttrain_mf as posttrain_mf_recipe, teacher as teacher_recipe  # noqa: E402
-from stages.training.ema import EMA, NoEMA  # noqa: E402
-from stages.config import workload  # noqa: E402
-from stages.core import precision  # noqa: E402
+from stages.recipes import latent_vgg as latent_vgg_recipe  # noqa: E402
+from stages.recipes import midtrain as midtrain_recipe
+from stages.recipes import midtrain_mf as midtrain_mf_recipe  # noqa: E402
+from stages.recipes import posttrain as posttrain_recipe
+from stages.recipes import posttrain_mf as posttrain_mf_recipe  # noqa: E402
+from stages.recipes import teacher as teacher_recipe
 from stages.reporting import ledger  # noqa: E402
 from stages.training import loop  # noqa: E402
+from stages.training.ema import EMA, NoEMA  # noqa: E402
 
 ROWS = REPO / "config" / "rows"
 # stabilityai/sd-vae-ft-mse's config.json (the AutoencoderKL the latent rows download), for a
@@ -485,7 +493,7 @@ def project(name):
         if key not in rates:
             if device.type == "cpu" and not args.threads:
                 torch.set_num_threads(cfg["threads"][THREADS_OF[job["rule"]]] if job["rule"] in THREADS_OF else 1)
-            rates[key] = measure(job["job"], lambda: rate(row, job))
+            rates[key] = measure(job["job"], lambda job=job: rate(row, job))
             rates[key]["threads"] = torch.get_num_threads()
         r = rates[key]
         job["rate"] = r
@@ -543,7 +551,8 @@ def project(name):
 
 results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "threads": args.threads or "each rule's (the row's threads)", "smoke": args.smoke,
+           "torch": torch.__version__, "threads": args.threads or "each rule's (the row's threads)",
+           "smoke": args.smoke,
            "repeats": repeats,
            "rows": {}}
 t_start = time.perf_counter()

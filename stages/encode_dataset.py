@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from stages.core import cli
 from stages.data import datasets, latents
 from stages.files import atomic
 from stages.networks import latent_codec
-from stages.core import cli
 
 p = cli.parser(__doc__)
 p.add_argument("--shard", type=int, required=True)
@@ -42,7 +42,8 @@ def select(count):
 
 images, labels, source_indices, total = datasets.read_selection(dataset, select)
 if start >= total:
-    raise ValueError(f"shard {args.shard} starts at image {start}, but the dataset ({dataset.get('path', 'synthetic')}) "
+    raise ValueError(f"shard {args.shard} starts at image {start}, but the dataset "
+                     f"({dataset.get('path', 'synthetic')}) "
                      f"has {total} images; set latents.num_shards to ceil({total} / {per_shard}) = "
                      f"{-(-total // per_shard)}")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import precision
 from stages.data import features
 from stages.files import atomic, checkpoints
-from stages.core import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')
@@ -26,7 +26,7 @@ if len(args.models) != len(args.samples):
     raise ValueError("--models must list one model per --samples file")
 
 result = {"features": cfg["features"]["kind"], "reference": args.reference, "snapshots": {}}
-for sample_path, model_path in zip(args.samples, args.models):
+for sample_path, model_path in zip(args.samples, args.models, strict=True):
     meta = checkpoints.read_meta(model_path)
     # images_seen_total counts mid-training too (MeanFlow row: compared at equal total budget)
     entry = {"images_seen": meta["images_seen"], "steps_trained": meta["steps"],

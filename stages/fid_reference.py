@@ -5,8 +5,8 @@ EDM2's (dataset-refs/img512.pkl, read by the restricted unpickler: the pickle ru
 import argparse
 import json
 
-from stages.data import datasets, features
 from stages.core import precision
+from stages.data import datasets, features
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help="the `features` config section as JSON")

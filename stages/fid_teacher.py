@@ -8,9 +8,9 @@ import json
 import numpy as np
 import torch
 
+from stages.core import precision
 from stages.data import datasets, features, shards
 from stages.files import atomic
-from stages.core import precision
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--config", type=json.loads, required=True, help='{"features": ..., "sampling": ...}')

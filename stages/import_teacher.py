@@ -4,8 +4,8 @@ without running its code) -> our model.safetensors (EMA weights under `ema.`) + 
 imported by the same stage (it is a teacher of the same task)."""
 
 from stages import networks
-from stages.files import atomic, checkpoints, edm2_import, edm_import
 from stages.core import cli
+from stages.files import atomic, checkpoints, edm2_import, edm_import
 
 p = cli.parser(__doc__)
 p.add_argument("--pickle", required=True, help="the EDM snapshot, e.g. assets/edm-cifar10-32x32-uncond-vp.pkl")

@@ -34,9 +34,9 @@ args = p.parse_args()
 cfg = args.config
 inits, steps, final, family = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"], cfg.get("family", "cm")
 paper, online = cfg.get("paper") or {}, bool(cfg.get("midtrain_online"))
-fids = {init: json.loads(Path(path).read_text()) for init, path in zip(inits, args.fid)}
+fids = {init: json.loads(Path(path).read_text()) for init, path in zip(inits, args.fid, strict=True)}
 ceiling = json.loads(Path(args.ceiling).read_text())["teacher"]
-models = dict(zip(["train_teacher", "midtrain"] + [f"posttrain/{i}" for i in inits], args.models))
+models = dict(zip(["train_teacher", "midtrain"] + [f"posttrain/{i}" for i in inits], args.models, strict=True))
 metas = {name: checkpoints.read_meta(model) for name, model in models.items()}
 labels = tables.LABELS[family]
 features = fids[inits[0]]["features"]
@@ -75,7 +75,7 @@ if cfg.get("gpus") is not None:
     lines += tables.gpu_hours(args.benchmarks, inits, cfg["gpus"], models, paper, labels)
 
 figures.fd_curve(args.curve, fids, inits, steps, labels, ceiling, cfg["row"], images_key, x_label)
-figures.sample_grids(args.grids, dict(zip(inits, args.samples)), steps, labels)
+figures.sample_grids(args.grids, dict(zip(inits, args.samples, strict=True)), steps, labels)
 
 if cfg.get("notes"):
     lines += ["## Notes on this row", "", cfg["notes"].strip(), ""]

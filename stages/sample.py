@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from stages import networks
+from stages.core import cli, rng
+from stages.data import datasets
+from stages.data import labels as class_labels
 from stages.files import atomic, checkpoints
-from stages.core import cli
-from stages.data import datasets, labels as class_labels
 from stages.method import flowmap, losses
-from stages.core import rng
 
 p = cli.parser(__doc__)
 p.add_argument("--model", required=True)

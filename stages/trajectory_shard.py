@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from stages.files import checkpoints
 from stages.core import cli
 from stages.data import datasets, shards
+from stages.files import checkpoints
 from stages.method import trajectories
 
 p = cli.parser(__doc__)

@@ -81,7 +81,8 @@ def make_trajectories(folder, num_shards=2, per_shard=5, nan_index=None):
         shards.write_shard(path, samples)
         entries.append({"path": str(path), "count": per_shard, "bytes": path.stat().st_size,
                         "sha256": atomic.sha256_file(path), "receipt": str(folder / "receipts" / f"{k:06d}.json")})
-    manifest = {"spec": {"nfe": NFE, "per_shard": per_shard, "sigma_max": 80.0}, "teacher": {"path": "-", "sha256": "-"},
+    manifest = {"spec": {"nfe": NFE, "per_shard": per_shard, "sigma_max": 80.0},
+                "teacher": {"path": "-", "sha256": "-"},
                 "total": num_shards * per_shard, "shards": entries}
     atomic.write_json(folder / "manifest.json", manifest)
     return folder / "manifest.json"

@@ -5,10 +5,10 @@ import hashlib
 import time
 
 import pytest
-
 from range_server import PAYLOAD, RangeHandler
 
 from stages.files import assets
+
 
 def test_offline_fails_at_once_with_what_to_place_where(tmp_path):
     cfg = {"dir": str(tmp_path / "assets"), "urls": {"vgg16": "http://127.0.0.1:9/vgg16.pth",

@@ -9,15 +9,13 @@ import sys
 
 import pytest
 import torch
+from stagekit import REPO, make_samples, make_teacher, make_trajectories, midtrain_config, run_in_process, state_args
+
+from stages.data import shards
+from stages.files import store
+from stages.method import losses
 
 torch.set_num_threads(1)
-
-from stagekit import (REPO, make_samples, make_teacher, make_trajectories, midtrain_config, run_in_process,  # noqa: E402
-                      state_args)
-
-from stages.method import losses  # noqa: E402
-from stages.data import shards  # noqa: E402
-from stages.files import store  # noqa: E402
 
 
 @pytest.fixture

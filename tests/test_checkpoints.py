@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add synchronisation
-
-from stages.files import atomic, checkpoints
 from stages import networks
+from stages.files import atomic, checkpoints
 from stages.networks.precond import Precond
+
+torch.set_num_threads(1)
 
 ARCH = {"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "dropout": 0.0}

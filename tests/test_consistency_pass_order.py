@@ -103,7 +103,7 @@ def test_raw_edm2_weights_official_order_matches_the_description_and_the_old_ord
         want.sum().backward()
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(grads(net), grads(ref), rtol=1e-5, atol=1e-7)
-        for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
         before = by_hand(*target_first(old, x_t, t, x_r, r_eval, labels, networks.target_context(old)), t, r)

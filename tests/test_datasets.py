@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.files import atomic
 from stages.data import datasets
+from stages.files import atomic
 
 
 @pytest.fixture(scope="module")

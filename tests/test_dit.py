@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from stages import networks  # noqa: E402
-from stages.files import checkpoints  # noqa: E402
-from stages.method import flowmap, meanflow  # noqa: E402
+from stages import networks
+from stages.files import checkpoints
+from stages.method import meanflow
 from stages.networks.average_velocity import AverageVelocity
+
+torch.set_num_threads(1)
 
 TINY = {"kind": "dit", "resolution": 8, "in_channels": 4, "num_classes": 10, "patch_size": 2,
         "hidden_size": 32, "depth": 2, "num_heads": 2}

@@ -14,7 +14,8 @@ from stages.data import labels
 from stages.files import checkpoints
 from stages.method import losses
 from tests.stagekit import make_dataset, posttrain_config, run_in_process
-from tests.tiny_edm2 import CONDITIONAL as ARCH, conditional_net
+from tests.tiny_edm2 import CONDITIONAL as ARCH
+from tests.tiny_edm2 import conditional_net
 
 
 def save_model(path, seed):

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from stages.files import edm2_import, unpickle
 from stages.networks import edm2
 from tests.edm_format import EDM2_NAMES, RunsShell, edm2_encoder_state, edm2_kwargs, write_edm2_pickle
 from tests.tiny_edm2 import TINY, TINY_EXTRA, tiny_inputs, tiny_net
+
+torch.set_num_threads(1)
 
 def snapshot(tmp_path, encoder="vae", net=None, extra=TINY_EXTRA, **kwargs):
     net = tiny_net() if net is None else net

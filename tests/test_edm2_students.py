@@ -8,9 +8,9 @@ import json
 import torch
 
 from stages import networks
+from stages.core import rng
 from stages.files import checkpoints
 from stages.networks import edm2
-from stages.core import rng
 from tests.stagekit import config, make_dataset, posttrain_config, run_in_process
 
 NETWORK = {"kind": "edm2", "preset": "edm2-img64-s", "label_dim": 10, "channels": 8, "channel_mult": [1, 2],

@@ -214,7 +214,7 @@ def test_blits_move_pixels_through_adas_resampling():
     out, _ = draw(["xflip"], smooth)
     flipped = [(out[k] - smooth[k].flip(-1)).abs().max() < 0.05 for k in range(6)]
     kept = [(out[k] - smooth[k]).abs().max() < 1e-4 for k in range(6)]
-    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
     out, _ = draw(["rotate90"], smooth, seed=1)
     turns = [[(out[k] - torch.rot90(smooth[k], r, (1, 2))).abs().max() < 0.05 for r in range(4)] for k in range(6)]
     assert all(sum(t) == 1 for t in turns) and len({t.index(True) for t in turns}) > 1

@@ -202,7 +202,8 @@ def test_rules_plan_one_job_per_shard_and_fetch_the_vae_folder(tmp_path):
     out = dry_run(tmp_path, {"num_shards": 5, "per_shard": 1000})
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", out.split("Job stats:")[1].split("total")[0], re.M))
     assert jobs == {"fetch_assets": "2", "encode_dataset": "5", "latent_manifest": "1"}
-    assert "assets/sd-vae-ft-mse/config.json" in out and "assets/sd-vae-ft-mse/diffusion_pytorch_model.safetensors" in out
+    assert "assets/sd-vae-ft-mse/config.json" in out
+    assert "assets/sd-vae-ft-mse/diffusion_pytorch_model.safetensors" in out
     assert "--vae assets/sd-vae-ft-mse" in out
     key = re.search(r"store/latents/tiny-in-([0-9a-f]{16})/shard-000004.tar", out).group(1)
     # the whitening and the VAE batch are no part of the key; the dtype and the shard size are

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(1)
-
 from stages.data import features
 from stages.method import losses
+
+torch.set_num_threads(1)
 
 
 class FakeInception(nn.Module):

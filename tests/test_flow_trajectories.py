@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from stages.data import labels as class_labels, shards
+from stages.core import rng
+from stages.data import labels as class_labels
+from stages.data import shards
 from stages.files import checkpoints
 from stages.method import solvers, trajectories
-from stages.core import rng
 
 MU = torch.tensor([[0.3], [-1.0], [0.8]], dtype=torch.float64)  # per class (1 channel); row 3 = null: 0
 S = 0.6
@@ -101,7 +102,7 @@ def test_shard_round_trip_and_spot_check(mf_teacher, tmp_path):
     path = tmp_path / "shard-000000.tar"
     assert shards.write_shard(path, made, grid_name=gen.grid_name) == 5
     stored = shards.read_shard(path)
-    for (i, states, grid, m), s in zip(made, stored):
+    for (i, states, grid, m), s in zip(made, stored, strict=True):
         assert s["index"] == i and s["meta"] == m and "sigmas" not in s
         np.testing.assert_array_equal(s["times"], grid)
         np.testing.assert_array_equal(s["states"], states)

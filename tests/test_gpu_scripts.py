@@ -12,9 +12,9 @@ import tarfile
 import zipfile
 
 import pytest
+from workflow_runs import REPO
 
 from bench import gpu_summary
-from workflow_runs import REPO
 
 FIRST_CONTACT = REPO / "bench" / "gpu_first_contact.sh"
 SESSION = REPO / "bench" / "gpu_session.sh"

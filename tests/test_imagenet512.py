@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 from stages.data import features
 from stages.files import unpickle
 from stages.method import losses
 from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
-from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 ARCH = {"in_channels": 4, "num_classes": 10, "width": 0.125, "groups": 4, "hidden": 16, "pool": 1, "dropout": 0.0}
 
@@ -191,8 +191,9 @@ def test_posttrain_on_latents_resumes_bit_exactly(tmp_path):
     import copy
     import signal
 
-    from stagekit import (ARCH as PIXEL_ARCH, assert_same_tensors, load_state, posttrain_config, run, run_in_process,
-                          state_args)
+    from stagekit import ARCH as PIXEL_ARCH
+    from stagekit import assert_same_tensors, load_state, posttrain_config, run, run_in_process, state_args
+
     from stages import networks
     from stages.data import latents
     from stages.files import atomic, checkpoints
@@ -203,8 +204,10 @@ def test_posttrain_on_latents_resumes_bit_exactly(tmp_path):
     for k in range(2):
         path = tmp_path / f"shard-{k}.tar"
         latents.write_shard(path, [(6 * k + i, 6 * k + i, np.concatenate(
-            [4 * g.standard_normal((4, 8, 8)), np.full((4, 8, 8), 0.2)]).astype(np.float32), i % 3, 12) for i in range(6)])
-        entries.append({"path": str(path), "count": 6, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)})
+            [4 * g.standard_normal((4, 8, 8)), np.full((4, 8, 8), 0.2)]).astype(np.float32), i % 3, 12)
+            for i in range(6)])
+        entries.append({"path": str(path), "count": 6, "bytes": path.stat().st_size,
+                        "sha256": atomic.sha256_file(path)})
     atomic.write_json(tmp_path / "manifest.json", {"spec": {}, "total": 12, "shards": entries})
     arch = {**PIXEL_ARCH, "in_channels": 4}
     torch.manual_seed(0)

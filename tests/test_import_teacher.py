@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from stages.files import checkpoints, edm_import
 from stages import networks
+from stages.files import checkpoints, edm_import
 from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, randomize, write_edm_pickle
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small DDPM++ (CIFAR layout at 16 channels, one block per level) keeps the pickle small.

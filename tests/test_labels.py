@@ -16,7 +16,8 @@ from stages.data import datasets, labels, shards
 from stages.files import atomic, checkpoints
 from stages.method import losses, trajectories
 from tests.stagekit import make_dataset, midtrain_config, posttrain_config, run_in_process
-from tests.tiny_edm2 import CLASSES, CONDITIONAL as ARCH, conditional_net
+from tests.tiny_edm2 import CLASSES, conditional_net
+from tests.tiny_edm2 import CONDITIONAL as ARCH
 
 SPEC = {"solver": "dpm_solver_pp", "order": 2, "lower_order_final": True, "nfe": 4, "x_T": "noise",
         "seed": 7, "per_shard": 4, "batch": 2, "dtype": "float32", "sigma_max": 80.0, "sigma_min": 0.002,
@@ -78,7 +79,11 @@ def test_trajectories_store_their_class_and_are_solved_for_it(teacher, dataset, 
         x_T_ = torch.from_numpy(states[:1])
         for cls, same in ((want, True), ((want + 1) % CLASSES, False)):
             onehot = labels.one_hot([cls], CLASSES)
-            solved = gen.solve(lambda x, s: gen.denoise(x, s, onehot), x_T_, gen.sigmas, order=spec["order"],
+
+            def denoise(x, s, onehot=onehot):
+                return gen.denoise(x, s, onehot)
+
+            solved = gen.solve(denoise, x_T_, gen.sigmas, order=spec["order"],
                                lower_order_final=True)[0].numpy()
             assert np.allclose(solved, states, atol=1e-4) == same
     # written, read back, spot-checked; a shard whose classes were altered is refused
@@ -132,16 +137,17 @@ def test_midtrain_passes_each_trajectory_class(teacher, tmp_path, monkeypatch):
     assert len(seen) == 2
     for states, onehot in seen:
         assert onehot.shape == (2, CLASSES)
-        for traj, row in zip(states, onehot):
+        for traj, row in zip(states, onehot, strict=True):
             assert int(row.argmax()) == stored[traj[0].numpy().tobytes()]
 
 
 def test_posttrain_passes_the_batch_classes(teacher, dataset, tmp_path, monkeypatch):
     images, classes = datasets.load(dataset)
-    by_image = {datasets.to_model_range(img).tobytes(): int(c) for img, c in zip(images, classes)}
+    by_image = {datasets.to_model_range(img).tobytes(): int(c) for img, c in zip(images, classes, strict=True)}
     seen = []
     loss = losses.ect_loss
-    monkeypatch.setattr(losses, "ect_loss", lambda net, y, g, **k: seen.append((y, k["labels"])) or loss(net, y, g, **k))
+    monkeypatch.setattr(losses, "ect_loss",
+                        lambda net, y, g, **k: seen.append((y, k["labels"])) or loss(net, y, g, **k))
     cfg = posttrain_config(steps=2, batch=4, snapshots=[0, 1.0])
     run_in_process("stages.posttrain", ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", teacher,
                                         "--dataset", dataset, "--out", tmp_path / "post.safetensors",

@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from stages.data import latents
-from stages.files import checkpoints
-from stages.files import atomic
-from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
 from stages.core import rng
+from stages.data import latents
+from stages.files import atomic, checkpoints
+from stages.method.elatentlpips import ELatentLPIPS, LatentVGG16
 from stages.training import loop
 from tests.stagekit import run, state_args
 
@@ -97,7 +96,7 @@ def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     # (the state dict under its own names) gives the same backbone
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "old.safetensors"))
     old = ELatentLPIPS.from_file(tmp_path / "old.safetensors", meta["architecture"], augment=None)
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), lpips.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), lpips.state_dict().values(), strict=True))
     assert not (tmp_path / "run" / "state").exists()  # the state is removed once the outputs are written
 
 

@@ -95,7 +95,8 @@ def test_one_process_stages_claim_their_devices_too(tmp_path):
     assert (n1, n2, len(fds1), len(fds2)) == (1, 1, 2, 1)
     assert sorted(first.split(",") + [second]) == ["0", "1", "2"]
     # under SLURM the job's allocation stands
-    assert launch.plan(2, {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "4,5"}, tmp_path, one_process=True) == (1, None, [])
+    slurm = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "4,5"}
+    assert launch.plan(2, slurm, tmp_path, one_process=True) == (1, None, [])
 
 
 PROBE = ("import os, sys, time\n"
@@ -121,7 +122,8 @@ def test_concurrent_one_process_jobs_run_on_distinct_devices(tmp_path):
 
 
 def test_a_claim_that_cannot_be_had_stops_after_the_timeout_naming_the_holder(tmp_path):
-    held = launch.claim(["0", "1"], 2, tmp_path / "locks", holder="stages.midtrain results/r/midtrain/model.safetensors")
+    held = launch.claim(["0", "1"], 2, tmp_path / "locks",
+                        holder="stages.midtrain results/r/midtrain/model.safetensors")
     start = time.monotonic()
     for job in (launch_probe(tmp_path, "--claim-timeout", "1"), launch_probe(tmp_path, env={"CMT_CLAIM_TIMEOUT": "1"})):
         out, err = job.communicate(timeout=60)  # before: it waited forever

@@ -58,7 +58,7 @@ def test_the_packages_of_stages_import_each_other_without_a_cycle():
     edges, _ = graph()
     problems = []
     for ring in cycles(edges):
-        hops = list(zip(ring, ring[1:] + ring[:1]))
+        hops = list(zip(ring, ring[1:] + ring[:1], strict=False))
         problems.append(" -> ".join(ring + [ring[0]]) + ": "
                         + "; ".join(f"{a}->{b} ({edges[a][b][0]})" for a, b in hops))
     assert problems == []

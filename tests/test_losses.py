@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 # Tiny tensors: intra-op threads only add synchronisation (100x slower on a busy 2-core box).
-torch.set_num_threads(1)
-
 from stages.method import losses
+
+torch.set_num_threads(1)
 
 # ----------------------------------------------------------------------------------------------
 # Distances
@@ -77,12 +77,16 @@ def test_cmt_cm_loss_hand_values():
     T, K1 = 2, 4
     states = torch.arange(T * K1, dtype=torch.float64).view(T, K1, 1, 1, 1)
     sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)
-    identity = lambda x, s: x
+    def identity(x, s):
+        return x
+
     got = losses.cmt_cm_loss(identity, states, sigmas, losses.l2_distance)
     torch.testing.assert_close(got, torch.tensor([3.0, 2.0, 1.0, 3.0, 2.0, 1.0], dtype=torch.float64))
 
     # f(x, s) = x + s: |4t + k + sigma_k - (4t + 3)|^2 = (k - 3 + sigma_k)^2
-    shift = lambda x, s: x + s.view(-1, 1, 1, 1)
+    def shift(x, s):
+        return x + s.view(-1, 1, 1, 1)
+
     got = losses.cmt_cm_loss(shift, states, sigmas, losses.squared_l2_distance)
     per_k = [(k - 3 + sigmas[k].item()) ** 2 for k in range(3)]
     torch.testing.assert_close(got, torch.tensor(per_k * 2, dtype=torch.float64))
@@ -113,7 +117,7 @@ def _r_by_hand(t, stage, q, k=8.0, b=1.0):
 def test_ect_r_hand_values():
     t = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0, 80.0], dtype=torch.float64)
     r = losses.ect_r(t, stage=0, q=4)
-    for ti, ri in zip(t.tolist(), r.tolist()):
+    for ti, ri in zip(t.tolist(), r.tolist(), strict=True):
         assert ri == pytest.approx(_r_by_hand(ti, 0, 4), rel=1e-12, abs=1e-15)
     # explicit numbers: t = 1 -> dt = (1 + 8 sigmoid(-1)) / 4
     assert r[2].item() == pytest.approx(1 - (1 + 8 / (1 + math.e)) / 4, rel=1e-12)
@@ -133,7 +137,7 @@ def test_ect_r_stage_divides_dt_by_q_power():
     t = torch.tensor([0.1, 1.0, 3.0, 20.0], dtype=torch.float64)
     for stage in (0, 1, 2):
         r = losses.ect_r(t, stage=stage, q=4)
-        for ti, ri in zip(t.tolist(), r.tolist()):
+        for ti, ri in zip(t.tolist(), r.tolist(), strict=True):
             assert ri == pytest.approx(_r_by_hand(ti, stage, 4), rel=1e-12, abs=1e-15)
     dt0 = t - losses.ect_r(t, stage=0, q=2)
     dt1 = t - losses.ect_r(t, stage=1, q=2)
@@ -198,7 +202,9 @@ def _draws(seed, batch, shape, P_mean=-1.1, P_std=2.0):
 def test_ect_loss_hand_value_with_sigma_dependent_student():
     seed, B, shape, q = 7, 32, (1, 2, 2), 4
     y = torch.linspace(-1, 1, B * 4).view(B, *shape)
-    f = lambda x, s: 2 * x + s.view(-1, 1, 1, 1)
+    def f(x, s):
+        return 2 * x + s.view(-1, 1, 1, 1)
+
     got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=q)
 
     t, eps = _draws(seed, B, shape)
@@ -226,7 +232,9 @@ def test_ect_loss_target_is_y_when_r_is_zero():
     """q = 1: dt = t (1 + 8 sigmoid(-t)) > t everywhere, so r = 0 and the target is y."""
     seed, B, shape = 3, 8, (1, 2, 2)
     y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(99))
-    f = lambda x, s: 0.5 * x + s.view(-1, 1, 1, 1)
+    def f(x, s):
+        return 0.5 * x + s.view(-1, 1, 1, 1)
+
     got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=1)
     t, eps = _draws(seed, B, shape)
     tt = t.view(-1, 1, 1, 1)
@@ -237,7 +245,9 @@ def test_ect_loss_target_is_y_when_r_is_zero():
 def test_ect_loss_pseudo_huber():
     seed, B, shape, q, c = 5, 8, (1, 2, 2), 64, 0.03
     y = torch.randn(B, *shape, generator=torch.Generator().manual_seed(1))
-    f = lambda x, s: 2 * x + s.view(-1, 1, 1, 1)
+    def f(x, s):
+        return 2 * x + s.view(-1, 1, 1, 1)
+
     got = losses.ect_loss(f, y, torch.Generator().manual_seed(seed), stage=0, q=q, c=c)
     t, eps = _draws(seed, B, shape)
     want = []
@@ -431,7 +441,8 @@ def test_guided_denoiser_mixes_teacher_and_guide():
     guide = lambda x, s: x + 1  # noqa: E731
     x = torch.randn(2, 1, 2, 2)
     sigma = torch.ones(2)
-    torch.testing.assert_close(losses.guided_denoiser(teacher, guide, 2.05)(x, sigma), (x + 1) + 2.05 * (2 * x - (x + 1)))
+    torch.testing.assert_close(losses.guided_denoiser(teacher, guide, 2.05)(x, sigma),
+                               (x + 1) + 2.05 * (2 * x - (x + 1)))
     torch.testing.assert_close(losses.guided_denoiser(teacher)(x, sigma), 2 * x)
     with pytest.raises(ValueError, match="weight 1"):
         losses.guided_denoiser(teacher, guide, 1.0)

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from stages.method import flowmap, losses, meanflow  # noqa: E402
-from stages import networks  # noqa: E402
+from stages import networks
+from stages.method import flowmap, losses, meanflow
 from stages.networks.average_velocity import AverageVelocity
+
+torch.set_num_threads(1)
 
 
 def tiny_u(dtype=torch.float64, dropout=0.0, seed=0):
@@ -55,7 +55,7 @@ def test_exact_pf_ode_in_sigma_maps_onto_exact_flow_matching_trajectory():
     gap = (z[0, 0].flatten() - xi).abs()
     assert bool((gap <= mu.abs() / sigma_max + xi.abs() * s0**2 / sigma_max**2 + 1e-12).all()), gap
     # velocities: EDM denoiser of the Gaussian -> dz/dt of the exact flow-matching path
-    for s, tt, x in zip(sigmas[:-1], t[1:-1], edm[:-1]):
+    for s, tt, x in zip(sigmas[:-1], t[1:-1], edm[:-1], strict=False):
         denoised = mu + s0**2 / (s0**2 + s**2) * (x - mu)
         v = flowmap.edm_velocity(x.reshape(1, 2), denoised.reshape(1, 2), s.reshape(1))
         dz_dt = -mu + (tt - (1 - tt) * s0**2) / ((1 - tt) ** 2 * s0**2 + tt**2) ** 0.5 * xi
@@ -145,7 +145,7 @@ def test_both_jvp_routes_give_the_same_loss_and_gradient():
         loss.sum().backward()
         grads.append((loss.detach(), [prm.grad.clone() for prm in u.parameters()]))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads[0][1], grads[1][1]):
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -186,7 +186,8 @@ def test_cmt_mf_pairs_hand_values():
     inputs, r, t_in, target = meanflow.cmt_mf_pairs(z, t, 200, torch.Generator().manual_seed(0))
     want = {(10.0, 0.5, 1.0): (10 - 4) / 0.5, (10.0, 0.0, 1.0): 9.0, (4.0, 0.0, 0.5): 6.0}
     seen = set()
-    for zi, rj, ti, y in zip(inputs.flatten().tolist(), r.tolist(), t_in.tolist(), target.flatten().tolist()):
+    for zi, rj, ti, y in zip(inputs.flatten().tolist(), r.tolist(), t_in.tolist(), target.flatten().tolist(),
+                             strict=True):
         assert y == pytest.approx(want[(zi, rj, ti)])
         seen.add((zi, rj, ti))
     assert seen == set(want)  # every ordered pair i > j is drawn, none other

@@ -5,11 +5,11 @@ labels through both JVP routes and CMT-MF."""
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from stages import networks  # noqa: E402
-from stages.method import flowmap, meanflow  # noqa: E402
+from stages import networks
+from stages.method import meanflow
 from stages.networks.average_velocity import AverageVelocity
+
+torch.set_num_threads(1)
 
 XL2 = meanflow.Guidance(omega=0.2, kappa=0.92, t_min=0.0, t_max=0.75)
 
@@ -79,7 +79,7 @@ def test_cfg_velocity_hand_values_interval_and_dropped_rows():
     u_vals = [0.5 + 1.2 - 0.2 + 0.1, 0.25 + 1.8 - 0.1 - 0.3, -0.5 + 0.6 - 0.3 + 0.7, -1 + 1.5 - 0.5 - 0.3]
     targets = [1.488 - 0.4 * (0.5 * 1.488 + 2), -1.0 - 0.8 * (0.5 * -1.0 + 2), 2.0 - 0.0,
                -0.36 - 0.25 * (0.5 * -0.36 + 2)]
-    want = torch.tensor([(a - b) ** 2 for a, b in zip(u_vals, targets)], dtype=torch.float64)
+    want = torch.tensor([(a - b) ** 2 for a, b in zip(u_vals, targets, strict=True)], dtype=torch.float64)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
 
 
@@ -194,7 +194,7 @@ def test_both_jvp_routes_agree_with_labels_and_guidance():
         loss.sum().backward()
         results.append((loss.detach(), [p.grad.clone() for p in u.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 

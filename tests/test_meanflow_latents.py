@@ -9,8 +9,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from stagekit import assert_same_tensors, config, load_state, run, run_in_process, state_args
+
 from stages.data import latents, training_data
 from stages.files import atomic, checkpoints
 
@@ -31,7 +31,8 @@ def encoded(tmp_path_factory):
                     (6 * k + i) % 10, 12) for i in range(6)]
         path = folder / f"shard-{k:06d}.tar"
         latents.write_shard(path, samples)
-        entries.append({"path": str(path), "count": 6, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)})
+        entries.append({"path": str(path), "count": 6, "bytes": path.stat().st_size,
+                        "sha256": atomic.sha256_file(path)})
     manifest = folder / "manifest.json"
     atomic.write_json(manifest, {"spec": {}, "total": 12, "shards": entries})
     return manifest

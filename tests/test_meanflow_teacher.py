@@ -10,9 +10,8 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from stagekit import assert_same_tensors, config, load_state, make_dataset, run, run_in_process, state_args
 
-from stagekit import (assert_same_tensors, config, load_state, make_dataset, run, run_in_process,
-                      state_args)
 from stages.config import stage_configs
 from stages.data import shards
 from stages.files import atomic, checkpoints
@@ -106,7 +105,8 @@ def test_flow_time_trajectories_feed_class_conditional_cmt_mf_then_meanflow(mf_t
         "--teacher", mf_teacher, "--manifest", manifest, "--spot-check", 2, "--out", mid_out])
     mid = checkpoints.read_meta(mid_out)
     assert mid["architecture"] == {**STUDENT_NET, "in_channels": 1, "resolution": 8, "dropout": 0.0, "dual_time": True}
-    assert mid["trajectories_seen"] == 4 * 2 and mid["time_convention"]["trajectories"] == "flow time (MeanFlow teacher)"
+    assert mid["trajectories_seen"] == 4 * 2
+    assert mid["time_convention"]["trajectories"] == "flow time (MeanFlow teacher)"
     run_in_process("stages.posttrain_mf", [
         "--config", json.dumps(stage_configs.stage_config("posttrain_mf", cfg, "cmt")),
         "--init", "cmt", "--init-model", mid_out, "--dataset", digits, "--out", tmp_path / "post" / "model.safetensors",

@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from stagekit import (REPO, make_dataset, make_teacher, make_trajectories, midtrain_config,  # noqa: E402
-                      posttrain_config)
+from stagekit import REPO, make_dataset, make_teacher, make_trajectories, midtrain_config, posttrain_config
 
-from stages.files import checkpoints
 from stages.data import shards
+from stages.files import checkpoints
 
 
 def indices(stream, n):
@@ -100,7 +99,8 @@ def test_accumulation_under_two_processes_equals_one_process(tmp_path):
                  tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    one = subprocess.run([sys.executable, "-m", "stages.posttrain", *map(str, args), "--out", tmp_path / "one.safetensors",
+    one = subprocess.run([sys.executable, "-m", "stages.posttrain", *map(str, args),
+                          "--out", tmp_path / "one.safetensors",
                           "--snapshots", tmp_path / "s1", "--threads", "1"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
@@ -150,7 +150,8 @@ def test_online_midtrain_under_two_processes_trains_like_one(tmp_path):
     args = ["--config", json.dumps(cfg), "--teacher", teacher]
     two = launch("stages.midtrain", [*args, "--out", tmp_path / "two.safetensors"], tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "stages.midtrain", *map(str, args), "--out", tmp_path / "one.safetensors",
+    one = subprocess.run([sys.executable, "-m", "stages.midtrain", *map(str, args),
+                          "--out", tmp_path / "one.safetensors",
                           "--threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]

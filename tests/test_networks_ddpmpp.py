@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(1)
-
 from stages import networks
 from stages.networks.ddpmpp import Conv2d, NoiseEmbedding, UNetBlock
 from stages.networks.precond import Precond
+
+torch.set_num_threads(1)
 
 CIFAR = {"kind": "ddpmpp", "in_channels": 3, "resolution": 32, "channels": 128, "channel_mult": [2, 2, 2],
          "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9}

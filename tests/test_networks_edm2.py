@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-torch.set_num_threads(1)
+from tiny_edm2 import TINY, tiny_inputs, tiny_net
 
 from stages import networks
 from stages.files import checkpoints
 from stages.networks import edm2
 from stages.networks.edm2 import MPConv, MPFourier, forced_weight_norm, mp_cat, mp_silu, mp_sum, normalize
 from stages.networks.precond import Precond, edm_coefficients
-from tiny_edm2 import TINY, tiny_inputs, tiny_net
+
+torch.set_num_threads(1)
 
 # ---- layout -------------------------------------------------------------------------------------
 

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from stagekit import NFE, assert_same_tensors, make_teacher, midtrain_config, run_in_process, state_args
+
+from stages.data import shards
+from stages.files import checkpoints
+from stages.method import losses, trajectories
+from stages.training import resume
 
 torch.set_num_threads(1)
-
-from stagekit import (assert_same_tensors, make_teacher, midtrain_config, run_in_process,  # noqa: E402
-                      state_args, NFE)
-
-from stages.data import shards  # noqa: E402
-from stages.files import checkpoints  # noqa: E402
-from stages.method import losses, trajectories  # noqa: E402
-from stages.training import resume  # noqa: E402
 
 N = 6
 SPEC = {"solver": "dpm_solver_pp", "order": 3, "lower_order_final": True, "nfe": NFE, "x_T": "noise",
@@ -53,7 +51,7 @@ def test_step_indices_fold_step_and_rank_and_cover_each_trajectory_once(teacher)
     # micro-batches as loop.fit numbers them: part = rank x micro-batches + micro, over the global
     # step (2 ranks x 2 micro-batches of 1 trajectory); each rank's parts are its share
     starts = {part: ranks[part // 2].batch(3, part, 1)[0][:, 0] for part in range(4)}
-    for part, index in zip(range(4), one.indices(3)):
+    for part, index in zip(range(4), one.indices(3), strict=True):
         torch.testing.assert_close(starts[part][0], gen.start_point(index)[0], rtol=0, atol=0)
     assert [i for part in (2, 3) for i in [one.indices(3)[part]]] == ranks[1].indices(3)
     with pytest.raises(ValueError, match="beyond the step"):
@@ -91,7 +89,7 @@ def test_online_gradients_equal_the_offline_ones_on_the_same_trajectories(teache
         grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
     assert grads[0][0] > 0 and torch.equal(grads[0][0], grads[1][0])
     assert any(g.abs().sum() > 0 for g in grads[0][1])
-    for a, b in zip(grads[0][1], grads[1][1]):
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         assert torch.equal(a, b)
 
 

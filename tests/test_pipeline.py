@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 import workflow_runs
+import yaml
 from stagekit import midtrain_config, run_in_process
 from workflow_runs import TINY, planned_jobs, planned_resources
 
+from stages.data import shards
 from stages.files import atomic, checkpoints, store
 from stages.reporting import ledger
-from stages.data import shards
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,8 @@ def test_solver_change_reruns_trajectories_onward_not_teacher(tiny_run, tmp_path
 
 
 def test_sampling_change_keeps_training(tiny_run, tmp_path):
-    jobs = planned_jobs(snakemake(tiny_run, "-n", configs=[override(tmp_path, "mid", {"sampling": {"sigma_mid": 0.5}})]))
+    mid = override(tmp_path, "mid", {"sampling": {"sigma_mid": 0.5}})
+    jobs = planned_jobs(snakemake(tiny_run, "-n", configs=[mid]))
     assert not {"train_teacher", "midtrain", "posttrain", "trajectory_shard"} & set(jobs), jobs
     assert jobs["sample"] == 9  # 3 inits x 3 snapshots; the mid-trained model keeps its own sigma_mid
 
@@ -271,12 +272,14 @@ def test_online_midtrain_plans_no_trajectory_jobs_before_it_and_runs(tmp_path):
     target = "results/tiny/midtrain/model.safetensors"
     result = snakemake(tmp_path, "-n", "-p", target, configs=[online])
     jobs = planned_jobs(result)
-    assert jobs["midtrain"] == 1 and not {"trajectory_spec", "trajectory_shard", "trajectory_manifest"} & set(jobs), jobs
+    assert jobs["midtrain"] == 1, jobs
+    assert not {"trajectory_spec", "trajectory_shard", "trajectory_manifest"} & set(jobs), jobs
     (_, _, command), = planned_resources(result, "midtrain")
     assert "--manifest" not in command and '"trajectory_spec": {' in command and '"trajectories": "online"' in command
     whole = planned_jobs(snakemake(tmp_path, "-n", configs=[online]))
     assert whole["trajectory_shard"] == 2 and whole["fid_teacher"] == 1, whole
-    offline = planned_jobs(snakemake(tmp_path, "-n", configs=[override(tmp_path, "pool", {"trajectories": {"num_shards": 6}})]))
+    pool = override(tmp_path, "pool", {"trajectories": {"num_shards": 6}})
+    offline = planned_jobs(snakemake(tmp_path, "-n", configs=[pool]))
     assert offline["trajectory_shard"] == 6, offline
 
     result = snakemake(tmp_path, "-p", target, configs=[online])

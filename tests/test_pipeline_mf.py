@@ -4,8 +4,8 @@ Snakemake: CMT-MF mid-training, MeanFlow from {cmt, random} at equal total budge
 import json
 
 import pytest
-import yaml
 import workflow_runs
+import yaml
 from workflow_runs import TINY, TINY_MF
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,8 @@ def test_tiny_mf_row_end_to_end(tmp_path):
     assert post["precond"] == "meanflow" and post["architecture"]["dual_time"]
     assert "img/s" in (res / "logs" / "posttrain" / "random.log").read_text()
     # midtrain_mf regenerated stored trajectories from their seeds before its first step
-    assert "spot check: 4 trajectories regenerated from their seeds match" in (res / "logs" / "midtrain.log").read_text()
+    midtrain_log = (res / "logs" / "midtrain.log").read_text()
+    assert "spot check: 4 trajectories regenerated from their seeds match" in midtrain_log
     assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
     # how the trajectories are checked is not what mid-training makes: changing it reruns nothing
     (tmp_path / "checks.yaml").write_text(yaml.safe_dump({"midtrain_mf": {"verify": "fast", "spot_check": 1}}))

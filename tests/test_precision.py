@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from stages.files import checkpoints
-from stages.networks.precond import Precond
 from stages import networks
 from stages.core import cli, precision
+from stages.files import checkpoints
+from stages.networks.precond import Precond
 
 
 @pytest.fixture(autouse=True)

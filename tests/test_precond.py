@@ -6,10 +6,10 @@ import pytest
 import torch
 
 # Tiny tensors: intra-op threads only add synchronisation (100x slower on a busy 2-core box).
-torch.set_num_threads(1)
-
 from stages import networks
 from stages.networks.precond import Precond, ecm_boundary_coefficients, edm_coefficients
+
+torch.set_num_threads(1)
 
 SD, SMIN = 0.5, 0.002
 ARCH = {"kind": "small_unet", "in_channels": 1, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
@@ -73,7 +73,7 @@ def test_ecm_train_mode_uses_edm_coefficients_and_is_not_identity():
 ])
 def test_edm_coefficients_hand_values(sigma, c_skip, c_out, c_in):
     got = edm_coefficients(torch.tensor(sigma, dtype=torch.float64), SD)
-    for value, want in zip(got, (c_skip, c_out, c_in)):
+    for value, want in zip(got, (c_skip, c_out, c_in), strict=True):
         assert value.item() == pytest.approx(want, rel=1e-12)
 
 

@@ -11,15 +11,23 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from stagekit import (
+    assert_same_tensors,
+    load_state,
+    make_dataset,
+    make_teacher,
+    make_trajectories,
+    midtrain_config,
+    posttrain_config,
+    run,
+    run_in_process,
+    state_args,
+)
+
+from stages.files import checkpoints
+from stages.training import resume
 
 torch.set_num_threads(1)
-
-from stagekit import (assert_same_tensors, load_state, make_dataset, make_teacher,  # noqa: E402
-                      make_trajectories, midtrain_config, posttrain_config, run, run_in_process,
-                      state_args)
-
-from stages.files import checkpoints  # noqa: E402
-from stages.training import resume  # noqa: E402
 
 N = 12  # steps of every run here; the kills fall at N / 2
 SIGKILLED = -signal.SIGKILL

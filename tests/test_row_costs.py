@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
-
-from stages.config import resolve
-from stages.config import workload
 from workflow_runs import REPO, ROWS
+
+from stages.config import resolve, workload
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def test_hours_are_counts_times_seconds(projection):
     counts = {j["job"]: j["count"] for j in workload.workload(cfg)}
     jobs = {j["job"]: j for j in row["jobs"]}
     assert counts == {name: j["count"] for name, j in jobs.items()}
-    for name, job in jobs.items():
+    for job in jobs.values():
         startup = job["jobs"] * job.get("gpus", 1) * results["startup_s"] / 3600
         assert job["startup_hours"] == pytest.approx(startup) and startup > 0
         assert job["hours"] == pytest.approx(job["count"] * job["rate"]["seconds_per_unit"] / 3600 + startup)
@@ -65,7 +64,8 @@ def test_hours_are_counts_times_seconds(projection):
     assert post["asked_min"] == cfg["resources"]["posttrain_mf"]["runtime"]
     assert post["projected_min"] == pytest.approx(jobs["posttrain/cmt"]["hours"] * 60 / post["gpus"])
     shards = checks["trajectory_shard"]
-    assert shards["projected_min"] == pytest.approx(jobs["trajectory_shard"]["hours"] * 60 / jobs["trajectory_shard"]["jobs"])
+    shard_job = jobs["trajectory_shard"]
+    assert shards["projected_min"] == pytest.approx(shard_job["hours"] * 60 / shard_job["jobs"])
     # a training job's seconds per image: its micro-batches and one update per process, over the batch
     post = jobs["posttrain/cmt"]
     r = post["rate"]

@@ -44,7 +44,8 @@ def test_dry_run_lists_every_job_of_the_row(tmp_path):
     post = stage_config(out, "posttrain_mf")
     assert post["posttrain_mf"]["guidance"] == {"omega": 0.2, "kappa": 0.92, "t_min": 0.0, "t_max": 0.75}
     assert post["network"]["preset"] == "MF-XL/2"
-    steps = {re.search(r"--init (\w+)", line).group(1): json.loads(re.search(r"--config '([^']*)'", line).group(1))["steps"]
+    steps = {re.search(r"--init (\w+)", line).group(1):
+             json.loads(re.search(r"--config '([^']*)'", line).group(1))["steps"]
              for line in out.splitlines() if "stages.posttrain_mf " in line}
     assert steps == {"cmt": 464000, "random": 464000 + 305000}  # random: the same total images
     assert "VIRTUAL_imagenet256_labeled.npz" in out  # the ADM reference batch, fetched

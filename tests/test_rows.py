@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 import yaml
+from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 from stages import networks
 from stages.networks.precond import Precond
 from tests.edm_format import official_kwargs, write_edm_pickle
-from workflow_runs import REPO, ROWS, finished_run, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,15 @@ def test_smoke_overlay_on_each_row(row):
     assert cfg["row"] == f"{row}-smoke" and cfg["dataset"]["synthetic"] == 16
     assert cfg["network"] == layers.assemble(REPO / "config" / "default.yaml", [ROWS / f"{row}.yaml"])["network"]
     # the overlay's resources replace the row's 64 GB / days, rule by rule (files merge key by key)
-    used = {rule: r for rule, r in cfg["resources"].items() if not rule.endswith("_mf")}  # the MeanFlow rules: another family
+    # the MeanFlow rules belong to the other family
+    used = {rule: r for rule, r in cfg["resources"].items() if not rule.endswith("_mf")}
     assert all(r["gpu"] == 0 and r["mem_mb"] <= 8000 and r["runtime"] <= 15 for r in used.values()), used
 
 
 def test_smoke_overlay_dry_run(tmp_path):
     # CIFAR-10's smoke variant runs in full below; the FFHQ and AFHQv2 rows share one layout
-    result = snakemake(tmp_path, "-n", "-p", configs=[ROWS / "afhqv2-64-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml"])
+    result = snakemake(tmp_path, "-n", "-p",
+                       configs=[ROWS / "afhqv2-64-cmt-ect.yaml", ROWS / "smoke" / "pixel-ect.yaml"])
     assert planned_jobs(result) == {"prepare_dataset": 1, "fid_reference": 1, "train_teacher": 1,
                                     "trajectory_spec": 1, "trajectory_shard": 1, "trajectory_manifest": 1,
                                     "midtrain": 1, "posttrain": 2, "sample": 3, "fid": 3, "fid_teacher": 1,
@@ -136,7 +138,8 @@ def test_digits_equal_total_budget_variant(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", configs=[variant])
     jobs = planned_jobs(result)
     assert jobs["posttrain"] == 2 and jobs["midtrain"] == 1 and jobs["trajectory_shard"] == 4
-    post = {re.search(r"--init (\w+)", line).group(1): json.loads(re.search(r"--config '(.*?)'", line).group(1))["posttrain"]
+    post = {re.search(r"--init (\w+)", line).group(1):
+            json.loads(re.search(r"--config '(.*?)'", line).group(1))["posttrain"]
             for line in result.stdout.splitlines() if "stages.posttrain " in line}
     mid = [json.loads(re.search(r"--config '(.*?)'", line).group(1))["midtrain"]
            for line in result.stdout.splitlines() if "stages.midtrain " in line][0]

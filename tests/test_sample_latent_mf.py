@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.core import rng
 from stages.data import labels as class_labels
 from stages.files import checkpoints
 from stages.method import flowmap
 from stages.networks import latent_codec
-from stages.core import rng
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"kind": "dit", "in_channels": 4, "resolution": 4, "depth": 1, "hidden_size": 32, "patch_size": 2,

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 def dry_run(tmp_path, *args):
     (tmp_path / "pool.yaml").write_text("trajectories: {num_shards: 6}\n")
-    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "group_resources.py"), "--snakefile", str(REPO / "Snakefile"),
+    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "group_resources.py"),
+           "--snakefile", str(REPO / "Snakefile"),
            "-d", str(tmp_path), "--profile", str(REPO / "profiles" / "slurm"), "-n",
            "--configfile", str(REPO / "tests" / "tiny.yaml"), str(tmp_path / "pool.yaml"), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)

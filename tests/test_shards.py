@@ -11,8 +11,8 @@ import pytest
 import webdataset as wds
 from stagekit import K1, make_samples
 
-from stages.files import atomic
 from stages.data import shards
+from stages.files import atomic
 
 
 def test_round_trip(tmp_path):
@@ -22,7 +22,7 @@ def test_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar"]  # no temporary left behind
     back = shards.read_shard(path)
     assert len(back) == 5
-    for (index, states, sigmas, meta), got in zip(samples, back):
+    for (index, states, sigmas, meta), got in zip(samples, back, strict=True):
         assert got["index"] == index
         assert got["states"].dtype == np.float16 and got["states"].shape == (K1, 1, 8, 8)
         np.testing.assert_array_equal(got["states"], states)
@@ -112,7 +112,7 @@ def test_trajectory_stream_decodes_the_states(two_shards):
 def write_manifest(tmp_path, paths, counts):
     manifest = {
         "shards": [{"path": str(p), "count": c, "bytes": p.stat().st_size, "sha256": atomic.sha256_file(p)}
-                   for p, c in zip(paths, counts)],
+                   for p, c in zip(paths, counts, strict=True)],
         "spec": {"nfe": 16, "solver": "dpm_solver_pp"},
     }
     path = tmp_path / "manifest.json"

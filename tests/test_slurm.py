@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
 import slurm_cluster
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -69,7 +68,7 @@ def test_tiny_row_through_slurm(slurm, tmp_path):
     jobs = [line.split("|") for line in sacct.strip().splitlines()]
     jobs = [j for j in jobs if j[6] == str(work)]
     rules = {}
-    for jobid, name, comment, state, exitcode, tres, _ in jobs:
+    for jobid, _name, comment, state, exitcode, tres, _ in jobs:
         assert state == "COMPLETED" and exitcode == "0:0", (jobid, comment, state, exitcode)
         rule = comment.split("_wildcards_")[0].removeprefix("rule_")
         rules.setdefault(rule, []).append(tres)

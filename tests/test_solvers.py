@@ -39,7 +39,7 @@ def test_error_at_sigma_min_falls_at_least_fourfold_per_nfe_doubling(x_T):
         assert traj.shape == (x_T.shape[0], nfe + 1, *x_T.shape[1:])
         assert traj.dtype == torch.float64
         errors.append((traj[:, -1] - exact_state(x_T, SIGMA_MIN)).abs().max().item())
-    for coarse, fine in zip(errors, errors[1:]):
+    for coarse, fine in zip(errors, errors[1:], strict=False):
         assert coarse / fine >= 4.0, errors
     # and the absolute level is what a 3rd-order multistep gets at 16 NFE on this problem
     assert errors[0] < 0.1, errors
@@ -73,7 +73,7 @@ def test_logsnr_grid_16_matches_paper_numbers():
     grid = solvers.logsnr_grid(16)
     assert grid.dtype == torch.float64
     assert grid.shape == (17,)
-    for k, (value, printed) in enumerate(zip(grid.tolist(), PAPER_GRID_16)):
+    for k, (value, printed) in enumerate(zip(grid.tolist(), PAPER_GRID_16, strict=True)):
         decimals = len(printed.split(".")[1]) if "." in printed else 0
         assert abs(value - float(printed)) <= 0.5 * 10**-decimals + 1e-12, (k, value, printed)
     assert grid[0].item() == pytest.approx(80.0, abs=1e-12)
@@ -195,7 +195,7 @@ def test_denoiser_called_exactly_nfe_times_never_at_final_sigma(x_T):
         sigmas = solvers.logsnr_grid(nfe)
         calls = []
 
-        def counting(x, sigma):
+        def counting(x, sigma, calls=calls):
             calls.append(sigma)
             return gaussian_denoiser(x, sigma)
 

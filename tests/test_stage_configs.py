@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from workflow_runs import planned_configs
 
 from stages.config import resolve, stage_configs, store_keys
-from workflow_runs import planned_configs
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((REPO / "tests" / "golden" / "stage_configs.json").read_text())

@@ -190,7 +190,7 @@ def test_two_sites_pushing_one_item_at_once_one_wins_nothing_mixed(remote_url, t
 
         procs = [subprocess.Popen([sys.executable, "-c", script, str(REPO), remote_url, *map(str, sites[tag])],
                                   stdout=subprocess.PIPE, text=True) for tag in sites]
-        outcomes = {tag: p.communicate(timeout=60)[0].strip() for tag, p in zip(sites, procs)}
+        outcomes = {tag: p.communicate(timeout=60)[0].strip() for tag, p in zip(sites, procs, strict=True)}
     winners = [tag for tag, o in outcomes.items() if o.startswith("pushed")]
     assert len(winners) == 1, outcomes
     winner, loser = winners[0], ({"A", "B"} - set(winners)).pop()

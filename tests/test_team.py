@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_runs import REPO, command
 
 from stages.data import shards
-from workflow_runs import REPO, command
 
 pytestmark = pytest.mark.slow
 TARGET = "results/tiny/trajectories/manifest.json"
@@ -128,7 +128,7 @@ def test_two_workdirs_started_together_both_finish_and_make_each_item_once(team)
     watch = StoreWatch(store)
     watch.start()
     runs = [snakemake(w, config) for w in (alice, bob)]
-    for proc, w in zip(runs, (alice, bob)):
+    for proc, w in zip(runs, (alice, bob), strict=True):
         finish(proc, w)
     watch.stop()
     counts = made([alice, bob])

@@ -10,15 +10,14 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
-torch.set_num_threads(1)
-
-from stagekit import make_samples  # noqa: E402
+from stagekit import make_samples
 
 from stages.core import rng
-from stages.training import job_log, loop, resume  # noqa: E402
-from stages.data import shards  # noqa: E402
-from stages.training.ema import EMA  # noqa: E402
+from stages.data import shards
+from stages.training import job_log, loop, resume
+from stages.training.ema import EMA
+
+torch.set_num_threads(1)
 
 ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 
@@ -137,7 +136,7 @@ def test_each_job_records_its_wall_time_steps_and_end_in_the_state(tmp_path):
     jobs = last.log.through(8, "finished")  # what TrainingJob.finish writes into the model file
     assert [(j["steps"], j["ended"]) for j in jobs] == [([0, 3], "slice"), ([3, 5], "lost"), ([5, 8], "finished")]
     took = time.time() - now  # each record: the seconds since its start, at its last save
-    for job, start in zip(jobs, (100, 50, 10)):
+    for job, start in zip(jobs, (100, 50, 10), strict=True):
         assert start <= job["wall_seconds"] <= start + took
     assert jobs[1] == {**running[1], "ended": "lost"}
     with pytest.raises(ValueError, match="job ended 'killed'"):

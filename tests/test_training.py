@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(1)  # tiny tensors: extra intra-op threads only add synchronisation
-
 from stages.core import rng
+from stages.data.training_data import split_batch
 from stages.training import loop
-from stages.training.ema import EMA  # noqa: E402
-from stages.data.training_data import split_batch  # noqa: E402
+from stages.training.ema import EMA
+
+torch.set_num_threads(1)
 
 RADAM = {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "linear_to_zero"}
 ADAM = {**RADAM, "name": "adam"}
@@ -311,7 +311,7 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(micro_batches):
              status_every=1000, micro_batches=micro_batches)
     assert parts == [(0, k) for k in range(micro_batches)]
     assert all(int(s["step"]) == 1 for s in optimizer.state.values())  # one optimizer step
-    for p, g, p0 in zip(model.parameters(), whole, net.parameters()):
+    for p, g, p0 in zip(model.parameters(), whole, net.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
         # Adam's first step moves each weight by lr x sign(grad) (up to eps): that of the whole batch
         big = g.abs() > 1e-6

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.files import checkpoints
 from stages import networks
 from stages.core import rng
 from stages.data import shards
+from stages.files import checkpoints
 from stages.networks.precond import Precond
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def teacher(tmp_path_factory):
     with torch.no_grad():  # a non-trivial denoiser: perturb the zero-initialised output layer
         net.model.conv_out.weight.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
-    checkpoints.save(path, net=net, ema=copy.deepcopy(net), meta={"key": "k-test", "architecture": ARCH, "precond": "edm",
+    checkpoints.save(path, net=net, ema=copy.deepcopy(net), meta={
+        "key": "k-test", "architecture": ARCH, "precond": "edm",
                                                    "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0})
     return path
 
@@ -58,7 +59,7 @@ def assert_same_trajectories(path_a, path_b):
     a, b = shards.read_shard(path_a), shards.read_shard(path_b)
     assert [s["index"] for s in a] == [s["index"] for s in b]
     worst = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["meta"] == y["meta"]
         np.testing.assert_array_equal(x["sigmas"], y["sigmas"])
         np.testing.assert_array_equal(x["states"][0], y["states"][0])  # x_T: noise from the seed

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from stages import networks
 from stages.files import unpickle
 from stages.networks.precond import Precond
 from tests.edm_format import RunsShell, randomize, write_edm_pickle
+
+torch.set_num_threads(1)
 
 ARCH = {"kind": "small_unet", "in_channels": 3, "resolution": 8, "channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "dropout": 0.0}

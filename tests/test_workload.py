@@ -5,10 +5,9 @@ the workflow's own dry runs."""
 import re
 
 import pytest
-
-from stages.config import resolve
-from stages.config import workload
 from workflow_runs import ROWS, planned_jobs, planned_resources, snakemake
+
+from stages.config import resolve, workload
 
 PAPER_ROWS = sorted(p.stem for p in ROWS.glob("*.yaml"))
 

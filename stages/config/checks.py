@@ -78,7 +78,8 @@ def guidance_problems(post):
         out.append(f"posttrain.guidance.guide: {guide!r} must be `teacher` or a catalog name (stages/files/assets.py), "
                    "with posttrain.guidance.network its network section")
     if teacher not in (None, "teacher") and teacher not in CATALOG:
-        out.append(f"posttrain.guidance.teacher: {teacher!r} must be `teacher` or a catalog name (stages/files/assets.py)")
+        out.append(f"posttrain.guidance.teacher: {teacher!r} must be `teacher` or a catalog name "
+                   "(stages/files/assets.py)")
     return out
 
 
@@ -133,7 +134,8 @@ def meanflow_teacher_problems(cfg):
     flow_solver = traj.get("solver") == "meanflow"
     if mf_teacher != flow_solver:
         out.append(f"trajectories.solver: {traj.get('solver')} with teacher.objective "
-                   f"{teacher.get('objective', 'edm')}; a MeanFlow teacher (objective meanflow) takes solver meanflow, an EDM teacher dpm_solver_pp")
+                   f"{teacher.get('objective', 'edm')}; a MeanFlow teacher (objective meanflow) takes solver meanflow, "
+                   "an EDM teacher dpm_solver_pp")
     if mf_teacher and "meanflow" not in teacher:
         out.append("teacher.meanflow: objective meanflow needs the section (its keys have defaults: {} will do)")
     if traj.get("label_dropout") and not flow_solver:

@@ -41,8 +41,8 @@ def write_cifar10_archive(path, images, labels):
     import tarfile
 
     with tarfile.open(path, "w:gz") as tar:
-        parts = zip(np.array_split(images, 5), np.array_split(np.asarray(labels), 5))
-        for i, (name, (imgs, labs)) in enumerate(zip(CIFAR10_TRAIN, parts)):
+        parts = zip(np.array_split(images, 5), np.array_split(np.asarray(labels), 5), strict=True)
+        for i, (name, (imgs, labs)) in enumerate(zip(CIFAR10_TRAIN, parts, strict=True)):
             batch = {"batch_label": f"training batch {i + 1} of 5",
                      "data": np.ascontiguousarray(imgs.reshape(-1, 3072)),
                      "labels": [int(v) for v in labs], "filenames": []}

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from stages.core import rng
 from stages.data import shards
 from stages.files import store
 from stages.networks import latent_codec
-from stages.core import rng
 
 FORMAT = "cmt-latents/1"
 
@@ -51,7 +51,8 @@ def write_shard(path, samples):
 
 
 def decode_sample(sample, source="?"):
-    """Raw WebDataset sample -> {"index" (pool position), "latents", "label", "meta"}. A malformed member raises, naming it."""
+    """Raw WebDataset sample -> {"index" (pool position), "latents", "label", "meta"}. A malformed member
+    raises, naming it."""
     key = sample.get("__key__", "?")
     url = sample.get("__url__", source)
     try:

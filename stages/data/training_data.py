@@ -10,7 +10,8 @@ the input file that identifies the run.
 
 import torch
 
-from stages.data import datasets, labels as class_labels, latents
+from stages.data import datasets, latents
+from stages.data import labels as class_labels
 from stages.files import atomic
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from stages.files import atomic
 from stages import networks
 from stages.core import precision
+from stages.files import atomic
 
 FORMAT = "cmt-model/1"
 

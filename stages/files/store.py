@@ -67,8 +67,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stages.files import atomic
 from stages.core import provenance
+from stages.files import atomic
 
 RECORD_FORMAT = "cmt-store-record/1"
 RECEIPT_FORMAT = "cmt-store-receipt/1"

@@ -119,7 +119,8 @@ def read_item(record_file):
         return Item([first], None, INCOMPLETE, f"{record_file}: names no files")
     uses = store.read_uses(files)
     if store.read_record(files) is None:
-        gone = [f.name for f, e in zip(files, record["files"]) if not f.exists() or f.stat().st_size != e["bytes"]]
+        gone = [f.name for f, e in zip(files, record["files"], strict=True)
+                if not f.exists() or f.stat().st_size != e["bytes"]]
         return Item(files, record, INCOMPLETE, f"missing or not the recorded size: {', '.join(gone)}", uses)
     return Item(files, record, COMPLETE, uses=uses)
 
@@ -172,7 +173,7 @@ def verify(item):
         except FileNotFoundError:
             return ["its record is gone (the item is being remade or was removed)"]
         problems = []
-        for f, entry in zip(map(Path, item.files), record["files"]):
+        for f, entry in zip(map(Path, item.files), record["files"], strict=True):
             if not f.exists():
                 problems.append(f"{f}: missing")
             elif f.stat().st_size != entry["bytes"]:

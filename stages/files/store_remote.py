@@ -285,7 +285,7 @@ class Remote:
         if theirs is None:
             if present is None:
                 present = set(self.list_names(f"{posixpath.dirname(name)}/{OBJECTS}"))
-            for f, entry in zip(files, record["files"]):
+            for f, entry in zip(files, record["files"], strict=True):
                 obj = self.object_name(name, entry["name"], entry["sha256"])
                 if obj not in present:
                     self.upload_new(f, self.key(obj), entry["sha256"])

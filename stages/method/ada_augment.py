@@ -245,7 +245,8 @@ class AdaAugment(nn.Module):
             g = _translate(t[:, 0] * w, t[:, 1] * h) @ g
         geometry = None
         if self.ops & set(BLIT + GEOMETRIC):
-            centre = _translate(torch.full((b,), (w - 1) / 2, device=device), torch.full((b,), (h - 1) / 2, device=device))
+            centre = _translate(torch.full((b,), (w - 1) / 2, device=device),
+                                torch.full((b,), (h - 1) / 2, device=device))
             geometry = centre @ g @ torch.linalg.inv(centre)  # the maps above act about the image centre
 
         colour = dict.fromkeys(COLOUR)

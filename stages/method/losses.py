@@ -47,7 +47,7 @@ class LPIPSDistance(torch.nn.Module):
             vgg.load_state_dict(torch.load(trunk_weights, map_location="cpu", weights_only=True))
             features = vgg.features
             trunk = self.net.net
-            for i, slice_ in enumerate([trunk.slice1, trunk.slice2, trunk.slice3, trunk.slice4, trunk.slice5]):
+            for slice_ in (trunk.slice1, trunk.slice2, trunk.slice3, trunk.slice4, trunk.slice5):
                 for name, layer in slice_.named_children():
                     layer.load_state_dict(features[int(name)].state_dict())
         self.net.eval().requires_grad_(False)
@@ -85,7 +85,8 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=N
         from stages.method.elatentlpips import ELatentLPIPS
 
         if latent_vgg is None:
-            raise ValueError("midtrain.distance elatentlpips needs the latent VGG16 (the train_latent_vgg rule's model)")
+            raise ValueError("midtrain.distance elatentlpips needs the latent VGG16 "
+                             "(the train_latent_vgg rule's model)")
         meta = Path(latent_vgg).with_suffix(".json")
         if not meta.exists():
             raise FileNotFoundError(f"{meta}: the latent VGG16's description is missing beside {latent_vgg}; "
@@ -169,7 +170,7 @@ def _rng_states(devices):
 def _set_rng_states(states, devices):
     cpu, cuda = states
     torch.set_rng_state(cpu)
-    for d, state in zip(devices, cuda):
+    for d, state in zip(devices, cuda, strict=True):
         torch.cuda.set_rng_state(state, d)
 
 

@@ -117,7 +117,7 @@ def meanflow_sampler(u, z, times, labels=None):
         raise ValueError(f"meanflow_sampler: times must lie in [0, 1], got {times.tolist()}")
     batch = z.shape[0]
     states = [z]
-    for i, (t, r) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
+    for i, (t, r) in enumerate(zip(times[:-1].tolist(), times[1:].tolist(), strict=False)):
         t_b = torch.full((batch,), t, dtype=z.dtype, device=z.device)
         r_b = torch.full((batch,), r, dtype=z.dtype, device=z.device)
         velocity = flowmap.call_u(u, z, r_b, t_b, labels)

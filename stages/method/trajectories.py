@@ -17,10 +17,11 @@ folded from (seed, index), and the teacher then solves the unconditional flow.""
 import numpy as np
 import torch
 
-from stages.data import datasets, labels as class_labels, shards
+from stages.core import rng
+from stages.data import datasets, shards
+from stages.data import labels as class_labels
 from stages.files import checkpoints
 from stages.method import solvers
-from stages.core import rng
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -124,7 +125,7 @@ class Generator:
         states, metas = self.states(indices)
         states = states.cpu().numpy()
         out = []
-        for meta, i, traj in zip(metas, indices, states):
+        for meta, i, traj in zip(metas, indices, states, strict=True):
             stored = traj.astype(self.dtype)
             if not np.isfinite(stored).all():
                 raise FloatingPointError(f"trajectory {i} overflows {self.spec['dtype']}; store float32")

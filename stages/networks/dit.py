@@ -125,14 +125,14 @@ class DiT(nn.Module):
                  hidden_size=None, patch_size=None, num_heads=None, mlp_ratio=4.0, fused_attn=False,
                  dual_time=True, dropout=0.0):
         super().__init__()
-        sizes = dict(zip(SIZE_KEYS, (depth, hidden_size, patch_size, num_heads)))
+        sizes = dict(zip(SIZE_KEYS, (depth, hidden_size, patch_size, num_heads), strict=True))
         if preset is not None:
             if preset not in PRESETS:
                 raise ValueError(f"unknown DiT preset {preset!r}; known: {sorted(PRESETS)}")
             given = [k for k, v in sizes.items() if v is not None]
             if given:
                 raise ValueError(f"DiT: give either preset {preset!r} or the sizes, not both (also got {given})")
-            sizes = dict(zip(SIZE_KEYS, PRESETS[preset]))
+            sizes = dict(zip(SIZE_KEYS, PRESETS[preset], strict=True))
         missing = [k for k, v in sizes.items() if v is None]
         if missing:
             raise ValueError(f"DiT: missing {missing}; give a preset ({sorted(PRESETS)}) "

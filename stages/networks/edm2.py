@@ -121,7 +121,7 @@ def forced_weight_norm(module, enabled):
     try:
         yield module
     finally:
-        for m, flag in zip(convs, before):
+        for m, flag in zip(convs, before, strict=True):
             m.force_weight_norm = flag
 
 

@@ -90,7 +90,8 @@ def build(cfg, args, accelerator):
     if hold >= len(paths):
         raise ValueError(f"latent_vgg.holdout_shards {hold}: the encoded pool has {len(paths)} shards, leaving none "
                          "to train on; hold out fewer or encode more shards (latents.num_shards)")
-    train_paths, train_counts, held_paths = paths[:len(paths) - hold], counts[:len(paths) - hold], paths[len(paths) - hold:]
+    kept = len(paths) - hold
+    train_paths, train_counts, held_paths = paths[:kept], counts[:kept], paths[kept:]
     train_images, batch = sum(train_counts), vc["batch"]
     steps = vc["steps"] or max(1, round(vc["epochs"] * train_images / batch))
     opt_cfg = optimizer_section(cfg, train_images)
@@ -121,6 +122,7 @@ def build(cfg, args, accelerator):
         identity={"manifest_sha256": manifest_sha256},
         describe=(f"{sum(p.numel() for p in net.parameters()):,} parameters; {train_images} training images in "
                   f"{len(train_paths)} shards, {sum(counts) - train_images} held out; "
-                  f"{steps * batch / train_images:.3g} epochs; lr x {vc['gamma']} every {opt_cfg['step_every']} steps; "),
+                  f"{steps * batch / train_images:.3g} epochs; lr x {vc['gamma']} every {opt_cfg['step_every']} "
+                  "steps; "),
         meta={"role": "latent_vgg", "architecture": architecture,
               "inputs": {"manifest": {"path": args.manifest, "sha256": manifest_sha256}}})

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from stages import networks
-from stages.data import datasets, labels as class_labels, shards, training_data
+from stages.data import datasets, shards, training_data
+from stages.data import labels as class_labels
 from stages.files import atomic, checkpoints, store
 from stages.method import losses, solvers, trajectories
 from stages.recipes import examples
@@ -70,9 +71,11 @@ def build(cfg, args, accelerator):
             raise ValueError("midtrain: --manifest is required unless midtrain.trajectories is online")
         manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
         K = manifest["spec"]["nfe"]
-        remake = {str(p): store.remake_command(e.get("receipt")) for p, e in zip(shard_paths, manifest["shards"])}
+        remake = {str(p): store.remake_command(e.get("receipt"))
+                  for p, e in zip(shard_paths, manifest["shards"], strict=True)}
         if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset, remake):
-            print(f"[midtrain] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
+            print(f"[midtrain] spot check: {args.spot_check} trajectories regenerated from their seeds match",
+                  flush=True)
     if mc["batch"] % K:
         raise ValueError(f"midtrain.batch {mc['batch']} is not a multiple of the {K} points per trajectory")
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -154,7 +157,8 @@ def build(cfg, args, accelerator):
               f"{manifest['total']} trajectories in {len(shard_paths)} shards")
     return Recipe(
         stage="midtrain", seed=seed, net=net, ema=ema, optimizer=mc["optimizer"], total_steps=mc["steps"],
-        batch=mc["batch"], micro_batches=micro_batches, loss=lambda model, step, part: loss_of(model, batch(step, part)),
+        batch=mc["batch"], micro_batches=micro_batches,
+        loss=lambda model, step, part: loss_of(model, batch(step, part)),
         data=stream, identity=identity,
         describe=f"{source}, {traj_per_step} trajectories x {K} points, distance {mc['distance']}: ",
         meta={**{k: teacher_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")},

@@ -71,9 +71,11 @@ def build(cfg, args, accelerator):
     mc, seed = cfg["midtrain_mf"], cfg["seed"]
     # every shard checked against the manifest, and a few regenerated, before any step
     manifest, shard_paths = shards.check_manifest(args.manifest, fast=args.verify == "fast")
-    remake = {str(p): store.remake_command(e.get("receipt")) for p, e in zip(shard_paths, manifest["shards"])}
+    remake = {str(p): store.remake_command(e.get("receipt"))
+              for p, e in zip(shard_paths, manifest["shards"], strict=True)}
     if trajectories.spot_check(args.spot_check, shard_paths, manifest["spec"], args.teacher, args.dataset, remake):
-        print(f"[midtrain_mf] spot check: {args.spot_check} trajectories regenerated from their seeds match", flush=True)
+        print(f"[midtrain_mf] spot check: {args.spot_check} trajectories regenerated from their seeds match",
+              flush=True)
     P = mc["pairs_per_trajectory"]
     if mc["batch"] % P:
         raise ValueError(f"midtrain_mf.batch {mc['batch']} is not a multiple of pairs_per_trajectory {P}")

@@ -13,11 +13,12 @@ what the FD curve is drawn from. A class-conditional student gets the batch's cl
 import torch
 
 from stages import networks
+from stages.config.stage_configs import snapshot_name
 from stages.core import rng
-from stages.data import labels as class_labels, training_data
+from stages.data import labels as class_labels
+from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import losses
-from stages.config.stage_configs import snapshot_name
 from stages.training.ema import EMA
 from stages.training.run import Recipe
 

@@ -13,7 +13,8 @@ import torch
 
 from stages import networks
 from stages.core import rng
-from stages.data import labels as class_labels, training_data
+from stages.data import labels as class_labels
+from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import losses, meanflow
 from stages.training.ema import EMA

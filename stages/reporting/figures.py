@@ -13,7 +13,7 @@ def fd_curve(path, fids, inits, steps, labels, ceiling, row, images_key, x_label
     """One panel per sampler: each init's FD at its snapshots against the images seen (`images_key`),
     log scale, with the teacher's own solver as a line."""
     fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)
-    for ax, s in zip(axes[0], steps):
+    for ax, s in zip(axes[0], steps, strict=True):
         for init in inits:
             snaps = fids[init]["snapshots"]
             names = sorted(snaps)

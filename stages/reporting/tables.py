@@ -51,7 +51,7 @@ def ordering(fids, inits, steps, final):
     lines = []
     for s in steps:
         vals = [fids[i]["snapshots"][final][f"{s}step"]["mean"] for i in order]
-        holds = all(a < b for a, b in zip(vals, vals[1:]))
+        holds = all(a < b for a, b in zip(vals, vals[1:], strict=False))
         lines.append(f"- {s}-step: {' < '.join(order)} {'holds' if holds else 'does NOT hold'} "
                      f"({', '.join(f'{v:.3f}' for v in vals)}).")
     if "baseline" in inits and "cmt" in inits:
@@ -116,7 +116,8 @@ def cost(models, metas, bench_dir, online=False):
 
 
 def mimg(budget):
-    return " + ".join(f"{v:g} {k}" for k, v in budget.items()) + (f" = {sum(budget.values()):g}" if len(budget) > 1 else "")
+    total = f" = {sum(budget.values()):g}" if len(budget) > 1 else ""
+    return " + ".join(f"{v:g} {k}" for k, v in budget.items()) + total
 
 
 def route_budget(init, post_images, images, seconds, online):
@@ -171,7 +172,8 @@ def against_paper_lines(table, paper, features, labels):
             if extra in entry:
                 value = entry[extra]
                 shown = ", ".join(f"{k} {v:g}" for k, v in value.items()) if isinstance(value, dict) else value
-                lines.append(f"- Paper, {entry.get('label', labels.get(init, init))}: {extra.replace('_', '-')} {shown}.")
+                label = entry.get("label", labels.get(init, init))
+                lines.append(f"- Paper, {label}: {extra.replace('_', '-')} {shown}.")
     return lines + [""]
 
 

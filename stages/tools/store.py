@@ -65,7 +65,7 @@ def remote(a):
 def table(rows, header):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def when(t):
@@ -209,7 +209,7 @@ def cmd_push(a):
     r = remote(a)
     items = [i for i in store_items.select(store_items.scan(a.store), a.patterns) if i.status == COMPLETE]
     failed = 0
-    for files, outcome in r.push_many([i.files for i in items]):
+    for _files, outcome in r.push_many([i.files for i in items]):
         failed += isinstance(outcome, Exception)
         print(outcome)
     print(f"{len(items)} items to {r.url}: {failed} failed")

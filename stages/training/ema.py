@@ -28,9 +28,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module, steps_done):
         beta = self.beta_at(steps_done)
-        for e, p in zip(self.module.parameters(), module.parameters()):
+        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
             e.lerp_(p.detach(), 1 - beta)
-        for e, b in zip(self.module.buffers(), module.buffers()):
+        for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
             e.copy_(b)
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from stages.config import OVERLAYS  # noqa: E402
 from workflow_runs import planned_configs  # noqa: E402
+
+from stages.config import OVERLAYS  # noqa: E402
 
 
 def stacks():

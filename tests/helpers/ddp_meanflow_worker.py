@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)
-
-from stages.method import flowmap, meanflow  # noqa: E402
-from stages import networks  # noqa: E402
+from stages import networks
 from stages.core import rng
-from stages.training import loop  # noqa: E402
+from stages.method import meanflow
 from stages.networks.average_velocity import AverageVelocity
-from stages.training.ema import EMA  # noqa: E402
+from stages.training import loop
+from stages.training.ema import EMA
+
+torch.set_num_threads(1)
 
 out = Path(sys.argv[1])
 SEED, GLOBAL_BATCH = 3, 8
