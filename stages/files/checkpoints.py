@@ -36,13 +36,6 @@ def save(path, *, net=None, ema=None, meta):
     atomic.write_json(json_path(path), meta)
 
 
-def copy(src_dir, names, dst_dir):
-    """Copy the model files `<name>.safetensors` + `<name>.json` from one folder to another, atomically."""
-    for name in names:
-        for ext in (".safetensors", ".json"):
-            atomic.write_bytes(Path(dst_dir) / (name + ext), (Path(src_dir) / (name + ext)).read_bytes())
-
-
 def read_meta(path):
     jpath = json_path(path)
     if not jpath.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 from stages.files import checkpoints
 from stages.training import resume
 from stages.training.job_log import JobLog
+from stages.training.kept import Kept
 
 
 class TrainingJob:
@@ -30,6 +31,15 @@ class TrainingJob:
                                                  identity={"config": cfg, **identity}, started=started)
         # the jobs before this one come with the state (loop.fit restores it); without one this job is all
         self.log = self.state.log if self.state is not None else JobLog(started)
+        # what the run keeps past its state (kept.py): in the state folder, which the state rolls back
+        # to the step it resumes from; without one in a folder of this job's beside the model file
+        if self.state is not None:
+            self.kept = self.state.kept = Kept(self.state.dir)
+        else:
+            out = Path(args.out)
+            self.kept = Kept(out.parent / f".{out.stem}.kept")
+            if accelerator.is_main_process:
+                self.kept.remove()
         self.snapshot_set = None
 
     def images(self, steps, batch):
@@ -43,27 +53,26 @@ class TrainingJob:
         return self.log.through(steps, "finished")
 
     def snapshots(self, names, *, total_steps, batch, ema, meta):
-        """EMA snapshots (`names`: fraction of the budget -> file name) into the rule's --snapshots
-        folder; pass the result's `save` to loop.fit as on_step_end."""
-        # Snakemake deletes a failed job's outputs, snapshots included: a resumable run keeps them in
-        # its state folder until the end, as a later job could not remake the EMA of an earlier step.
-        folder = self.state.dir / "snapshots" if self.state is not None else Path(self.args.snapshots)
+        """EMA snapshots (`names`: fraction of the budget -> file name), kept past the state and
+        published to the rule's --snapshots folder; pass the result's `save` to loop.fit as on_step_end."""
+        folder = self.kept.keep("snapshots", self.args.snapshots, folder=True)
         self.snapshot_set = Snapshots(self, names, total_steps, batch, ema, meta, folder)
         return self.snapshot_set
 
     def finish(self, net, ema, *, meta, steps, batch, train_seconds):
         """Every rank calls it after loop.fit: the main process writes --out (network and EMA) with
-        `meta` plus the config and the images seen, publishes the snapshots and deletes the state."""
+        `meta` plus the config and the images seen, publishes what the run kept (snapshots, logs)
+        and deletes the state."""
         if self.accelerator.is_main_process:
             checkpoints.save(self.args.out, net=self.accelerator.unwrap_model(net), ema=ema.module, meta={
                 **meta, "config": self.cfg, **self.images(steps, batch), "train_seconds": train_seconds,
                 "jobs": self.jobs(steps)})
-            if self.snapshot_set is not None and self.state is not None:
-                # the snapshots become outputs now that the job will succeed
-                checkpoints.copy(self.snapshot_set.folder, self.snapshot_set.steps.values(), self.args.snapshots)
+            self.kept.publish()  # the kept files become outputs now that the job will succeed
             print(f"[{self.stage}] wrote {self.args.out} after {train_seconds:.0f}s", flush=True)
             if self.state is not None:
                 self.state.finish()
+            else:
+                self.kept.remove()
         # Every rank ends its process group: left to interpreter exit, gloo aborted a 2-process run
         # ("terminate called without an active exception") after the outputs were written.
         self.accelerator.end_training()

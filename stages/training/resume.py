@@ -86,6 +86,7 @@ class TrainState:
         self.last_save_time = time.monotonic()
         self.signal_received = None
         self.log = JobLog(started)
+        self.kept = None  # what the run keeps past its state (kept.py), rolled back with it
         self._old_handlers = {}
         self._lock = None
 
@@ -198,6 +199,8 @@ class TrainState:
         self.remove_partial()
         latest = self.latest()
         if latest is None:
+            if self.kept is not None:
+                self.kept.rollback(0)
             return 0, 0.0
         step, folder = latest
         info = json.loads((folder / "state.json").read_text())
@@ -223,6 +226,8 @@ class TrainState:
         if data is not None:
             data.load_state_dict(info["data"])
         self.log.resume(info.get("jobs", []), step)  # none in a state saved before jobs were recorded
+        if self.kept is not None:
+            self.kept.rollback(step)
         self.last_save_time = time.monotonic()
         return step, info.get("train_seconds", 0.0)
 
