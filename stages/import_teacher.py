@@ -22,9 +22,7 @@ if cfg["network"]["kind"] == "edm2":
     expected = networks.architecture(cfg["network"], architecture["in_channels"], architecture["resolution"],
                                      architecture["dropout"])
     edm_import.check_network_config(architecture, expected, args.pickle)
-    if imported.encoder["class_name"] != "StandardRGBEncoder":
-        raise ValueError(f"{args.pickle}: a latent-space model ({imported.encoder['class_name']}); this pipeline "
-                         "runs in pixel space: use an edm2-img64 pickle")
+    edm2_import.check_encoder(imported.encoder, cfg.get("latents"), args.pickle)
 else:
     net, architecture, sigma_data, info = edm_import.load_edm_teacher(args.pickle)
     edm_import.check_network_config(architecture, cfg["network"], args.pickle)

@@ -31,9 +31,10 @@ def make_snapshot(tmp_path, arch=ARCH, **override):
     return original, path
 
 
-def run_stage(pickle, out, network):
+def run_stage(pickle, out, network, latents=None):
     cfg = {"network": network, "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
-           "teacher": {"source": "import", "asset": "test", "url": "file:///test.pkl"}}
+           "teacher": {"source": "import", "asset": "test", "url": "file:///test.pkl"},
+           **({"latents": latents} if latents else {})}
     return subprocess.run([sys.executable, "-m", "stages.import_teacher", "--config", json.dumps(cfg),
                            "--threads", "1", "--pickle", str(pickle), "--out", str(out), "--key", "k1"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -104,3 +105,14 @@ def test_edm2_pickle_imports_as_the_rows_preset(tmp_path):
     write_edm2_pickle(vae, tiny_net(), tmp_path / "marker", edm2_kwargs(TINY, **TINY_EXTRA), encoder="vae")
     latent = run_stage(vae, tmp_path / "v" / "model.safetensors", network)
     assert latent.returncode != 0 and "latent-space model" in latent.stderr
+    # a latent row takes it when its whitening is the pickle's (EDM2's constants), and no other
+    edm2 = {"raw_mean": [5.81, 3.25, 0.12, -2.15], "raw_std": [4.17, 4.62, 3.71, 3.28], "final_mean": 0.0,
+            "final_std": 0.5}
+    ok = run_stage(vae, tmp_path / "l" / "model.safetensors", network, latents=edm2)
+    assert ok.returncode == 0, ok.stderr
+    assert checkpoints.read_meta(tmp_path / "l" / "model.safetensors")["imported"]["encoder"]["class_name"] == (
+        "StabilityVAEEncoder")
+    other = run_stage(vae, tmp_path / "o" / "model.safetensors", network, latents={**edm2, "final_std": 1.0})
+    assert other.returncode != 0 and "final_std: row 1.0, pickle 0.5" in other.stderr
+    pixels = run_stage(pkl, tmp_path / "p" / "model.safetensors", network, latents=edm2)
+    assert pixels.returncode != 0 and "pixel-space model" in pixels.stderr

@@ -100,6 +100,8 @@ def imported(config, asset, network, section):
     key = digest({"import": url, "sha256": config.get("assets", {}).get("sha256", {}).get(asset),
                   "network": network, **sigmas(config), "code": CODE_VERSION["teacher"]})
     spec = {"seed": config["seed"], "network": network, **sigmas(config), "teacher": {**section, "url": url}}
+    if "latents" in config:  # a latent row's network was trained on latents whitened as the row's
+        spec["latents"] = {k: config["latents"][k] for k in ("raw_mean", "raw_std", "final_mean", "final_std")}
     return _teacher_item(config, key, spec)
 
 

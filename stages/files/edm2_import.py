@@ -128,6 +128,26 @@ def encoder_settings(encoder, path="<pickle>"):
     return settings
 
 
+def check_encoder(encoder, whitening, path):
+    """A pixel row (`whitening` None) takes a pixel model (StandardRGBEncoder); a latent row takes the
+    SD-VAE's latent model (StabilityVAEEncoder) trained on latents whitened as the row's `latents`
+    section says (raw_mean, raw_std, final_mean, final_std)."""
+    name = encoder["class_name"]
+    if whitening is None:
+        if name != "StandardRGBEncoder":
+            raise ValueError(f"{path}: a latent-space model ({name}) for a pixel row; use a pixel (edm2-img64) "
+                             "pickle, or give the row a `latents` section (the ImageNet-512 rows)")
+        return
+    if name != "StabilityVAEEncoder":
+        raise ValueError(f"{path}: a pixel-space model ({name}) for a latent row; use a latent (edm2-img512) pickle")
+    wrong = [f"{k}: row {whitening[k]}, pickle {encoder[k]}" for k in ("raw_mean", "raw_std", "final_mean", "final_std")
+             if not np.allclose(np.float64(whitening[k]), np.float64(encoder[k]), rtol=1e-6, atol=1e-9)]
+    if wrong:
+        raise ValueError(f"{path}: the pickle's network was trained on latents whitened otherwise than the row's "
+                         "`latents` section says:\n  " + "\n  ".join(wrong) + "\nset latents.raw_mean, raw_std, "
+                         "final_mean and final_std to the pickle's")
+
+
 def load_edm2(path):
     """Read `path`; returns EDM2Import(net, architecture, sigma_data, encoder, info)."""
     data = unpickle.load(path)
