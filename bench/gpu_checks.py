@@ -7,7 +7,7 @@ each network the rows train (at its smoke overlay's size) with its tensors on th
     python -m bench.gpu_checks --out guide.json guide_fp16         # some checks by name
 
 Each check passes, fails (its first error line is recorded), is skipped (not for this device) or is
-not available (what it checks does not exist yet). The JSON is rewritten after every check, so a
+not available (what it checks does not exist). The JSON is rewritten after every check, so a
 run cut short keeps the checks it finished. Exit status: 0 when none failed, 1 when one failed, 3
 when every check asked for is not available.
 """
@@ -27,9 +27,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from stages import networks  # noqa: E402
-from stages.config import resolve  # noqa: E402
+from stages.config import resolve, stage_configs  # noqa: E402
+from stages.core import precision  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
-from stages.runtime import precision  # noqa: E402
+from stages.method import losses  # noqa: E402
+from stages.recipes import examples  # noqa: E402
+from stages.recipes import posttrain as posttrain_recipe  # noqa: E402
+from stages.recipes import posttrain_mf as posttrain_mf_recipe  # noqa: E402
+from stages.recipes import teacher as teacher_recipe  # noqa: E402
 
 ROWS = REPO / "config" / "rows"
 # one row per network its stages train, at its smoke overlay's size
@@ -115,49 +120,39 @@ def tf32_flags(dev):
 
 
 def recipe_network(stack, dev):
-    """(network in train mode on `dev`, data shape [C, H, W], precond kind) of a row's student."""
+    """(the row's post-training student as its recipe builds it, in train mode on `dev`, a loss of one
+    random batch of the recipe's data shapes) at the row's smoke size (stages/recipes/)."""
     cfg = resolve(stack)
-    if "latents" in cfg:
-        vae = cfg["latents"]["vae"]
-        # a smoke overlay's tiny VAE gives its config; the rows download the SD-VAE: 4 channels, /8
-        blocks = len(vae["config"]["block_out_channels"]) if isinstance(vae, dict) else 4
-        channels = vae["config"].get("latent_channels", 4) if isinstance(vae, dict) else 4
-        shape = (channels, cfg["dataset"]["resolution"] // 2 ** (blocks - 1))
-    else:
-        shape = (1 if cfg["dataset"]["source"] == "digits" else 3, cfg["dataset"]["resolution"])
-    arch = networks.architecture(cfg["network"], *shape, 0.0)
-    torch.manual_seed(0)
+    shape = examples.data_shape(cfg)
     if cfg.get("family", "cm") == "mf":
-        from stages.method.flowmap import AverageVelocity
+        scfg = stage_configs.stage_config("posttrain_mf", cfg, "random")
+        net = posttrain_mf_recipe.student(scfg, "random", teacher_recipe.model_meta(
+            stage_configs.stage_config("train_teacher", cfg), shape))[0].to(dev).train()
+        loss_of, _ = posttrain_mf_recipe.objective(scfg, net)
+        classes = int(getattr(net, "num_classes", 0) or 0)
 
-        net = AverageVelocity(networks.build({**arch, "dual_time": True}), sigma_data=cfg["sigma_data"])
-        kind = "meanflow"
+        def loss(g):
+            return loss_of(net, examples.images(4, shape, classes, dev, cfg["sigma_data"]), g).mean()
     else:
-        kind = networks.student_kind(arch)
-        net = networks.freeze_unused_heads(networks.build_precond(arch, kind, cfg["sigma_data"], cfg["sigma_boundary"]))
-    return net.to(dev).train(), (shape[0], shape[1], shape[1]), kind
+        scfg = stage_configs.stage_config("posttrain", cfg, "teacher")
+        net = posttrain_recipe.student(scfg, teacher_recipe.model_meta(
+            stage_configs.stage_config("train_teacher", cfg), shape))[0].to(dev).train()
+        loss_of = posttrain_recipe.objective({**scfg, "posttrain": {**scfg["posttrain"], "method": "ect"}}, net)
+        classes = class_labels.label_dim_of(net)
+
+        def loss(g):
+            return loss_of(net, examples.images(4, shape, classes, dev, cfg["sigma_data"]), g, 0).mean()
+    return net, shape, loss
 
 
-def one_step(net, shape, kind, dev, batch=4):
-    """One training step of a denoising regression (the stages' losses are tested on CPU; here the network,
-    its labels, backward and the update run on the device). Returns the loss."""
-    g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(batch, *shape, device=dev, generator=g) * 0.5
-    noise = torch.randn(batch, *shape, device=dev, generator=g)
-    classes = torch.randint(1000, (batch,), device=dev, generator=g)
-    if kind == "meanflow":
-        t = torch.rand(batch, device=dev, generator=g)
-        z = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise
-        labels = classes % net.num_classes if getattr(net, "num_classes", 0) else None
-        loss = (net(z, t, t, labels) - (noise - x)).square().mean()
-    else:
-        sigma = (torch.randn(batch, device=dev, generator=g) * 1.2 - 1.2).exp()
-        dim = class_labels.label_dim_of(net)
-        labels = class_labels.one_hot((classes % dim).tolist(), dim, dev) if dim else None
-        loss = (net(x + sigma[:, None, None, None] * noise, sigma, labels) - x).square().mean()
+def one_step(net, loss_fn):
+    """One optimizer step of the recipe's own loss on the device: every trained parameter gets a finite
+    gradient on the device and moves. Returns the loss."""
+    loss = loss_fn(torch.Generator().manual_seed(0))
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
     loss.backward()
+    dev = next(net.parameters()).device
     for name, p in net.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{name} got no gradient"
@@ -176,16 +171,16 @@ def on_device(net, dev):
 
 def train_step_check(label, stack):
     def check(dev):
-        net, shape, kind = recipe_network(stack, dev)
+        net, shape, loss_fn = recipe_network(stack, dev)
         on_device(net, dev)
-        loss = one_step(net, shape, kind, dev)
+        loss = one_step(net, loss_fn)
         on_device(net, dev)
         assert math.isfinite(loss), f"loss {loss}"
         params = sum(p.numel() for p in net.parameters())
         return f"{params:,} parameters, data {list(shape)}, loss {loss:.4f}"
 
     check.__name__ = "train_step " + label
-    check.__doc__ = f"one training step of {label}'s network on the device"
+    check.__doc__ = f"one training step of {label}'s post-training recipe on the device"
     return check
 
 
@@ -194,7 +189,7 @@ def autocast_bf16(dev):
     its output stays within bf16's precision of float32's."""
     net, shape, _ = recipe_network(RECIPE_ROWS["ddpmpp (cifar10-cmt-ect)"], dev)
     net.eval()
-    x = torch.randn(4, *shape, device=dev, generator=torch.Generator(dev).manual_seed(0))
+    x = torch.randn(4, shape[0], shape[1], shape[1], device=dev, generator=torch.Generator(dev).manual_seed(0))
     sigma = torch.full((4,), 2.0, device=dev)
     with torch.no_grad():
         full = net(x, sigma)
@@ -211,17 +206,25 @@ def autocast_bf16(dev):
 
 
 def guide_fp16(dev):
-    """The ECD autoguidance guide in fp16 on CUDA, as the official loop runs the guide's pickle (issue 21
-    adds the key and the function; this check is written once they exist)."""
-    from stages.config import layers
-
-    schema = layers.load_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
-    guidance = schema["$defs"]["ect"]["properties"]["guidance"]["properties"]
-    keys = [k for k in guidance if any(w in k.lower() for w in ("fp16", "float16", "half", "dtype", "precision"))]
-    if not keys:
-        raise NotAvailable("posttrain.guidance has no fp16 key yet (issue 21): the guide runs in float32")
-    raise NotAvailable(f"posttrain.guidance.{keys[0]} exists, this check is not written yet: run the guided "
-                       "ECD loss with it on and off on CUDA and compare (bench/gpu_checks.py guide_fp16)")
+    """The ECD autoguidance guide as the official loop runs the guide's pickle: its network in float16
+    on CUDA (posttrain.guidance.guide_dtype), its output within float16's precision of float32's; on a
+    CPU it runs in float32."""
+    cfg = resolve(RECIPE_ROWS["edm2 (imagenet64-cmt-ecd)"])
+    shape = examples.data_shape(cfg)
+    arch = networks.architecture(cfg["network"], *shape, 0.0)
+    torch.manual_seed(0)
+    guide = networks.build_precond(arch, "edm", cfg["sigma_data"]).to(dev).eval()
+    x, classes = examples.images(4, shape, 0, dev, 1.0)
+    labels = examples.one_hot(4, class_labels.label_dim_of(guide), dev)
+    sigma = torch.full((4,), 2.0, device=dev)
+    seen = losses.guide_precision_check(guide, x, sigma, labels, guide_dtype="float16")
+    note = f"the guide's network ran in {seen['dtype']}, {seen['max_rel_diff']:.2e} from float32 (relative to RMS)"
+    if dev.type == "cuda":
+        assert seen["dtype"] == "float16", note + ": expected float16 on CUDA"
+        assert seen["max_rel_diff"] < 1e-2, note + ": too far from float32"
+    else:
+        assert seen["dtype"] == "float32" and seen["max_rel_diff"] == 0, note + ": a CPU runs it in float32"
+    return note
 
 
 CHECKS = [cuda_device, launch_claim, tf32_flags, autocast_bf16,

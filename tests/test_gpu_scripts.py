@@ -243,7 +243,7 @@ def test_first_contact_records_a_failing_row_a_cut_row_and_the_steps_it_skips(tm
     # the rows run at once: they are recorded as they end
     assert [n for n in steps if n not in ("broken", "cut")] == ["install", "environment", "checks", "guide-fp16", "ddp"]
     assert {n: s["status"] for n, s in steps.items()} == {
-        "install": "passed", "environment": "passed", "checks": "passed", "guide-fp16": "not available",
+        "install": "passed", "environment": "passed", "checks": "passed", "guide-fp16": "passed",
         "broken": "failed", "cut": "timeout", "ddp": "skipped"}
     assert "nope.yaml" in steps["broken"]["error"]
     assert steps["cut"]["error"].startswith("cut at its time limit of 4 s")
@@ -277,7 +277,7 @@ def test_first_contact_dry_run_on_cpu_reaches_the_tiny_report(tmp_path):
     steps = steps_of(summary)
     assert result.returncode == 0, json.dumps(summary, indent=1)[-3000:]
     assert {n: s["status"] for n, s in steps.items()} == {
-        "install": "skipped", "environment": "passed", "checks": "passed", "guide-fp16": "not available",
+        "install": "skipped", "environment": "passed", "checks": "passed", "guide-fp16": "passed",
         "tiny": "passed", "ddp": "skipped"}
     checks = {c["name"]: c["status"] for c in summary["checks"]}
     assert checks["cuda_device"] == checks["launch_claim"] == "skipped"
