@@ -183,16 +183,13 @@ class Row:
         self.cfg = cfg
         self.family = cfg.get("family", "cm")
         self.codec = None
+        self.shape = examples.data_shape(cfg)
         if "latents" in cfg:
             from stages.networks import latent_codec
 
             lat = cfg["latents"]
             spec = lat["vae"] if isinstance(lat["vae"], dict) else {"config": SD_VAE_ARCH, "seed": 0}
             self.codec = latent_codec.from_config({**lat, "vae": spec}, batch_size=8).to(device)
-            factor = 2 ** (len(self.codec.vae.config.block_out_channels) - 1)
-            self.shape = (self.codec.latent_channels, cfg["dataset"]["resolution"] // factor)
-        else:
-            self.shape = (1 if cfg["dataset"]["source"] == "digits" else 3, cfg["dataset"]["resolution"])
 
     def stage(self, rule, init=None):
         return stage_configs.stage_config(rule, self.cfg, init)
