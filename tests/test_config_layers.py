@@ -125,6 +125,6 @@ def test_a_network_of_another_kind_replaces_the_one_below_and_an_overlay_without
     cfg = layers.assemble(DEFAULT, [row, smoke])
     assert cfg["network"] == {"kind": "dit", "preset": None, "num_classes": 1000, "depth": 1}
     assert cfg["teacher"]["network"] == {"kind": "small_unet", "channels": 8}
-    # the same kind merges as before: the pixel rows' DDPM++ sections are unchanged
+    # a section of the same kind merges key by key: the pixel rows' DDPM++ sections
     cifar = layers.assemble(DEFAULT, [REPO / "config" / "rows" / "cifar10-cmt-ect.yaml"])
     assert cifar["network"]["channel_mult"] == [2, 2, 2] and cifar["network"]["num_blocks"] == 4

@@ -1,8 +1,8 @@
 """Class labels end to end: a class-conditional tiny EDM2 (its output depends on the label) gets the
 dataset's class or a seeded uniform class in trajectories, the trajectory's class at mid-training,
 the batch's classes at post-training and a seeded uniform class at sampling; the shards and the
-samples file record them; unconditional networks take none (their files are as before: the
-existing trajectory and pipeline tests)."""
+samples file record them; unconditional networks take none (their files hold no label: the
+trajectory and pipeline tests)."""
 
 import copy
 import json

@@ -95,7 +95,7 @@ def test_a_sliced_run_counts_every_job_its_model_records(tmp_path):
     assert "| CMT | midtrain | 4 (midtrain in 3 jobs) | 16.1 | 0 |  |" in lines
     assert "| CMT | posttrain | 1 | 4 | 0 |  |" in lines
     assert "| CMT | **total** | 5 | 20.1 | 0 |  |" in lines
-    # a model made before jobs were recorded: the benchmark, as before
+    # a model that records no jobs (an older model file): the benchmark's seconds
     assert ledger.job_seconds(tmp_path / "midtrain.tsv", model(tmp_path, "old")) == (1850.0, 1)
 
 

@@ -5,7 +5,7 @@ one-hot floats [B, label_dim] (Precond(x, sigma, labels)). Where no data image f
 trajectory started from pure noise, a sample), the class is uniform random and a pure function of
 (seed, index), as the ImageNet-512 code draws its random labels: a trajectory or an image is the
 same whatever the batch or job split. An unconditional network (label_dim 0) takes no labels, and
-everything it writes stays as it was before labels existed.
+nothing it writes (shards, samples) holds a label field.
 """
 
 import numpy as np

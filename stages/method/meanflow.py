@@ -2,8 +2,8 @@
 and MeanFlow post-training (docs/method.md#meanflow). Flow-matching time: z_t = (1 - t) x + t eps, t = 1 noise.
 
 Each loss returns per-sample values [B]; the training loop takes the mean. Class-conditional
-models take `labels` [B] int64; unconditional rows pass none, and their losses draw and compute
-exactly what they did before labels existed.
+models take `labels` [B] int64; unconditional rows pass none, and their losses draw nothing for
+labels (no dropout draw, no guidance).
 """
 
 import contextlib

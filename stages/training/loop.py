@@ -128,7 +128,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     micro_batches + micro, and one optimizer step follows the last; the gradient of each part's
     mean loss counts 1 / micro_batches, so the step sees the mean over the process's whole share,
     and DDP all-reduces only on the last part (accelerator.no_sync before). With one micro-batch,
-    part = rank, as before accumulation existed. Dropout draws come from the global RNG, re-seeded
+    part = rank. Dropout draws come from the global RNG, re-seeded
     for every part from (seed, step, part). `on_step_end(steps_done)` runs after the EMA update (snapshots).
     A non-finite loss or gradient stops the run naming the step: nothing is zeroed or skipped.
 
