@@ -25,14 +25,7 @@ cd "$(dirname "$0")/.."
 . bench/gpu_steps.sh
 steps_begin first-contact "$out" 330
 
-wheels=${CMT_GPU_WHEELS:-.gpu-wheels}
-if [ -d "$wheels" ]; then
-    step 60 install bench/gpu_install.sh "$wheels"
-else
-    note install skipped "no wheel folder $wheels (make it with bench/gpu_wheels.sh and carry it)"
-fi
-
-step 20 environment "$PY" bench/gpu_environment.py --out "$STEPS_OUT/environment.json"
+install_and_record 60 20
 if [ "$DEVICE" != cpu ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     note cuda failed "torch sees no CUDA device: the rest would run on the CPU (CMT_GPU_SCRIPTS_DEVICE=cpu for that)"
     steps_end

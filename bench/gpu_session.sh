@@ -27,13 +27,7 @@ cd "$(dirname "$0")/.."
 . bench/gpu_steps.sh
 steps_begin bench-session "$out" 310
 
-wheels=${CMT_GPU_WHEELS:-.gpu-wheels}
-if [ -d "$wheels" ]; then
-    step 45 install bench/gpu_install.sh "$wheels"
-else
-    note install skipped "no wheel folder $wheels (make it with bench/gpu_wheels.sh and carry it)"
-fi
-step 15 environment "$PY" bench/gpu_environment.py --out "$STEPS_OUT/environment.json"
+install_and_record 45 15
 
 rows=("$@")
 if [ "$DEVICE" = cpu ]; then

@@ -6,6 +6,7 @@
 #                                 row's report; its report and failed jobs' logs are kept in OUTDIR/NAME/
 #   rows_together SPEC...         rows at once (SPEC: NAME:LIMIT:CONFIG[+CONFIG...]), sharing the cores
 #   note NAME STATUS TEXT         a step that did not run (skipped, not available), and why
+#   install_and_record LIMIT LIMIT  the first two steps of every script: the carried wheels, the machine
 # STEP_NA_RC=N before `step`: exit status N means "not available" (what the step checks does not exist yet).
 #
 # Every step rewrites OUTDIR/summary.json and summary.md (bench/gpu_summary.py), so a session cut short
@@ -127,4 +128,15 @@ steps_end() {  # the summary's first line; the script's exit status: 1 if a step
     head -n 1 "$STEPS_OUT/summary.md"
     echo "summary: $STEPS_OUT/summary.md, $STEPS_OUT/summary.json"
     "$PY" bench/gpu_summary.py "$STEPS_OUT" --script "$STEPS_SCRIPT" --exit-status
+}
+
+
+install_and_record() {  # install_and_record INSTALL_LIMIT ENVIRONMENT_LIMIT
+    local wheels=${CMT_GPU_WHEELS:-.gpu-wheels}
+    if [ -d "$wheels" ]; then
+        step "$1" install bench/gpu_install.sh "$wheels"
+    else
+        note install skipped "no wheel folder $wheels (make it with bench/gpu_wheels.sh and carry it)"
+    fi
+    step "$2" environment "$PY" bench/gpu_environment.py --out "$STEPS_OUT/environment.json"
 }

@@ -75,31 +75,32 @@ RECEIPT_FORMAT = "cmt-store-receipt/1"
 USES_FORMAT = "cmt-store-uses/1"
 
 
-def record_path(files):
+def beside(files, name):
+    """The file `name` (a format of the item's first file's name) beside an item's first file."""
     first = Path(files[0])
-    return first.with_name(first.name + ".record.json")
+    return first.with_name(name.format(first.name))
+
+
+def record_path(files):
+    return beside(files, "{}.record.json")
 
 
 def lock_path(files):
-    first = Path(files[0])
-    return first.with_name(f".{first.name}.lock")
+    return beside(files, ".{}.lock")
 
 
 def remaking_path(files):
     """Present while an item is being remade: files without a record are then not adopted."""
-    first = Path(files[0])
-    return first.with_name(f".{first.name}.remaking")
+    return beside(files, ".{}.remaking")
 
 
 def uses_path(files):
-    first = Path(files[0])
-    return first.with_name(first.name + ".uses.json")
+    return beside(files, "{}.uses.json")
 
 
 def env_path(files):
     """Where the stage leaves its environment for the record (stages/core/provenance.py)."""
-    first = Path(files[0])
-    return first.with_name(f".{first.name}.env.json")
+    return beside(files, ".{}.env.json")
 
 
 def remake_command(receipt):
