@@ -44,6 +44,7 @@ def encode(cfg, shard, out):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
 
+@pytest.mark.heavy
 def test_shards_hold_the_codec_posterior_of_the_adm_crop(imagenet, tmp_path):
     files, _ = datasets.imagenet_files(imagenet)
     codec = latent_codec.LatentCodec(latent_codec.random_vae(TINY_VAE))
@@ -91,6 +92,7 @@ def manifest(receipts, out, per_shard=3):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
 
+@pytest.mark.heavy
 def test_store_receipts_and_a_manifest_that_refuses_missing_images(imagenet, tmp_path):
     receipts = []
     for k in range(3):

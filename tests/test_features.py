@@ -129,6 +129,7 @@ def _adm_batch(path, **arrays):
     return path
 
 
+@pytest.mark.heavy
 def test_adm_reference_reads_mu_and_sigma_and_scores_against_them(tmp_path):
     from stages.data import features
 

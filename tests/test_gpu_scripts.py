@@ -233,6 +233,7 @@ def present_wheels(tmp_path):
     return folder
 
 
+@pytest.mark.heavy
 def test_first_contact_records_a_failing_row_a_cut_row_and_the_steps_it_skips(tmp_path, present_wheels):
     out, bundle = tmp_path / "out", tmp_path / "bundle"
     result, summary = run_script(FIRST_CONTACT, out, {
@@ -257,6 +258,7 @@ def test_first_contact_records_a_failing_row_a_cut_row_and_the_steps_it_skips(tm
         "first-contact-summary.json", "first-contact-summary.md", "first-contact.tar.gz"]
 
 
+@pytest.mark.heavy
 def test_session_records_each_measurement_cut_by_its_limit(tmp_path):
     out = tmp_path / "out"
     result, summary = run_script(SESSION, out, {

@@ -1,5 +1,6 @@
 """bench/row_costs.py: the projection runs every measurement path (the smoke overlays' tiny networks
-on this CPU), and its hours are the workload's counts times the measured seconds per unit."""
+on this CPU), and its hours are the workload's counts times the measured seconds per unit. Heavy:
+the projection measures every stage of two rows (about a minute)."""
 
 import json
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 from workflow_runs import REPO, ROWS
 
 from stages.config import resolve, workload
+
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from stages.core import rng
@@ -27,6 +28,7 @@ TINY_VAE = {"config": {"block_out_channels": [8, 8, 8, 8], "layers_per_block": 1
 LATENTS = {"vae": TINY_VAE, "raw_mean": [0.0] * 4, "raw_std": [1 / 0.18215] * 4, "final_mean": 0.0, "final_std": 1.0}
 
 
+@pytest.mark.heavy
 def test_latent_samples_are_the_decoded_one_step_outputs_of_their_classes(tmp_path):
     torch.manual_seed(0)
     meta = {"architecture": ARCH, "precond": "meanflow", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
