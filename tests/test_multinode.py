@@ -17,6 +17,7 @@ from workflow_runs import planned_resources, snakemake
 
 from stages.config import checks, multinode, resolve
 from stages.files import checkpoints
+from stages.training import resume
 
 
 def test_a_rule_on_several_nodes_asks_for_them_with_its_gpus_on_each():
@@ -122,6 +123,18 @@ def _free_port():
     return launcher.free_port()
 
 
+def midtrain_inputs(tmp_path):
+    """(run name -> a mid-training's arguments, the teacher): 3 shards of 4 trajectories."""
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    manifest = make_trajectories(tmp_path / "traj", num_shards=3, per_shard=4)
+
+    def args(run):
+        return ["--config", json.dumps(midtrain_config(steps=N)), "--teacher", teacher, "--manifest", manifest,
+                "--out", tmp_path / run / "model.safetensors", *state_args(tmp_path / run / "state")]
+
+    return args, teacher
+
+
 @pytest.mark.heavy
 def test_two_machines_of_one_process_train_what_one_machine_of_two_trains_through_a_resume(tmp_path):
     """Mid-training (each rank reads its own shards) for 8 steps: one machine with two processes
@@ -133,13 +146,7 @@ def test_two_machines_of_one_process_train_what_one_machine_of_two_trains_throug
     import torch
     from safetensors.torch import load_file
 
-    teacher = make_teacher(tmp_path / "teacher.safetensors")
-    manifest = make_trajectories(tmp_path / "traj", num_shards=3, per_shard=4)
-
-    def args(run):
-        return ["--config", json.dumps(midtrain_config(steps=N)), "--teacher", teacher, "--manifest", manifest,
-                "--out", tmp_path / run / "model.safetensors", *state_args(tmp_path / run / "state")]
-
+    args, teacher = midtrain_inputs(tmp_path)
     one = launch(args("one"), tmp_path, "--processes", "2", name="one")
     assert finish(one) == [0], one.log.read_text()[-3000:]
 
@@ -165,3 +172,24 @@ def test_two_machines_of_one_process_train_what_one_machine_of_two_trains_throug
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.heavy
+def test_ranks_on_other_nodes_leave_a_state_folder_another_job_holds_alone(tmp_path):
+    """Another job holds the state folder (its lock) and is writing a state into it: a job of two
+    machines on the same folder stops before any rank touches it. The main process finds the lock;
+    the rank on the other machine learns so from it, before it would tidy the folder (a killed
+    writer's partial state, which here is the other job's save in progress) or read it."""
+    args, _ = midtrain_inputs(tmp_path)
+    folder = tmp_path / "run" / "state"
+    other = resume.TrainState(folder, stage="midtrain", identity={})
+    other.lock()
+    partial = folder / ".tmp-step-000000004-999"
+    partial.mkdir()
+    (partial / "state.safetensors").write_bytes(b"being written")
+    codes, logs = two_machines(args("run"), tmp_path, "locked")
+    assert all(code != 0 for code in codes), logs
+    assert partial.exists() and not list(folder.glob("step-*"))
+    assert "another job is training from this state folder" in logs[0], logs[0][-3000:]
+    assert "the main process found another job training from this state folder" in logs[1], logs[1][-3000:]
+    other.unlock()

@@ -193,13 +193,16 @@ class TrainState:
         self.last_save_time = time.monotonic()
         return final
 
-    def restore(self, *, net, ema, optimizer, data=None):
+    def restore(self, *, net, ema, optimizer, data=None, tidy=True):
         """Load the newest state into the given objects; returns (step, train_seconds), or
-        (0, 0.0) when there is none. The jobs it records precede this one in `log`."""
-        self.remove_partial()
+        (0, 0.0) when there is none. The jobs it records precede this one in `log`. `tidy`: also
+        remove a killed writer's partial state and roll what the run keeps back to the state's step
+        (the process that holds the lock; the other ranks only read)."""
+        if tidy:
+            self.remove_partial()
         latest = self.latest()
         if latest is None:
-            if self.kept is not None:
+            if self.kept is not None and tidy:
                 self.kept.rollback(0)
             return 0, 0.0
         step, folder = latest
@@ -226,7 +229,7 @@ class TrainState:
         if data is not None:
             data.load_state_dict(info["data"])
         self.log.resume(info.get("jobs", []), step)  # none in a state saved before jobs were recorded
-        if self.kept is not None:
+        if self.kept is not None and tidy:
             self.kept.rollback(step)
         self.last_save_time = time.monotonic()
         return step, info.get("train_seconds", 0.0)
