@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -163,7 +164,8 @@ def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
 def test_a_second_job_on_the_same_state_folder_is_refused(tmp_path):
     first = _state(tmp_path)
     first.lock()
-    with pytest.raises(RuntimeError, match="another job is training from this state folder"):
+    with pytest.raises(RuntimeError, match=rf"another job is training from this state folder right now "
+                                           rf"\(pid {os.getpid()} on {socket.gethostname()}"):
         _state(tmp_path).lock()
     first.finish()
     _state(tmp_path).lock()  # free again once the first job is done
