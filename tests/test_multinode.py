@@ -6,7 +6,6 @@ The SLURM submission and a real 2-node job: tests/test_slurm_nodes.py."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -72,7 +71,7 @@ def test_the_rule_asks_the_plugin_for_the_nodes_and_tells_the_launcher(tmp_path)
         "nodes": "2", "tasks": "2", "tasks_per_gpu": "0", "mpi": "srun", "gres": "gpu:2", "gpu": "0",
         "cpus_per_task": "4"}, res
     assert "python -m stages.launch --gpus 2 --nodes 2 stages.midtrain " in command
-    assert re.sub(r"--gpus \S+ --nodes 2", "--gpus 1", command.split(" --config ")[0]) == one[2].split(" --config ")[0]
+    assert command.replace("--gpus 2 --nodes 2 ", "--gpus 1 ") == one[2]  # the rest of the command as on one node
     for change, message in (("sample:nodes=2", "resources.sample.nodes: 2, but sample runs one process"),
                             ("posttrain:nodes=3", "resources.posttrain: 3 nodes x 1 GPUs (3 processes")):
         refused = snakemake(tmp_path, "-n", "--set-resources", change)
