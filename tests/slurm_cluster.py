@@ -68,8 +68,13 @@ def quiet(cmd, **kw):
 
 
 class Cluster:
-    def __init__(self, root):
+    """`nodes` > 1: that many SLURM nodes on this host (NodeName cmt1..cmtN, each its own slurmd
+    started with -N on its own port), which needs a slurmd built with --enable-multiple-slurmd;
+    `multiple_slurmd()` says whether this one is."""
+
+    def __init__(self, root, nodes=1):
         self.root = Path(root)
+        self.nodes = nodes
         self.procs = []  # (name, Popen) in start order
         self.saved = {}  # /etc/slurm files we replaced -> their old bytes (None: there was none)
         self.env = dict(os.environ)
@@ -107,6 +112,7 @@ class Cluster:
         cpus = os.cpu_count()
         mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20) - 1024
         ports = {k: free_port() for k in ("db", "dbd", "ctld", "d")}
+        node_ports = [free_port() for _ in range(self.nodes)]
 
         # munge: own key, the default socket (Slurm's commands and job steps look there); the
         # socket folder must be world-executable
@@ -160,11 +166,11 @@ SlurmUser=root
 SlurmctldPort={ports['ctld']}
 SlurmdPort={ports['d']}
 {auth}StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / ('spool-%n' if self.nodes > 1 else 'spool')}
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / ('slurmd-%n.pid' if self.nodes > 1 else 'slurmd.pid')}
 SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+SlurmdLogFile={r / ('slurmd-%n.log' if self.nodes > 1 else 'slurmd.log')}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -182,19 +188,38 @@ AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 AccountingStoreFlags=job_comment
-NodeName={host} CPUs={cpus} RealMemory={mem_mb} Gres=gpu:2 State=UNKNOWN
+{self.node_lines(host, cpus, mem_mb, node_ports)}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-        self.put_etc("gres.conf", f"NodeName={host} Name=gpu File=/dev/null\nNodeName={host} Name=gpu File=/dev/zero\n")
-        for d in ("state", "spool"):
-            (r / d).mkdir()
+        self.put_etc("gres.conf", "".join(f"NodeName={n} Name=gpu File=/dev/null\nNodeName={n} Name=gpu "
+                                          "File=/dev/zero\n" for n in self.node_names(host)))
+        (r / "state").mkdir()
+        for n in self.node_names(host):
+            (r / ("spool" if self.nodes == 1 else f"spool-{n}")).mkdir()
 
         self.spawn("slurmdbd", [sbin("slurmdbd"), "-D"])
         wait_for(lambda: quiet(["sacctmgr", "-n", "list", "cluster"]).returncode == 0, "slurmdbd")
         quiet(["sacctmgr", "-i", "add", "cluster", CLUSTER])
         self.spawn("slurmctld", [sbin("slurmctld"), "-D", "-i"])
-        self.spawn("slurmd", [sbin("slurmd"), "-D"])
-        wait_for(lambda: "idle" in quiet(["sinfo", "-h", "-o", "%T"]).stdout, "the node (sinfo idle)")
+        if self.nodes == 1:
+            self.spawn("slurmd", [sbin("slurmd"), "-D"])
+        else:
+            for n in self.node_names(host):
+                self.spawn(f"slurmd-{n}", [sbin("slurmd"), "-D", "-N", n])
+        wait_for(lambda: quiet(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split().count("idle") == self.nodes,
+                 f"the {self.nodes} node(s) (sinfo idle)")
+
+    def node_names(self, host):
+        return [host] if self.nodes == 1 else [f"cmt{i}" for i in range(1, self.nodes + 1)]
+
+    def node_lines(self, host, cpus, mem_mb, ports):
+        """One node: this host as it is. Several: each declares this host's CPUs and a share of its
+        memory, and listens on its own port on 127.0.0.1."""
+        if self.nodes == 1:
+            return f"NodeName={host} CPUs={cpus} RealMemory={mem_mb} Gres=gpu:2 State=UNKNOWN"
+        return "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+                         f"RealMemory={mem_mb // self.nodes} Gres=gpu:2 State=UNKNOWN"
+                         for n, port in zip(self.node_names(host), ports, strict=True))
 
     def stop(self):
         """SIGTERM each daemon this cluster started, newest first, by its PID; SIGKILL stragglers."""
@@ -216,8 +241,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 @contextlib.contextmanager
-def cluster(root):
-    c = Cluster(root)
+def cluster(root, nodes=1):
+    c = Cluster(root, nodes)
     try:
         c.start()
         yield c

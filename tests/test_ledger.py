@@ -105,3 +105,24 @@ def test_a_job_record_that_is_not_one_is_refused_naming_the_model(tmp_path):
                                        {"wall_seconds": 5.0, "steps": [4, 8], "ended": "finished"}])
     with pytest.raises(ValueError, match=r"models/midtrain/model.json: jobs\[0\] .* is not a job record"):
         ledger.ledger(tmp_path, ["cmt"], {"midtrain": 1}, models={"midtrain": bad})
+
+
+def test_a_job_on_several_nodes_counts_the_gpus_of_every_node(tmp_path):
+    """GPU-hours = wall time x GPUs per node x nodes, each job by the nodes its record says; a record
+    without nodes is one node's."""
+    bench(tmp_path, "midtrain", 1800)                   # the last of two jobs
+    bench(tmp_path, "posttrain/cmt", 3600)              # one job: its benchmark, on its record's 4 nodes
+    models = {
+        "midtrain": model(tmp_path, "midtrain", [
+            {"wall_seconds": 3600.0, "steps": [0, 400], "ended": "signal", "signal": "SIGUSR1", "nodes": 2},
+            {"wall_seconds": 1800.0, "steps": [400, 960], "ended": "finished"}]),
+        "posttrain/cmt": model(tmp_path, "posttrain",
+                               [{"wall_seconds": 3500.0, "steps": [0, 99], "ended": "finished", "nodes": 4}]),
+    }
+    costs = ledger.ledger(tmp_path, ["cmt"], {"midtrain": 8, "posttrain": 8}, models=models)
+    mid, post = costs["cmt"]["midtrain"], costs["cmt"]["posttrain"]
+    assert mid["seconds"] == pytest.approx(5400) and mid["gpu_hours"] == pytest.approx(1 * 8 * 2 + 0.5 * 8 * 1)
+    assert post["seconds"] == pytest.approx(3600) and post["gpu_hours"] == pytest.approx(1 * 8 * 4)
+    assert ledger.job_cost(tmp_path / "posttrain" / "cmt.tsv", models["posttrain/cmt"]) == (3600.0, 1, 14400.0)
+    cpu = ledger.ledger(tmp_path, ["cmt"], {}, models=models)["cmt"]["posttrain"]
+    assert cpu["cpu_hours"] == pytest.approx(4.0)  # a CPU job on 4 nodes: 4 node-hours

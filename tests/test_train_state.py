@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -163,7 +164,8 @@ def test_save_keeps_only_complete_states_and_ignores_partial_ones(tmp_path):
 def test_a_second_job_on_the_same_state_folder_is_refused(tmp_path):
     first = _state(tmp_path)
     first.lock()
-    with pytest.raises(RuntimeError, match="another job is training from this state folder"):
+    with pytest.raises(RuntimeError, match=rf"another job is training from this state folder right now "
+                                           rf"\(pid {os.getpid()} on {socket.gethostname()}"):
         _state(tmp_path).lock()
     first.finish()
     _state(tmp_path).lock()  # free again once the first job is done
@@ -229,3 +231,23 @@ def test_stream_resumes_mid_epoch_exactly(tmp_path):
     fresh = shards.TrajectoryStream(paths, 5, shuffle_buffer=3)
     assert [s["index"] for s in itertools.islice(fresh, 20)] != rest  # the position matters
     assert sorted(first[:14]) == list(range(14))
+
+
+def test_a_job_records_the_nodes_it_ran_on(monkeypatch):
+    """stages.launch tells a job's processes its nodes (CMT_NODES); a record without them (written
+    before records had them) is one node's, and a record with a number of nodes that is none is refused."""
+    assert job_log.JobLog(nodes=4).through(3, "slice")[-1]["nodes"] == 4
+    monkeypatch.delenv("CMT_NODES", raising=False)
+    assert job_log.JobLog().through(3, "slice")[-1]["nodes"] == 1
+    monkeypatch.setenv("CMT_NODES", "2")
+    log = job_log.JobLog()
+    log.resume([{"wall_seconds": 5.0, "steps": [0, 3], "ended": "slice"}], 3)  # an old record keeps its form
+    assert [j.get("nodes") for j in log.through(6, "finished")] == [None, 2]
+    assert job_log.check(log.through(6, "finished"), "m.json")
+    for bad in ("two", "0"):
+        monkeypatch.setenv("CMT_NODES", bad)
+        with pytest.raises(ValueError, match=f"CMT_NODES='{bad}': not a number of nodes"):
+            job_log.JobLog()
+    for nodes in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"jobs\[0\] .* nodes >= 1 where given"):
+            job_log.check([{"wall_seconds": 5.0, "steps": [0, 3], "ended": "finished", "nodes": nodes}], "m.json")

@@ -77,6 +77,9 @@ def test_meanflow_baseline_gets_the_cmt_routes_images():
     # batch 256 over the rule's 8 GPUs: 32 images through each process's forward
     assert (jobs["posttrain/cmt"]["gpus"], jobs["posttrain/cmt"]["micro_batch"]) == (8, 32)
     assert (jobs["train_teacher"]["gpus"], jobs["train_teacher"]["micro_batch"]) == (4, 64)
+    # on 4 nodes of 8 GPUs: 32 processes of 8 images each
+    spread = by_job(workload.workload(row("imagenet256-cmt-mf", resources={"posttrain_mf": {"nodes": 4}})))
+    assert (spread["posttrain/cmt"]["gpus"], spread["posttrain/cmt"]["micro_batch"]) == (32, 8)
     assert jobs["trajectory_shard"]["forwards"] == 256 * 5000 * 8
     assert "sample/midtrain" not in jobs  # family mf scores the post-trained snapshots only
     paper = by_job(workload.workload(row("imagenet256-cmt-mf", posttrain_mf={"equal_total_budget": False})))

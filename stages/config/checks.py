@@ -193,17 +193,34 @@ def snapshot_problems(section, snapshots, budgets):
     return []
 
 
-def process_problems(cfg, gpus):
-    """Batches that cannot be split over the processes of a job, one per GPU it asks for (`gpus`:
-    rule -> its gpu resource, the row's or the command line's): a job would fail only once it runs."""
+def process_problems(cfg, gpus, nodes=None):
+    """Batches that cannot be split over the processes of a job, one per GPU it asks for on each of its
+    nodes (`gpus`: rule -> its gpu resource, `nodes`: rule -> its nodes resource where above 1, the
+    row's or the command line's): a job would fail only once it runs."""
     out = []
     traj = cfg["trajectories"]
+    nodes = nodes or {}
+
+    def processes(rule):
+        """The job's world size: a process per GPU (or one, without GPUs) on each of several nodes."""
+        if nodes.get(rule, 1) <= 1:
+            return gpus.get(rule, 0)
+        return max(gpus.get(rule, 0), 1) * nodes[rule]
+
+    def asked(rule, what="one process each"):
+        """What the job asks for, as the message names it, and the option that changes it."""
+        n = gpus.get(rule, 0)
+        if nodes.get(rule, 1) <= 1:
+            return f"resources.{rule}.gpu: {n} GPUs ({what})", f"{rule}:gpu=N"
+        return (f"resources.{rule}: {nodes[rule]} nodes x {n} GPUs ({processes(rule)} processes, {what})",
+                f"{rule}:gpu=G {rule}:nodes=M with G x M")
 
     def split(rule, key, count, unit, per_gpu=None, per_key=None):
-        n = gpus.get(rule, 0)
+        n = processes(rule)
         if n > 1 and count % n:
-            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each) cannot share {key} = {count} "
-                       f"{unit} evenly; ask for a divisor of {count} (--set-resources {rule}:gpu=N)")
+            job, fix = asked(rule)
+            out.append(f"{job} cannot share {key} = {count} "
+                       f"{unit} evenly; ask for a divisor of {count} (--set-resources {fix})")
         elif per_gpu:  # gradient accumulation: each process's share in micro-batches of per_gpu
             share = count // max(n, 1)
             if share % min(per_gpu, share):
@@ -219,9 +236,9 @@ def process_problems(cfg, gpus):
         return value and value // points
 
     def shards(rule):
-        n = gpus.get(rule, 0)
+        n = processes(rule)
         if n > traj["num_shards"]:
-            out.append(f"resources.{rule}.gpu: {n} GPUs (one process each, reading their own shards) but "
+            out.append(f"{asked(rule, 'one process each, reading their own shards')[0]} but "
                        f"trajectories.num_shards is {traj['num_shards']}; ask for at most that many")
 
     if cfg["teacher"].get("source", "train") == "train":
@@ -255,8 +272,8 @@ def check(cfg):
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))
 
 
-def check_processes(cfg, gpus):
-    """Raise ConfigError listing every batch that the jobs' GPUs cannot split."""
-    found = process_problems(cfg, gpus)
+def check_processes(cfg, gpus, nodes=None):
+    """Raise ConfigError listing every batch that the jobs' GPUs (on each of their nodes) cannot split."""
+    found = process_problems(cfg, gpus, nodes)
     if found:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(found))

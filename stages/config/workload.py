@@ -45,10 +45,11 @@ def posttrain_section(cfg, init):
 
 
 def _training(cfg, job, rule, steps, batch, section, **detail):
-    """A training job; `gpus` is the rule's GPU resource (one process each), `micro_batch` what one
-    process passes forward at once, as loop.split_batch cuts the batch: batch_per_gpu, at most the
-    process's share batch / gpus."""
-    gpus = int(cfg.get("resources", {}).get(rule, {}).get("gpu") or 1)
+    """A training job; `gpus` is the job's GPUs, the rule's GPU resource on each of its `nodes` (one
+    process each), `micro_batch` what one process passes forward at once, as loop.split_batch cuts the
+    batch: batch_per_gpu, at most the process's share batch / gpus."""
+    resources = cfg.get("resources", {}).get(rule, {})
+    gpus = int(resources.get("gpu") or 1) * int(resources.get("nodes") or 1)
     share = batch // gpus
     micro = min(section.get("batch_per_gpu") or share, share)
     return {"job": job, "rule": rule, "jobs": 1, "unit": "images", "count": steps * batch, "steps": steps,

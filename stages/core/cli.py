@@ -7,8 +7,10 @@ import platform
 import sys
 import time
 
-# stages/launch.py puts its start (seconds since the epoch) here for the processes it starts
+# stages/launch.py puts its start (seconds since the epoch) here for the processes it starts, and
+# the number of nodes their job spans
 STARTED_ENV = "CMT_JOB_STARTED"
+NODES_ENV = "CMT_NODES"
 _started = None
 
 
@@ -96,3 +98,18 @@ def started():
     multi-GPU job's processes start after `accelerate launch`), else the call of start(); None
     before start()."""
     return _started
+
+
+def launched_nodes():
+    """The nodes of the job stages.launch started this process in (CMT_NODES), 1 where it was not."""
+    value = os.environ.get(NODES_ENV)
+    if not value:
+        return 1
+    try:
+        nodes = int(value)
+    except ValueError:
+        nodes = 0
+    if nodes < 1:
+        raise ValueError(f"{NODES_ENV}={value!r}: not a number of nodes; stages.launch sets it, unset it to "
+                         "record the job as one node's")
+    return nodes

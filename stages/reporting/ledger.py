@@ -1,10 +1,12 @@
 """The cost ledger of a row: GPU-hours per stage of the method, from Snakemake's benchmark files.
 
 A job's GPU-hours are its benchmark's wall seconds (column `s`) times the GPUs it held (the rule's
-`gpu` resource, which stages/launch.py starts one process per) / 3600; a CPU job (gpu 0) counts its
-wall hours apart. The stages are the paper's cost table's (ImageNet-256 MeanFlow row): pre-training
-(the teacher), mid-training (the teacher's trajectories and CMT), post-training, each init's route
-adding up to a total. Sampling and FID are evaluation, outside the table as in the paper.
+`gpu` resource, which stages/launch.py starts one process per, on each node) times its nodes (what
+the job's record in the model file says, stages/training/job_log.py; 1 where none says) / 3600; a
+CPU job (gpu 0) counts its wall hours apart. The stages are the paper's cost table's (ImageNet-256
+MeanFlow row): pre-training (the teacher), mid-training (the teacher's trajectories and CMT),
+post-training, each init's route adding up to a total. Sampling and FID are evaluation, outside
+the table as in the paper.
 
 A benchmark file holds the last attempt of its job only, so a training run sliced into several jobs
 (checkpoint.slice_kimg), stopped by a signal (a SLURM time limit, a preemption) or resumed after a
@@ -56,16 +58,25 @@ def job_seconds(bench_path, model=None):
     """(wall seconds, jobs) of one benchmarked job: with the `model` file a training job made and
     more than one job recorded in it (a sliced or resumed run), the sum of their wall seconds and
     their number; else the benchmark's seconds, one job."""
+    seconds, jobs, _ = job_cost(bench_path, model)
+    return seconds, jobs
+
+
+def job_cost(bench_path, model=None):
+    """(wall seconds, jobs, node-seconds) of one benchmarked job as job_seconds counts it; node-seconds
+    weigh each job's seconds by the nodes its record says it ran on (one where none says)."""
     jobs = recorded_jobs(model) if model is not None else None
     if jobs is not None and len(jobs) > 1:
-        return sum(j["wall_seconds"] for j in jobs), len(jobs)
-    return read_seconds(bench_path), 1
+        return (sum(j["wall_seconds"] for j in jobs), len(jobs),
+                sum(j["wall_seconds"] * job_log.nodes(j) for j in jobs))
+    seconds = read_seconds(bench_path)
+    return seconds, 1, seconds * (job_log.nodes(jobs[0]) if jobs else 1)
 
 
 def stage_cost(bench_dir, names, gpus_of, models=None):
     """{jobs, seconds, gpu_hours, cpu_hours, split} over the benchmark files `names` (globs) of one
     stage; None where none exists (a stage reused from the store, an imported teacher). `gpus_of(kind)`:
-    the GPUs per job of a benchmark's first path part (train_teacher, trajectory_shard, midtrain,
+    the GPUs per job and node of a benchmark's first path part (train_teacher, trajectory_shard, midtrain,
     posttrain). `models`: benchmark name -> the model file its job made (job_seconds); `split`: name
     -> jobs, of the benchmarks that stand for several jobs."""
     jobs = seconds = gpu_hours = cpu_hours = 0.0
@@ -75,15 +86,15 @@ def stage_cost(bench_dir, names, gpus_of, models=None):
         for path in sorted(Path(bench_dir).glob(f"{name}.tsv")):
             found = True
             bench_name = path.relative_to(bench_dir).with_suffix("").as_posix()
-            s, n = job_seconds(path, (models or {}).get(bench_name))
+            s, n, node_s = job_cost(path, (models or {}).get(bench_name))
             if n > 1:
                 split[bench_name] = n
             gpus = int(gpus_of(Path(name).parts[0]) or 0)
             jobs, seconds = jobs + n, seconds + s
             if gpus:
-                gpu_hours += s * gpus / 3600
+                gpu_hours += node_s * gpus / 3600
             else:
-                cpu_hours += s / 3600
+                cpu_hours += node_s / 3600
     if not found:
         return None
     return {"jobs": int(jobs), "seconds": seconds, "gpu_hours": gpu_hours, "cpu_hours": cpu_hours, "split": split}

@@ -183,8 +183,9 @@ def gpu_hours(bench_dir, inits, gpus, models, paper, labels):
     costs = ledger.ledger(bench_dir, inits, gpus, models=models)
     paper_hours = {i: methods[i]["gpu_hours"] for i in methods if "gpu_hours" in methods[i]}
     lines = ["## GPU-hours per stage", "",
-             "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`), jobs "
-             "without a GPU counted in CPU hours. A training run sliced into several jobs or resumed counts "
+             "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`) x the nodes "
+             "it ran on (its model file's record), jobs without a GPU counted in CPU hours. A training run "
+             "sliced into several jobs or resumed counts "
              "every job its model file records (a job killed without saving, up to its last save). "
              "Sampling and FID are left out, as in the paper's table."
              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]

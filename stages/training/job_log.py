@@ -5,12 +5,13 @@ killed is trained by several jobs: Snakemake attempts of one job, or jobs of sev
 Snakemake's benchmark file of the job keeps the last attempt only, so each training job records
 itself: its wall seconds, from its start (stages.launch's, which starts the stage's processes,
 else the stage's call of stages.core.cli.start) to the moment it saved its state and exited or
-wrote the model; the steps [from, to] it trained; and how it ended. The list travels from job to
+wrote the model; the steps [from, to] it trained; how it ended; and the nodes it ran on (stages.launch
+says how many: CMT_NODES), whose GPUs all count in the ledger. The list travels from job to
 job in the training state (resume.py) and ends in the model's .json as `jobs`, oldest first:
 
-    "jobs": [{"wall_seconds": 3571.2, "steps": [0, 5000], "ended": "slice"},
-             {"wall_seconds": 2204.9, "steps": [5000, 8000], "ended": "signal", "signal": "SIGUSR1"},
-             {"wall_seconds": 1502.0, "steps": [8000, 10000], "ended": "finished"}]
+    "jobs": [{"wall_seconds": 3571.2, "steps": [0, 5000], "ended": "slice", "nodes": 1},
+             {"wall_seconds": 2204.9, "steps": [5000, 8000], "ended": "signal", "signal": "SIGUSR1", "nodes": 4},
+             {"wall_seconds": 1502.0, "steps": [8000, 10000], "ended": "finished", "nodes": 4}]
 
 `ended`:
 - slice: trained its checkpoint.slice_kimg, saved and exited 75;
@@ -23,11 +24,14 @@ job in the training state (resume.py) and ends in the model's .json as `jobs`, o
 - finished: wrote the model.
 Each job starts where the state it resumed was saved and its record ends at its last save, so the
 steps of the records follow one another without a gap from 0 to the run's last step. A run without
-a state folder (no --state-dir) is one job.
+a state folder (no --state-dir) is one job. A record without `nodes` (written before records had
+it) is one node's.
 """
 
 import math
 import time
+
+from stages.core import cli
 
 # what a saved state holds for the job that saved it while it was still training; the next job to
 # read it finds that job ended without another save: lost
@@ -39,10 +43,11 @@ class JobLog:
     """The records of the jobs before this one (from the training state) and this job's clock.
 
     `started`: this job's start in seconds since the epoch (stages.core.cli.started()); None,
-    the time the log is made."""
+    the time the log is made. `nodes`: the nodes this job runs on; None, what stages.launch says."""
 
-    def __init__(self, started=None):
+    def __init__(self, started=None, nodes=None):
         self.started = time.time() if started is None else float(started)
+        self.nodes = cli.launched_nodes() if nodes is None else nodes
         self.before = []
         self.first_step = 0
 
@@ -58,7 +63,7 @@ class JobLog:
         if ended not in ENDINGS + (RUNNING,):
             raise ValueError(f"job ended {ended!r}: expected one of {ENDINGS + (RUNNING,)}")
         this = {"wall_seconds": max(0.0, time.time() - self.started), "steps": [self.first_step, step],
-                "ended": ended}
+                "ended": ended, "nodes": self.nodes}
         if signal is not None:
             this["signal"] = signal
         return self.before + [this]
@@ -74,8 +79,16 @@ def check(records, where):
               and math.isfinite(r["wall_seconds"]) and r["wall_seconds"] >= 0
               and isinstance(r.get("steps"), list) and len(r["steps"]) == 2
               and all(isinstance(s, int) for s in r["steps"]) and 0 <= r["steps"][0] <= r["steps"][1]
-              and r.get("ended") in ENDINGS)
+              and r.get("ended") in ENDINGS
+              and nodes(r) is not None)
         if not ok:
             raise ValueError(f"{where}: jobs[{i}] = {r!r} is not a job record (wall_seconds >= 0, steps "
-                             f"[from, to], ended one of {ENDINGS}); rerun the rule that made it")
+                             f"[from, to], ended one of {ENDINGS}, nodes >= 1 where given); rerun the rule that "
+                             "made it")
     return records
+
+
+def nodes(record):
+    """The nodes a job record ran on (1 for a record without them), None where it is no number of nodes."""
+    n = record.get("nodes", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

@@ -143,11 +143,21 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     ema.module.to(accelerator.device)
     start_step, seconds_before = 0, 0.0
     if state is not None:
+        # The main process holds the folder; every rank, on whatever node, learns whether it does
+        # before any rank reads or tidies the folder, which another job may be writing.
+        held_elsewhere = None
         if accelerator.is_main_process:
-            state.lock()
+            try:
+                state.lock()
+            except RuntimeError as e:
+                held_elsewhere = e
+        if any_rank(accelerator, held_elsewhere is not None)[0]:
+            raise held_elsewhere or RuntimeError(f"{state.dir}: the main process found another job training "
+                                                 "from this state folder; wait for it to finish")
         try:
             start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
-                                                       optimizer=optimizer, data=data)
+                                                       optimizer=optimizer, data=data,
+                                                       tidy=accelerator.is_main_process)
         except BaseException:
             state.unlock()
             raise

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -128,16 +129,25 @@ class TrainState:
     def lock(self):
         """Hold the folder for this job: two jobs training the same thing (two Snakemake runs
         sharing a store) must not overwrite each other's states. The kernel drops the lock
-        when the process dies, however it dies."""
+        when the process dies, however it dies. The main process of a job takes it (on a job of
+        several nodes, the first node's), an flock on the shared filesystem: it keeps out a job on
+        another node where the filesystem's flock is cluster-wide (docs/cluster.md). The holder
+        writes who it is into the lock file, for the message of a job it keeps out."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "w")
+        self._lock = open(self.dir / ".lock", "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another Snakemake run on the same store?"
             self._lock.close()
             self._lock = None
             raise RuntimeError(f"{self.dir}: another job is training from this state folder right now "
-                               "(another Snakemake run on the same store?); wait for it to finish") from None
+                               f"({holder}); wait for it to finish") from None
+        self._lock.truncate(0)
+        job = os.environ.get("SLURM_JOB_ID")
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}{f', SLURM job {job}' if job else ''}\n")
+        self._lock.flush()
 
     def remove_partial(self):
         """Temporary folders of a writer that was killed; never taken for a state."""
@@ -193,13 +203,16 @@ class TrainState:
         self.last_save_time = time.monotonic()
         return final
 
-    def restore(self, *, net, ema, optimizer, data=None):
+    def restore(self, *, net, ema, optimizer, data=None, tidy=True):
         """Load the newest state into the given objects; returns (step, train_seconds), or
-        (0, 0.0) when there is none. The jobs it records precede this one in `log`."""
-        self.remove_partial()
+        (0, 0.0) when there is none. The jobs it records precede this one in `log`. `tidy`: also
+        remove a killed writer's partial state and roll what the run keeps back to the state's step
+        (the process that holds the lock; the other ranks only read)."""
+        if tidy:
+            self.remove_partial()
         latest = self.latest()
         if latest is None:
-            if self.kept is not None:
+            if self.kept is not None and tidy:
                 self.kept.rollback(0)
             return 0, 0.0
         step, folder = latest
@@ -226,7 +239,7 @@ class TrainState:
         if data is not None:
             data.load_state_dict(info["data"])
         self.log.resume(info.get("jobs", []), step)  # none in a state saved before jobs were recorded
-        if self.kept is not None:
+        if self.kept is not None and tidy:
             self.kept.rollback(step)
         self.last_save_time = time.monotonic()
         return step, info.get("train_seconds", 0.0)

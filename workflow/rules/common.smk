@@ -6,7 +6,7 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.config import asset_paths, stage_configs, store_keys  # noqa: E402  (stdlib only)
+from stages.config import asset_paths, multinode, stage_configs, store_keys  # noqa: E402  (stdlib only)
 from stages.config.stage_configs import as_arg  # noqa: E402
 from stages.files import store  # noqa: E402  (records, locks and receipts of the store: stdlib only)
 from stages.files.assets import CATALOG  # noqa: E402
@@ -127,8 +127,9 @@ def trajectory_checks(name):
 
 
 def launch_gpus(wildcards, output, resources):
-    """--gpus for stages.launch: the job's gpu resource (0 where no profile sets it)."""
-    return int(resources.get("gpu", 0) or 0)
+    """--gpus for stages.launch: the job's GPUs per node (0 where no profile sets them), and --nodes
+    where a training rule spans several (stages/config/multinode.py)."""
+    return multinode.launch_gpus(resources)
 
 
 def slice_retries(name):

@@ -1,4 +1,4 @@
-# Per-rule cluster resources from config `resources` (rule -> {gpu, mem_mb, runtime, cpus_per_task}),
+# Per-rule cluster resources from config `resources` (rule -> {gpu, nodes, mem_mb, runtime, cpus_per_task}),
 # so each row carries its own SLURM hints; rules without an entry keep Snakemake's defaults.
 # Precedence: the command line (--set-resources, also a profile's set-resources) over the row, the
 # row over the defaults (--default-resources, the profile's). Snakemake applies --set-resources when
@@ -22,10 +22,23 @@ for _name, _res in config.get("resources", {}).items():
         raise ValueError(f"config resources: no rule named {_name!r} in this workflow")
 
 
-# A job starts one process per GPU: a batch they cannot share would fail only once the job runs.
-_gpus = {}
+# A job starts one process per GPU on each of its nodes (`nodes`, default 1): a batch they cannot
+# share would fail only once the job runs.
+_gpus, _nodes = {}, {}
 for _rule in workflow.rules:
-    _gpu = _rule.resources.get("gpu")
+    _gpu, _node = _rule.resources.get("gpu"), _rule.resources.get("nodes")
     if not _gpu.is_evaluable() and isinstance(_gpu.value, int):
         _gpus[_rule.name] = _gpu.value
-config_checks.check_processes(config, _gpus)
+    if not _node.is_evaluable() and _node.value is not None:
+        _nodes[_rule.name] = multinode.count(_node.value, f"resources.{_rule.name}.nodes")
+_problems = multinode.problems(_nodes)
+if _problems:
+    raise config_checks.ConfigError("invalid configuration:\n  " + "\n  ".join(_problems))
+config_checks.check_processes(config, _gpus, _nodes)
+
+# A training rule on several nodes: one allocation of N nodes with its GPUs on each, and the rule's
+# command in the batch step, from where stages.launch starts one launcher per node
+# (stages/config/multinode.py says how the executor plugin is told).
+for _name, _n in _nodes.items():
+    _rule = getattr(rules, _name).rule
+    _rule.resources.update(multinode.slurm_resources(_gpus.get(_name, 0), _n, _rule.resources.get("gpu_model").value))
