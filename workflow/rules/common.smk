@@ -68,7 +68,7 @@ def stored(files):
 
 
 def store_rule(name, is_stored):
-    """The name of a rule that makes one store item: `<name>_from_store` where the store holds it."""
+    """A store item's maker's name, `<name>_from_store` where the store holds the item."""
     return f"{name}_from_store" if is_stored else name
 
 
@@ -82,10 +82,13 @@ def store_mode(is_stored):
     return mode
 
 
+STORE_WRAPPER = ("python -m stages.files.store --mode {params.store_mode} --key {params.key} "
+                 "--files {params.files:q} --receipt {output:q}")
+
+
 def store_command(stage):
-    """The shell command of a rule that makes a store item through the store wrapper."""
-    return ("python -m stages.files.store --mode {params.store_mode} --key {params.key} --files {params.files:q} "
-            "--receipt {output:q} -- " + stage)
+    """The shell command that makes a store item: the store wrapper running the stage."""
+    return f"{STORE_WRAPPER} -- {stage}"
 
 
 DATASET_STORED = stored(DATASET.files)
@@ -159,7 +162,7 @@ def latent_training_inputs(wildcards):
 
 
 def latent_training_args(name):
-    """--latents and --verify of a training rule on a latent row: the encoded dataset and how its
+    """--latents and --verify of a training job on a latent row: the encoded dataset and how its
     shards are checked."""
 
     def args(wildcards, output):
