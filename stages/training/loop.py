@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from stages.core import rng
+from stages.core import progress, rng
 from stages.training import resume
 
 # ----------------------------------------------------------------------------------------------
@@ -71,12 +71,6 @@ def lr_at(step, total_steps, cfg):
 # Status line
 
 
-def fmt_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Status:
     """Prints a status line every `every` steps or `seconds` seconds, whichever comes first."""
 
@@ -104,7 +98,7 @@ class Status:
             parts.append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
         for name, per_img in self.extra_units.items():
             parts.append(f"{name} {rate * per_img:.0f}")
-        parts.append(f"eta {fmt_duration(eta)}")
+        parts.append(f"eta {progress.duration(eta)}")
         if torch.cuda.is_available():
             parts.append(f"gpumem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB")
         print("  ".join(parts), flush=True)
