@@ -6,6 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stages.core.image_grid import tile  # noqa: E402
 from stages.files import atomic  # noqa: E402
 
 
@@ -27,18 +28,6 @@ def fd_curve(path, fids, inits, steps, labels, ceiling, row, images_key, x_label
         ax.set_title(f"{row}: {s}-step")
         ax.legend(fontsize=8)
     save(fig, path)
-
-
-def tile(images, pad=1):
-    """[n, C, H, W] uint8 -> one [rows * (H + pad), cols * (W + pad), C] image with grey separators."""
-    n, c, h, w = images.shape
-    side = int(np.ceil(np.sqrt(n)))
-    grid = np.full((side * (h + pad) + pad, side * (w + pad) + pad, c), 128, np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, side)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = \
-            img.transpose(1, 2, 0)
-    return grid
 
 
 def sample_grids(path, samples, steps, labels):
