@@ -26,7 +26,8 @@ def test_rate_and_eta_from_the_elapsed_time(capsys):
     assert capsys.readouterr().out == ""
     clock.now += 55
     p.update(1000, "range 2")  # the end always prints
-    assert capsys.readouterr().out == "[sample] 1000/1000 images (100.0%)  images/s 12.5  elapsed 1m20s  eta 0s  range 2\n"
+    assert capsys.readouterr().out == (
+        "[sample] 1000/1000 images (100.0%)  images/s 12.5  elapsed 1m20s  eta 0s  range 2\n")
 
 
 def test_no_rate_yet_gives_an_unknown_eta():

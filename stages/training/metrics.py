@@ -3,11 +3,11 @@
 Every `log_every` steps (a step interval, so which steps are logged never depends on timing) and at
 the last step, the main process appends one JSON line to the run's metrics log:
 
-    {"kind": "train", "step": 500, "images": 64000, "loss": 0.0213, "loss/distance": 0.19,
-     "loss/weight": 0.11, "grad_norm": 1.7, "lr": 0.0001, "images_per_second": 812.4,
+    {"kind": "train", "step": 500, "images": 64000, "loss": 0.0213, "term/distance": 0.19,
+     "term/weight": 0.11, "grad_norm": 1.7, "lr": 0.0001, "images_per_second": 812.4,
      "peak_memory_gib": 0.41, "wall_seconds": 78.5}
 
-- `loss` and `loss/<term>` for every part the stage's loss reports (stages/method/losses.py `note`:
+- `loss`, and `term/<name>` for every part the stage's loss reports (stages/method/losses.py `note`:
   a distance, a weight, MeanFlow's raw error and adaptive weight): each the mean over a part's
   samples, then over the parts of a step (micro-batches and processes) and over the steps since the
   previous line. They are summed on the device, without a sync; a line costs one all-reduce;
@@ -30,7 +30,7 @@ pixel rows, a grid of one-step samples of the EMA at each snapshot. One training
 run: its name (<row>/<stage>) and id are kept in the state folder (`tracker.json`), so its slices
 and resumes continue it. TensorBoard drops the events a killed job wrote past the resume point
 (purge_step); W&B runs offline unless WANDB_MODE says otherwise; MLflow writes to a file store in
-the tracking folder unless MLFLOW_TRACKING_URI names another. None needs the internet. A job killed
+the tracking folder (mlruns/) unless MLFLOW_TRACKING_URI names another. None needs the internet. A job killed
 without saving (SIGKILL, out of memory) leaves its W&B and MLflow points past the last save, which
 the resumed job logs again at the same steps; slices and signals save where they stop, leaving none.
 """
@@ -132,7 +132,7 @@ class Monitor:
         self.log = JsonLog(kept.keep("metrics.jsonl", metrics)) if metrics is not None else None
         self.active = self.log is not None or self.tracker is not None
         self.pending_dir = kept.keep("metrics-pending", None, folder=True) if self.active else None
-        self.names = None  # "loss", then "loss/<term>" in sorted order, fixed by the first part
+        self.names = None  # "loss", then "term/<name>" in sorted order, fixed by the first part
         self.sums = None
         self.parts = self.steps = 0
         self.grad_sum = 0.0
@@ -159,7 +159,7 @@ class Monitor:
         """One part's mean loss (a 0-d tensor) and its terms ({name: per-sample values})."""
         if not self.active:
             return
-        names = ["loss"] + [f"loss/{k}" for k in sorted(terms)]
+        names = ["loss"] + [f"term/{k}" for k in sorted(terms)]
         if self.names is None:
             self.names = names
         elif names != self.names:
@@ -294,7 +294,13 @@ class Monitor:
         else:
             import mlflow
 
-            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").as_uri())
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                # MLflow 3 keeps its file store "in maintenance mode" behind this switch; it is the backend
+                # that needs no service and takes concurrent runs on a shared filesystem (sqlite does not)
+                os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+                uri = (folder / "mlruns").as_uri()
+            mlflow.set_tracking_uri(uri)
             self.accelerator.init_trackers(project, init_kwargs={"mlflow": {
                 "run_name": name, "run_id": ident["id"] if resumed else None}})
             if self.main:
