@@ -269,6 +269,7 @@ def wandb_history(folder):
     return history
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("log_with", ["wandb", "mlflow"])
 def test_wandb_offline_and_mlflow_local_hold_the_log_of_a_sliced_run(inputs, log_with, monkeypatch):
     run_dir = inputs["dir"] / log_with
