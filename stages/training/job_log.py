@@ -8,9 +8,14 @@ else the stage's call of stages.core.cli.start) to the moment it saved its state
 wrote the model; the steps [from, to] it trained; and how it ended. The list travels from job to
 job in the training state (resume.py) and ends in the model's .json as `jobs`, oldest first:
 
-    "jobs": [{"wall_seconds": 3571.2, "steps": [0, 5000], "ended": "slice"},
-             {"wall_seconds": 2204.9, "steps": [5000, 8000], "ended": "signal", "signal": "SIGUSR1"},
-             {"wall_seconds": 1502.0, "steps": [8000, 10000], "ended": "finished"}]
+    "jobs": [{"wall_seconds": 3571.2, "steps": [0, 5000], "ended": "slice", "device": "cuda", "gpus": 4, ...},
+             {"wall_seconds": 2204.9, "steps": [5000, 8000], "ended": "signal", "signal": "SIGUSR1", ...},
+             {"wall_seconds": 1502.0, "steps": [8000, 10000], "ended": "finished", ...}]
+
+Each record also says what the job computed on (`device_of`): `device` (cuda or cpu), `processes`
+(over all nodes), `gpus` (one per process on CUDA, 0 on a CPU), `nodes` and `gpu_model`; its
+GPU-hours are wall_seconds x gpus / 3600 = nodes x GPUs per node x wall. Records written before
+the device was recorded have none of these keys (the ledger then takes the rule's resources).
 
 `ended`:
 - slice: trained its checkpoint.slice_kimg, saved and exited 75;
@@ -27,12 +32,29 @@ a state folder (no --state-dir) is one job.
 """
 
 import math
+import os
 import time
 
 # what a saved state holds for the job that saved it while it was still training; the next job to
 # read it finds that job ended without another save: lost
 RUNNING = "running"
 ENDINGS = ("slice", "signal", "lost", "finished")
+DEVICE_KEYS = ("device", "processes", "gpus", "nodes")
+
+
+def device_of(accelerator):
+    """What a job's processes compute on: one device each (stages/launch.py starts one process per
+    GPU), over `nodes` nodes of LOCAL_WORLD_SIZE processes each (torchrun's, accelerate's launcher)."""
+    processes = accelerator.num_processes
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or processes)
+    device = accelerator.device
+    record = {"device": device.type, "processes": processes, "gpus": processes if device.type == "cuda" else 0,
+              "nodes": max(1, processes // max(per_node, 1))}
+    if device.type == "cuda":
+        import torch
+
+        record["gpu_model"] = torch.cuda.get_device_name(device)
+    return record
 
 
 class JobLog:
@@ -45,6 +67,7 @@ class JobLog:
         self.started = time.time() if started is None else float(started)
         self.before = []
         self.first_step = 0
+        self.device = {}  # device_of(accelerator), set by the training job
 
     def resume(self, records, step):
         """This job continues a state saved at `step` holding `records`: a record still running
@@ -58,7 +81,7 @@ class JobLog:
         if ended not in ENDINGS + (RUNNING,):
             raise ValueError(f"job ended {ended!r}: expected one of {ENDINGS + (RUNNING,)}")
         this = {"wall_seconds": max(0.0, time.time() - self.started), "steps": [self.first_step, step],
-                "ended": ended}
+                "ended": ended, **self.device}
         if signal is not None:
             this["signal"] = signal
         return self.before + [this]
@@ -74,8 +97,11 @@ def check(records, where):
               and math.isfinite(r["wall_seconds"]) and r["wall_seconds"] >= 0
               and isinstance(r.get("steps"), list) and len(r["steps"]) == 2
               and all(isinstance(s, int) for s in r["steps"]) and 0 <= r["steps"][0] <= r["steps"][1]
-              and r.get("ended") in ENDINGS)
+              and r.get("ended") in ENDINGS
+              and all(isinstance(r.get(k, 0), int) and r.get(k, 0) >= 0 for k in DEVICE_KEYS[1:])
+              and r.get("device", "cpu") in ("cpu", "cuda", "mps", "xpu"))
         if not ok:
             raise ValueError(f"{where}: jobs[{i}] = {r!r} is not a job record (wall_seconds >= 0, steps "
-                             f"[from, to], ended one of {ENDINGS}); rerun the rule that made it")
+                             f"[from, to], ended one of {ENDINGS}, and where given a device, processes, gpus and "
+                             "nodes as counts); rerun the rule that made it")
     return records
