@@ -156,6 +156,12 @@ def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 
+def test_tracking_settings_make_no_training_stale(tiny_run, tmp_path):
+    change = override(tmp_path, "tracking", {"tracking": {"log_with": "tensorboard", "log_every": 3,
+                                                          "project": "elsewhere", "dir": "runs"}})
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
+
+
 def test_command_line_resources_win_over_the_row_and_the_row_over_defaults(tmp_path):
     """--set-resources beats the row's `resources:` (what docs/cluster.md, profiles and the launcher's
     messages tell users to do); the row beats --default-resources."""
