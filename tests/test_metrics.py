@@ -22,6 +22,7 @@ from stagekit import (
 )
 
 from stages.core import rng
+from stages.files import checkpoints
 from stages.training import loop, metrics, resume
 from stages.training.ema import EMA
 from stages.training.kept import Kept
@@ -185,6 +186,10 @@ def test_a_sliced_midtrain_publishes_one_line_per_logged_step(inputs, mid_straig
     assert {"term/distance_first", "term/distance_last"} <= set(mid_straight[0])
     same_lines(lines(run_dir / "metrics.jsonl"), mid_straight)
     assert not (run_dir / "state").exists()
+    # each job recorded the device it used (the ledger's GPU-hours): this CPU, one process
+    jobs = checkpoints.read_meta(run_dir / "model.safetensors")["jobs"]
+    assert [(j["ended"], j["device"], j["processes"], j["gpus"], j["nodes"]) for j in jobs] == [
+        ("slice", "cpu", 1, 0, 1), ("slice", "cpu", 1, 0, 1), ("finished", "cpu", 1, 0, 1)]
 
 
 def test_a_midtrain_killed_after_a_save_resumes_its_log(inputs, mid_straight):
