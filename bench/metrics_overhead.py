@@ -6,12 +6,17 @@ repeated, and timed by the training loop itself (the model file's `train_seconds
 - log: the metrics log at the default interval (tracking.log_every 100), what every run now writes;
 - log+tensorboard: the log and TensorBoard, with the post-training's sample grids at its snapshots.
 
+First, the hooks alone (what loop.fit calls of stages/training/metrics.py every step: a part's loss
+and two terms of a batch of 128 summed on the device, the step's gradient norm, a line every 100
+steps), timed over many calls: a figure that the machine's load barely moves.
+
 Each run is a stage process of its own on `--threads` threads (default 1, the row's `threads.train`),
 for `--steps` steps of the row's batch. The tracker's start and the sample grids count: they run
 inside the timed loop. On a shared machine run it niced and read the spread of the repeats, not one
 number.
 
     nice -n 10 python bench/metrics_overhead.py --steps 400 --repeats 3 --out bench/metrics-overhead.json
+    python bench/metrics_overhead.py --repeats 0      # the hooks alone
 """
 
 import argparse
@@ -69,6 +74,26 @@ def stage_runs(config, folder, steps, threads):
     }
 
 
+def hook_seconds(steps=5000, batch=128):
+    """Seconds per step of the metrics hooks alone (part, step; a line every 100 steps to a file)."""
+    from stages.training import loop, metrics
+    from stages.training.kept import Kept
+
+    with tempfile.TemporaryDirectory() as tmp:
+        monitor = metrics.Monitor("bench", loop.make_accelerator(), Kept(Path(tmp) / "kept"),
+                                  metrics=Path(tmp) / "metrics.jsonl", tracking={"log_every": 100}, batch=batch,
+                                  total_steps=steps)
+        per_sample = torch.rand(batch)
+        terms = {"distance": torch.rand(batch), "weight": torch.rand(batch)}
+        loss = per_sample.mean()
+        monitor.begin(0, 0.0)
+        t0 = time.perf_counter()
+        for done in range(1, steps + 1):
+            monitor.part(loss, terms)
+            monitor.step(done, lr=1e-4, grad_norm=1.0)
+        return (time.perf_counter() - t0) / steps
+
+
 def run_once(module, args, threads, out, log_with):
     extra = [] if log_with is None else [
         "--metrics", out / "metrics.jsonl",
@@ -91,6 +116,8 @@ def main():
     p.add_argument("--out", default=None, help="write the measurements here as JSON")
     args = p.parse_args()
     config = resolve()
+    hooks = hook_seconds()
+    print(f"the hooks alone: {1e6 * hooks:.1f} us a step", flush=True)
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -105,6 +132,8 @@ def main():
     summary = {}
     for stage, by_variant in seconds.items():
         base = statistics.median(by_variant["off"])
+        print(f"{stage}: a step takes {1e3 * base / args.steps:.1f} ms without logging; the hooks "
+              f"{100 * hooks / (base / args.steps):.3f} % of it")
         summary[stage] = {v: {"median_s": statistics.median(t), "all_s": t,
                               "vs_off": statistics.median(t) / base - 1} for v, t in by_variant.items()}
         print(f"{stage}: " + ", ".join(f"{v} {d['median_s']:.2f} s ({100 * d['vs_off']:+.1f} %)"
@@ -112,7 +141,8 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps({
             "what": "digits default: training seconds of --steps steps, median of repeats, by logging variant",
-            "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+            "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "hook_seconds_per_step": hooks,
+            "date": time.strftime("%Y-%m-%d"),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "torch": torch.__version__, "cuda": torch.cuda.is_available()},
             "stages": summary}, indent=1) + "\n")

@@ -311,3 +311,17 @@ def test_wandb_offline_and_mlflow_local_hold_the_log_of_a_sliced_run(inputs, log
             points = sorted(client.get_metric_history(found.info.run_id, name), key=lambda m: m.step)
             assert [p.step for p in points] == [3, 6, 9, 12], name
             assert [p.value for p in points] == pytest.approx([e[name] for e in log], rel=1e-9), name
+
+
+def test_a_term_that_overflows_is_logged_as_null_and_training_goes_on(tmp_path, capsys):
+    net, state, accelerator, monitor = setup(tmp_path, "run", every=3, total=3)
+
+    def loss(step, part):
+        per_sample = (net(torch.randn(4, 6, generator=rng.generator(0, step, part, "x"))).squeeze(1)).square()
+        return per_sample, {"weight": torch.full((4,), float("inf") if step == 1 else 1.0)}
+
+    fit(net, state, accelerator, monitor, loss, total=3)
+    (entry,) = lines(monitor.kept.folder / "metrics.jsonl")
+    assert entry["term/weight"] is None and entry["loss"] > 0
+    said = capsys.readouterr().out
+    assert "step 3: term/weight not finite over the steps since the last line; logged as null" in said

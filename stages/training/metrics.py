@@ -240,9 +240,13 @@ class Monitor:
                       "images_per_second": trained * self.batch / max(now - self.t_line, 1e-9),
                       "peak_memory_gib": peak_memory_gib(self.accelerator.device),
                       "wall_seconds": self.seconds_before + now - self.t0})
-        if not all(math.isfinite(v) for v in entry.values() if isinstance(v, float)):
-            bad = {k: v for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)}
-            raise FloatingPointError(f"[{self.stage}] metrics at step {done} are not finite: {bad}")
+        bad = sorted(k for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            # the loss and the gradient were finite (loop.fit stops otherwise): a term overflowed, which
+            # the log says as null (JSON has no infinity) rather than stopping a healthy run
+            print(f"[{self.stage}] step {done}: {', '.join(bad)} not finite over the steps since the last line; "
+                  "logged as null", flush=True)
+            entry.update({k: None for k in bad})
         if self.main:
             self._write(entry)
         self.sums, self.parts, self.steps, self.grad_sum = None, 0, 0, 0.0
@@ -252,7 +256,8 @@ class Monitor:
         if self.log is not None:
             self.log.write(entry)
         if self.tracker is not None:
-            self.accelerator.log({k: v for k, v in entry.items() if k not in ("kind", "step")}, step=entry["step"])
+            self.accelerator.log({k: v for k, v in entry.items() if k not in ("kind", "step") and v is not None},
+                                 step=entry["step"])
 
     def _restore_pending(self, step):
         """The sums a saved state of `step` kept (the main process carries them: a line sums over
