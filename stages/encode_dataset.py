@@ -10,12 +10,11 @@ part of the spec); a shard depends on nothing else, so the pool can be made by a
 any order.
 """
 
-import time
 from pathlib import Path
 
 import torch
 
-from stages.core import cli
+from stages.core import cli, progress
 from stages.data import datasets, latents
 from stages.files import atomic
 from stages.networks import latent_codec
@@ -59,15 +58,13 @@ print(f"[encode_dataset] shard {args.shard}: pool positions {start}..{start + le
 
 
 def samples():
-    t0 = time.perf_counter()
+    shown = progress.Progress(f"[encode_dataset] shard {args.shard}:", len(images), "images")
     for lo in range(0, len(images), args.vae_batch):
         pixels = torch.from_numpy(images[lo:lo + args.vae_batch]).to(device)
         stored = latents.stored_array(codec.encode_pixels(pixels), dtype)
         for i, array in enumerate(stored):
             yield start + lo + i, source_indices[lo + i], array, labels[lo + i], total
-        done = lo + len(stored)
-        print(f"[encode_dataset] shard {args.shard}: {done}/{len(images)} images  "
-              f"img/s {done / (time.perf_counter() - t0):.1f}", flush=True)
+        shown.update(lo + len(stored))
 
 
 count = latents.write_shard(args.out, samples())

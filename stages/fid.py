@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core import precision
+from stages.core import precision, progress
 from stages.data import features
 from stages.files import atomic, checkpoints
 
@@ -26,6 +26,9 @@ if len(args.models) != len(args.samples):
     raise ValueError("--models must list one model per --samples file")
 
 result = {"features": cfg["features"]["kind"], "reference": args.reference, "snapshots": {}}
+shown = progress.Progress("[fid]", len(args.samples) * len(cfg["sampling"]["steps"]) * cfg["sampling"]["num_ranges"],
+                          "seed ranges")
+scored = 0
 for sample_path, model_path in zip(args.samples, args.models, strict=True):
     meta = checkpoints.read_meta(model_path)
     # images_seen_total counts mid-training too (MeanFlow row: compared at equal total budget)
@@ -34,8 +37,12 @@ for sample_path, model_path in zip(args.samples, args.models, strict=True):
     with np.load(sample_path) as data:
         for steps in cfg["sampling"]["steps"]:
             keys = sorted(k for k in data.files if k.startswith(f"images_{steps}step_"))
-            entry[f"{steps}step"] = features.summary([features.score(data[k], cfg["features"], reference)
-                                                      for k in keys])
+            values = []
+            for k in keys:
+                values.append(features.score(data[k], cfg["features"], reference))
+                scored += 1
+                shown.update(scored, f"{sample_path} {k}")
+            entry[f"{steps}step"] = features.summary(values)
     result["snapshots"][Path(sample_path).stem] = entry
     print(f"[fid] {sample_path}: " + "  ".join(
         f"{s}-step FD {entry[f'{s}step']['mean']:.4f}" for s in cfg["sampling"]["steps"]), flush=True)

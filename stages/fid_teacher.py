@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from stages.core import precision
+from stages.core import precision, progress
 from stages.data import datasets, features, shards
 from stages.files import atomic
 
@@ -37,7 +37,12 @@ if args.latents:  # a latent teacher's endpoints are final latents: decoded as t
     images = codec.decode(torch.from_numpy(ends.astype(np.float32))).numpy()
 else:
     images = datasets.to_uint8(torch.from_numpy(ends.astype(np.float32))).numpy()
-teacher = features.summary([features.score(images[r * n:(r + 1) * n], cfg["features"], reference) for r in range(k)])
+shown = progress.Progress("[fid_teacher]", k, "seed ranges")
+values = []
+for r in range(k):
+    values.append(features.score(images[r * n:(r + 1) * n], cfg["features"], reference))
+    shown.update(r + 1)
+teacher = features.summary(values)
 teacher["nfe"] = manifest["spec"]["nfe"]
 atomic.write_json(args.out, {"features": cfg["features"]["kind"], "reference": args.reference, "teacher": teacher})
 print(f"[fid_teacher] teacher endpoints: FD {teacher['mean']:.4f} (mean of {k} ranges)", flush=True)

@@ -11,5 +11,5 @@ p.add_argument("--teacher", required=True, help="teacher model.safetensors (arch
 p.add_argument("--out", required=True, help="model.safetensors to write")
 args = p.parse_args()
 cfg = cli.start(args, "midtrain_mf")
-accelerator = loop.make_accelerator()
+accelerator = loop.make_accelerator(args.tracking)
 run.run(midtrain_mf.build(cfg, args, accelerator), args, cfg, accelerator, started=cli.started())

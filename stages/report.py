@@ -1,7 +1,7 @@
 """Stage report: the row's table (init x {1-step, 2-step} FD, mean and min over seed ranges), the
 teacher's own solver endpoints as the ceiling, the mid-trained model alone, ours beside the paper's,
-the cost per stage and the GPU-hours ledger, an FD-vs-images curve per init and sample grids
-(stages/reporting/).
+the cost per stage and the GPU-hours ledger, an FD-vs-images curve per init, the training curves of
+every stage from their metrics logs and sample grids (stages/reporting/).
 
 Family cm (consistency models) compares inits at the same post-training budget; family mf
 (MeanFlow) at the same total budget (mid + post for the CMT init, docs/method.md#meanflow), so its
@@ -23,10 +23,15 @@ p.add_argument("--ceiling", required=True, help="fid/teacher-solver.json")
 p.add_argument("--samples", nargs="+", required=True, help="final-snapshot samples per init")
 p.add_argument("--models", nargs="+", required=True, help="teacher, midtrain, then posttrain per init")
 p.add_argument("--benchmarks", required=True, help="the row's benchmarks folder")
+p.add_argument("--receipts", default=None, help="the row's receipts folder: the devices the trajectory shards used")
 p.add_argument("--out", required=True)
 p.add_argument("--curve", required=True)
 p.add_argument("--grids", required=True)
 p.add_argument("--table", required=True, help="results.csv: ours and the paper's per method")
+p.add_argument("--training-curves", required=True, help="training_curves.png: the loss of each stage against images")
+p.add_argument("--metrics", nargs="+", required=True,
+               help="the metrics logs of midtrain, then of posttrain per init (config inits' order)")
+p.add_argument("--teacher-metrics", default=None, help="the teacher's metrics log, beside its model (may be absent)")
 p.add_argument("--midtrain-fid", default=None, help="fid/midtrain.json: the mid-trained model alone")
 p.add_argument("--latent-vgg-accuracy", default=None,
                help="latent rows: latent_vgg/accuracy.json, the E-LatentLPIPS backbone's held-out accuracy")
@@ -72,14 +77,22 @@ with atomic.atomic_path(args.table) as tmp:
 lines += tables.against_paper_lines(table, paper, features, labels)
 lines += cost
 if cfg.get("gpus") is not None:
-    lines += tables.gpu_hours(args.benchmarks, inits, cfg["gpus"], models, paper, labels)
+    lines += tables.gpu_hours(args.benchmarks, inits, cfg["gpus"], models, paper, labels, args.receipts)
 
 figures.fd_curve(args.curve, fids, inits, steps, labels, ceiling, cfg["row"], images_key, x_label)
 figures.sample_grids(args.grids, dict(zip(inits, args.samples, strict=True)), steps, labels)
+logs = dict(zip(["midtrain"] + inits, map(figures.read_metrics, args.metrics), strict=True))
+teacher_log = figures.read_metrics(args.teacher_metrics)
+figures.training_curves(args.training_curves, {"teacher": {"teacher": teacher_log}, "mid-training": {
+    "CMT-MF" if family == "mf" else "CMT": logs["midtrain"]}, "post-training": {labels[i]: logs[i] for i in inits}},
+    cfg["row"])
 
 if cfg.get("notes"):
     lines += ["## Notes on this row", "", cfg["notes"].strip(), ""]
 lines += ["## Figures", "", f"![FD against training images]({Path(args.curve).name})", "",
+          f"![Training loss of each stage against its images]({Path(args.training_curves).name})"
+          + ("" if teacher_log else " (the teacher's panel is empty: the store holds no metrics log of it, as for "
+             "a teacher trained before logs were kept or an imported one)"), "",
           f"![Samples from each init after post-training]({Path(args.grids).name})", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}."]
 atomic.write_text(args.out, "\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stages import networks
-from stages.core import cli, rng
+from stages.core import cli, progress, rng
 from stages.data import datasets
 from stages.data import labels as class_labels
 from stages.files import atomic, checkpoints
@@ -92,13 +92,16 @@ def consistency(indices, steps):
     return x
 
 
-arrays, t0 = {}, time.perf_counter()
+arrays, made, t0 = {}, 0, time.perf_counter()
+shown = progress.Progress("[sample]", sc["num_ranges"] * len(sc["steps"]) * sc["per_range"], "images")
 for r in range(sc["num_ranges"]):
     first = r * sc["per_range"]
     for steps in sc["steps"]:
         out = []
         for lo in range(first, first + sc["per_range"], sc["batch"]):
             out.append(generate(range(lo, min(lo + sc["batch"], first + sc["per_range"])), steps))
+            made += len(out[-1])
+            shown.update(made, f"range {r}, {steps}-step")
         arrays[f"images_{steps}step_r{r}"] = np.concatenate(out)
     if label_dim:
         arrays[f"labels_r{r}"] = np.asarray(classes(range(first, first + sc["per_range"])), dtype=np.int64)

@@ -9,11 +9,9 @@ start point, sigmas or metadata), so copies made in different settings agree wit
 check's tolerance rather than byte for byte; the manifest records the bytes actually present.
 """
 
-import time
-
 import torch
 
-from stages.core import cli
+from stages.core import cli, progress
 from stages.data import datasets, shards
 from stages.files import checkpoints
 from stages.method import trajectories
@@ -42,14 +40,12 @@ indices = list(range(first, first + spec["per_shard"]))
 
 
 def samples():
-    t0, done = time.perf_counter(), 0
+    shown = progress.Progress(f"[trajectory_shard] shard {args.shard}:", len(indices), "trajectories")
     for lo in range(0, len(indices), spec["batch"]):
         chunk = indices[lo:lo + spec["batch"]]
         yield from generator.batch(chunk)
-        done += len(chunk)
-        rate = done / (time.perf_counter() - t0)
-        print(f"[trajectory_shard] shard {args.shard}: {done}/{len(indices)} trajectories  "
-              f"traj/s {rate:.1f}  teacher NFE/s {rate * spec['nfe']:.0f}", flush=True)
+        done = lo + len(chunk)
+        shown.update(done, f"teacher NFE/s {done * spec['nfe'] / max(shown.clock() - shown.t0, 1e-9):.0f}")
 
 
 count = shards.write_shard(args.out, samples(), background=True, grid_name=generator.grid_name)

@@ -54,7 +54,8 @@ def train(tmp_path, name, manifest, cfg, faults=(), every_steps=None):
     out = tmp_path / name
     out.mkdir(exist_ok=True)
     args = ["--config", json.dumps(cfg), "--manifest", manifest, "--out", out / "model.safetensors",
-            "--accuracy", out / "accuracy.json", *state_args(out / "state", every_steps=every_steps)]
+            "--accuracy", out / "accuracy.json", "--metrics", out / "metrics.jsonl",
+            "--tracking", json.dumps({"log_every": 10}), *state_args(out / "state", every_steps=every_steps)]
     return run("stages.train_latent_vgg", args, faults=faults), out
 
 
@@ -83,6 +84,11 @@ def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     meta = json.loads((out / "model.json").read_text())
     assert meta["architecture"] == {"in_channels": 4, "num_classes": CLASSES, **ARCH}
     assert meta["accuracy"]["top1"] == accuracy["top1"]
+    # the metrics log: the training lines (cross-entropy and the batch's top-1), then the evaluation's
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["step"]) for e in log] == [("train", s) for s in (10, 20, 30, 40)] + [("eval", 40)]
+    assert 0 <= log[0]["term/top1"] <= 1 and log[-1]["eval/top1"] == accuracy["top1"]
+    assert log[-1]["eval/top4"] == accuracy["top4"] and "loss" not in log[-1]
     trained = LatentVGG16(**meta["architecture"])
     trained.load_state_dict(checkpoints.load_weights(out / "model.safetensors", "net"))
     torch.manual_seed(rng.fold(0, "latent-vgg-init"))

@@ -123,6 +123,48 @@ def test_a_job_on_several_nodes_counts_the_gpus_of_every_node(tmp_path):
     mid, post = costs["cmt"]["midtrain"], costs["cmt"]["posttrain"]
     assert mid["seconds"] == pytest.approx(5400) and mid["gpu_hours"] == pytest.approx(1 * 8 * 2 + 0.5 * 8 * 1)
     assert post["seconds"] == pytest.approx(3600) and post["gpu_hours"] == pytest.approx(1 * 8 * 4)
-    assert ledger.job_cost(tmp_path / "posttrain" / "cmt.tsv", models["posttrain/cmt"]) == (3600.0, 1, 14400.0)
+    assert ledger.job_devices(tmp_path / "posttrain" / "cmt.tsv", models["posttrain/cmt"], 8) == [(3600.0, 32, 4)]
     cpu = ledger.ledger(tmp_path, ["cmt"], {}, models=models)["cmt"]["posttrain"]
     assert cpu["cpu_hours"] == pytest.approx(4.0)  # a CPU job on 4 nodes: 4 node-hours
+
+
+def test_each_job_counts_the_device_it_recorded_not_its_rule(tmp_path):
+    """A training job records its device (job_log.device_of), a trajectory shard's receipt the one its
+    stage computed on: those count, the rule's resources only where a job recorded nothing."""
+    cpu = {"device": "cpu", "processes": 1, "gpus": 0, "nodes": 1}
+    bench(tmp_path, "midtrain", 1800)                   # one job on a CPU, its rule asking for 8 GPUs
+    bench(tmp_path, "posttrain/cmt", 900)               # the last of two jobs
+    bench(tmp_path, "trajectory_shard/000000", 360)     # made here on 2 GPUs
+    bench(tmp_path, "trajectory_shard/000001", 720)     # made here on a CPU
+    bench(tmp_path, "trajectory_shard/000002", 3)       # made elsewhere: this job read the record
+    bench(tmp_path, "trajectory_shard/000003", 36)      # made before the device was recorded: the rule's
+    receipts = tmp_path / "receipts" / "shards"
+    receipts.mkdir(parents=True)
+    for shard, here, env in (("000000", True, {"device": "cuda", "gpus": ["H100", "H100"]}),
+                             ("000001", True, {"device": "cpu"}), ("000002", False, {"device": "cuda", "gpus": ["A"]}),
+                             ("000003", True, {"python": "3.11"})):
+        (receipts / f"{shard}.json").write_text(json.dumps({"made_by_this_job": here, "made": {"env": env}}))
+    models = {
+        "midtrain": model(tmp_path, "midtrain", [{"wall_seconds": 1700.0, "steps": [0, 9], "ended": "finished",
+                                                  **cpu}]),
+        "posttrain/cmt": model(tmp_path, "posttrain", [
+            {"wall_seconds": 3600.0, "steps": [0, 5], "ended": "slice", "device": "cuda", "processes": 16, "gpus": 16,
+             "nodes": 2, "gpu_model": "H100"},                                   # 2 nodes x 8 GPUs x 1 h
+            {"wall_seconds": 900.0, "steps": [5, 9], "ended": "finished", **cpu}]),
+    }
+    costs = ledger.ledger(tmp_path, ["cmt"], {"trajectory_shard": 1, "midtrain": 8, "posttrain": 8}, models=models,
+                          receipts=tmp_path / "receipts")
+    mid, post = costs["cmt"]["midtrain"], costs["cmt"]["posttrain"]
+    # shards: 360 s x 2 GPUs + 36 s x 1 (the rule's) GPU; 720 s + 3 s on no GPU; midtrain 1800 s on none
+    assert mid["gpu_hours"] == pytest.approx((720 + 36) / 3600)
+    assert mid["cpu_hours"] == pytest.approx((720 + 3 + 1800) / 3600)
+    assert post["gpu_hours"] == pytest.approx(16.0) and post["cpu_hours"] == pytest.approx(0.25)
+    assert post["jobs"] == 2
+
+
+def test_a_device_record_that_is_no_count_is_refused(tmp_path):
+    bench(tmp_path, "midtrain", 100)
+    bad = model(tmp_path, "midtrain", [{"wall_seconds": 5.0, "steps": [0, 4], "ended": "slice", "gpus": -1},
+                                       {"wall_seconds": 5.0, "steps": [4, 8], "ended": "finished"}])
+    with pytest.raises(ValueError, match=r"jobs\[0\] .* gpus and nodes as counts"):
+        ledger.ledger(tmp_path, ["cmt"], {"midtrain": 1}, models={"midtrain": bad})

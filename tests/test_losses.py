@@ -533,3 +533,67 @@ def test_ecd_target_is_stop_gradient_inside_the_target_context():
     dist = ((f(x_t, t, beta) - f(x_r, r, 0.3)).flatten(1).square().sum(1) + 0.06**2).sqrt() - 0.06
     (dist * (1 / t**2 + 4)).mean().backward()
     torch.testing.assert_close(student.beta.grad, beta.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts a loss reports (`terms`, the metrics log's term/<name>): they make up the loss, and asking
+# for them changes nothing the loss computes
+
+
+def _student(x, sigma, labels=None):
+    """A made-up consistency function: smooth in x and sigma, no parameters."""
+    s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return x / (1 + s) + 0.1 * torch.tanh(x)
+
+
+@pytest.mark.parametrize("name", ["edm", "ect", "ect_pseudo_huber", "ecd", "ect_snr"])
+def test_loss_terms_make_up_the_loss_and_leave_it_unchanged(name):
+    y = torch.randn(6, 1, 4, 4)
+
+    def teacher(x, s, labels=None):
+        return 0.9 * x / (1 + s[:, None, None, None])
+
+    calls = {
+        "edm": lambda g, terms: losses.edm_loss(_student, y, g, 0.5, terms=terms),
+        "ect": lambda g, terms: losses.ect_loss(_student, y, g, stage=1, q=4, terms=terms),
+        "ect_pseudo_huber": lambda g, terms: losses.ect_loss(_student, y, g, stage=0, q=2, c=0.03, terms=terms),
+        "ecd": lambda g, terms: losses.ecd_loss(_student, y, g, teacher, terms=terms),
+        "ect_snr": lambda g, terms: losses.ect_snr_loss(_student, y, g, q=64, terms=terms),
+    }
+    plain = calls[name](torch.Generator().manual_seed(1), None)
+    terms = {}
+    noted = calls[name](torch.Generator().manual_seed(1), terms)
+    assert torch.equal(plain, noted)
+    first, second = ("error", "weight") if name == "edm" else ("distance", "weight")
+    assert sorted(terms) == sorted([first, second])
+    torch.testing.assert_close(terms[first] * terms[second], plain, rtol=1e-6, atol=0)
+    assert all(not t.requires_grad and t.shape == plain.shape for t in terms.values())
+
+
+def test_cmt_cm_terms_are_the_first_and_last_points_distances():
+    states = torch.randn(3, 5, 1, 4, 4)  # 3 trajectories of K = 4 pre-final points
+    sigmas = torch.tensor([80.0, 5.0, 0.5, 0.05, 0.002])
+    terms = {}
+    d = losses.cmt_cm_loss(_student, states, sigmas, losses.l2_distance, terms=terms)
+    assert torch.equal(d, losses.cmt_cm_loss(_student, states, sigmas, losses.l2_distance))
+    per_point = d.view(3, 4)
+    assert torch.equal(terms["distance_first"], per_point[:, 0])
+    assert torch.equal(terms["distance_last"], per_point[:, 3])
+    # by hand: the first point of trajectory 1 against its final state
+    by_hand = (_student(states[1, :1], sigmas[:1]) - states[1, 4:]).flatten().norm()
+    torch.testing.assert_close(terms["distance_first"][1], by_hand)
+
+
+@pytest.mark.parametrize("form", ["meanflow", "mf_rae"])
+def test_meanflow_terms_are_the_raw_error_and_the_adaptive_weight(form):
+    from stages.method import meanflow
+
+    delta = torch.randn(5, 2, 3, 3)
+    terms = {}
+    out = meanflow.adaptive_weighted(delta, p=0.75, c=1e-2, form=form, terms=terms)
+    assert torch.equal(out, meanflow.adaptive_weighted(delta, p=0.75, c=1e-2, form=form))
+    error = delta.flatten(1).square().sum(1)
+    torch.testing.assert_close(terms["error"], error)
+    L = error if form == "meanflow" else error.square()
+    torch.testing.assert_close(terms["adaptive_weight"], 1 / (L + 1e-2) ** 0.75)
+    torch.testing.assert_close(terms["adaptive_weight"] * L, out)

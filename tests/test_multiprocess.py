@@ -160,3 +160,30 @@ def test_online_midtrain_under_two_processes_trains_like_one(tmp_path):
     assert any(not torch.equal(a[k], init[f"ema.{k[4:]}"]) for k in a if k.startswith("net."))  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.heavy
+def test_two_processes_write_one_metrics_log_equal_to_one_process_with_two_micro_batches(tmp_path):
+    """Global batch 8: two processes of 4, or one process in two micro-batches of 4, train the same
+    parts; the main process alone writes the log, whose losses, terms and gradient norms (each a mean
+    over the parts of all processes) match the one-process log."""
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    cfg = posttrain_config(steps=6, batch=8, batch_per_gpu=4)
+    args = ["--config", json.dumps(cfg), "--init", "teacher", "--init-model", teacher,
+            "--dataset", make_dataset(tmp_path / "data"), "--tracking", json.dumps({"log_every": 2})]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    logs = {}
+    for name in ("two", "one"):
+        run_args = [*args, "--out", tmp_path / name / "model.safetensors", "--snapshots", tmp_path / name / "snaps",
+                    "--metrics", tmp_path / name / "metrics.jsonl"]
+        if name == "two":
+            done = launch("stages.posttrain", run_args, tmp_path)
+        else:
+            done = subprocess.run([sys.executable, "-m", "stages.posttrain", *map(str, run_args), "--threads", "1"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs["two"]] == [e["step"] for e in logs["one"]] == [2, 4, 6]
+    for a, b in zip(logs["two"], logs["one"], strict=True):
+        for key in ("loss", "term/distance", "term/weight", "grad_norm", "lr", "images"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key

@@ -13,7 +13,7 @@ from stagekit import midtrain_config, run_in_process
 from workflow_runs import TINY, planned_jobs, planned_resources
 
 from stages.data import shards
-from stages.files import atomic, checkpoints, store
+from stages.files import atomic, checkpoints, store, store_items
 from stages.reporting import ledger
 
 pytestmark = pytest.mark.slow
@@ -42,8 +42,17 @@ def test_tiny_row_end_to_end(tiny_run):
     res = tiny_run / "results" / "tiny"
     report = (res / "report.md").read_text()
     assert "| CMT init (ours) |" in report and "ceiling" in report
-    for png in ("fd_curve.png", "samples.png"):
+    for png in ("fd_curve.png", "samples.png", "training_curves.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every training stage published its metrics log: mid- and post-training as outputs, the teacher
+    # beside its model in the store, which lists it with the item (not as a file of its own)
+    for log in [res / "midtrain" / "metrics.jsonl", *(res / "posttrain").glob("*/metrics.jsonl"),
+                *(tiny_run / "store" / "teachers").glob("*/metrics.jsonl")]:
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert lines and lines[-1]["kind"] == "train" and lines[-1]["loss"] > 0, log
+    assert len(list((res / "posttrain").glob("*/metrics.jsonl"))) == 3
+    assert len(list((tiny_run / "store" / "teachers").glob("*/metrics.jsonl"))) == 1
+    assert not [i for i in store_items.scan(tiny_run / "store") if i.status == store_items.UNRECORDED]
     fid = json.loads((res / "fid" / "cmt.json").read_text())
     assert set(fid["snapshots"]) == {"p000", "p050", "p100"}
     for snap in fid["snapshots"].values():
@@ -63,6 +72,8 @@ def test_tiny_row_end_to_end(tiny_run):
     assert not list((tiny_run / "store" / "teachers").glob("*-state"))
     # one job each: the ledger counts the benchmarks
     assert "## GPU-hours per stage" in report and "| CMT init (ours) | **total** | 5 |" in report
+    # on this machine's CPU every job used no GPU, whatever the row's resources asked for
+    assert "| CMT init (ours) | **total** | 5 | 0 |" in report
     assert [(j["steps"], j["ended"]) for j in checkpoints.read_meta(res / "midtrain" / "model.safetensors")["jobs"]] \
         == [([0, 20], "finished")]
     # nothing is left to do
@@ -84,7 +95,7 @@ def test_report_table_and_snakemake_html_report(tiny_run):
     result = snakemake(tiny_run, "--report", page)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     html = page.read_text()
-    for name in ("results.csv", "fd_curve.png", "samples.png"):
+    for name in ("results.csv", "fd_curve.png", "samples.png", "training_curves.png"):
         assert name in html, name
     assert "each post-training init against training images" in html  # a caption
 
@@ -142,6 +153,12 @@ def test_sampling_change_keeps_training(tiny_run, tmp_path):
 
 def test_checkpoint_settings_make_no_training_stale(tiny_run, tmp_path):
     change = override(tmp_path, "ckpt", {"checkpoint": {"every_steps": 7, "every_minutes": None, "slice_kimg": 0.5}})
+    assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
+
+
+def test_tracking_settings_make_no_training_stale(tiny_run, tmp_path):
+    change = override(tmp_path, "tracking", {"tracking": {"log_with": "tensorboard", "log_every": 3,
+                                                          "project": "elsewhere", "dir": "runs"}})
     assert "Nothing to be done" in snakemake(tiny_run, "-n", configs=[change]).stdout
 
 

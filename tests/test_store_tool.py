@@ -314,6 +314,18 @@ def test_gc_keeps_an_item_a_running_workflow_used_or_one_being_made(made, rows, 
     assert not made.shards[1][0].exists()
 
 
+def test_a_teachers_metrics_log_is_listed_and_removed_with_it(made):
+    """The training log beside a teacher's model (stages/training/metrics.py) is no file of the
+    item's record and no unrecorded item: it goes when the teacher goes."""
+    log = made.teacher[0].parent / "metrics.jsonl"
+    log.write_text('{"kind": "train", "step": 100}\n')
+    items = store_items.scan(made.root)
+    assert not [i for i in items if i.status == store_items.UNRECORDED]
+    (teacher,) = [i for i in items if i.kind == "teachers" and i.status == store_items.COMPLETE]
+    assert store_items.remove(teacher) == "removed"
+    assert not log.exists() and not log.parent.exists()
+
+
 def test_gc_puts_the_record_back_when_a_use_is_noted_during_the_removal(made):
     age(made.shards[0], days=40)
     item = next(i for i in store_items.scan(made.root) if i.name.endswith("shard-000000.tar"))

@@ -5,8 +5,9 @@ config the workflow would pass.
 `stage_config(rule, config, init=None)` is the `--config` JSON of a job (a change to it reruns the
 job: Snakemake's params trigger). `stage_options(rule, config)` holds what a job also receives but
 what must NOT rerun finished work: how often a run saves its state and how it is sliced into jobs
-(`checkpoint`), how its inputs are checked (`verify`, `spot_check`), how many images a VAE call
-takes; the rules pass these as functions of `output`, which the params trigger leaves out.
+(`checkpoint`), how it is watched (`tracking`), how its inputs are checked (`verify`, `spot_check`),
+how many images a VAE call takes; the rules pass these as functions of `output`, which the params
+trigger leaves out.
 
 Only stdlib: the Snakefile imports this before any job starts. tests/golden/stage_configs.json
 holds every row's stage configs: a change here that alters one reruns that stage in every workdir.
@@ -200,11 +201,20 @@ def stage_config(rule, config, init=None):
     return STAGE_CONFIGS[rule](config, init)
 
 
+def tracking_options(config):
+    """The tracking section as a training stage takes it (stages/training/metrics.py): the folder
+    resolved, the row as the first part of each run's name."""
+    tracking = config["tracking"]
+    return {"log_with": tracking["log_with"], "log_every": tracking["log_every"], "project": tracking["project"],
+            "dir": tracking["dir"] or f"{config['results']}/{config['row']}/tracking", "run": config["row"]}
+
+
 def stage_options(rule, config):
     """What a job of `rule` receives besides its stage config and must not rerun finished work for."""
     out = {}
     if rule in TRAINING_RULES:
         out["checkpoint"] = config["checkpoint"]
+        out["tracking"] = tracking_options(config)
     if rule in ("midtrain", "midtrain_mf"):
         out.update({k: config[rule][k] for k in INPUT_CHECKS})
     elif rule in ("posttrain", "posttrain_mf", "train_teacher", "train_latent_vgg") and "latents" in config:

@@ -30,6 +30,11 @@ def add_state_args(p):
                    help="folder for the resumable training state, outside the rule's outputs")
     p.add_argument("--checkpoint", type=json.loads, default=None,
                    help="the config's checkpoint section as JSON (every_steps, every_minutes, slice_kimg)")
+    p.add_argument("--metrics", default=None,
+                   help="the metrics log (JSON lines) to publish when the run finishes (stages/training/metrics.py)")
+    p.add_argument("--tracking", type=json.loads, default=None,
+                   help="the tracking options as JSON (log_with, log_every, project, run, dir): "
+                        "stages/config/stage_configs.py tracking_options")
     return p
 
 

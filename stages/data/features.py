@@ -19,6 +19,8 @@ The distance itself is clean-fid's `frechet_distance`, not re-implemented.
 import numpy as np
 from cleanfid.fid import frechet_distance
 
+from stages.core import progress
+
 
 def pixel_features(images_uint8, cfg=None):
     """Pixels in [-1, 1], flattened; `pool` > 1 averages pool x pool blocks first (smoke runs of
@@ -63,6 +65,7 @@ def inception_features(images_uint8, cfg):
         images_uint8 = np.repeat(images_uint8, 3, axis=1)
     out = []
     batch = cfg.get("batch", 250)
+    shown = progress.Progress("[features] Inception", len(images_uint8), "images")
     for start in range(0, len(images_uint8), batch):
         chunk = images_uint8[start:start + batch]
         if resizer is not None:
@@ -70,6 +73,7 @@ def inception_features(images_uint8, cfg):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
         with torch.no_grad():
             out.append(model(x).double().cpu().numpy())
+        shown.update(start + len(chunk))
     return np.concatenate(out)
 
 

@@ -38,6 +38,11 @@ from stages.files import atomic, store
 
 GRACE = timedelta(days=30)
 COMPLETE, INCOMPLETE, UNRECORDED, STATE = "complete", "incomplete", "unrecorded", "training state"
+# Files a stage writes beside an item that its record does not name: a teacher's training log
+# (stages/training/metrics.py), written after teachers were recorded without it, so no record may
+# require it. They are no item of their own, go when the last item of their folder goes, and stay
+# out of the remote store.
+COMPANIONS = ("metrics.jsonl",)
 
 
 @dataclass
@@ -143,6 +148,7 @@ def scan(root):
                 claimed |= {Path(f).name for f in item.files}
             for f in sorted(folder.iterdir()):
                 if (f.is_file() and not f.name.startswith(".") and f.name not in claimed
+                        and not (claimed and f.name in COMPANIONS)
                         and not f.name.endswith((".record.json", ".uses.json"))):
                     items.append(Item([f], None, UNRECORDED, "no record: being made, or its job died before "
                                       "recording it (the next job that needs it makes or adopts it)",
@@ -275,6 +281,9 @@ def remove(item):
         for f in files + [store.uses_path(files), store.env_path(files), store.remaking_path(files)]:
             f.unlink(missing_ok=True)
         store.remove_leftovers(files)
+        if not any(files[0].parent.glob("*.record.json")):
+            for name in COMPANIONS:
+                (files[0].parent / name).unlink(missing_ok=True)
         if item.kind == "teachers":
             shutil.rmtree(files[0].parent.with_name(files[0].parent.name + "-state"), ignore_errors=True)
         lock.path.unlink(missing_ok=True)

@@ -1,7 +1,9 @@
 """Training objectives: EDM denoising (teacher), CMT-CM (mid-training), ECT and ECD (post-training).
 
 Each loss returns per-sample values [B]; the training loop takes the mean. Distances are
-per-sample too, over all pixels of a sample.
+per-sample too, over all pixels of a sample. Given a dict `terms`, a loss also puts the parts it is
+made of there (per-sample, detached: a distance, a weight), which the metrics log averages
+(stages/training/metrics.py); without one it computes nothing more.
 """
 
 import contextlib
@@ -9,6 +11,13 @@ import contextlib
 import torch
 
 from stages.networks.precond import Precond
+
+
+def note(terms, **values):
+    """Put the per-sample `values` (detached) into `terms`, where the caller passed a dict."""
+    if terms is not None:
+        terms.update({name: value.detach() for name, value in values.items()})
+
 
 # ----------------------------------------------------------------------------------------------
 # Distances d(a, b) -> [B]
@@ -101,14 +110,17 @@ def make_distance(name, *, pseudo_huber_c=None, lpips_weights=None, latent_vgg=N
 # weight (sigma^2 + sd^2) / (sigma sd)^2 on the squared error of the denoiser.
 
 
-def edm_loss(denoiser, y, generator, sigma_data, P_mean=-1.2, P_std=1.2, labels=None):
+def edm_loss(denoiser, y, generator, sigma_data, P_mean=-1.2, P_std=1.2, labels=None, terms=None):
+    """`terms`: the unweighted squared error (`error`) and the weight."""
     sd = sigma_data
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     sigma = (P_mean + P_std * n).exp()
     noise = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     d = call(denoiser, y + sigma.view(-1, 1, 1, 1) * noise, sigma, labels)
-    return weight * (d - y).flatten(1).square().mean(1)
+    error = (d - y).flatten(1).square().mean(1)
+    note(terms, error=error, weight=weight)
+    return weight * error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,13 +138,18 @@ def cmt_cm_inputs(states, sigmas):
     return inputs, input_sigmas, targets
 
 
-def cmt_cm_loss(student, states, sigmas, distance, labels=None):
+def cmt_cm_loss(student, states, sigmas, distance, labels=None, terms=None):
     """`labels`: one-hot [T, label_dim], one class per trajectory (a conditional student), tiled
-    over the trajectory's K points as cmt_cm_inputs orders them (trajectory-major)."""
+    over the trajectory's K points as cmt_cm_inputs orders them (trajectory-major). `terms`: the
+    distance to the trajectory's end at the first (noisiest) point and at the last pre-final one."""
     inputs, input_sigmas, targets = cmt_cm_inputs(states, sigmas)
     if labels is not None:
         labels = labels.repeat_interleave(states.shape[1] - 1, dim=0)
-    return distance(call(student, inputs, input_sigmas, labels), targets)
+    d = distance(call(student, inputs, input_sigmas, labels), targets)
+    if terms is not None:
+        per_point = d.view(states.shape[0], -1)
+        note(terms, distance_first=per_point[:, 0], distance_last=per_point[:, -1])
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,11 +209,11 @@ def ect_stage(step, double_every):
 
 
 def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_std=2.0, c=0.0,
-             sigma_min=0.002, labels=None, target_context=None):
+             sigma_min=0.002, labels=None, target_context=None, terms=None):
     """||f(x_t, t) - sg f(x_r, r)|| / (t - r) with shared noise; the target is the same network
     under no_grad with the same dropout mask (prediction_then_target), and y where r = 0.
     c > 0 turns the numerator into the pseudo-Huber distance. `target_context`: as in
-    prediction_then_target (EDM2 students).
+    prediction_then_target (EDM2 students). `terms`: the distance and the weight 1 / (t - r).
     """
     n = torch.randn(y.shape[0], generator=generator, dtype=torch.float32).to(y.device)
     t = (P_mean + P_std * n).exp()
@@ -210,6 +227,8 @@ def ect_loss(student, y, generator, *, stage, q, k=8.0, b=1.0, P_mean=-1.1, P_st
     pred, target = prediction_then_target(student, x_t, t, x_r, r_eval, labels, target_context)
     target = torch.where((r > 0).view(-1, 1, 1, 1), target, y)
     dist = pseudo_huber_distance(pred, target, c) if c > 0 else l2_distance(pred, target)
+    if terms is not None:
+        note(terms, distance=dist, weight=1 / (t - r))
     return dist / (t - r)
 
 
@@ -291,11 +310,13 @@ def snr_plus_one_weight(t, sigma_data):
     return (t**2 + sigma_data**2) / (t * sigma_data) ** 2
 
 
-def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None, target_context=None):
+def consistency_pair_loss(student, x_t, t, x_r, r, *, c, sigma_data, labels=None, target_context=None, terms=None):
     """pseudo-Huber(f(x_t, t) - sg f(x_r, r)) x (1/t^2 + 1/sd^2), the two passes as in
-    prediction_then_target."""
+    prediction_then_target. `terms`: the distance and the weight."""
     pred, target = prediction_then_target(student, x_t, t, x_r, r, labels, target_context)
-    return pseudo_huber_distance(pred, target, c) * snr_plus_one_weight(t, sigma_data)
+    distance, weight = pseudo_huber_distance(pred, target, c), snr_plus_one_weight(t, sigma_data)
+    note(terms, distance=distance, weight=weight)
+    return distance * weight
 
 
 def _times(y, generator, stage, q, k, b, P_mean, P_std):
@@ -307,7 +328,7 @@ def _times(y, generator, stage, q, k, b, P_mean, P_std):
 
 
 def ecd_loss(student, y, generator, denoise, *, stage=0, q=1024, k=8.0, b=1.0, P_mean=-0.8, P_std=1.6,
-             c=0.06, sigma_data=0.5, labels=None, target_context=None):
+             c=0.06, sigma_data=0.5, labels=None, target_context=None, terms=None):
     """ECD: t ~ logN(P_mean, P_std), r from the sigmoid map, x_t = y + t eps, x_r from one Heun step
     of the teacher's denoiser `denoise` (guided_denoiser) from t to r, then consistency_pair_loss."""
     t, r, eps = _times(y, generator, stage, q, k, b, P_mean, P_std)
@@ -315,11 +336,11 @@ def ecd_loss(student, y, generator, denoise, *, stage=0, q=1024, k=8.0, b=1.0, P
     with torch.no_grad():
         x_r = heun_step(denoise, x_t, t, r, labels)
     return consistency_pair_loss(student, x_t, t, x_r, r, c=c, sigma_data=sigma_data, labels=labels,
-                                 target_context=target_context)
+                                 target_context=target_context, terms=terms)
 
 
 def ect_snr_loss(student, y, generator, *, stage=0, q=1024, k=8.0, b=1.0, P_mean=-0.8, P_std=1.6, c=0.06,
-                 sigma_data=0.5, labels=None, target_context=None):
+                 sigma_data=0.5, labels=None, target_context=None, terms=None):
     """The ImageNet-512 code's ECT: x_r = y + r eps with the shared noise (no teacher), the same
     distance and weight as ecd_loss."""
     t, r, eps = _times(y, generator, stage, q, k, b, P_mean, P_std)
@@ -327,4 +348,4 @@ def ect_snr_loss(student, y, generator, *, stage=0, q=1024, k=8.0, b=1.0, P_mean
         raise ValueError(f"ect_snr_loss: r = 0 for some t (q = {q}); use q > {1 + k}")
     x_t, x_r = y + t.view(-1, 1, 1, 1) * eps, y + r.view(-1, 1, 1, 1) * eps
     return consistency_pair_loss(student, x_t, t, x_r, r, c=c, sigma_data=sigma_data, labels=labels,
-                                 target_context=target_context)
+                                 target_context=target_context, terms=terms)

@@ -113,15 +113,19 @@ def linear_path(x, eps, t):
 ADAPTIVE_FORMS = ("meanflow", "mf_rae")
 
 
-def adaptive_weighted(delta, p=1.0, c=1e-3, form="meanflow"):
+def adaptive_weighted(delta, p=1.0, c=1e-3, form="meanflow", terms=None):
     """w L with w = 1 / (L + c)^p detached, on L = ||delta||^2 (form meanflow: the MeanFlow paper's,
     ~||delta||^(2 - 2p) in scale) or on L = ||delta||^4 (form mf_rae: the authors' MF-RAE code squares
-    the summed squared error before weighting it, so c sets the scale of ||delta||^4)."""
+    the summed squared error before weighting it, so c sets the scale of ||delta||^4). `terms`
+    (losses.note): the raw squared error ||delta||^2 and the adaptive weight w."""
     if form not in ADAPTIVE_FORMS:
         raise ValueError(f"adaptive weighting form {form!r}; known: {list(ADAPTIVE_FORMS)}")
     sq = delta.flatten(1).square().sum(1)
+    raw = sq
     if form == "mf_rae":
         sq = sq.square()
+    if terms is not None:
+        losses.note(terms, error=raw, adaptive_weight=1 / (sq.detach() + c) ** p)
     return sq / (sq.detach() + c) ** p
 
 
@@ -132,7 +136,7 @@ def mean_velocity_derivative(u, z, r, t, v, labels=None):
     return torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
-def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None, form="meanflow"):
+def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None, form="meanflow", terms=None):
     """The MeanFlow loss at given (z, r, t, v); with guidance, v is the guided field (cfg_velocity),
     which then is both the JVP's tangent and the target's velocity: the model learns the average
     velocity of the guided flow, whose states move with dz/dt = v_tilde.
@@ -154,7 +158,7 @@ def meanflow_loss_at(u, z, r, t, v, *, p=1.0, c=1e-3, jvp_u=None, labels=None, f
                 _, dudt = mean_velocity_derivative(jvp_u, z, r, t, v, labels)
         out = flowmap.call_u(u, z, r, t, labels)
     target = (v - (t - r).reshape(-1, 1, 1, 1) * dudt).detach()
-    return adaptive_weighted(out - target, p, c, form)
+    return adaptive_weighted(out - target, p, c, form, terms)
 
 
 def flow_matching_loss_at(u, z, t, v, *, p=1.0, c=1e-3, labels=None):
@@ -260,13 +264,14 @@ def cfg_velocity(u, z, t, v, labels, dropped, null_class, guidance):
 def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, p=1.0, c=1e-3,
                   jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None,
                   t_distribution="logit_normal", t_shift=1.0, form="meanflow", P_mean_r=None, P_std_r=None,
-                  r_above_t="swap", label_dropout_rows="independent"):
+                  r_above_t="swap", label_dropout_rows="independent", terms=None):
     """MeanFlow from data x (one micro-batch). With `labels` [B] (a class-conditional model): label
     dropout to `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the
     target. The guidance runs on `jvp_u` where given (the bare module), else on `u`.
     `t_distribution`, `t_shift`, `P_mean_r`, `P_std_r`, `r_above_t` (sample_r_t) and `form`
     (adaptive_weighted) select the MF-RAE code's and py-meanflow's variants; `label_dropout_rows`
-    leading puts the dropped labels on the leading rows, which have r = t (drop_labels)."""
+    leading puts the dropped labels on the leading rows, which have r = t (drop_labels). `terms`:
+    adaptive_weighted's."""
     r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t,
                       distribution=t_distribution, shift=t_shift, P_mean_r=P_mean_r, P_std_r=P_std_r,
                       r_above_t=r_above_t, r_equals_t_rows=label_dropout_rows)
@@ -276,14 +281,14 @@ def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25
     if labels is None:
         if guidance is not None or label_dropout:
             raise ValueError("meanflow_loss: guidance and label dropout need class labels (labels=None given)")
-        return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, form=form)
+        return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, form=form, terms=terms)
     if null_class is None:
         raise ValueError("meanflow_loss: class labels need the model's null_class")
     labels = labels.to(x.device)
     labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator, rows=label_dropout_rows)
     if guidance is not None:
         v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
-    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in, form=form)
+    return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in, form=form, terms=terms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +363,9 @@ class Objective:
                     f"(effective scale {g.effective_scale:.3g})")
         return out
 
-    def loss(self, u, x, generator, labels=None):
-        """Per-sample MeanFlow loss of data x (labels [B] int64 for a class-conditional network)."""
+    def loss(self, u, x, generator, labels=None, terms=None):
+        """Per-sample MeanFlow loss of data x (labels [B] int64 for a class-conditional network);
+        `terms`: adaptive_weighted's."""
         if self.null_class is None:
             labels = None
         elif labels is None:
@@ -369,4 +375,4 @@ class Objective:
                              labels=labels, null_class=self.null_class, label_dropout=self.label_dropout,
                              guidance=self.guidance, t_distribution=self.t_distribution, t_shift=self.t_shift,
                              form=self.form, P_mean_r=self.P_mean_r, P_std_r=self.P_std_r, r_above_t=self.r_above_t,
-                             label_dropout_rows=self.label_dropout_rows)
+                             label_dropout_rows=self.label_dropout_rows, terms=terms)

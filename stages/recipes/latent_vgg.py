@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from stages.core import rng
 from stages.data import latents, training_data
 from stages.files import atomic
+from stages.method import losses
 from stages.method.elatentlpips import LatentVGG16
 from stages.training.ema import NoEMA
 from stages.training.run import Recipe
@@ -42,12 +43,13 @@ def network(cfg, channels):
 
 
 def objective(cfg, where="the encoded dataset"):
-    """loss(model, batch, generator) of a batch (latents, class indices): cross-entropy, after random
-    left-right flips drawn from `generator` where latent_vgg.hflip says so."""
+    """loss(model, batch, generator, terms=None) of a batch (latents, class indices): cross-entropy, after
+    random left-right flips drawn from `generator` where latent_vgg.hflip says so; `terms` gets whether
+    each image's top class is its label (`top1`, the training batch's accuracy)."""
     vc = cfg["latent_vgg"]
     num_classes = vc["num_classes"]
 
-    def loss(model, batch, generator):
+    def loss(model, batch, generator, terms=None):
         x, y = batch
         if (y < 0).any() or (y >= num_classes).any():
             bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
@@ -56,7 +58,10 @@ def objective(cfg, where="the encoded dataset"):
         if vc["hflip"]:
             flip = torch.rand(len(x), generator=generator) < 0.5
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-        return F.cross_entropy(model(x), y, reduction="none")
+        logits = model(x)
+        if terms is not None:
+            losses.note(terms, top1=(logits.argmax(1) == y).float())
+        return F.cross_entropy(logits, y, reduction="none")
 
     return loss
 
@@ -105,7 +110,8 @@ def build(cfg, args, accelerator):
     loss_of = objective(cfg, args.manifest)
 
     def loss(model, step, part):
-        return loss_of(model, data.next(step, part), rng.generator(seed, step, part, "hflip"))
+        terms = {}
+        return loss_of(model, data.next(step, part), rng.generator(seed, step, part, "hflip"), terms=terms), terms
 
     def finish(model):
         accuracy = held_out_accuracy(model, cfg, held_paths, channels, accelerator.device)
@@ -114,7 +120,8 @@ def build(cfg, args, accelerator):
               + f"  ({accuracy['held_out_images']} images)", flush=True)
         epochs = steps * batch / train_images
         atomic.write_json(args.accuracy, {**accuracy, "steps": steps, "epochs": epochs})
-        return {"accuracy": accuracy, "epochs": epochs}
+        return {"accuracy": accuracy, "epochs": epochs,
+                "evaluation": {k: v for k, v in accuracy.items() if k.startswith("top")}}
 
     return Recipe(
         stage="train_latent_vgg", seed=seed, net=net, ema=NoEMA(), optimizer=opt_cfg, total_steps=steps,

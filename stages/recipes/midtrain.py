@@ -40,11 +40,12 @@ def distance_of(cfg, latent_vgg=None):
 
 
 def objective(distance):
-    """loss(model, batch) of a batch (states [T, K+1, C, H, W], sigmas [K+1], one-hot classes [T] or None)."""
+    """loss(model, batch) of a batch (states [T, K+1, C, H, W], sigmas [K+1], one-hot classes [T] or None);
+    `terms`: a dict for the loss's parts (stages/method/losses.py)."""
 
-    def cmt_cm_loss(model, batch, generator=None):
+    def cmt_cm_loss(model, batch, generator=None, terms=None):
         states, sigmas, onehot = batch
-        return losses.cmt_cm_loss(model, states, sigmas, distance, onehot)
+        return losses.cmt_cm_loss(model, states, sigmas, distance, onehot, terms=terms)
 
     return cmt_cm_loss
 
@@ -153,12 +154,17 @@ def build(cfg, args, accelerator):
         return states.to(accelerator.device), sigmas.to(accelerator.device), onehot
 
     loss_of = objective(distance)
+
+    def loss(model, step, part):
+        terms = {}
+        return loss_of(model, batch(step, part), terms=terms), terms
+
     source = ("online: the teacher solves each step's trajectories" if online else
               f"{manifest['total']} trajectories in {len(shard_paths)} shards")
     return Recipe(
         stage="midtrain", seed=seed, net=net, ema=ema, optimizer=mc["optimizer"], total_steps=mc["steps"],
         batch=mc["batch"], micro_batches=micro_batches,
-        loss=lambda model, step, part: loss_of(model, batch(step, part)),
+        loss=loss,
         data=stream, identity=identity,
         describe=f"{source}, {traj_per_step} trajectories x {K} points, distance {mc['distance']}: ",
         meta={**{k: teacher_meta[k] for k in ("sigma_data", "sigma_min", "sigma_max", "time")},

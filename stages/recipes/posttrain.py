@@ -19,6 +19,7 @@ from stages.data import labels as class_labels
 from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import losses
+from stages.recipes import previews
 from stages.training.ema import EMA
 from stages.training.run import Recipe
 
@@ -35,19 +36,21 @@ def student(cfg, init_meta):
 
 
 def objective(cfg, net, denoise=None):
-    """loss(model, batch, generator, step) of a batch (images, class indices): the method's loss at the
-    ECT stage of `step`. `denoise`: ECD's (guided) teacher denoiser."""
+    """loss(model, batch, generator, step, terms=None) of a batch (images, class indices): the method's
+    loss at the ECT stage of `step`. `denoise`: ECD's (guided) teacher denoiser. `terms`: a dict for the
+    loss's parts (stages/method/losses.py)."""
     pc = cfg["posttrain"]
     method = pc.get("method", "ect")
     target_context = networks.target_context(net)
     label_dim = class_labels.label_dim_of(net)
     sigma_data = net.sigma_data
 
-    def loss(model, batch, generator, step):
+    def loss(model, batch, generator, step, terms=None):
         y, classes = batch
         common = dict(stage=losses.ect_stage(step, pc["double_every"]), q=pc["q"], k=pc["k"], b=pc["b"],
                       P_mean=pc["P_mean"], P_std=pc["P_std"], c=pc["c"],
-                      labels=class_labels.dataset_one_hot(classes, label_dim), target_context=target_context)
+                      labels=class_labels.dataset_one_hot(classes, label_dim), target_context=target_context,
+                      terms=terms)
         if method == "ecd":
             return losses.ecd_loss(model, y, generator, denoise, sigma_data=sigma_data, **common)
         if method == "ect_snr":
@@ -106,14 +109,16 @@ def build(cfg, args, accelerator):
     loss_of = objective(cfg, net, denoise)
 
     def loss(model, step, part):
-        g = rng.generator(seed, step, part, "ect-batch")
-        return loss_of(model, data.batch(step, part, g), g, step)
+        g, terms = rng.generator(seed, step, part, "ect-batch"), {}
+        return loss_of(model, data.batch(step, part, g), g, step, terms=terms), terms
 
     method = pc.get("method", "ect")
     return Recipe(
         stage=stage, seed=seed, net=net, ema=ema, optimizer=pc["optimizer"], total_steps=pc["steps"],
         batch=pc["batch"], micro_batches=data.micro_batches, loss=loss, data=data.state,
         snapshots={f: snapshot_name(f) for f in pc["snapshots"]},
+        preview=None if args.latents else previews.consistency(
+            seed, data.shape, init_meta["sigma_max"], label_dim),
         describe=f"{method.upper()} q={pc['q']} k={pc['k']} b={pc['b']}, ",
         identity={"init": init, "init_sha256": init_meta["sha256"], "dataset_sha256": data.sha256, **distilled},
         meta={**{k: init_meta[k] for k in ("sigma_data", "sigma_max", "time")}, "sigma_min": cfg["sigma_min"],

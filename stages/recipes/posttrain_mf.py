@@ -20,6 +20,7 @@ from stages.core import rng
 from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import meanflow
+from stages.recipes import previews
 from stages.training.ema import EMA
 from stages.training.run import Recipe
 
@@ -43,15 +44,15 @@ def student(cfg, init, init_meta):
 
 
 def objective(cfg, net):
-    """(loss(model, batch, generator) of a batch (images, class indices), what it says in the log);
+    """(loss(model, batch, generator, terms=None) of a batch (images, class indices), the objective);
     `net` is the bare network: the JVP runs without a graph on it and the graph forward goes through
     the (DDP) wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph
     keeps the tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md)."""
     mf = meanflow.Objective.from_config(cfg["posttrain_mf"], net=net, what="posttrain_mf")
 
-    def meanflow_loss(model, batch, generator):
+    def meanflow_loss(model, batch, generator, terms=None):
         x, y = batch
-        return mf.loss(model, x, generator, y)
+        return mf.loss(model, x, generator, y, terms=terms)
 
     return meanflow_loss, mf
 
@@ -78,13 +79,15 @@ def build(cfg, args, accelerator):
         data.expect_classes(mf.null_class)
 
     def loss(model, step, part):
-        g = rng.generator(seed, step, part, "meanflow-batch")
-        return loss_of(model, data.batch(step, part, g), g)
+        g, terms = rng.generator(seed, step, part, "meanflow-batch"), {}
+        return loss_of(model, data.batch(step, part, g), g, terms=terms), terms
 
     return Recipe(
         stage=f"posttrain_mf:{init}", seed=seed, net=net, ema=ema, optimizer=pc["optimizer"], total_steps=total,
         batch=pc["batch"], micro_batches=data.micro_batches, loss=loss, data=data.state,
         snapshots={f: snapshot_name(f) for f in pc["snapshots"]}, images_before=prior_images,
+        preview=None if args.latents else previews.average_velocity(
+            seed, data.shape, int(getattr(net, "num_classes", 0) or 0)),
         describe=f"MeanFlow {mf.describe()} (after {prior_images:,} mid-training images), ",
         identity={"init": init, "init_sha256": init_meta["sha256"], "dataset_sha256": data.sha256},
         meta={**meta, "init": init, "images_seen_before": prior_images, "role": "posttrain",

@@ -49,23 +49,24 @@ def classes_of(cfg, net):
 
 
 def objective(cfg, net):
-    """(loss(model, batch, generator) -> per-sample losses of a batch (images, class indices), what it
-    says in the log); `net` is the bare network (MeanFlow's JVP and guidance run on it)."""
+    """(loss(model, batch, generator, terms=None) -> per-sample losses of a batch (images, class
+    indices), what it says in the log); `net` is the bare network (MeanFlow's JVP and guidance run on
+    it). `terms`: a dict for the loss's parts (stages/method/losses.py)."""
     tc = cfg["teacher"]
     num_classes = classes_of(cfg, net)
     if is_meanflow(cfg):
         mf = meanflow.Objective.from_config(tc["meanflow"], net=net, what="teacher.meanflow")
 
-        def meanflow_loss(model, batch, generator):
+        def meanflow_loss(model, batch, generator, terms=None):
             x, y = batch
-            return mf.loss(model, x, generator, y if num_classes else None)
+            return mf.loss(model, x, generator, y if num_classes else None, terms=terms)
 
         return meanflow_loss, f"MeanFlow {mf.describe()}"
 
-    def edm_loss(model, batch, generator):
+    def edm_loss(model, batch, generator, terms=None):
         y, classes = batch
         return losses.edm_loss(model, y, generator, cfg["sigma_data"], tc["P_mean"], tc["P_std"],
-                               labels=class_labels.dataset_one_hot(classes, num_classes))
+                               labels=class_labels.dataset_one_hot(classes, num_classes), terms=terms)
 
     return edm_loss, "EDM"
 
@@ -84,8 +85,8 @@ def build(cfg, args, accelerator):
     loss_of, describe = objective(cfg, net)
 
     def loss(model, step, part):
-        g = rng.generator(seed, step, part, "teacher-batch")
-        return loss_of(model, data.batch(step, part, g), g)
+        g, terms = rng.generator(seed, step, part, "teacher-batch"), {}
+        return loss_of(model, data.batch(step, part, g), g, terms=terms), terms
 
     objective_name = tc.get("objective", "edm")
     return Recipe(

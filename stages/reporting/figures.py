@@ -1,4 +1,8 @@
-"""The row's figures: the FD-against-images curve of each init and the sample grids, written as PNG."""
+"""The row's figures: the FD-against-images curve of each init, the training curves of each stage and
+the sample grids, written as PNG."""
+
+import json
+from pathlib import Path
 
 import matplotlib
 
@@ -6,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stages.core.image_grid import tile  # noqa: E402
 from stages.files import atomic  # noqa: E402
 
 
@@ -29,16 +34,35 @@ def fd_curve(path, fids, inits, steps, labels, ceiling, row, images_key, x_label
     save(fig, path)
 
 
-def tile(images, pad=1):
-    """[n, C, H, W] uint8 -> one [rows * (H + pad), cols * (W + pad), C] image with grey separators."""
-    n, c, h, w = images.shape
-    side = int(np.ceil(np.sqrt(n)))
-    grid = np.full((side * (h + pad) + pad, side * (w + pad) + pad, c), 128, np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, side)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = \
-            img.transpose(1, 2, 0)
-    return grid
+def read_metrics(path):
+    """The training lines of a metrics log (stages/training/metrics.py), or None where there is none
+    (a teacher from the store trained before logs were kept, an imported one)."""
+    if path is None or not Path(path).exists():
+        return None
+    return [entry for entry in map(json.loads, Path(path).read_text().splitlines()) if entry.get("kind") == "train"]
+
+
+def training_curves(path, stages, row):
+    """One panel per training stage: the loss against the images the stage saw (log scale where all
+    losses are positive); `stages`: panel title -> {line label: metrics lines}. A stage without a log
+    says so in its panel."""
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], stages.items(), strict=True):
+        shown = {label: lines for label, lines in runs.items() if lines}
+        for label, lines in shown.items():
+            ax.plot([e["images"] / 1e3 for e in lines], [e["loss"] for e in lines], label=label,
+                    marker="o" if len(lines) <= 30 else None, markersize=3)
+        if not shown:
+            ax.text(0.5, 0.5, "no metrics log\n(trained before logs were kept,\nor imported)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=9)
+        elif all(e["loss"] > 0 for lines in shown.values() for e in lines):
+            ax.set_yscale("log")
+        ax.set_xlabel("training kimg (this stage)")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{row}: {title}", fontsize=10)
+        if len(shown) > 1:
+            ax.legend(fontsize=8)
+    save(fig, path)
 
 
 def sample_grids(path, samples, steps, labels):

@@ -1,12 +1,17 @@
 """The cost ledger of a row: GPU-hours per stage of the method, from Snakemake's benchmark files.
 
-A job's GPU-hours are its benchmark's wall seconds (column `s`) times the GPUs it held (the rule's
-`gpu` resource, which stages/launch.py starts one process per, on each node) times its nodes (what
-the job's record in the model file says, stages/training/job_log.py; 1 where none says) / 3600; a
-CPU job (gpu 0) counts its wall hours apart. The stages are the paper's cost table's (ImageNet-256
-MeanFlow row): pre-training (the teacher), mid-training (the teacher's trajectories and CMT),
-post-training, each init's route adding up to a total. Sampling and FID are evaluation, outside
-the table as in the paper.
+A job's GPU-hours are its benchmark's wall seconds (column `s`) times the GPUs it used / 3600; a job
+that used none counts its wall hours apart, as CPU hours. The GPUs a job used are what it recorded:
+a training job in its model file's job records (`gpus`, stages/training/job_log.py: a digits run on
+a CPU used none, whatever its rule asked for), a trajectory shard in its store receipt (the device
+its stage computed on, stages/core/provenance.py; a receipt of a shard made elsewhere marks a job
+that only read the store's record). Where a job recorded nothing (made before jobs recorded their
+device), the rule's `gpu` resource stands for it, which stages/launch.py starts one process per on
+each node, times the nodes the record names (one where it names none).
+
+The stages are the paper's cost table's (ImageNet-256 MeanFlow row): pre-training
+(the teacher), mid-training (the teacher's trajectories and CMT), post-training, each init's route
+adding up to a total. Sampling and FID are evaluation, outside the table as in the paper.
 
 A benchmark file holds the last attempt of its job only, so a training run sliced into several jobs
 (checkpoint.slice_kimg), stopped by a signal (a SLURM time limit, a preemption) or resumed after a
@@ -19,6 +24,7 @@ memory) counts up to its last save, and one killed before its first save not at 
 """
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -58,27 +64,48 @@ def job_seconds(bench_path, model=None):
     """(wall seconds, jobs) of one benchmarked job: with the `model` file a training job made and
     more than one job recorded in it (a sliced or resumed run), the sum of their wall seconds and
     their number; else the benchmark's seconds, one job."""
-    seconds, jobs, _ = job_cost(bench_path, model)
-    return seconds, jobs
+    each = job_devices(bench_path, model)
+    return sum(s for s, _, _ in each), len(each)
 
 
-def job_cost(bench_path, model=None):
-    """(wall seconds, jobs, node-seconds) of one benchmarked job as job_seconds counts it; node-seconds
-    weigh each job's seconds by the nodes its record says it ran on (one where none says)."""
+def job_devices(bench_path, model=None, rule_gpus=0):
+    """[(wall seconds, GPUs, nodes)] of each job behind one benchmark: the jobs a training `model`
+    records (several for a sliced or resumed run, each with its own seconds), else the benchmark's
+    seconds; GPUs and nodes as each job recorded them, else `rule_gpus` on one node."""
     jobs = recorded_jobs(model) if model is not None else None
     if jobs is not None and len(jobs) > 1:
-        return (sum(j["wall_seconds"] for j in jobs), len(jobs),
-                sum(j["wall_seconds"] * job_log.nodes(j) for j in jobs))
-    seconds = read_seconds(bench_path)
-    return seconds, 1, seconds * (job_log.nodes(jobs[0]) if jobs else 1)
+        return [(j["wall_seconds"], used_gpus(j, rule_gpus), job_log.nodes(j)) for j in jobs]
+    if jobs:
+        return [(read_seconds(bench_path), used_gpus(jobs[0], rule_gpus), job_log.nodes(jobs[0]))]
+    return [(read_seconds(bench_path), rule_gpus, 1)]
 
 
-def stage_cost(bench_dir, names, gpus_of, models=None):
+def used_gpus(record, rule_gpus):
+    """The GPUs a job record says its job used; for a record that says none, the rule's GPUs per node
+    times the record's nodes."""
+    return record["gpus"] if "gpus" in record else rule_gpus * job_log.nodes(record)
+
+
+def receipt_gpus(receipt):
+    """The GPUs the job that wrote a store `receipt` used: those its stage computed on where this job
+    made the item, 0 where it only read the store's record; None where the record kept no device."""
+    receipt = json.loads(Path(receipt).read_text())
+    if not receipt.get("made_by_this_job"):
+        return 0
+    env = (receipt.get("made") or {}).get("env") or {}
+    if "device" not in env:
+        return None
+    return len(env.get("gpus") or []) if env["device"] == "cuda" else 0
+
+
+def stage_cost(bench_dir, names, gpus_of, models=None, receipts=None):
     """{jobs, seconds, gpu_hours, cpu_hours, split} over the benchmark files `names` (globs) of one
     stage; None where none exists (a stage reused from the store, an imported teacher). `gpus_of(kind)`:
-    the GPUs per job and node of a benchmark's first path part (train_teacher, trajectory_shard, midtrain,
-    posttrain). `models`: benchmark name -> the model file its job made (job_seconds); `split`: name
-    -> jobs, of the benchmarks that stand for several jobs."""
+    the GPUs per job of a benchmark's first path part (train_teacher, trajectory_shard, midtrain,
+    posttrain), the rule's resources, for jobs that recorded none. `models`: benchmark name -> the model
+    file its job made (job_devices); `receipts`: the row's receipts folder, whose shards/<id>.json say
+    what each trajectory_shard/<id> job used; `split`: name -> jobs, of the benchmarks that stand for
+    several jobs."""
     jobs = seconds = gpu_hours = cpu_hours = 0.0
     split = {}
     found = False
@@ -86,28 +113,35 @@ def stage_cost(bench_dir, names, gpus_of, models=None):
         for path in sorted(Path(bench_dir).glob(f"{name}.tsv")):
             found = True
             bench_name = path.relative_to(bench_dir).with_suffix("").as_posix()
-            s, n, node_s = job_cost(path, (models or {}).get(bench_name))
-            if n > 1:
-                split[bench_name] = n
-            gpus = int(gpus_of(Path(name).parts[0]) or 0)
-            jobs, seconds = jobs + n, seconds + s
-            if gpus:
-                gpu_hours += node_s * gpus / 3600
-            else:
-                cpu_hours += node_s / 3600
+            rule_gpus = int(gpus_of(Path(name).parts[0]) or 0)
+            receipt = Path(receipts or "", "shards", f"{path.stem}.json")
+            if receipts is not None and bench_name.startswith("trajectory_shard/") and receipt.exists():
+                recorded = receipt_gpus(receipt)
+                rule_gpus = rule_gpus if recorded is None else recorded
+            each = job_devices(path, (models or {}).get(bench_name), rule_gpus)
+            if len(each) > 1:
+                split[bench_name] = len(each)
+            jobs += len(each)
+            for s, gpus, nodes in each:
+                seconds += s
+                if gpus:
+                    gpu_hours += s * gpus / 3600
+                else:  # a job on several nodes without GPUs held each node's CPUs
+                    cpu_hours += s * nodes / 3600
     if not found:
         return None
     return {"jobs": int(jobs), "seconds": seconds, "gpu_hours": gpu_hours, "cpu_hours": cpu_hours, "split": split}
 
 
-def ledger(bench_dir, inits, gpus, models=None):
+def ledger(bench_dir, inits, gpus, models=None, receipts=None):
     """init -> {stage -> cost or None, "total" -> summed cost of the stages found}; `gpus`: benchmark
-    kind (train_teacher, trajectory_shard, midtrain, posttrain) -> GPUs per job (the row's resources);
-    `models`: benchmark name (train_teacher, midtrain, posttrain/<init>) -> the model file its job
-    made, whose recorded jobs cost a sliced or resumed run (job_seconds)."""
+    kind (train_teacher, trajectory_shard, midtrain, posttrain) -> GPUs per job (the row's resources,
+    for jobs that recorded none); `models`: benchmark name (train_teacher, midtrain, posttrain/<init>)
+    -> the model file its job made, whose recorded jobs say their seconds and GPUs (job_devices);
+    `receipts`: the row's receipts folder (the trajectory shards' devices, stage_cost)."""
     out = {}
     for init in inits:
-        route = {stage: stage_cost(bench_dir, names, lambda r: gpus.get(r, 0), models)
+        route = {stage: stage_cost(bench_dir, names, lambda r: gpus.get(r, 0), models, receipts)
                  for stage, names in ROUTES.get(init, {"posttrain": [f"posttrain/{init}"]}).items()}
         known = [c for c in route.values() if c is not None]
         route["total"] = {k: sum(c[k] for c in known) for k in ("jobs", "seconds", "gpu_hours", "cpu_hours")}

@@ -177,16 +177,17 @@ def against_paper_lines(table, paper, features, labels):
     return lines + [""]
 
 
-def gpu_hours(bench_dir, inits, gpus, models, paper, labels):
+def gpu_hours(bench_dir, inits, gpus, models, paper, labels, receipts=None):
     """The cost ledger: GPU-hours per stage of each init's route beside the paper's."""
     methods = paper.get("methods", {})
-    costs = ledger.ledger(bench_dir, inits, gpus, models=models)
+    costs = ledger.ledger(bench_dir, inits, gpus, models=models, receipts=receipts)
     paper_hours = {i: methods[i]["gpu_hours"] for i in methods if "gpu_hours" in methods[i]}
     lines = ["## GPU-hours per stage", "",
-             "Ours: each job's benchmarked wall time x the GPUs of its rule (the row's `resources`) x the nodes "
-             "it ran on (its model file's record), jobs without a GPU counted in CPU hours. A training run "
-             "sliced into several jobs or resumed counts "
-             "every job its model file records (a job killed without saving, up to its last save). "
+             "Ours: each job's benchmarked wall time x the GPUs it used as it recorded them (a training job in its "
+             "model file, a trajectory shard in its store receipt; a job recorded before devices were: the GPUs of "
+             "its rule in the row's `resources` on each of its nodes), jobs that used none counted in CPU hours. "
+             "A training run sliced into several jobs or resumed counts every job its model file records (a job "
+             "killed without saving, up to its last save). "
              "Sampling and FID are left out, as in the paper's table."
              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
     lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", labels.get(i, i)) for i in inits})

@@ -9,7 +9,7 @@ sliced or resumed over several jobs is costed from them (stages/reporting/ledger
 from pathlib import Path
 
 from stages.files import checkpoints
-from stages.training import resume
+from stages.training import job_log, resume
 from stages.training.job_log import JobLog
 from stages.training.kept import Kept
 
@@ -31,6 +31,7 @@ class TrainingJob:
                                                  identity={"config": cfg, **identity}, started=started)
         # the jobs before this one come with the state (loop.fit restores it); without one this job is all
         self.log = self.state.log if self.state is not None else JobLog(started)
+        self.log.device = job_log.device_of(accelerator)
         # what the run keeps past its state (kept.py): in the state folder, which the state rolls back
         # to the step it resumes from; without one in a folder of this job's beside the model file
         if self.state is not None:

@@ -37,8 +37,9 @@ class Kept:
         self.outputs = {}
 
     def keep(self, name, output, folder=False):
-        """Register the kept file (or, with `folder`, folder) `name`, published to `output`; its path."""
-        self.outputs[name] = Path(output)
+        """Register the kept file (or, with `folder`, folder) `name`, published to `output` (None: kept
+        and rolled back with the state, never published); its path."""
+        self.outputs[name] = None if output is None else Path(output)
         path = self.folder / name
         (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
         return path
@@ -64,6 +65,8 @@ class Kept:
         """Copy every kept file or folder to its output (atomically, file by file)."""
         for name, target in self.outputs.items():
             source = self.folder / name
+            if target is None:
+                continue
             if source.is_dir():
                 for path in sorted(source.rglob("*")):
                     if path.is_file():

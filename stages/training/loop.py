@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from stages.core import rng
+from stages.core import progress, rng
 from stages.training import resume
 
 # ----------------------------------------------------------------------------------------------
@@ -71,12 +71,6 @@ def lr_at(step, total_steps, cfg):
 # Status line
 
 
-def fmt_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Status:
     """Prints a status line every `every` steps or `seconds` seconds, whichever comes first."""
 
@@ -104,7 +98,7 @@ class Status:
             parts.append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
         for name, per_img in self.extra_units.items():
             parts.append(f"{name} {rate * per_img:.0f}")
-        parts.append(f"eta {fmt_duration(eta)}")
+        parts.append(f"eta {progress.duration(eta)}")
         if torch.cuda.is_available():
             parts.append(f"gpumem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB")
         print("  ".join(parts), flush=True)
@@ -119,11 +113,13 @@ class Status:
 
 
 def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch, seed, loss_fn,
-        on_step_end=None, status_every=100, state=None, data=None, micro_batches=1):
+        on_step_end=None, status_every=100, state=None, data=None, micro_batches=1, monitor=None):
     """Run optimisation steps up to `total_steps`; returns the training seconds (all jobs).
 
-    `loss_fn(step, part)` returns per-sample losses of part `part` of that step's global batch; it
-    must draw its randomness from generators folded from (step, part). Gradient accumulation: each
+    `loss_fn(step, part)` returns per-sample losses of part `part` of that step's global batch, or
+    (those, {name: per-sample values of a part of the loss}); it must draw its randomness from
+    generators folded from (step, part). `monitor` (metrics.Monitor) keeps the metrics log and the
+    tracker: it sees each part's loss and terms, each step, and each save. Gradient accumulation: each
     process computes `micro_batches` parts one after the other (`split_batch`), part = rank x
     micro_batches + micro, and one optimizer step follows the last; the gradient of each part's
     mean loss counts 1 / micro_batches, so the step sees the mean over the process's whole share,
@@ -166,10 +162,14 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
                   flush=True)
     status = Status(stage, total_steps, batch, every=status_every)
     status.step_last = start_step
+    if monitor is not None:
+        monitor.begin(start_step, seconds_before)
     params = [p for p in net.parameters() if p.requires_grad]
     rank = accelerator.process_index
 
     def save(steps_done, **ended):
+        if monitor is not None:
+            monitor.saving(steps_done)
         if accelerator.is_main_process:
             state.save(step=steps_done, total_steps=total_steps, batch=batch,
                        net=accelerator.unwrap_model(net), ema=ema.module, optimizer=optimizer, data=data,
@@ -217,13 +217,17 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
                 torch.manual_seed(rng.fold(seed, step, part, "dropout"))
                 last = micro == micro_batches - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(net):
-                    loss = loss_fn(step, part).mean()
+                    out = loss_fn(step, part)
+                    per_sample, terms = out if isinstance(out, tuple) else (out, {})
+                    loss = per_sample.mean()
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. "
                                                  f"Last good state: {last_good()}. "
                                                  "Lower the learning rate or check the inputs.")
                     accelerator.backward(loss / micro_batches if micro_batches > 1 else loss)
                 loss_sum += loss.item()
+                if monitor is not None:
+                    monitor.part(loss, terms)
             grad_norm = accelerator.clip_grad_norm_(params, opt_cfg.get("clip_grad_norm") or math.inf)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"[{stage}] gradient norm is {float(grad_norm)} at step {step}; "
@@ -231,7 +235,10 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
             optimizer.step()
             done = step + 1
             ema.update(accelerator.unwrap_model(net), done)
-            status.update(step, loss_sum / micro_batches, lr=lr, grad=float(grad_norm))
+            grad = float(grad_norm)
+            status.update(step, loss_sum / micro_batches, lr=lr, grad=grad)
+            if monitor is not None:
+                monitor.step(done, lr=lr, grad_norm=grad)
             if on_step_end is not None:
                 on_step_end(done)
             if state is not None:
@@ -256,10 +263,13 @@ def any_rank(accelerator, *values):
     return [int(v) for v in accelerator.gather(flags).max(dim=0).values.tolist()]
 
 
-def make_accelerator():
+def make_accelerator(tracking=None):
+    """The process group's Accelerator, with the tracker the tracking options name (metrics.py)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from stages.training import metrics
+
+    return Accelerator(cpu=not torch.cuda.is_available(), **metrics.accelerator_options(tracking))
 
 
 def log(*args):

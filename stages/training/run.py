@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from stages.training import loop
+from stages.training import loop, metrics
 from stages.training.ema import EMA
 from stages.training.job import TrainingJob
 
@@ -22,12 +22,16 @@ class Recipe:
     """What a training stage trains, built from its config and inputs (stages/recipes/).
 
     `loss(net, step, part)` returns the per-sample losses of part `part` of step `step`'s global
-    batch on the prepared network `net` (the DDP wrapper where there is one), drawing its randomness
-    from generators folded from (seed, step, part). `data` is what the training state saves beside
+    batch on the prepared network `net` (the DDP wrapper where there is one), or (those, {name:
+    per-sample values}) with the parts of the loss for the metrics log, drawing its randomness from
+    generators folded from (seed, step, part). `data` is what the training state saves beside
     the model (a stream position: state_dict / load_state_dict), or None. `meta` is what the model
     file says besides the config, the images seen and the jobs. `snapshots` maps fractions of the
     budget to the names of the EMA snapshots kept (none: no snapshots). `finish(model)` writes what
-    the stage makes beside the model file (the main process, after the model)."""
+    the stage makes beside the model file (the main process, after the model); an `evaluation` entry
+    of what it returns ({name: number}) becomes an evaluation line of the metrics log, not part of the
+    model file. `preview(module)`: uint8 samples of the EMA `module` for the tracker at each snapshot
+    (None: no images, as on the latent rows, whose samples need decoding)."""
 
     stage: str
     seed: int
@@ -45,6 +49,7 @@ class Recipe:
     images_before: int | None = None
     describe: str = ""
     finish: Callable | None = None
+    preview: Callable | None = None
 
 
 def run(recipe, args, cfg, accelerator, started=None):
@@ -62,12 +67,18 @@ def run(recipe, args, cfg, accelerator, started=None):
           + (f", snapshots at steps {sorted(snapshots.steps)}" if snapshots else ""), flush=True)
     if snapshots:
         snapshots.save(0)
+    monitor = metrics.Monitor(
+        r.stage, accelerator, job.kept, metrics=args.metrics, tracking=args.tracking, batch=r.batch,
+        total_steps=r.total_steps, config=cfg, images_before=r.images_before,
+        preview=r.preview and (lambda: r.preview(r.ema.module)), preview_steps=snapshots.steps if snapshots else ())
     elapsed = loop.fit(stage=r.stage, accelerator=accelerator, net=net, ema=r.ema, optimizer=optimizer,
                        opt_cfg=r.optimizer, total_steps=r.total_steps, batch=r.batch, seed=r.seed,
                        loss_fn=lambda step, part: r.loss(net, step, part),
                        on_step_end=snapshots.save if snapshots else None, state=job.state, data=r.data,
-                       micro_batches=r.micro_batches)
+                       micro_batches=r.micro_batches, monitor=monitor)
     if r.finish is not None and accelerator.is_main_process:
-        r.meta = {**r.meta, **(r.finish(accelerator.unwrap_model(net)) or {})}
+        extra = dict(r.finish(accelerator.unwrap_model(net)) or {})
+        monitor.evaluation(r.total_steps, extra.pop("evaluation", {}))
+        r.meta = {**r.meta, **extra}
     job.finish(net, r.ema, meta=r.meta, steps=r.total_steps, batch=r.batch, train_seconds=elapsed)
     return elapsed

@@ -47,6 +47,9 @@ DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
 # trajectories start from noise (ImageNet-256: 252 GB of uint8 no training job needs)
 PIXELS_RECEIPT = [] if LATENTS else DATASET_RECEIPT
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
+# the teacher's metrics log, which a teacher trained here publishes beside its model (none for an
+# imported teacher, or one trained before the log existed)
+TEACHER_METRICS = f"{TEACHER.folder}/metrics.jsonl"
 SPEC_RECEIPT = f"{RECEIPTS}/trajectory-spec.json"
 SHARD_IDS = store_keys.trajectory_shard_ids(config)
 SHARD_RECEIPTS = expand(f"{RECEIPTS}/shards/{{shard}}.json", shard=SHARD_IDS)
@@ -108,13 +111,20 @@ if ECD_TEACHER:
 
 
 # ---- training: resumable state, its options and the GPUs a job was given, all functions of `output`:
-# how often a run saves, how it is sliced and checked, on how many GPUs, makes nothing stale
-def state_args(name, folder):
-    """--state-dir and --checkpoint of a training rule; `folder(wildcards)` is its state folder."""
+# how often a run saves, how it is sliced, watched and checked, on how many GPUs, makes nothing stale
+def metrics_output(wildcards, output):
+    return output.metrics
+
+
+def state_args(name, folder, metrics=metrics_output):
+    """--state-dir, --checkpoint, --metrics and --tracking of a training rule; `folder(wildcards)` is its
+    state folder, `metrics(wildcards, output)` where its metrics log is published (the rule's `metrics`
+    output)."""
 
     def args(wildcards, output):
-        saving = stage_configs.stage_options(name, config)["checkpoint"]
-        return f"--state-dir {shlex.quote(folder(wildcards))} --checkpoint {shlex.quote(as_arg(saving))}"
+        options = stage_configs.stage_options(name, config)
+        return (f"--state-dir {shlex.quote(folder(wildcards))} --checkpoint {shlex.quote(as_arg(options['checkpoint']))} "
+                f"--metrics {shlex.quote(metrics(wildcards, output))} --tracking {shlex.quote(as_arg(options['tracking']))}")
 
     return args
 
@@ -154,6 +164,7 @@ if LATENTS:
     LATENT_SHARDS_STORED = [k for k in LATENT_SHARD_IDS if stored([latent_shard_file(k)])]
     LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
     LATENT_VGG_ACCURACY = f"{RES}/latent_vgg/accuracy.json"
+    LATENT_VGG_METRICS = f"{RES}/latent_vgg/metrics.jsonl"
 ELATENTLPIPS = LATENTS and FAMILY == "cm" and config["midtrain"]["distance"] == "elatentlpips"
 
 

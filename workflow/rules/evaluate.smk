@@ -77,18 +77,23 @@ rule report:
         teacher=TEACHER_RECEIPT,
         models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
         midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
+        metrics=[f"{RES}/midtrain/metrics.jsonl"] + expand(f"{RES}/posttrain/{{init}}/metrics.jsonl", init=INITS),
     output:
         report=f"{RES}/report.md",
         table=report(f"{RES}/results.csv", caption="../report/results.rst", category="Results"),
         curve=report(f"{RES}/fd_curve.png", caption="../report/fd_curve.rst", category="Results"),
+        training=report(f"{RES}/training_curves.png", caption="../report/training_curves.rst", category="Results"),
         grids=report(f"{RES}/samples.png", caption="../report/samples.rst", category="Results"),
     params:
         cfg=stage_config("report"),
         bench=BENCH,
-        # (and a latent row's latent VGG16 accuracy)
-        midtrain=lambda w, input: " ".join(
+        # the mid-trained model's FD, a latent row's latent VGG16 accuracy, the training curves' logs (the
+        # teacher's beside it in the store, where it was trained with them) and the receipts (the ledger)
+        extra=lambda w, input: " ".join(
             ([f"--midtrain-fid {input.midtrain[0]}"] if input.midtrain else [])
-            + ([f"--latent-vgg-accuracy {input.latent_vgg[0]}"] if input.latent_vgg else [])),
+            + ([f"--latent-vgg-accuracy {input.latent_vgg[0]}"] if input.latent_vgg else [])
+            + [f"--metrics {' '.join(map(shlex.quote, input.metrics))}",
+               f"--teacher-metrics {shlex.quote(TEACHER_METRICS)} --receipts {shlex.quote(RECEIPTS)}"]),
         teacher=TEACHER.path,
     conda:
         "../../envs/cmt.yaml"
@@ -100,4 +105,4 @@ rule report:
         "python -m stages.report --config {params.cfg:q} --fid {input.fid} --ceiling {input.ceiling} "
         "--samples {input.samples} --models {params.teacher:q} {input.models} --benchmarks {params.bench} "
         "--out {output.report} --curve {output.curve} --grids {output.grids} --table {output.table} "
-        "{params.midtrain} > {log} 2>&1"
+        "--training-curves {output.training} {params.extra} > {log} 2>&1"

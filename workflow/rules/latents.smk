@@ -78,7 +78,9 @@ rule train_latent_vgg:
         accuracy=f"{RES}/latent_vgg/accuracy.json",
     params:
         cfg=stage_config("train_latent_vgg"),
-        state=state_args("train_latent_vgg", lambda w: f"{STATE}/latent_vgg"),
+        # the metrics log beside the model, not a declared output: a latent VGG trained before it was
+        # written (days of GPU time on ImageNet) is not trained again for it
+        state=state_args("train_latent_vgg", lambda w: f"{STATE}/latent_vgg", lambda w, output: LATENT_VGG_METRICS),
         verify=lambda w, output: stage_configs.stage_options("train_latent_vgg", config)["verify"],
         gpus=launch_gpus,
     threads: config["threads"]["train"]

@@ -12,6 +12,7 @@ rule midtrain_mf:
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
+        metrics=f"{RES}/midtrain/metrics.jsonl",
     params:
         cfg=stage_config("midtrain_mf"),
         teacher=TEACHER.path,
@@ -41,6 +42,7 @@ rule posttrain_mf:
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
+        metrics=f"{RES}/posttrain/{{init}}/metrics.jsonl",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
     wildcard_constraints:

@@ -17,7 +17,10 @@ if config["teacher"].get("source", "train") == "train":
             files=TEACHER.files,
             dataset=DATASET.path,
             store_mode=store_mode(lambda w: TEACHER_STORED),
-            state=state_args("train_teacher", lambda w: store_keys.teacher_state(config)),
+            # the metrics log beside the model in the store, not one of the item's recorded files
+            # (stages/files/store_items.py COMPANIONS): a teacher recorded before it was written stays complete
+            state=state_args("train_teacher", lambda w: store_keys.teacher_state(config),
+                             lambda w, output: TEACHER_METRICS),
             latents=latent_training_args("train_teacher"),
             gpus=launch_gpus,
         localrule: TEACHER_STORED

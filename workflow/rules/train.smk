@@ -12,6 +12,7 @@ rule midtrain:
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
+        metrics=f"{RES}/midtrain/metrics.jsonl",
     params:
         cfg=stage_config("midtrain"),
         # (and the latent VGG16 of distance elatentlpips)
@@ -46,6 +47,7 @@ rule posttrain:
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
+        metrics=f"{RES}/posttrain/{{init}}/metrics.jsonl",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
     wildcard_constraints:
