@@ -4,7 +4,10 @@ dry-run parsing), stagekit (inputs and a runner for whole stages), edm_format (t
 layouts), tiny_edm2 (tiny EDM2 networks), range_server (a local HTTP server)."""
 
 import http.server
+import logging
+import os
 import threading
+import uuid
 
 import pytest
 from range_server import RangeHandler
@@ -19,3 +22,67 @@ def server():
     RangeHandler.requests = []
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
+
+
+class S3Server:
+    """moto's S3 API on a free port of 127.0.0.1, served by a thread of this process, with the log of
+    the requests it answered from any process (a Snakemake run in a subprocess included), each as
+    (method, path, query string)."""
+
+    def __init__(self):
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests = []
+
+        def logged(environ, start_response):
+            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                  environ.get("QUERY_STRING", "")))
+            return app(environ, start_response)
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = make_server("127.0.0.1", 0, logged, threaded=True, request_handler=MotoRequestHandler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3Server for the module's tests; boto3 finds it, and made-up credentials, where it finds a
+    real service's: in the environment (which the Snakemake runs of a test inherit)."""
+    server = S3Server()
+    env = {"AWS_ENDPOINT_URL_S3": server.url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server):
+    """The S3 server's URL, its request log emptied."""
+    s3_server.requests.clear()
+    return s3_server.url
+
+
+@pytest.fixture
+def remote_url(s3_endpoint):
+    """A remote store in a new bucket for each test, under a prefix in it."""
+    import boto3
+
+    bucket = f"cmt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/team/store"

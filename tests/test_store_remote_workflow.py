@@ -1,0 +1,151 @@
+"""The workflow with a remote store (`store_remote`) against moto's S3 server on localhost
+(conftest.py s3_server): an item complete in the remote and not in the local store is planned as a
+local pull job (`<rule>_from_remote`) and not made; planning asks with a LIST per key folder, never a
+request per item; the tiny row run on a second site from the remote alone makes no dataset, teacher
+or trajectory and ends with the same numbers."""
+
+import json
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+import workflow_runs
+import yaml
+from workflow_runs import ROWS, TINY, planned_jobs, planned_resources
+
+from stages.config import resolve, store_keys
+from stages.files import atomic, store, store_remote
+
+pytestmark = pytest.mark.slow
+
+
+def overlay(tmp_path, values, name="remote"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def item_files(config):
+    """{item: its files} of every store item of a row's config; a shard's item is `shard/<id>`."""
+    items = store_keys.items(config)
+    out = {name: item.files for name, item in items.items() if item.files}
+    for k in store_keys.trajectory_shard_ids(config):
+        out[f"shard/{k}"] = [f"{items['trajectories'].folder}/shard-{k}.tar"]
+    return out
+
+
+def make_item(files, root=None):
+    """A complete item with made-up bytes, recorded as the store wrapper records it; under `root` (another
+    site's store) where given, else at `files`."""
+    files = [Path(root, *Path(f).parts[-3:]) if root else Path(f) for f in files]
+    for f in files:
+        atomic.write_bytes(f, f"made-up {f.name}".encode())
+    store.write_record(files, key="made-up")
+    return files
+
+
+def fill(url, files_of_items, site):
+    """Push made-up items, made in the store `site`, to the remote `url`."""
+    pushed = list(store_remote.Remote(url).push_many([make_item(files, site) for files in files_of_items]))
+    assert all(str(outcome).startswith("pushed") for _, outcome in pushed), pushed
+
+
+def lists(requests):
+    """The LIST requests among (method, path, query) and whatever else was asked."""
+    listed = [r for r in requests if r[0] == "GET" and "list-type=2" in r[2]]
+    return listed, [r for r in requests if r not in listed]
+
+
+def test_a_remote_item_is_planned_as_a_pull_job_and_not_made(s3_server, remote_url, tmp_path):
+    """The tiny row with three shards: the remote holds the dataset, the teacher, the spec and shard 0,
+    the local store shard 1. One planning pass asks the remote with one LIST per key folder; each
+    item comes from where it is (a pull, a receipt from the record, the making job for shard 2); the
+    pull jobs run (checked against the records) and a later plan reruns none of them."""
+    given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url,
+                               "trajectories": {"num_shards": 3}})
+    config = resolve([TINY, given])
+    files = item_files(config)
+    fill(remote_url, [files[n] for n in ("dataset", "teacher", "trajectories", "shard/000000")], tmp_path / "site-a")
+    make_item(files["shard/000001"])
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    s3_server.requests.clear()
+    dry = workflow_runs.snakemake(workdir, "-n", configs=(TINY, given))
+    jobs = planned_jobs(dry)
+    assert {n: c for n, c in jobs.items() if n.startswith(("prepare_dataset", "train_teacher", "trajectory_s"))} == {
+        "prepare_dataset_from_remote": 1, "train_teacher_from_remote": 1, "trajectory_spec_from_remote": 1,
+        "trajectory_shard_from_remote": 1, "trajectory_shard_from_store": 1, "trajectory_shard": 1}, jobs
+    listed, other = lists(s3_server.requests)
+    assert len(listed) == 3 and not other, s3_server.requests  # datasets/, teachers/ and trajectories/ folders
+    shells = {rule: shell for rule, _, shell in planned_resources(dry)}
+    assert f"--mode pull --remote {remote_url} " in shells["train_teacher_from_remote"]
+    assert "--mode reuse " in shells["trajectory_shard_from_store"] and "--mode make " in shells["trajectory_shard"]
+
+    run = workflow_runs.snakemake(workdir, "results/tiny/receipts/shards/000000.json",
+                                  "results/tiny/receipts/shards/000001.json", configs=(TINY, given))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("dataset", "teacher", "trajectories", "shard/000000"):
+        record = store.read_record(files[name])
+        assert record["pulled"]["from"] == remote_url and record["key"] == "made-up", name
+        assert [Path(f).read_bytes() for f in files[name]] == [f"made-up {Path(f).name}".encode() for f in files[name]]
+    receipt = json.loads((workdir / "results/tiny/receipts/teacher.json").read_text())
+    assert not receipt["made_by_this_job"] and receipt["files"][0]["path"] == files["teacher"][0]
+    assert "[store] pulling" in (workdir / "results/tiny/logs/train_teacher.log").read_text()
+    jobs = planned_jobs(workflow_runs.snakemake(workdir, "-n", configs=(TINY, given)))
+    assert not [n for n in jobs if n.endswith(("_from_remote", "_from_store")) or n in (
+        "prepare_dataset", "train_teacher", "trajectory_spec")], jobs
+    assert jobs["trajectory_shard"] == 1
+
+
+def test_without_a_remote_no_request_is_sent_and_the_rules_are_as_they_were(s3_server, s3_endpoint, tmp_path):
+    """A run without store_remote asks nothing; its store jobs' shell commands carry no remote option."""
+    given = overlay(tmp_path, {"store": str(tmp_path / "store")})
+    dry = workflow_runs.snakemake(tmp_path, "-n", "-p", configs=(TINY, given))
+    assert planned_jobs(dry)["trajectory_shard"] == 2
+    assert "--remote" not in dry.stdout and "--push" not in dry.stdout
+    assert not s3_server.requests
+
+
+def test_store_push_adds_the_push_to_what_is_made_only(remote_url, tmp_path):
+    given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url, "store_push": True})
+    make_item(item_files(resolve([TINY, given]))["shard/000001"])
+    shells = {rule: shell for rule, _, shell in planned_resources(workflow_runs.snakemake(
+        tmp_path, "-n", configs=(TINY, given)))}
+    assert f"--mode make --push --remote {remote_url} " in shells["train_teacher"]
+    assert "--mode reuse " in shells["trajectory_shard_from_store"]
+    unset = overlay(tmp_path, {"store_push": True}, "push-only")
+    failed = workflow_runs.snakemake(tmp_path, "-n", configs=(TINY, unset))
+    assert failed.returncode != 0 and "store_push: true needs store_remote" in failed.stdout + failed.stderr
+
+
+def test_a_remote_that_cannot_be_listed_stops_planning_naming_it(s3_endpoint, tmp_path):
+    given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": "s3://no-such-bucket-cmt/x"})
+    failed = workflow_runs.snakemake(tmp_path, "-n", configs=(TINY, given))
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert re.search(r"store_remote s3://no-such-bucket-cmt/x: cannot list .*NoSuchBucket", said), said
+    assert "or plan without it: --config store_remote=" in said
+
+
+def test_a_paper_rows_plan_lists_key_folders_not_objects(s3_server, remote_url, tmp_path):
+    """The CIFAR-10 row's 480 shards, its imported teacher and its spec in the remote: the dry run
+    plans them as pulls from three LIST requests (one per key folder), never a request per item."""
+    row = ROWS / "cifar10-cmt-ect.yaml"
+    given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url})
+    files = item_files(resolve([row, given]))
+    remote = store_remote.Remote(remote_url)
+    s3 = boto3.client("s3")
+    site = tmp_path / "site-a"
+    for name in [n for n in files if n != "dataset"]:  # records alone: planning reads no object
+        record = store.read_record(make_item(files[name], site))
+        s3.put_object(Bucket=remote.bucket, Key=remote.key(store_remote.item_name(files[name]) + ".record.json"),
+                      Body=json.dumps(record).encode())
+    s3_server.requests.clear()
+    jobs = planned_jobs(workflow_runs.snakemake(tmp_path, "-n", configs=(row, given)))
+    assert jobs["trajectory_shard_from_remote"] == 480 and jobs["import_teacher_from_remote"] == 1
+    assert jobs["trajectory_spec_from_remote"] == 1 and jobs["prepare_dataset"] == 1
+    assert "trajectory_shard" not in jobs and "import_teacher" not in jobs
+    listed, other = lists(s3_server.requests)
+    assert len(listed) == 3 and not other, s3_server.requests
+    assert all("delimiter=%2F" in query for _, _, query in listed)
