@@ -1,16 +1,17 @@
 """Fixtures shared by several test modules. Shared helper functions live in helper modules beside
 the tests, imported by name (no test module imports another): workflow_runs (Snakemake runs and
 dry-run parsing), stagekit (inputs and a runner for whole stages), edm_format (the official pickle
-layouts), tiny_edm2 (tiny EDM2 networks), range_server (a local HTTP server)."""
+layouts), tiny_edm2 (tiny EDM2 networks), range_server (a local HTTP server), s3_server (moto's S3
+API with a request log)."""
 
 import http.server
-import logging
 import os
 import threading
 import uuid
 
 import pytest
 from range_server import RangeHandler
+from s3_server import S3Server
 
 
 @pytest.fixture
@@ -22,34 +23,6 @@ def server():
     RangeHandler.requests = []
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
-
-
-class S3Server:
-    """moto's S3 API on a free port of 127.0.0.1, served by a thread of this process, with the log of
-    the requests it answered from any process (a Snakemake run in a subprocess included), each as
-    (method, path, query string)."""
-
-    def __init__(self):
-        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        app = DomainDispatcherApplication(create_backend_app)
-        self.requests = []
-
-        def logged(environ, start_response):
-            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                  environ.get("QUERY_STRING", "")))
-            return app(environ, start_response)
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.server = make_server("127.0.0.1", 0, logged, threaded=True, request_handler=MotoRequestHandler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")

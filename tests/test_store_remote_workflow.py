@@ -4,6 +4,7 @@ local pull job (`<rule>_from_remote`) and not made; planning asks with a LIST pe
 request per item; the tiny row run on a second site from the remote alone makes no dataset, teacher
 or trajectory and ends with the same numbers."""
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from workflow_runs import ROWS, TINY, planned_jobs, planned_resources
 
 from stages.config import resolve, store_keys
-from stages.files import atomic, store, store_remote
+from stages.files import atomic, store, store_items, store_remote
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +28,14 @@ def overlay(tmp_path, values, name="remote"):
 
 
 def item_files(config):
-    """{item: its files} of every store item of a row's config; a shard's item is `shard/<id>`."""
+    """{item: its files} of every store item of a row's config; a trajectory shard's item is `shard/<id>`, a
+    latent shard's `latent/<id>`."""
     items = store_keys.items(config)
     out = {name: item.files for name, item in items.items() if item.files}
     for k in store_keys.trajectory_shard_ids(config):
         out[f"shard/{k}"] = [f"{items['trajectories'].folder}/shard-{k}.tar"]
+    for k in store_keys.latent_shard_ids(config) if "latents" in items else []:
+        out[f"latent/{k}"] = [f"{items['latents'].folder}/shard-{k}.tar"]
     return out
 
 
@@ -49,12 +53,6 @@ def fill(url, files_of_items, site):
     """Push made-up items, made in the store `site`, to the remote `url`."""
     pushed = list(store_remote.Remote(url).push_many([make_item(files, site) for files in files_of_items]))
     assert all(str(outcome).startswith("pushed") for _, outcome in pushed), pushed
-
-
-def lists(requests):
-    """The LIST requests among (method, path, query) and whatever else was asked."""
-    listed = [r for r in requests if r[0] == "GET" and "list-type=2" in r[2]]
-    return listed, [r for r in requests if r not in listed]
 
 
 def test_a_remote_item_is_planned_as_a_pull_job_and_not_made(s3_server, remote_url, tmp_path):
@@ -76,7 +74,7 @@ def test_a_remote_item_is_planned_as_a_pull_job_and_not_made(s3_server, remote_u
     assert {n: c for n, c in jobs.items() if n.startswith(("prepare_dataset", "train_teacher", "trajectory_s"))} == {
         "prepare_dataset_from_remote": 1, "train_teacher_from_remote": 1, "trajectory_spec_from_remote": 1,
         "trajectory_shard_from_remote": 1, "trajectory_shard_from_store": 1, "trajectory_shard": 1}, jobs
-    listed, other = lists(s3_server.requests)
+    listed, other = s3_server.lists_and_others()
     assert len(listed) == 3 and not other, s3_server.requests  # datasets/, teachers/ and trajectories/ folders
     shells = {rule: shell for rule, _, shell in planned_resources(dry)}
     assert f"--mode pull --remote {remote_url} " in shells["train_teacher_from_remote"]
@@ -129,23 +127,72 @@ def test_a_remote_that_cannot_be_listed_stops_planning_naming_it(s3_endpoint, tm
 
 
 def test_a_paper_rows_plan_lists_key_folders_not_objects(s3_server, remote_url, tmp_path):
-    """The CIFAR-10 row's 480 shards, its imported teacher and its spec in the remote: the dry run
-    plans them as pulls from three LIST requests (one per key folder), never a request per item."""
-    row = ROWS / "cifar10-cmt-ect.yaml"
+    """The ImageNet-512 ECD row: its three imported networks, its trajectory spec, 159 of its 160
+    trajectory shards and 255 of its 257 latent shards in the remote, one latent shard in the local
+    store. The dry run plans each as a pull, a receipt from the record or a making job, from one LIST
+    request per key folder (six), never a request per item."""
+    row = ROWS / "imagenet512-cmt-ecd.yaml"
     given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url})
     files = item_files(resolve([row, given]))
+    made_here, local = {"dataset", "shard/000159", "latent/000256"}, "latent/000255"
+    make_item(files[local])
     remote = store_remote.Remote(remote_url)
     s3 = boto3.client("s3")
-    site = tmp_path / "site-a"
-    for name in [n for n in files if n != "dataset"]:  # records alone: planning reads no object
-        record = store.read_record(make_item(files[name], site))
+    for name in set(files) - made_here - {local}:  # records alone: planning reads no object
+        record = store.read_record(make_item(files[name], tmp_path / "site-a"))
         s3.put_object(Bucket=remote.bucket, Key=remote.key(store_remote.item_name(files[name]) + ".record.json"),
                       Body=json.dumps(record).encode())
     s3_server.requests.clear()
     jobs = planned_jobs(workflow_runs.snakemake(tmp_path, "-n", configs=(row, given)))
-    assert jobs["trajectory_shard_from_remote"] == 480 and jobs["import_teacher_from_remote"] == 1
-    assert jobs["trajectory_spec_from_remote"] == 1 and jobs["prepare_dataset"] == 1
-    assert "trajectory_shard" not in jobs and "import_teacher" not in jobs
-    listed, other = lists(s3_server.requests)
-    assert len(listed) == 3 and not other, s3_server.requests
+    assert {n: c for n, c in jobs.items() if n.startswith(("import_", "trajectory_s", "encode_dataset"))} == {
+        "import_teacher_from_remote": 1, "import_guide_from_remote": 1, "import_ecd_teacher_from_remote": 1,
+        "trajectory_spec_from_remote": 1, "trajectory_shard_from_remote": 159, "trajectory_shard": 1,
+        "encode_dataset_from_remote": 255, "encode_dataset_from_store": 1, "encode_dataset": 1}, jobs
+    listed, other = s3_server.lists_and_others()
+    assert len(listed) == 6 and not other, s3_server.requests
     assert all("delimiter=%2F" in query for _, _, query in listed)
+
+
+def results(workdir):
+    """The numbers of the report's table (results.csv) of a finished tiny run but its wall times:
+    {row label: {column: value}}."""
+    rows = list(csv.DictReader((workdir / "results" / "tiny" / "results.csv").open()))
+    return {tuple(v for v in r.values() if not number(v)): {k: float(v) for k, v in r.items()
+                                                            if number(v) and "wall time" not in k} for r in rows}
+
+
+def number(text):
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.heavy
+def test_a_second_site_runs_the_tiny_row_from_the_remote_alone(remote_url, tmp_path):
+    """Site A runs the tiny row with store_push: every store item it makes is pushed. Site B, with an
+    empty store of its own, plans no dataset, teacher or trajectory job, only pulls, and its run ends
+    with site A's numbers."""
+    sites = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        sites[name] = overlay(tmp_path, {"store": str(tmp_path / name / "store"), "store_remote": remote_url,
+                                         "store_push": name == "a"}, f"site-{name}")
+    workflow_runs.finished_run(tmp_path / "a", "tiny", (TINY, sites["a"]))
+    made = {i.name for i in store_items.scan(tmp_path / "a" / "store") if i.status == store_items.COMPLETE}
+    assert len(made) == 5 and set(store_remote.Remote(remote_url).items()) == made
+
+    jobs = planned_jobs(workflow_runs.snakemake(tmp_path / "b", "-n", configs=(TINY, sites["b"])))
+    assert not {"prepare_dataset", "train_teacher", "trajectory_spec", "trajectory_shard"} & set(jobs), jobs
+    assert {n: c for n, c in jobs.items() if n.endswith("_from_remote")} == {
+        "prepare_dataset_from_remote": 1, "train_teacher_from_remote": 1, "trajectory_spec_from_remote": 1,
+        "trajectory_shard_from_remote": 2}
+    workflow_runs.finished_run(tmp_path / "b", "tiny", (TINY, sites["b"]))
+    pulled = store_items.scan(tmp_path / "b" / "store")
+    assert {i.name for i in pulled} == made and all(i.record["pulled"]["from"] == remote_url for i in pulled)
+    assert "[store] pulling" in (tmp_path / "b" / "results/tiny/logs/train_teacher.log").read_text()
+    a, b = results(tmp_path / "a"), results(tmp_path / "b")
+    assert a.keys() == b.keys() and a
+    for label in a:
+        assert b[label] == pytest.approx(a[label], rel=1e-5), label
