@@ -4,7 +4,9 @@ counts the requests it answers, from any process):
 1. the planning question alone: which of a paper row's items are complete in the remote
    (stages/files/store_remote.py remote_complete), beside one HEAD request per item, which it replaces;
 2. `snakemake -n` of that row in an empty workdir with an empty local store: without a remote, with a
-   remote that holds none of its items, and with one that holds all of them (each planned as a pull).
+   remote that holds none of its items, and with one that holds all of them (each planned as a
+   pull); beside them, without a remote and a local store that holds every item (each planned as a
+   receipt from its record).
 
 The row is --row (default the CIFAR-10 row) with --shards trajectory shards (default 2,400; the pool
 size is no part of any key); the remote holds a record and an object per item, as a push leaves them.
@@ -35,7 +37,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from s3_server import S3Server  # noqa: E402
 
 from stages.config import resolve, store_keys  # noqa: E402
-from stages.files import store_remote  # noqa: E402
+from stages.files import atomic, store_remote  # noqa: E402
+from stages.files import store as store_module  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--shards", type=int, default=2400)
@@ -44,13 +47,22 @@ a = p.parse_args()
 
 
 def row_items(config):
-    """The item names (`<kind>/<folder>/<file>`) of every store item of the row."""
+    """The files (`<kind>/<folder>/<file>`) of every store item of the row, item by item."""
     items = store_keys.items(config)
     files = [item.files for item in items.values() if item.files]
     files += [[f"{items['trajectories'].folder}/shard-{k}.tar"] for k in store_keys.trajectory_shard_ids(config)]
     if "latents" in items:
         files += [[f"{items['latents'].folder}/shard-{k}.tar"] for k in store_keys.latent_shard_ids(config)]
-    return [store_remote.item_name(f) for f in files]
+    return [["/".join(Path(f).parts[-3:]) for f in item] for item in files]
+
+
+def local_items(store, items):
+    """Made-up complete items in the local store `store`, recorded."""
+    for item in items:
+        files = [Path(store, f) for f in item]
+        for f in files:
+            atomic.write_bytes(f, b"")
+        store_module.write_record(files, key="made-up")
 
 
 def dry_run(workdir, configs):
@@ -79,12 +91,14 @@ try:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         layers = {"row": work / "row.yaml", "no remote": work / "none.yaml", "empty remote": work / "empty.yaml",
-                  "full remote": work / "full.yaml"}
+                  "full remote": work / "full.yaml", "full local store": work / "local.yaml"}
         layers["row"].write_text(yaml.safe_dump({"store": str(work / "store"),
                                                  "trajectories": {"num_shards": a.shards}}))
         for name, url in (("no remote", None), ("empty remote", empty), ("full remote", full)):
             layers[name].write_text(yaml.safe_dump({"store_remote": url}))
-        names = row_items(resolve([REPO / a.row, layers["row"]]))
+        layers["full local store"].write_text(yaml.safe_dump({"store": str(work / "full-store")}))
+        items = row_items(resolve([REPO / a.row, layers["row"]]))
+        names = [store_remote.item_name(files) for files in items]
         remote = store_remote.Remote(full)
 
         def fill(name):  # a record and an object per item, as a push leaves them
@@ -107,8 +121,9 @@ try:
             remote.s3.head_object(Bucket=remote.bucket, Key=remote.key(name + ".record.json"))
         out["head_per_item"] = {"requests": len(server.requests), "seconds": round(time.perf_counter() - t0, 3)}
 
+        local_items(work / "full-store", items)
         out["dry_run"] = {}
-        for name in ("no remote", "empty remote", "full remote"):
+        for name in ("no remote", "empty remote", "full remote", "full local store"):
             (work / name).mkdir()
             server.requests.clear()
             seconds, jobs = dry_run(work / name, [REPO / a.row, layers["row"], layers[name]])
@@ -116,6 +131,7 @@ try:
             out["dry_run"][name] = {"seconds": round(seconds, 1), "list_requests": len(lists),
                                     "other_requests": len(others), "pull_jobs": sum(
                                         c for r, c in jobs.items() if r.endswith("_from_remote")),
+                                    "receipt_jobs": sum(c for r, c in jobs.items() if r.endswith("_from_store")),
                                     "trajectory_shard_jobs": jobs.get("trajectory_shard", 0)}
             print(f"{name}: {out['dry_run'][name]}", flush=True)
     print(json.dumps(out, indent=2))
