@@ -7,6 +7,8 @@ or trajectory and ends with the same numbers."""
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -16,7 +18,7 @@ import yaml
 from workflow_runs import ROWS, TINY, planned_jobs, planned_resources
 
 from stages.config import resolve, store_keys
-from stages.files import atomic, store, store_items, store_remote
+from stages.files import atomic, store, store_items, store_plan, store_remote
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +105,19 @@ def test_without_a_remote_no_request_is_sent_and_the_rules_are_as_they_were(s3_s
     assert planned_jobs(dry)["trajectory_shard"] == 2
     assert "--remote" not in dry.stdout and "--push" not in dry.stdout
     assert not s3_server.requests
+
+
+def test_a_jobs_own_snakemake_asks_no_remote(s3_server, remote_url, tmp_path):
+    """On a cluster each job runs its own Snakemake (`--mode remote`, the executor's call) on a compute
+    node, which may reach no network: it plans no pulls and sends no request; its job is made."""
+    given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url})
+    fill(remote_url, [item_files(resolve([TINY, given]))["trajectories"]], tmp_path / "site-a")
+    s3_server.requests.clear()
+    run = workflow_runs.snakemake(tmp_path, "--mode", "remote", "--target-jobs", "trajectory_spec:",
+                                  "--allowed-rules", "trajectory_spec", configs=(TINY, given))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert not s3_server.requests
+    assert "[store] making" in (tmp_path / "results/tiny/logs/trajectory_spec.log").read_text()
 
 
 def test_store_push_adds_the_push_to_what_is_made_only(remote_url, tmp_path):
@@ -196,3 +211,26 @@ def test_a_second_site_runs_the_tiny_row_from_the_remote_alone(remote_url, tmp_p
     assert a.keys() == b.keys() and a
     for label in a:
         assert b[label] == pytest.approx(a[label], rel=1e-5), label
+
+
+def test_the_plans_helpers_without_snakemake(tmp_path):
+    """Where items come from without a remote (no boto3 imported), the wrapper's options and the shard
+    rules' patterns."""
+    made = [str(f) for f in make_item([tmp_path / "trajectories/k/shard-000001.tar"])]
+    script = ("import sys; from stages.files import store_plan as p; "
+              f"print(p.sources([{made!r}, [{str(tmp_path / 'trajectories/k/shard-000002.tar')!r}]])); "
+              "print('boto3' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=workflow_runs.REPO,
+                         check=True).stdout.splitlines()
+    assert out == [repr({made[0]: "store", str(tmp_path / "trajectories/k/shard-000002.tar"): "make"}), "False"]
+    assert store_plan.sources([made], remake=True) == {made[0]: "make"}
+    assert store_plan.wrapper_options("remote", remote="s3://b/p") == "pull --remote s3://b/p"
+    assert store_plan.wrapper_options("make", remote="s3://b/p", push=True) == "make --push --remote s3://b/p"
+    assert store_plan.wrapper_options("store", remote="s3://b/p", push=True) == "reuse"
+    assert store_plan.wrapper_options("remote", remake=True, remote="s3://b/p", push=True) == (
+        "remake --push --remote s3://b/p")
+    sources = {"000000": "remote", "000001": "store", "000002": "remote"}
+    assert [store_plan.shard_pattern(sources, s) for s in ("remote", "store", "make")] == [
+        "000000|000002", "000001", "(?!)"]
+    assert store_plan.shard_pattern(dict.fromkeys(sources, "remote"), "remote") == r"\d{6}"
+    assert store_plan.rule_name("trajectory_shard", "remote") == "trajectory_shard_from_remote"
