@@ -49,12 +49,7 @@ a = p.parse_args()
 
 def row_items(config):
     """The files (`<kind>/<folder>/<file>`) of every store item of the row, item by item."""
-    items = store_keys.items(config)
-    files = [item.files for item in items.values() if item.files]
-    files += [[f"{items['trajectories'].folder}/shard-{k}.tar"] for k in store_keys.trajectory_shard_ids(config)]
-    if "latents" in items:
-        files += [[f"{items['latents'].folder}/shard-{k}.tar"] for k in store_keys.latent_shard_ids(config)]
-    return [["/".join(Path(f).parts[-3:]) for f in item] for item in files]
+    return [["/".join(Path(f).parts[-3:]) for f in files] for files in store_keys.item_files(config).values()]
 
 
 def local_items(store, items):

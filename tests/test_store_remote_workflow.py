@@ -29,18 +29,6 @@ def overlay(tmp_path, values, name="remote"):
     return path
 
 
-def item_files(config):
-    """{item: its files} of every store item of a row's config; a trajectory shard's item is `shard/<id>`, a
-    latent shard's `latent/<id>`."""
-    items = store_keys.items(config)
-    out = {name: item.files for name, item in items.items() if item.files}
-    for k in store_keys.trajectory_shard_ids(config):
-        out[f"shard/{k}"] = [f"{items['trajectories'].folder}/shard-{k}.tar"]
-    for k in store_keys.latent_shard_ids(config) if "latents" in items else []:
-        out[f"latent/{k}"] = [f"{items['latents'].folder}/shard-{k}.tar"]
-    return out
-
-
 def make_item(files, root=None):
     """A complete item with made-up bytes, recorded as the store wrapper records it; under `root` (another
     site's store) where given, else at `files`."""
@@ -65,7 +53,7 @@ def test_a_remote_item_is_planned_as_a_pull_job_and_not_made(s3_server, remote_u
     given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url,
                                "trajectories": {"num_shards": 3}})
     config = resolve([TINY, given])
-    files = item_files(config)
+    files = store_keys.item_files(config)
     fill(remote_url, [files[n] for n in ("dataset", "teacher", "trajectories", "shard/000000")], tmp_path / "site-a")
     make_item(files["shard/000001"])
     workdir = tmp_path / "w"
@@ -111,7 +99,7 @@ def test_a_jobs_own_snakemake_asks_no_remote(s3_server, remote_url, tmp_path):
     """On a cluster each job runs its own Snakemake (`--mode remote`, the executor's call) on a compute
     node, which may reach no network: it plans no pulls and sends no request; its job is made."""
     given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url})
-    fill(remote_url, [item_files(resolve([TINY, given]))["trajectories"]], tmp_path / "site-a")
+    fill(remote_url, [store_keys.item_files(resolve([TINY, given]))["trajectories"]], tmp_path / "site-a")
     s3_server.requests.clear()
     run = workflow_runs.snakemake(tmp_path, "--mode", "remote", "--target-jobs", "trajectory_spec:",
                                   "--allowed-rules", "trajectory_spec", configs=(TINY, given))
@@ -122,7 +110,7 @@ def test_a_jobs_own_snakemake_asks_no_remote(s3_server, remote_url, tmp_path):
 
 def test_store_push_adds_the_push_to_what_is_made_only(remote_url, tmp_path):
     given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url, "store_push": True})
-    make_item(item_files(resolve([TINY, given]))["shard/000001"])
+    make_item(store_keys.item_files(resolve([TINY, given]))["shard/000001"])
     shells = {rule: shell for rule, _, shell in planned_resources(workflow_runs.snakemake(
         tmp_path, "-n", configs=(TINY, given)))}
     assert f"--mode make --push --remote {remote_url} " in shells["train_teacher"]
@@ -148,7 +136,7 @@ def test_a_paper_rows_plan_lists_key_folders_not_objects(s3_server, remote_url, 
     request per key folder (six), never a request per item."""
     row = ROWS / "imagenet512-cmt-ecd.yaml"
     given = overlay(tmp_path, {"store": str(tmp_path / "store"), "store_remote": remote_url})
-    files = item_files(resolve([row, given]))
+    files = store_keys.item_files(resolve([row, given]))
     made_here, local = {"dataset", "shard/000159", "latent/000256"}, "latent/000255"
     make_item(files[local])
     remote = store_remote.Remote(remote_url)

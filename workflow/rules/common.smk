@@ -61,8 +61,11 @@ STORE_REMOTE = config["store_remote"] if workflow.is_main_process else None
 STORE_PUSH = config["store_push"]
 
 
+ITEM_FILES = store_keys.item_files(config)
+
+
 def shard_file(shard):
-    return f"{TRAJ.folder}/shard-{shard}.tar"
+    return ITEM_FILES[f"shard/{shard}"][0]
 
 
 if LATENTS:
@@ -70,7 +73,7 @@ if LATENTS:
     LATENT_SHARD_IDS = store_keys.latent_shard_ids(config)
 
     def latent_shard_file(shard):
-        return f"{LATENT_ITEM.folder}/shard-{shard}.tar"
+        return ITEM_FILES[f"latent/{shard}"][0]
 
 
 # Networks imported from official pickles: the teacher (teacher.source import), ECD's autoguidance
@@ -87,11 +90,7 @@ if ECD_TEACHER:
 # store holds gets its receipt from the `_from_store` variant of its rule, a local job that only reads
 # the record (a second workdir submits no cluster job, and hashes nothing, for what the store holds);
 # an item the remote holds, from the `_from_remote` variant, a local job that pulls it.
-SOURCES = store_plan.sources(
-    [DATASET.files, TEACHER.files, TRAJ.files, *([shard_file(k)] for k in SHARD_IDS),
-     *([latent_shard_file(k)] for k in (LATENT_SHARD_IDS if LATENTS else [])),
-     *(item.files for item, _, _ in IMPORTS.values())],
-    remote=STORE_REMOTE, remake=STORE_REMAKE)
+SOURCES = store_plan.sources(ITEM_FILES.values(), remote=STORE_REMOTE, remake=STORE_REMAKE)
 
 
 def source(files):
