@@ -1,13 +1,11 @@
 """The remote store (stages/files/store_remote.py) against a real S3 API on localhost: moto's server,
-started and stopped by the tests. Push, pull, damaged and half-pushed objects, two sites pushing one
-item at once, and the requests that planning costs."""
+started and stopped by the tests (conftest.py s3_server). Push, pull, damaged and half-pushed
+objects, two sites pushing one item at once, and the requests that planning costs."""
 
 import json
-import logging
 import os
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import boto3
@@ -18,38 +16,6 @@ from stages.tools import store as store_cli
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "23404d44e8a8415a"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on a free port; boto3 finds it, and made-up credentials, where it finds a
-    real service's: in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL_S3"]
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
-
-
-@pytest.fixture
-def remote_url(s3_endpoint):
-    """A new bucket for each test; the store under a prefix in it."""
-    bucket = f"cmt-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/team/store"
 
 
 def make_item(root, rel_files, content, key=KEY):

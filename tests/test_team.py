@@ -61,8 +61,9 @@ def finish(proc, workdir, timeout=600):
 
 class StoreWatch(threading.Thread):
     """Polls the store: every file once seen must stay, with the same inode and mtime. Temporary
-    files, lock files (each holder writes its name into it) and training states (deleted by design
-    when the teacher is written) are not store files."""
+    files, lock files (each holder writes its name into it), use logs (replaced whole at each use),
+    the environment a stage leaves for its record (removed once recorded) and training states
+    (deleted by design when the teacher is written) are not store files."""
 
     def __init__(self, root):
         super().__init__(daemon=True)
@@ -71,7 +72,8 @@ class StoreWatch(threading.Thread):
     def files(self):
         out = {}
         for p in self.root.rglob("*"):
-            if p.name.endswith((".tmp", ".lock")) or any(part.endswith("-state") for part in p.parts):
+            if (p.name.endswith((".tmp", ".lock", ".uses.json", ".env.json"))
+                    or any(part.endswith("-state") for part in p.parts)):
                 continue
             try:
                 st = p.stat()

@@ -27,6 +27,8 @@ def problems(cfg):
     if fixed is not None and cfg["dataset"].get("resolution", fixed) != fixed:
         out.append(f"dataset.resolution: {cfg['dataset']['resolution']}, but {cfg['dataset']['source']} "
                    f"images are {fixed}x{fixed}")
+    if cfg.get("store_push") and not cfg.get("store_remote"):
+        out.append("store_push: true needs store_remote, the remote store to push to (s3://bucket/prefix)")
     if cfg.get("family", "cm") == "mf":
         out += meanflow_problems(cfg)
     else:

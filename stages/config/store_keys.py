@@ -197,3 +197,15 @@ def items(config):
     out = {"dataset": dataset(config), "teacher": teacher(config), "trajectories": trajectories(config),
            "latents": latents(config), "guide": guide(config), "ecd_teacher": ecd_teacher(config)}
     return {name: item for name, item in out.items() if item is not None}
+
+
+def item_files(config):
+    """{name: files} of every store item the row uses, one entry per shard: `shard/<id>` for the
+    trajectory pool's, `latent/<id>` for the encoded dataset's. What planning asks the stores about
+    (workflow/rules/common.smk), the tests and bench/ alike."""
+    row = items(config)
+    out = {name: item.files for name, item in row.items() if item.files}
+    out |= {f"shard/{k}": [f"{row['trajectories'].folder}/shard-{k}.tar"] for k in trajectory_shard_ids(config)}
+    if "latents" in row:
+        out |= {f"latent/{k}": [f"{row['latents'].folder}/shard-{k}.tar"] for k in latent_shard_ids(config)}
+    return out

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 from stages.config import asset_paths, multinode, stage_configs, store_keys  # noqa: E402  (stdlib only)
 from stages.config.stage_configs import as_arg  # noqa: E402
-from stages.files import store  # noqa: E402  (records, locks and receipts of the store: stdlib only)
+from stages.files import store_plan  # noqa: E402  (stdlib only; boto3 only with a remote)
 from stages.files.assets import CATALOG  # noqa: E402
 
 ROW = config["row"]
@@ -57,30 +57,56 @@ MANIFEST = f"{RES}/trajectories/manifest.json"
 # store_remake: this run's store jobs make their files again (with --force on a receipt, the one
 # command that regenerates a damaged store file); otherwise complete items are reused.
 STORE_REMAKE = config["store_remake"]
+# store_remote: an item complete there and not here is pulled by a local job instead of made. Only the
+# planning Snakemake asks it: a job's own Snakemake (on a compute node, which may reach no network)
+# runs making jobs alone. store_push: what this run makes is pushed there.
+STORE_REMOTE = config["store_remote"] if workflow.is_main_process else None
+STORE_PUSH = config["store_push"]
+
+
+ITEM_FILES = store_keys.item_files(config)
 
 
 def shard_file(shard):
-    return f"{TRAJ.folder}/shard-{shard}.tar"
+    return ITEM_FILES[f"shard/{shard}"][0]
 
 
-def stored(files):
-    """Whether the item was complete (its record says so) when this run was planned. Its receipt is
-    then written by the `_from_store` variant of its name, a local job that only reads the record (so
-    a second workdir submits no cluster job, and hashes nothing, for what the store holds)."""
-    return not STORE_REMAKE and store.complete(files)
+if LATENTS:
+    LATENT_ITEM = ITEMS["latents"]
+    LATENT_SHARD_IDS = store_keys.latent_shard_ids(config)
+
+    def latent_shard_file(shard):
+        return ITEM_FILES[f"latent/{shard}"][0]
 
 
-def store_rule(name, is_stored):
-    """A store item's maker's name, `<name>_from_store` where the store holds the item."""
-    return f"{name}_from_store" if is_stored else name
+# Networks imported from official pickles: the teacher (teacher.source import), ECD's autoguidance
+# guide and its reference teacher where it is not the trajectories' (posttrain.guidance).
+IMPORTS = {}
+if config["teacher"].get("source", "train") == "import":
+    IMPORTS["import_teacher"] = (TEACHER, config["teacher"]["asset"], TEACHER_RECEIPT)
+if GUIDE:
+    IMPORTS["import_guide"] = (GUIDE, asset_paths.guide_asset(config), f"{RECEIPTS}/guide.json")
+if ECD_TEACHER:
+    IMPORTS["import_ecd_teacher"] = (ECD_TEACHER, asset_paths.ecd_teacher_asset(config), f"{RECEIPTS}/ecd-teacher.json")
+
+# Where each item comes from (stages/files/store_plan.py), decided once for the whole row: an item the
+# store holds gets its receipt from the `_from_store` variant of its rule, a local job that only reads
+# the record (a second workdir submits no cluster job, and hashes nothing, for what the store holds);
+# an item the remote holds, from the `_from_remote` variant, a local job that pulls it.
+SOURCES = store_plan.sources(ITEM_FILES.values(), remote=STORE_REMOTE, remake=STORE_REMAKE)
 
 
-def store_mode(is_stored):
-    """--mode of stages.files.store; `is_stored(wildcards)`. A function of `output`: which rule
-    writes a receipt is no part of what it records (no params rerun trigger)."""
+def source(files):
+    return SOURCES[str(files[0])]
+
+
+def store_mode(source_of):
+    """--mode of stages.files.store and its remote options; `source_of(wildcards)` is the item's
+    source. A function of `output`: which rule writes a receipt is no part of what it records (no
+    params rerun trigger)."""
 
     def mode(wildcards, output):
-        return "remake" if STORE_REMAKE else "reuse" if is_stored(wildcards) else "make"
+        return store_plan.wrapper_options(source_of(wildcards), STORE_REMAKE, config["store_remote"], STORE_PUSH)
 
     return mode
 
@@ -94,20 +120,10 @@ def store_command(stage):
     return f"{STORE_WRAPPER} -- {stage}"
 
 
-DATASET_STORED = stored(DATASET.files)
-TEACHER_STORED = stored(TEACHER.files)
-SPEC_STORED = stored(TRAJ.files)
-SHARDS_STORED = [k for k in SHARD_IDS if stored([shard_file(k)])]
-
-# Networks imported from official pickles: the teacher (teacher.source import), ECD's autoguidance
-# guide and its reference teacher where it is not the trajectories' (posttrain.guidance).
-IMPORTS = {}
-if config["teacher"].get("source", "train") == "import":
-    IMPORTS["import_teacher"] = (TEACHER, config["teacher"]["asset"], TEACHER_RECEIPT)
-if GUIDE:
-    IMPORTS["import_guide"] = (GUIDE, asset_paths.guide_asset(config), f"{RECEIPTS}/guide.json")
-if ECD_TEACHER:
-    IMPORTS["import_ecd_teacher"] = (ECD_TEACHER, asset_paths.ecd_teacher_asset(config), f"{RECEIPTS}/ecd-teacher.json")
+DATASET_FROM = source(DATASET.files)
+TEACHER_FROM = source(TEACHER.files)
+SPEC_FROM = source(TRAJ.files)
+SHARDS_FROM = {k: source([shard_file(k)]) for k in SHARD_IDS}
 
 
 # ---- training: resumable state, its options and the GPUs a job was given, all functions of `output`:
@@ -152,16 +168,10 @@ def slice_retries(name):
 # ---- the latent rows (latents.smk): the training stages read the encoded dataset, sample and
 # fid_teacher decode with the row's VAE
 if LATENTS:
-    LATENT_ITEM = ITEMS["latents"]
-    LATENT_SHARD_IDS = store_keys.latent_shard_ids(config)
     LATENT_RECEIPTS = expand(f"{RECEIPTS}/latents/{{shard}}.json", shard=LATENT_SHARD_IDS)
     LATENT_MANIFEST = f"{RES}/latents/manifest.json"
     VAE_DIR = asset_paths.path(config, config["latents"]["vae"]) if isinstance(config["latents"]["vae"], str) else None
-
-    def latent_shard_file(shard):
-        return f"{LATENT_ITEM.folder}/shard-{shard}.tar"
-
-    LATENT_SHARDS_STORED = [k for k in LATENT_SHARD_IDS if stored([latent_shard_file(k)])]
+    LATENT_SHARDS_FROM = {k: source([latent_shard_file(k)]) for k in LATENT_SHARD_IDS}
     LATENT_VGG = f"{RES}/latent_vgg/model.safetensors"
     LATENT_VGG_ACCURACY = f"{RES}/latent_vgg/accuracy.json"
     LATENT_VGG_METRICS = f"{RES}/latent_vgg/metrics.jsonl"

@@ -1,5 +1,5 @@
 rule:
-    name: store_rule("prepare_dataset", DATASET_STORED)
+    name: store_plan.rule_name("prepare_dataset", DATASET_FROM)
     input:
         asset_inputs(DATASET.spec.get("path")),
     output:
@@ -9,8 +9,8 @@ rule:
         out=DATASET.folder,
         key=DATASET.key,
         files=DATASET.files,
-        store_mode=store_mode(lambda w: DATASET_STORED),
-    localrule: DATASET_STORED
+        store_mode=store_mode(lambda w: DATASET_FROM),
+    localrule: DATASET_FROM != store_plan.MAKE
     conda:
         "../../envs/cmt.yaml"
     log:

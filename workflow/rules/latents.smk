@@ -10,9 +10,8 @@ rule encode_dataset:
     output:
         f"{RECEIPTS}/latents/{{shard}}.json",
     wildcard_constraints:
-        # the shards the store does not hold yet (one rule per receipt: planning stays fast)
-        shard=("|".join(k for k in LATENT_SHARD_IDS if k not in LATENT_SHARDS_STORED) or "(?!)")
-        if LATENT_SHARDS_STORED else r"\d{6}",
+        # the shards neither store holds (one rule per receipt: planning stays fast)
+        shard=store_plan.shard_pattern(LATENT_SHARDS_FROM, store_plan.MAKE),
     params:
         cfg=stage_config("encode_dataset"),
         key=LATENT_ITEM.key,
@@ -22,7 +21,7 @@ rule encode_dataset:
         vae=f"--vae {shlex.quote(VAE_DIR)}" if VAE_DIR else "",
         # how many images per VAE call changes no shard: a function of output, out of the params trigger
         vae_batch=lambda w, output: stage_configs.stage_options("encode_dataset", config)["vae_batch"],
-        store_mode=store_mode(lambda w: w.shard in LATENT_SHARDS_STORED),
+        store_mode=store_mode(lambda w: LATENT_SHARDS_FROM[w.shard]),
     threads: config["threads"]["light"]
     resources:
         trajectory_slot=1,
@@ -39,15 +38,26 @@ rule encode_dataset:
             "--shard {params.index} --out {params.files[0]:q} > {log} 2>&1")
 
 
-# Shards the store holds already: local jobs write this workdir's receipts from their records.
-if LATENT_SHARDS_STORED:
+# Shards the store holds already: local jobs write this workdir's receipts from their records; shards
+# the remote store holds: local jobs pull them.
+if store_plan.STORE in LATENT_SHARDS_FROM.values():
 
     use rule encode_dataset as encode_dataset_from_store with:
         localrule: True
         group: "latent_receipts"
         threads: 1
         wildcard_constraints:
-            shard="|".join(LATENT_SHARDS_STORED),
+            shard=store_plan.shard_pattern(LATENT_SHARDS_FROM, store_plan.STORE),
+
+
+if store_plan.REMOTE in LATENT_SHARDS_FROM.values():
+
+    use rule encode_dataset as encode_dataset_from_remote with:
+        localrule: True
+        group: "latent_receipts"
+        threads: 1
+        wildcard_constraints:
+            shard=store_plan.shard_pattern(LATENT_SHARDS_FROM, store_plan.REMOTE),
 
 
 rule latent_manifest:

@@ -18,7 +18,8 @@ for _name, _res in config.get("resources", {}).items():
         _rule.resources.update(_res)
         _rule.resources.update(Resources.from_mapping(
             workflow.resource_settings.overwrite_resources.get(_name, {})))
-    elif _name not in CONDITIONAL_RULES and f"{_name}_from_store" not in _defined:  # (a local job: no resources)
+    elif _name not in CONDITIONAL_RULES and not {f"{_name}_from_store", f"{_name}_from_remote"} & _defined:
+        # (a local job: no resources)
         raise ValueError(f"config resources: no rule named {_name!r} in this workflow")
 
 

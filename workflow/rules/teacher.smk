@@ -1,11 +1,12 @@
 # The teacher: trained here (teacher.source train) or read from an official pickle by the restricted
 # unpickler (import). Either rule makes the teacher in the store through stages.files.store and
 # outputs this workdir's receipt; where the store holds the item, its `_from_store` variant is a
-# local job that only reads the record.
+# local job that only reads the record, and where the remote store holds it, its `_from_remote`
+# variant a local job that pulls it (common.smk SOURCES).
 if config["teacher"].get("source", "train") == "train":
 
     rule:
-        name: store_rule("train_teacher", TEACHER_STORED)
+        name: store_plan.rule_name("train_teacher", TEACHER_FROM)
         input:
             PIXELS_RECEIPT,
             latent_training_inputs,
@@ -16,15 +17,15 @@ if config["teacher"].get("source", "train") == "train":
             key=TEACHER.key,
             files=TEACHER.files,
             dataset=DATASET.path,
-            store_mode=store_mode(lambda w: TEACHER_STORED),
+            store_mode=store_mode(lambda w: TEACHER_FROM),
             # the metrics log beside the model in the store, not one of the item's recorded files
             # (stages/files/store_items.py COMPANIONS): a teacher recorded before it was written stays complete
             state=state_args("train_teacher", lambda w: store_keys.teacher_state(config),
                              lambda w, output: TEACHER_METRICS),
             latents=latent_training_args("train_teacher"),
             gpus=launch_gpus,
-        localrule: TEACHER_STORED
-        threads: 1 if TEACHER_STORED else config["threads"]["teacher"]
+        localrule: TEACHER_FROM != store_plan.MAKE
+        threads: config["threads"]["teacher"] if TEACHER_FROM == store_plan.MAKE else 1
         retries: slice_retries("train_teacher")
         conda:
             "../../envs/cmt.yaml"
@@ -42,10 +43,10 @@ if config["teacher"].get("source", "train") == "train":
 # Networks imported from official pickles (common.smk IMPORTS): the teacher, ECD's guide and
 # reference teacher, one rule each from this one definition.
 for _rule, (_item, _asset, _receipt) in IMPORTS.items():
-    _stored = stored(_item.files)
+    _from = source(_item.files)
 
     rule:
-        name: store_rule(_rule, _stored)
+        name: store_plan.rule_name(_rule, _from)
         input:
             pickle=asset_paths.path(config, _asset),
         output:
@@ -54,9 +55,9 @@ for _rule, (_item, _asset, _receipt) in IMPORTS.items():
             cfg=as_arg(_item.spec),
             key=_item.key,
             files=_item.files,
-            store_mode=store_mode(lambda w, stored=_stored: stored),
-        localrule: _stored
-        threads: 1 if _stored else config["threads"]["light"]
+            store_mode=store_mode(lambda w, source=_from: source),
+        localrule: _from != store_plan.MAKE
+        threads: config["threads"]["light"] if _from == store_plan.MAKE else 1
         conda:
             "../../envs/cmt.yaml"
         log:

@@ -1,5 +1,5 @@
 rule:
-    name: store_rule("trajectory_spec", SPEC_STORED)
+    name: store_plan.rule_name("trajectory_spec", SPEC_FROM)
     priority: 10
     output:
         SPEC_RECEIPT,
@@ -7,8 +7,8 @@ rule:
         cfg=stage_config("trajectory_spec"),
         key=TRAJ.key,
         files=TRAJ.files,
-        store_mode=store_mode(lambda w: SPEC_STORED),
-    localrule: SPEC_STORED
+        store_mode=store_mode(lambda w: SPEC_FROM),
+    localrule: SPEC_FROM != store_plan.MAKE
     conda:
         "../../envs/cmt.yaml"
     log:
@@ -38,8 +38,8 @@ rule trajectory_shard:
     output:
         f"{RECEIPTS}/shards/{{shard}}.json",
     wildcard_constraints:
-        # the shards the store does not hold yet (one rule per receipt: planning stays fast)
-        shard="|".join(k for k in SHARD_IDS if k not in SHARDS_STORED) or "(?!)" if SHARDS_STORED else r"\d{6}",
+        # the shards neither store holds (one rule per receipt: planning stays fast)
+        shard=store_plan.shard_pattern(SHARDS_FROM, store_plan.MAKE),
     params:
         cfg=stage_config("trajectory_shard"),
         key=TRAJ.key,
@@ -48,7 +48,7 @@ rule trajectory_shard:
         gpus=launch_gpus,
         teacher=TEACHER.path,
         dataset=DATASET.path,
-        store_mode=store_mode(lambda w: w.shard in SHARDS_STORED),
+        store_mode=store_mode(lambda w: SHARDS_FROM[w.shard]),
     threads: config["threads"]["light"]
     resources:
         trajectory_slot=1,
@@ -67,8 +67,9 @@ rule trajectory_shard:
 
 
 # What the store holds already: local jobs write this workdir's receipts from the records, so a
-# second workdir submits no cluster job (and hashes no shard) for them.
-if SHARDS_STORED:
+# second workdir submits no cluster job (and hashes no shard) for them. What the remote store holds:
+# local jobs pull it (a compute node may reach no network).
+if store_plan.STORE in SHARDS_FROM.values():
 
     use rule trajectory_shard as trajectory_shard_from_store with:
         localrule: True
@@ -76,7 +77,17 @@ if SHARDS_STORED:
         group: "trajectory_receipts"
         threads: 1
         wildcard_constraints:
-            shard="|".join(SHARDS_STORED),
+            shard=store_plan.shard_pattern(SHARDS_FROM, store_plan.STORE),
+
+
+if store_plan.REMOTE in SHARDS_FROM.values():
+
+    use rule trajectory_shard as trajectory_shard_from_remote with:
+        localrule: True
+        group: "trajectory_receipts"
+        threads: 1
+        wildcard_constraints:
+            shard=store_plan.shard_pattern(SHARDS_FROM, store_plan.REMOTE),
 
 
 rule trajectory_manifest:
