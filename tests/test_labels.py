@@ -129,8 +129,8 @@ def test_midtrain_passes_each_trajectory_class(teacher, tmp_path, monkeypatch):
               for e in json.loads(manifest.read_text())["shards"] for s in shards.read_shard(e["path"])}
     seen = []
     loss = losses.cmt_cm_loss
-    monkeypatch.setattr(losses, "cmt_cm_loss", lambda net, st, sg, d, lab=None: seen.append((st, lab)) or
-                        loss(net, st, sg, d, lab))
+    monkeypatch.setattr(losses, "cmt_cm_loss", lambda net, st, sg, d, lab=None, **k: seen.append((st, lab)) or
+                        loss(net, st, sg, d, lab, **k))
     cfg = midtrain_config(steps=2, batch=8, distance="l2")
     run_in_process("stages.midtrain", ["--config", json.dumps(cfg), "--teacher", teacher, "--manifest", manifest,
                                        "--spot-check", "1", "--out", tmp_path / "mid.safetensors"])
