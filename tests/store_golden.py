@@ -70,9 +70,12 @@ def array_summary(a, head=HEAD, slices=True):
 
 
 def json_summary(obj, folders):
-    """`obj` without the sha256 of files (their content is summed up on its own) and how long a job
-    took, and with this run's folders named by their role."""
+    """`obj` without the sha256 of files (their content is summed up on its own), how long a job took
+    and what it ran on (a job record's device, processes, GPUs, nodes: the machine, not the item),
+    and with this run's folders named by their role."""
     if isinstance(obj, dict):
+        if "jobs" in obj and isinstance(obj["jobs"], list):
+            obj = {**obj, "jobs": [{k: r[k] for k in ("steps", "ended") if k in r} for r in obj["jobs"]]}
         return {k: json_summary(v, folders) for k, v in obj.items() if k != "sha256" and not k.endswith("seconds")}
     if isinstance(obj, list):
         return [json_summary(v, folders) for v in obj]
