@@ -15,6 +15,7 @@ holds every row's stage configs: a change here that alters one reruns that stage
 
 import json
 import math
+import shlex
 
 from stages.config import asset_paths, store_keys, workload
 
@@ -112,6 +113,20 @@ def ledger_gpus(config):
             "trajectory_shard": rule_gpus(config, "trajectory_shard"),
             "midtrain": rule_gpus(config, "midtrain_mf" if mf else "midtrain"),
             "posttrain": rule_gpus(config, "posttrain_mf" if mf else "posttrain")}
+
+
+def distilled(config, init):
+    """{role: store item name} of the networks an init's post-training distils: ECD's reference
+    teacher (the row's teacher unless posttrain.guidance.teacher names another) and its autoguidance
+    guide (a network of its own, or the teacher guiding itself); none for the other methods."""
+    if workload.posttrain_section(config, init).get("method") != "ecd":
+        return {}
+    out = {"teacher": "ecd_teacher" if asset_paths.ecd_teacher_asset(config) else "teacher"}
+    if asset_paths.guide_asset(config):
+        out["guide"] = "guide"
+    elif asset_paths.guide_is_teacher(config):
+        out["guide"] = "teacher"
+    return out
 
 
 def report(config):
@@ -223,6 +238,35 @@ def stage_options(rule, config):
     if rule == "encode_dataset":
         out["vae_batch"] = config["latents"]["batch"]
     return out
+
+
+def state_words(rule, config, state_dir, metrics):
+    """--state-dir, --checkpoint, --metrics and --tracking of a training job (stage_options: none of
+    them reruns finished work)."""
+    options = stage_options(rule, config)
+    return (f"--state-dir {shlex.quote(state_dir)} --checkpoint {shlex.quote(as_arg(options['checkpoint']))} "
+            f"--metrics {shlex.quote(metrics)} --tracking {shlex.quote(as_arg(options['tracking']))}")
+
+
+def check_words(rule, config):
+    """--verify and --spot-check of a mid-training job: how its trajectories are checked."""
+    options = stage_options(rule, config)
+    return f"--verify {options['verify']} --spot-check {int(options['spot_check'])}"
+
+
+def latent_words(rule, config, manifest):
+    """--latents and --verify of a training job on a latent row: the encoded dataset and how its shards
+    are checked; nothing elsewhere."""
+    if "latents" not in config:
+        return ""
+    return f"--latents {shlex.quote(manifest)} --verify {stage_options(rule, config)['verify']}"
+
+
+def decode_words(config, vae_dir):
+    """--latents (and --vae) of sample and fid_teacher on a latent row; nothing elsewhere."""
+    if "latents" not in config:
+        return ""
+    return f"--latents {shlex.quote(as_arg(config['latents']))}" + (f" --vae {shlex.quote(vae_dir)}" if vae_dir else "")
 
 
 def training_budgets(rule, config):

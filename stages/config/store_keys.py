@@ -153,6 +153,20 @@ def ecd_teacher(config):
     return imported(config, name, config["network"], {"source": "import", "asset": name})
 
 
+def imported_networks(config):
+    """{rule: (item name, catalog asset)} of the networks the row imports from official pickles: the
+    teacher (teacher.source import), ECD's guide and its reference teacher where they are networks of
+    their own (posttrain.guidance)."""
+    out = {}
+    if config["teacher"].get("source", "train") == "import":
+        out["import_teacher"] = ("teacher", config["teacher"]["asset"])
+    if asset_paths.guide_asset(config):
+        out["import_guide"] = ("guide", asset_paths.guide_asset(config))
+    if asset_paths.ecd_teacher_asset(config):
+        out["import_ecd_teacher"] = ("ecd_teacher", asset_paths.ecd_teacher_asset(config))
+    return out
+
+
 def trajectory_spec(config):
     """What makes a trajectory: the solver settings, the sigma range, the teacher's key. The pool size
     (num_shards) is not part of it: shard k is the same whatever the pool size, so growing the pool

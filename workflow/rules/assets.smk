@@ -1,4 +1,5 @@
 import re
+from stages.files.assets import CATALOG  # (the catalog of downloads: stdlib only)
 
 # fetch_assets: the one rule that touches the network (stages/config/asset_paths.py), one job per
 # missing file, so files already in place (placed by hand, say) are never touched. It is a local

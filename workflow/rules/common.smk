@@ -9,7 +9,6 @@ sys.path.insert(0, workflow.basedir)
 from stages.config import asset_paths, multinode, stage_configs, store_keys  # noqa: E402  (stdlib only)
 from stages.config.stage_configs import as_arg  # noqa: E402
 from stages.files import store_plan  # noqa: E402  (stdlib only; boto3 only with a remote)
-from stages.files.assets import CATALOG  # noqa: E402
 
 ROW = config["row"]
 RES = f"{config['results']}/{ROW}"
@@ -41,12 +40,13 @@ def asset_inputs(*paths):
 RECEIPTS = f"{RES}/receipts"
 ITEMS = store_keys.items(config)
 DATASET, TEACHER, TRAJ = ITEMS["dataset"], ITEMS["teacher"], ITEMS["trajectories"]
-GUIDE, ECD_TEACHER = ITEMS.get("guide"), ITEMS.get("ecd_teacher")
 DATASET_RECEIPT = f"{RECEIPTS}/dataset.json"
 # The prepared pixels, where a job reads them: a latent row trains on the encoded dataset and its
 # trajectories start from noise (ImageNet-256: 252 GB of uint8 no training job needs)
 PIXELS_RECEIPT = [] if LATENTS else DATASET_RECEIPT
 TEACHER_RECEIPT = f"{RECEIPTS}/teacher.json"
+# the receipts of the networks (store_keys.imported_networks: the teacher, ECD's guide and teacher)
+RECEIPT_OF = {"teacher": TEACHER_RECEIPT, "guide": f"{RECEIPTS}/guide.json", "ecd_teacher": f"{RECEIPTS}/ecd-teacher.json"}
 # the teacher's metrics log, which a teacher trained here publishes beside its model (none for an
 # imported teacher, or one trained before the log existed)
 TEACHER_METRICS = f"{TEACHER.folder}/metrics.jsonl"
@@ -55,15 +55,12 @@ SHARD_IDS = store_keys.trajectory_shard_ids(config)
 SHARD_RECEIPTS = expand(f"{RECEIPTS}/shards/{{shard}}.json", shard=SHARD_IDS)
 MANIFEST = f"{RES}/trajectories/manifest.json"
 # store_remake: this run's store jobs make their files again (with --force on a receipt, the one
-# command that regenerates a damaged store file); otherwise complete items are reused.
+# command that regenerates a damaged store file). store_remote: an item complete there and not here
+# is pulled by a local job instead of made; only the planning Snakemake asks it (a job's own, on a
+# compute node, may reach no network). store_push: what this run makes is pushed there.
 STORE_REMAKE = config["store_remake"]
-# store_remote: an item complete there and not here is pulled by a local job instead of made. Only the
-# planning Snakemake asks it: a job's own Snakemake (on a compute node, which may reach no network)
-# runs making jobs alone. store_push: what this run makes is pushed there.
 STORE_REMOTE = config["store_remote"] if workflow.is_main_process else None
 STORE_PUSH = config["store_push"]
-
-
 ITEM_FILES = store_keys.item_files(config)
 
 
@@ -78,16 +75,6 @@ if LATENTS:
     def latent_shard_file(shard):
         return ITEM_FILES[f"latent/{shard}"][0]
 
-
-# Networks imported from official pickles: the teacher (teacher.source import), ECD's autoguidance
-# guide and its reference teacher where it is not the trajectories' (posttrain.guidance).
-IMPORTS = {}
-if config["teacher"].get("source", "train") == "import":
-    IMPORTS["import_teacher"] = (TEACHER, config["teacher"]["asset"], TEACHER_RECEIPT)
-if GUIDE:
-    IMPORTS["import_guide"] = (GUIDE, asset_paths.guide_asset(config), f"{RECEIPTS}/guide.json")
-if ECD_TEACHER:
-    IMPORTS["import_ecd_teacher"] = (ECD_TEACHER, asset_paths.ecd_teacher_asset(config), f"{RECEIPTS}/ecd-teacher.json")
 
 # Where each item comes from (stages/files/store_plan.py), decided once for the whole row: an item the
 # store holds gets its receipt from the `_from_store` variant of its rule, a local job that only reads
@@ -128,31 +115,15 @@ SHARDS_FROM = {k: source([shard_file(k)]) for k in SHARD_IDS}
 
 # ---- training: resumable state, its options and the GPUs a job was given, all functions of `output`:
 # how often a run saves, how it is sliced, watched and checked, on how many GPUs, makes nothing stale
-def metrics_output(wildcards, output):
-    return output.metrics
-
-
-def state_args(name, folder, metrics=metrics_output):
-    """--state-dir, --checkpoint, --metrics and --tracking of a training rule; `folder(wildcards)` is its
-    state folder, `metrics(wildcards, output)` where its metrics log is published (the rule's `metrics`
-    output)."""
-
-    def args(wildcards, output):
-        options = stage_configs.stage_options(name, config)
-        return (f"--state-dir {shlex.quote(folder(wildcards))} --checkpoint {shlex.quote(as_arg(options['checkpoint']))} "
-                f"--metrics {shlex.quote(metrics(wildcards, output))} --tracking {shlex.quote(as_arg(options['tracking']))}")
-
-    return args
+def state_args(name, folder, metrics=lambda wildcards, output: output.metrics):
+    """--state-dir, --checkpoint, --metrics and --tracking; `folder(wildcards)` is the state folder,
+    `metrics(wildcards, output)` where the metrics log is published (the rule's `metrics` output)."""
+    return lambda wildcards, output: stage_configs.state_words(name, config, folder(wildcards),
+                                                               metrics(wildcards, output))
 
 
 def trajectory_checks(name):
-    """--verify and --spot-check of a mid-training rule: how its trajectories are checked."""
-
-    def args(wildcards, output):
-        options = stage_configs.stage_options(name, config)
-        return f"--verify {options['verify']} --spot-check {int(options['spot_check'])}"
-
-    return args
+    return lambda wildcards, output: stage_configs.check_words(name, config)
 
 
 def launch_gpus(wildcards, output, resources):
@@ -183,15 +154,7 @@ def latent_training_inputs(wildcards):
 
 
 def latent_training_args(name):
-    """--latents and --verify of a training job on a latent row: the encoded dataset and how its
-    shards are checked."""
-
-    def args(wildcards, output):
-        if not LATENTS:
-            return ""
-        return f"--latents {shlex.quote(LATENT_MANIFEST)} --verify {stage_configs.stage_options(name, config)['verify']}"
-
-    return args
+    return lambda wildcards, output: stage_configs.latent_words(name, config, LATENTS and LATENT_MANIFEST)
 
 
 def decode_inputs(wildcards):
@@ -199,12 +162,7 @@ def decode_inputs(wildcards):
 
 
 def decode_args(wildcards, output):
-    """--latents (and --vae) of sample and fid_teacher on a latent row (a function of `output`: no
-    other row's jobs see a new param)."""
-    if not LATENTS:
-        return ""
-    vae = f" --vae {shlex.quote(VAE_DIR)}" if VAE_DIR else ""
-    return f"--latents {shlex.quote(as_arg(config['latents']))}{vae}"
+    return stage_configs.decode_words(config, LATENTS and VAE_DIR)
 
 
 # ---- post-training inits, what each starts from and what sample and fid score
@@ -219,19 +177,13 @@ def init_input(wildcards):
 
 
 def distillation_inputs(wildcards):
-    """Method ecd distils the teacher (and its guide): their receipts."""
-    if stage_configs.stage_config("posttrain", config, wildcards.init)["posttrain"].get("method") != "ecd":
-        return []
-    guide = [IMPORTS["import_guide"][2]] if GUIDE else [TEACHER_RECEIPT] if asset_paths.guide_is_teacher(config) else []
-    return [IMPORTS["import_ecd_teacher"][2] if ECD_TEACHER else TEACHER_RECEIPT] + guide
+    """The receipts of the networks an init's post-training distils (ECD's teacher and guide)."""
+    return [RECEIPT_OF[item] for item in stage_configs.distilled(config, wildcards.init).values()]
 
 
 def distillation_args(wildcards):
-    if stage_configs.stage_config("posttrain", config, wildcards.init)["posttrain"].get("method") != "ecd":
-        return ""
-    guide = GUIDE.path if GUIDE else TEACHER.path if asset_paths.guide_is_teacher(config) else None
-    return (f"--teacher {shlex.quote((ECD_TEACHER or TEACHER).path)}"
-            + (f" --guide {shlex.quote(guide)}" if guide else ""))
+    return " ".join(f"--{role} {shlex.quote(ITEMS[item].path)}"
+                    for role, item in stage_configs.distilled(config, wildcards.init).items())
 
 
 def sampled_model(init, snap):

@@ -40,9 +40,10 @@ if config["teacher"].get("source", "train") == "train":
                 "--out {params.files[0]:q} {params.state} > {log} 2>&1")
 
 
-# Networks imported from official pickles (common.smk IMPORTS): the teacher, ECD's guide and
+# Networks imported from official pickles (store_keys.imported_networks): the teacher, ECD's guide and
 # reference teacher, one rule each from this one definition.
-for _rule, (_item, _asset, _receipt) in IMPORTS.items():
+for _rule, (_name, _asset) in store_keys.imported_networks(config).items():
+    _item, _receipt = ITEMS[_name], RECEIPT_OF[_name]
     _from = source(_item.files)
 
     rule:
