@@ -140,14 +140,14 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     far, and how it ended where it stops; the job that finishes adds its own record to the model file.
     """
     # The EMA copy is made before accelerator.prepare moves the network to its device.
-    ema.module.to(accelerator.device)
+    ema.to(accelerator.device)
     start_step, seconds_before = 0, 0.0
     if state is not None:
         if accelerator.is_main_process:
             state.lock()
         try:
             start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
-                                                       optimizer=optimizer, data=data)
+                                                       optimizer=optimizer, data=data, averages=ema.averages())
         except BaseException:
             state.unlock()
             raise
@@ -163,7 +163,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         if accelerator.is_main_process:
             state.save(step=steps_done, total_steps=total_steps, batch=batch,
                        net=accelerator.unwrap_model(net), ema=ema.module, optimizer=optimizer, data=data,
-                       train_seconds=seconds_before + status.elapsed(), **ended)
+                       train_seconds=seconds_before + status.elapsed(), averages=ema.averages(), **ended)
         accelerator.wait_for_everyone()
 
     def stop(reason, code, steps_done, **ended):
