@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 
 from stages.training import loop
-from stages.training.ema import EMA
+from stages.training.ema import EMA, PowerEMA
 from stages.training.job import TrainingJob
+from stages.training.posthoc_ema import ProfileSnapshots
 
 
 @dataclasses.dataclass
@@ -62,10 +63,14 @@ def run(recipe, args, cfg, accelerator, started=None):
           + (f", snapshots at steps {sorted(snapshots.steps)}" if snapshots else ""), flush=True)
     if snapshots:
         snapshots.save(0)
+    # the power-function profiles' snapshots (ema.kind power), for post-hoc reconstruction
+    profiles = ProfileSnapshots(job, r.ema, r.batch, r.meta) if isinstance(r.ema, PowerEMA) else None
+    hooks = [h.save for h in (snapshots, profiles) if h]
     elapsed = loop.fit(stage=r.stage, accelerator=accelerator, net=net, ema=r.ema, optimizer=optimizer,
                        opt_cfg=r.optimizer, total_steps=r.total_steps, batch=r.batch, seed=r.seed,
                        loss_fn=lambda step, part: r.loss(net, step, part),
-                       on_step_end=snapshots.save if snapshots else None, state=job.state, data=r.data,
+                       on_step_end=(lambda done: [h(done) for h in hooks]) if hooks else None,
+                       state=job.state, data=r.data,
                        micro_batches=r.micro_batches)
     if r.finish is not None and accelerator.is_main_process:
         r.meta = {**r.meta, **(r.finish(accelerator.unwrap_model(net)) or {})}
