@@ -30,6 +30,9 @@ p.add_argument("--table", required=True, help="results.csv: ours and the paper's
 p.add_argument("--midtrain-fid", default=None, help="fid/midtrain.json: the mid-trained model alone")
 p.add_argument("--latent-vgg-accuracy", default=None,
                help="latent rows: latent_vgg/accuracy.json, the E-LatentLPIPS backbone's held-out accuracy")
+p.add_argument("--posthoc-fid", nargs="+", default=None,
+               help="fid/posthoc-<init>.json per init of the config's posthoc_inits, in order: the post-hoc EMAs")
+p.add_argument("--posthoc-curve", default=None, help="fd_sigma_rel.png: FD against the post-hoc EMA's width")
 args = p.parse_args()
 cfg = args.config
 inits, steps, final, family = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"], cfg.get("family", "cm")
@@ -63,6 +66,16 @@ if args.midtrain_fid:
     lines += tables.midtrained_alone(mid, steps, cfg["sampling"]["sigma_mid_midtrain"]) + [""]
 if args.latent_vgg_accuracy:
     lines += tables.latent_vgg(json.loads(Path(args.latent_vgg_accuracy).read_text())) + [""]
+if args.posthoc_fid:
+    posthoc = {init: json.loads(Path(path).read_text())
+               for init, path in zip(cfg["posthoc_inits"], args.posthoc_fid, strict=True)}
+    # each run's own per-step EMA: an init's final snapshot, or the mid-trained model alone
+    own = {init: fids[init]["snapshots"][final] for init in posthoc if init in fids}
+    if "midtrain" in posthoc:
+        own["midtrain"] = json.loads(Path(args.midtrain_fid).read_text())["snapshots"]["final"]
+    run_labels = {**labels, "midtrain": "mid-trained model alone"}
+    lines += tables.posthoc_ema(posthoc, own, steps, run_labels) + [""]
+    figures.fd_sigma_rel(args.posthoc_curve, posthoc, own, steps, run_labels, cfg["row"])
 
 cost, images, seconds = tables.cost(models, metas, args.benchmarks, online)
 table = tables.against_paper(fids, inits, steps, final, labels, paper, images, seconds, online)
@@ -79,8 +92,10 @@ figures.sample_grids(args.grids, dict(zip(inits, args.samples, strict=True)), st
 
 if cfg.get("notes"):
     lines += ["## Notes on this row", "", cfg["notes"].strip(), ""]
-lines += ["## Figures", "", f"![FD against training images]({Path(args.curve).name})", "",
-          f"![Samples from each init after post-training]({Path(args.grids).name})", "",
+lines += ["## Figures", "", f"![FD against training images]({Path(args.curve).name})", ""]
+if args.posthoc_curve:
+    lines += [f"![FD against the post-hoc EMA's width]({Path(args.posthoc_curve).name})", ""]
+lines += [f"![Samples from each init after post-training]({Path(args.grids).name})", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}."]
 atomic.write_text(args.out, "\n".join(lines) + "\n")
 print(f"[report] wrote {args.out}", flush=True)

@@ -190,3 +190,35 @@ def gpu_hours(bench_dir, inits, gpus, models, paper, labels):
              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
     lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", labels.get(i, i)) for i in inits})
     return lines + [""]
+
+
+def posthoc_ema(posthoc, own, steps, labels):
+    """The post-hoc EMAs of each run that keeps power-EMA profiles: FD (mean over seed ranges) against
+    the width sigma_rel, the best in bold, beside the run's own per-step EMA (`own`: init -> its final
+    FD entry) at its equivalent width; then the least-squares fit of each width's profile."""
+    first = next(iter(posthoc.values()))["snapshots"]
+    widths = sorted(first, key=lambda n: first[n]["posthoc_ema"]["sigma_rel"])
+    info = [first[n]["posthoc_ema"] for n in widths]
+    lines = [f"Post-hoc EMA (EDM2's power-function profiles): each width synthesised at step {info[0]['step']:,} of "
+             f"its run from {info[0]['snapshots']} snapshots of the profiles "
+             f"{', '.join(f'{s:g}' for s in info[0]['profiles'])}. FD (mean over seed ranges) against sigma_rel, the "
+             "best in bold, and the run's own per-step EMA (the model file's) at its equivalent width.", "",
+             "| run | sampler | " + " | ".join(f"{i['sigma_rel']:g}" for i in info) + " | best | own EMA |",
+             "|---|---|" + "---|" * (len(info) + 2)]
+    summary = []
+    for init, fid in posthoc.items():
+        snaps = fid["snapshots"]
+        own_width = snaps[widths[0]]["posthoc_ema"]["per_step_sigma_rel"]
+        for s in steps:
+            fd = [snaps[n][f"{s}step"]["mean"] for n in widths]
+            best = min(range(len(fd)), key=fd.__getitem__)
+            cells = [f"**{v:.3f}**" if k == best else f"{v:.3f}" for k, v in enumerate(fd)]
+            mine = own[init][f"{s}step"]["mean"]
+            lines.append(f"| {labels[init]} | {s}-step | " + " | ".join(cells)
+                         + f" | {info[best]['sigma_rel']:g} | {mine:.3f} at {own_width:.3f} |")
+            summary.append(f"- {labels[init]}, {s}-step: the best width {info[best]['sigma_rel']:g} gives "
+                           f"{fd[best]:.3f}; the run's own EMA (width {own_width:.3f}) {mine:.3f}, "
+                           f"{100 * (mine / fd[best] - 1):+.1f} % against the best.")
+    lines += ["", "Fit of each width's profile by the snapshots' (relative L2 error; coefficient sum): "
+              + ", ".join(f"{i['sigma_rel']:g}: {i['fit_error']:.1e} ({i['mass']:.4f})" for i in info) + ".", ""]
+    return lines + summary

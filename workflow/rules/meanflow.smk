@@ -12,6 +12,7 @@ rule midtrain_mf:
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
+        **phema_output("midtrain_mf", f"{RES}/midtrain"),
     params:
         cfg=stage_config("midtrain_mf"),
         teacher=TEACHER.path,
@@ -43,6 +44,7 @@ rule posttrain_mf:
         meta=f"{RES}/posttrain/{{init}}/model.json",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
+        **phema_output("posttrain_mf", f"{RES}/posttrain/{{init}}"),
     wildcard_constraints:
         init="cmt|random",
     params:

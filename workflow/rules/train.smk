@@ -12,6 +12,7 @@ rule midtrain:
     output:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
+        **phema_output("midtrain", f"{RES}/midtrain"),
     params:
         cfg=stage_config("midtrain"),
         # (and the latent VGG16 of distance elatentlpips)
@@ -48,6 +49,7 @@ rule posttrain:
         meta=f"{RES}/posttrain/{{init}}/model.json",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
+        **phema_output("posttrain", f"{RES}/posttrain/{{init}}"),
     wildcard_constraints:
         init="cmt|teacher|random|baseline",
     params:
