@@ -4,7 +4,8 @@ a run kept (`--phema`, the `phema/` folder beside its model file) by EDM2's leas
 snapshots at or before it (stages/method/power_ema.py). Each is written as a model file,
 `<out-dir>/sigma_rel-<width>.safetensors` and its .json, that samples and scores like a snapshot;
 the .json says in `posthoc_ema` how well the snapshots' profiles fit the width's (`fit_error`, the
-relative L2 distance of the profiles; `mass`, the sum of the coefficients) and the width of the run's
+relative L2 distance of the profiles; `mass`, the least-squares coefficients' sum before they are
+rescaled to 1) and the width of the run's
 own per-step EMA at that point (`per_step_sigma_rel`).
 
 The teacher's snapshots lie in its store folder: `python -m stages.posthoc_ema --config

@@ -219,6 +219,7 @@ def posthoc_ema(posthoc, own, steps, labels):
             summary.append(f"- {labels[init]}, {s}-step: the best width {info[best]['sigma_rel']:g} gives "
                            f"{fd[best]:.3f}; the run's own EMA (width {own_width:.3f}) {mine:.3f}, "
                            f"{100 * (mine / fd[best] - 1):+.1f} % against the best.")
-    lines += ["", "Fit of each width's profile by the snapshots' (relative L2 error; coefficient sum): "
+    lines += ["", "Fit of each width's profile by the snapshots' (relative L2 error; least-squares coefficient sum "
+              "before rescaling to 1): "
               + ", ".join(f"{i['sigma_rel']:g}: {i['fit_error']:.1e} ({i['mass']:.4f})" for i in info) + ".", ""]
     return lines + summary

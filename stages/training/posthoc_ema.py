@@ -69,10 +69,10 @@ def plan(snapshots, sigma_rels, step):
     out = {}
     for sigma_rel in sigma_rels:
         gamma = power_ema.gamma_of(sigma_rel)
-        x, error = power_ema.coefficients(stored, (step, gamma))
+        x, error, mass = power_ema.coefficients(stored, (step, gamma))
         out[sigma_rel] = (x, {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(used),
                               "profiles": sorted({meta["power_ema"]["sigma_rel"] for _, meta in used}),
-                              "fit_error": error, "mass": float(x.sum())})
+                              "fit_error": error, "mass": mass})
     return [path for path, _ in used], out
 
 
