@@ -15,6 +15,7 @@ of power_ema.coefficients to within 3e-11 (both rescaled to sum to 1).
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from stagekit import REPO, config, make_dataset, make_teacher, posttrain_config,
 
 from stages.config import power_ema, stage_configs, store_keys
 from stages.config.checks import ConfigError
+from stages.files import checkpoints
 from stages.method import power_ema as formulas
 from stages.training import resume
 from stages.training.ema import EMA, PowerEMA
@@ -268,6 +270,18 @@ def test_a_run_killed_and_resumed_keeps_the_same_snapshots_bit_for_bit(inputs):
     b = load_file(str(state_dir / "step-000000012" / "state.safetensors"))
     keys = [k for k in a if k.startswith("power_ema.")]
     assert keys and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_a_teacher_with_power_profiles_writes_the_files_its_store_item_names(inputs, tmp_path):
+    cfg = config(store=str(tmp_path / "store"), teacher={
+        "steps": 4, "batch": 8, "ema": {"beta": 0.9, "kind": "power", "snapshot_every": 0.5}})
+    item = store_keys.teacher(cfg)
+    run_in_process("stages.train_teacher", ["--config", json.dumps(stage_configs.stage_config("train_teacher", cfg)),
+                                            "--dataset", inputs["dataset"], "--key", item.key, "--out", item.path,
+                                            *state_args(store_keys.teacher_state(cfg))])
+    written = sorted(str(p) for p in Path(item.folder).rglob("*") if p.is_file())
+    assert written == sorted(item.files) and len(item.files) == 2 + 2 * 2 * 2
+    assert checkpoints.read_meta(item.files[2])["power_ema"]["sigma_rel"] == 0.05
 
 
 @pytest.mark.heavy

@@ -66,11 +66,15 @@ def run(recipe, args, cfg, accelerator, started=None):
     # the power-function profiles' snapshots (ema.kind power), for post-hoc reconstruction
     profiles = ProfileSnapshots(job, r.ema, r.batch, r.meta) if isinstance(r.ema, PowerEMA) else None
     hooks = [h.save for h in (snapshots, profiles) if h]
+
+    def on_step_end(steps_done):
+        for save in hooks:
+            save(steps_done)
+
     elapsed = loop.fit(stage=r.stage, accelerator=accelerator, net=net, ema=r.ema, optimizer=optimizer,
                        opt_cfg=r.optimizer, total_steps=r.total_steps, batch=r.batch, seed=r.seed,
                        loss_fn=lambda step, part: r.loss(net, step, part),
-                       on_step_end=(lambda done: [h(done) for h in hooks]) if hooks else None,
-                       state=job.state, data=r.data,
+                       on_step_end=on_step_end if hooks else None, state=job.state, data=r.data,
                        micro_batches=r.micro_batches)
     if r.finish is not None and accelerator.is_main_process:
         r.meta = {**r.meta, **(r.finish(accelerator.unwrap_model(net)) or {})}
