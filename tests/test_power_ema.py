@@ -239,6 +239,16 @@ def test_a_third_profile_is_reconstructed_from_the_other_two(inputs):
     assert all(not torch.equal(model[k], held_out[k]) for k in held_out if k.endswith("weight"))
 
 
+def test_the_power_kind_changes_neither_the_trained_network_nor_the_model_files_ema(inputs):
+    run_in_process("stages.posttrain", post_args(inputs, "plain", posttrain_config()))
+    power = posttrain_config(ema={**POWER, "snapshot_every": 0.25})
+    run_in_process("stages.posttrain", post_args(inputs, "power", power))
+    for name in ("model.safetensors", "snapshots/p050.safetensors"):
+        a, b = (load_file(str(inputs["dir"] / run_dir / name)) for run_dir in ("plain", "power"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not (inputs["dir"] / "plain" / "phema").exists()
+
+
 def test_posthoc_refuses_a_point_without_a_snapshot(inputs, tmp_path):
     cfg = posttrain_config(steps=12, ema={**POWER, "snapshot_every": 0.5})
     run_in_process("stages.posttrain", post_args(inputs, "halves", cfg))
