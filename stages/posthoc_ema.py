@@ -5,8 +5,8 @@ snapshots at or before it (stages/method/power_ema.py). Each is written as a mod
 `<out-dir>/sigma_rel-<width>.safetensors` and its .json, that samples and scores like a snapshot;
 the .json says in `posthoc_ema` how well the snapshots' profiles fit the width's (`fit_error`, the
 relative L2 distance of the profiles; `mass`, the least-squares coefficients' sum before they are
-rescaled to 1) and the width of the run's
-own per-step EMA at that point (`per_step_sigma_rel`).
+rescaled to 1) and the width of the run's own per-step EMA at its end, the one its model file keeps
+(`per_step_sigma_rel`, at `per_step_at` steps).
 
 The teacher's snapshots lie in its store folder: `python -m stages.posthoc_ema --config
 '{"sigma_rels": [0.05], "at": 1.0}' --phema <store>/teachers/<key>/phema --out-dir DIR` synthesises its EMA.
@@ -40,7 +40,7 @@ net, _ = checkpoints.load(paths[-1], which="ema")
 buffers = {name for name, _ in net.named_buffers()}
 states = posthoc_ema.synthesise(paths, {s: x for s, (x, _) in fits.items()}, buffers)
 per_step = last["per_step_ema"]
-per_step_sigma_rel = EMA(torch.nn.Module(), per_step["beta"], per_step["rampup"]).sigma_rel(step)
+per_step_sigma_rel = EMA(torch.nn.Module(), per_step["beta"], per_step["rampup"]).sigma_rel(total)
 inputs = {"phema": str(args.phema), "snapshots": [{"path": str(p), "sha256": checkpoints.read_meta(p)["sha256"]}
                                                   for p in paths]}
 run_meta = {k: v for k, v in last.items() if k not in ("format", "tf32", "sha256", "power_ema", "role")}
@@ -55,9 +55,11 @@ for sigma_rel, (_, fit) in fits.items():
     out = Path(args.out_dir) / f"{profile_stem(sigma_rel)}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoints.save(out, ema=net, meta={**run_meta, "role": "posthoc-ema", "posthoc_config": cfg,
-                                         "posthoc_ema": {**fit, "per_step_sigma_rel": per_step_sigma_rel},
+                                         "posthoc_ema": {**fit, "per_step_sigma_rel": per_step_sigma_rel,
+                                                         "per_step_at": total},
                                          "inputs": inputs})
     print(f"[posthoc_ema] sigma_rel {sigma_rel:.4f} (gamma {fit['gamma']:.3f}) at step {step} from "
           f"{fit['snapshots']} snapshots of profiles {fit['profiles']}: fit error {fit['fit_error']:.2e}, "
           f"mass {fit['mass']:.6f} -> {out}", flush=True)
-print(f"[posthoc_ema] the run's per-step EMA at step {step} has sigma_rel {per_step_sigma_rel:.4f}", flush=True)
+print(f"[posthoc_ema] the run's per-step EMA at its end (step {total}) has sigma_rel {per_step_sigma_rel:.4f}",
+      flush=True)

@@ -392,8 +392,10 @@ def test_the_report_shows_fd_against_the_width_and_marks_the_best(tmp_path):
                                      "sigma_rel-0.1300": entry(0.13, 2.0, 1.0)}}}
     own = {"cmt": {"1step": {"mean": 1.8}, "2step": {"mean": 1.1}}}
     lines = tables.posthoc_ema(posthoc, own, [1, 2], {"cmt": "CMT init"})
-    assert "| CMT init | 1-step | 3.000 | **1.500** | 2.000 | 0.07 | 1.800 at 0.111 |" in lines
-    assert "| CMT init | 2-step | 2.000 | 2.500 | **1.000** | 0.13 | 1.100 at 0.111 |" in lines
+    assert "| CMT init | 60 | 1-step | 3.000 | **1.500** | 2.000 | 0.07 | 1.800 at 0.111 |" in lines
+    assert "| CMT init | 60 | 2-step | 2.000 | 2.500 | **1.000** | 0.13 | 1.100 at 0.111 |" in lines
+    assert "- CMT init: 40 snapshots of the profiles 0.05, 0.1; 0.02: 1.0e-02 (1.0000), 0.07: 1.0e-02 (1.0000), " \
+           "0.13: 1.0e-02 (1.0000)." in lines
     assert "- CMT init, 1-step: the best width 0.07 gives 1.500; the run's own EMA (width 0.111) 1.800, " \
            "+20.0 % against the best." in lines
     figures.fd_sigma_rel(tmp_path / "curve.png", posthoc, own, [1, 2], {"cmt": "CMT init"}, "row")
@@ -432,7 +434,7 @@ def test_the_tiny_row_with_power_emas_end_to_end_and_a_new_width_trains_nothing(
     assert sorted(fid["snapshots"]) == ["sigma_rel-0.0500", "sigma_rel-0.1000", "sigma_rel-0.2000"]
     assert fid["snapshots"]["sigma_rel-0.1000"]["posthoc_ema"]["snapshots"] == 8
     report = (res / "report.md").read_text()
-    assert "Post-hoc EMA (EDM2's power-function profiles)" in report and "| mid-trained model alone |" in report
+    assert "Post-hoc EMA (EDM2's power-function profiles)" in report and "| mid-trained model alone | 20 |" in report
     assert "fd_sigma_rel.png" in report and (res / "fd_sigma_rel.png").read_bytes()[:4] == b"\x89PNG"
     wider = tmp_path / "wider.yaml"
     wider.write_text(yaml.safe_dump({"posthoc_ema": {"sigma_rels": [0.05, 0.15]}}))
