@@ -41,8 +41,9 @@ buffers = {name for name, _ in net.named_buffers()}
 states = posthoc_ema.synthesise(paths, {s: x for s, (x, _) in fits.items()}, buffers)
 per_step = last["per_step_ema"]
 per_step_sigma_rel = EMA(torch.nn.Module(), per_step["beta"], per_step["rampup"]).sigma_rel(total)
-inputs = {"phema": str(args.phema), "snapshots": [{"path": str(p), "sha256": checkpoints.read_meta(p)["sha256"]}
-                                                  for p in paths]}
+# what the syntheses are made from, beside the training's own `inputs` that every snapshot repeats
+made_from = {"phema": str(args.phema), "snapshots": [{"path": str(p), "sha256": checkpoints.read_meta(p)["sha256"]}
+                                                     for p in paths]}
 run_meta = {k: v for k, v in last.items() if k not in ("format", "tf32", "sha256", "power_ema", "role")}
 for sigma_rel, (_, fit) in fits.items():
     state = states[sigma_rel]
@@ -57,7 +58,7 @@ for sigma_rel, (_, fit) in fits.items():
     checkpoints.save(out, ema=net, meta={**run_meta, "role": "posthoc-ema", "posthoc_config": cfg,
                                          "posthoc_ema": {**fit, "per_step_sigma_rel": per_step_sigma_rel,
                                                          "per_step_at": total},
-                                         "inputs": inputs})
+                                         "posthoc_inputs": made_from})
     print(f"[posthoc_ema] sigma_rel {sigma_rel:.4f} (gamma {fit['gamma']:.3f}) at step {step} from "
           f"{fit['snapshots']} snapshots of profiles {fit['profiles']}: fit error {fit['fit_error']:.2e}, "
           f"mass {fit['mass']:.6f} -> {out}", flush=True)
