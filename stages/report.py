@@ -1,7 +1,7 @@
 """Stage report: the row's table (init x {1-step, 2-step} FD, mean and min over seed ranges), the
 teacher's own solver endpoints as the ceiling, the mid-trained model alone, ours beside the paper's,
-the cost per stage and the GPU-hours ledger, an FD-vs-images curve per init and sample grids
-(stages/reporting/).
+the cost per stage and the GPU-hours ledger, an FD-vs-images curve per init and sample grids, and
+where runs keep power-EMA snapshots the FD of their post-hoc EMAs against the width (stages/reporting/).
 
 Family cm (consistency models) compares inits at the same post-training budget; family mf
 (MeanFlow) at the same total budget (mid + post for the CMT init, docs/method.md#meanflow), so its
