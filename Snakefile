@@ -60,6 +60,10 @@ else:
 
     include: "workflow/rules/train.smk"
 
+if POSTHOC_INITS:
+
+    include: "workflow/rules/posthoc_ema.smk"
+
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/resources.smk"
 

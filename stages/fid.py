@@ -34,6 +34,8 @@ for sample_path, model_path in zip(args.samples, args.models, strict=True):
     # images_seen_total counts mid-training too (MeanFlow row: compared at equal total budget)
     entry = {"images_seen": meta["images_seen"], "steps_trained": meta["steps"],
              "images_seen_total": meta.get("images_seen_total", meta["images_seen"])}
+    if "posthoc_ema" in meta:  # a post-hoc EMA (stages/posthoc_ema.py): its width and fit, for the report
+        entry["posthoc_ema"] = meta["posthoc_ema"]
     with np.load(sample_path) as data:
         for steps in cfg["sampling"]["steps"]:
             keys = sorted(k for k in data.files if k.startswith(f"images_{steps}step_"))

@@ -1,7 +1,8 @@
 """Stage report: the row's table (init x {1-step, 2-step} FD, mean and min over seed ranges), the
 teacher's own solver endpoints as the ceiling, the mid-trained model alone, ours beside the paper's,
 the cost per stage and the GPU-hours ledger, an FD-vs-images curve per init, the training curves of
-every stage from their metrics logs and sample grids (stages/reporting/).
+every stage from their metrics logs, sample grids, and where runs keep power-EMA snapshots the FD of
+their post-hoc EMAs against the width (stages/reporting/).
 
 Family cm (consistency models) compares inits at the same post-training budget; family mf
 (MeanFlow) at the same total budget (mid + post for the CMT init, docs/method.md#meanflow), so its
@@ -35,6 +36,9 @@ p.add_argument("--teacher-metrics", default=None, help="the teacher's metrics lo
 p.add_argument("--midtrain-fid", default=None, help="fid/midtrain.json: the mid-trained model alone")
 p.add_argument("--latent-vgg-accuracy", default=None,
                help="latent rows: latent_vgg/accuracy.json, the E-LatentLPIPS backbone's held-out accuracy")
+p.add_argument("--posthoc-fid", nargs="+", default=None,
+               help="fid/posthoc-<init>.json per init of the config's posthoc_inits, in order: the post-hoc EMAs")
+p.add_argument("--posthoc-curve", default=None, help="fd_sigma_rel.png: FD against the post-hoc EMA's width")
 args = p.parse_args()
 cfg = args.config
 inits, steps, final, family = cfg["inits"], cfg["sampling"]["steps"], cfg["final_snapshot"], cfg.get("family", "cm")
@@ -68,6 +72,16 @@ if args.midtrain_fid:
     lines += tables.midtrained_alone(mid, steps, cfg["sampling"]["sigma_mid_midtrain"]) + [""]
 if args.latent_vgg_accuracy:
     lines += tables.latent_vgg(json.loads(Path(args.latent_vgg_accuracy).read_text())) + [""]
+if args.posthoc_fid:
+    posthoc = {init: json.loads(Path(path).read_text())
+               for init, path in zip(cfg["posthoc_inits"], args.posthoc_fid, strict=True)}
+    # each run's own per-step EMA: an init's final snapshot, or the mid-trained model alone
+    own = {init: fids[init]["snapshots"][final] for init in posthoc if init in fids}
+    if "midtrain" in posthoc:
+        own["midtrain"] = json.loads(Path(args.midtrain_fid).read_text())["snapshots"]["final"]
+    run_labels = {**labels, "midtrain": "mid-trained model alone"}
+    lines += tables.posthoc_ema(posthoc, own, steps, run_labels) + [""]
+    figures.fd_sigma_rel(args.posthoc_curve, posthoc, own, steps, run_labels, cfg["row"])
 
 cost, images, seconds = tables.cost(models, metas, args.benchmarks, online)
 table = tables.against_paper(fids, inits, steps, final, labels, paper, images, seconds, online)
@@ -92,8 +106,10 @@ if cfg.get("notes"):
 lines += ["## Figures", "", f"![FD against training images]({Path(args.curve).name})", "",
           f"![Training loss of each stage against its images]({Path(args.training_curves).name})"
           + ("" if teacher_log else " (the teacher's panel is empty: the store holds no metrics log of it, as for "
-             "a teacher trained before logs were kept or an imported one)"), "",
-          f"![Samples from each init after post-training]({Path(args.grids).name})", "",
+             "a teacher trained before logs were kept or an imported one)"), ""]
+if args.posthoc_curve:
+    lines += [f"![FD against the post-hoc EMA's width]({Path(args.posthoc_curve).name})", ""]
+lines += [f"![Samples from each init after post-training]({Path(args.grids).name})", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}."]
 atomic.write_text(args.out, "\n".join(lines) + "\n")
 print(f"[report] wrote {args.out}", flush=True)

@@ -48,7 +48,8 @@ def faults(changes=(), deleted=(), base=None):
     # additionalProperties: {...}, any rule's name, then its closed section
     ("resources.midtrain.mem_gb", "resources.midtrain.mem_gb: unknown key; did you mean mem_mb?"),
     # no near neighbour: a small section lists its keys, a large one points to the schema
-    ("midtrain.ema.zzz", "midtrain.ema.zzz: unknown key; this section takes beta, rampup"),
+    ("midtrain.ema.zzz", "midtrain.ema.zzz: unknown key; this section takes beta, rampup, kind, sigma_rels, "
+                         "snapshot_every"),
     ("midtrain.xyzzy", ("midtrain.xyzzy: unknown key; workflow/schemas/config.schema.yaml lists the keys this "
                         "section takes")),
 ])
@@ -177,7 +178,8 @@ def test_dotted_paths_and_quoted_values():
 def test_the_keys_of_a_section_follow_refs():
     posttrain = SCHEMA["properties"]["posttrain"]
     assert {"inits", "snapshots", "steps", "q", "optimizer"} <= set(schema.keys(posttrain, SCHEMA))
-    assert schema.keys(SCHEMA["properties"]["midtrain"]["properties"]["ema"], SCHEMA) == ["beta", "rampup"]
+    assert schema.keys(SCHEMA["properties"]["midtrain"]["properties"]["ema"], SCHEMA) == [
+        "beta", "rampup", "kind", "sigma_rels", "snapshot_every"]
 
 
 def test_a_newcomers_misspelt_key_reads_in_a_few_lines_through_snakemake(tmp_path):

@@ -1,7 +1,7 @@
 """Checks across config keys that a JSON schema cannot express, run by the Snakefile right after
 the schema (so before any job starts). Every message starts with the key to change."""
 
-from stages.config import workload
+from stages.config import power_ema, workload
 from stages.files.assets import CATALOG, FOLDERS
 
 # The digits are 8x8; other sources declare `dataset.resolution`.
@@ -33,7 +33,7 @@ def problems(cfg):
         out += meanflow_problems(cfg)
     else:
         out += consistency_problems(cfg)
-    return out
+    return out + power_ema.problems(cfg)
 
 
 def consistency_problems(cfg):

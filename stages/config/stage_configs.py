@@ -17,7 +17,7 @@ import json
 import math
 import shlex
 
-from stages.config import asset_paths, store_keys, workload
+from stages.config import asset_paths, power_ema, store_keys, workload
 
 # How the trajectories (or encoded latents) are checked is not how the model is trained.
 INPUT_CHECKS = ("verify", "spot_check")
@@ -94,9 +94,9 @@ def student_network(config):
 
 
 def sampling(config, init=None):
-    """The sampling section; the mid-trained model alone (init `midtrain`) is sampled with the
-    mid-training evaluation's sigma_mid."""
-    if init == "midtrain":
+    """The sampling section; the mid-trained model alone (init `midtrain`, and its post-hoc EMAs) is
+    sampled with the mid-training evaluation's sigma_mid."""
+    if init in ("midtrain", power_ema.posthoc_init("midtrain")):
         return {**config["sampling"], "sigma_mid": config["sampling"]["sigma_mid_midtrain"]}
     return config["sampling"]
 
@@ -138,6 +138,8 @@ def report(config):
     method = config["posttrain"].get("method", "ect")
     if method != "ect":
         out["method"] = method
+    if power_ema.scored_inits(config):  # the runs whose post-hoc EMAs are scored (stages/config/power_ema.py)
+        out["posthoc_inits"] = power_ema.scored_inits(config)
     return out
 
 
@@ -204,6 +206,7 @@ STAGE_CONFIGS = {
     "fid": lambda config, init: {"features": features(config), "sampling": sampling(config, init)},
     "fid_teacher": lambda config, init: {"features": features(config), "sampling": config["sampling"]},
     "report": lambda config, init: report(config),
+    "posthoc_ema": lambda config, init: power_ema.stage_config(config),
     "fetch_assets": lambda config, init: {**config.get("assets", {}), "dir": asset_paths.assets_dir(config)},
 }
 

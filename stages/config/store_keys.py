@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 
-from stages.config import asset_paths
+from stages.config import asset_paths, power_ema
 from stages.files.assets import CATALOG, FOLDERS
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
@@ -128,7 +128,11 @@ def teacher(config):
     # batch_per_gpu says how a job splits the batch, like its number of GPUs: not part of the key
     key = digest({"dataset": dataset(config).key, **spec, "code": CODE_VERSION["teacher"],
                   "teacher": {k: v for k, v in tc.items() if k != "batch_per_gpu"}})
-    return _teacher_item(config, key, spec)
+    item = _teacher_item(config, key, spec)
+    if power_ema.is_power(tc["ema"]):  # its power-EMA snapshots are part of the item (phema/ beside the model)
+        snapshots = power_ema.snapshot_files(item.folder, tc["ema"], tc["steps"])
+        item = dataclasses.replace(item, files=item.files + snapshots)
+    return item
 
 
 def teacher_state(config):

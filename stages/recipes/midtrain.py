@@ -18,8 +18,7 @@ from stages.data import datasets, shards, training_data
 from stages.data import labels as class_labels
 from stages.files import atomic, checkpoints, store
 from stages.method import losses, solvers, trajectories
-from stages.recipes import examples
-from stages.training.ema import EMA
+from stages.recipes import averaging, examples
 from stages.training.run import Recipe
 
 
@@ -115,7 +114,7 @@ def build(cfg, args, accelerator):
     teacher_meta = checkpoints.read_meta(args.teacher)
     net, kind = student(cfg, teacher_meta)
     checkpoints.load_into(net, args.teacher, which="ema")
-    ema = EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+    ema = averaging.ema_of(net, mc["ema"], mc["steps"])
     identity = {"teacher_sha256": teacher_meta["sha256"]}
     if args.latent_vgg:  # the distance's backbone is an input like the teacher
         identity["latent_vgg_sha256"] = atomic.sha256_file(args.latent_vgg)

@@ -21,7 +21,7 @@ from stages.core import rng
 from stages.data import shards, training_data
 from stages.files import atomic, checkpoints, store
 from stages.method import flowmap, losses, meanflow, solvers, trajectories
-from stages.training.ema import EMA
+from stages.recipes import averaging
 from stages.training.run import Recipe
 
 
@@ -102,7 +102,7 @@ def build(cfg, args, accelerator):
         raise ValueError(f"{args.manifest}: solver {solver!r} but the teacher {args.teacher} has "
                          f"precond {teacher_meta['precond']!r}; the trajectories are not this teacher's")
     net, meta = student(cfg, teacher_meta)
-    ema = EMA(net, mc["ema"]["beta"], mc["ema"].get("rampup"))
+    ema = averaging.ema_of(net, mc["ema"], mc["steps"])
     num_classes = net.num_classes
     if num_classes and not flow_time:
         raise ValueError("midtrain_mf: a class-conditional student needs class-labelled flow-time trajectories "

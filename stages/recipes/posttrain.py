@@ -19,8 +19,7 @@ from stages.data import labels as class_labels
 from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import losses
-from stages.recipes import previews
-from stages.training.ema import EMA
+from stages.recipes import averaging, previews
 from stages.training.run import Recipe
 
 
@@ -104,7 +103,7 @@ def build(cfg, args, accelerator):
         checkpoints.load_into(net, args.init_model, which="ema")
     label_dim = class_labels.label_dim_of(net)
     data.expect_classes(label_dim)
-    ema = EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+    ema = averaging.ema_of(net, pc["ema"], pc["steps"])
     denoise, distilled = distillation(cfg, label_dim, args.teacher, args.guide, accelerator.device)
     loss_of = objective(cfg, net, denoise)
 

@@ -20,8 +20,7 @@ from stages.core import rng
 from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import meanflow
-from stages.recipes import previews
-from stages.training.ema import EMA
+from stages.recipes import averaging, previews
 from stages.training.run import Recipe
 
 
@@ -73,7 +72,7 @@ def build(cfg, args, accelerator):
     if init == "cmt":
         checkpoints.load_into(net, args.init_model, which="ema")
     prior_images = init_meta["images_seen"] if init == "cmt" else 0
-    ema = EMA(net, pc["ema"]["beta"], pc["ema"].get("rampup"))
+    ema = averaging.ema_of(net, pc["ema"], total)
     loss_of, mf = objective(cfg, net)
     if mf.null_class is not None:
         data.expect_classes(mf.null_class)

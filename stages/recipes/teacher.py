@@ -17,7 +17,7 @@ from stages.data import labels as class_labels
 from stages.data import training_data
 from stages.files import checkpoints
 from stages.method import losses, meanflow
-from stages.training.ema import EMA
+from stages.recipes import averaging
 from stages.training.run import Recipe
 
 
@@ -81,7 +81,7 @@ def build(cfg, args, accelerator):
     print(f"[train_teacher] objective {tc.get('objective', 'edm')}: {sum(p.numel() for p in net.parameters()):,} "
           f"parameters, data {data.path}", flush=True)
     data.expect_classes(classes_of(cfg, net))
-    ema = EMA(net, tc["ema"]["beta"], tc["ema"].get("rampup"))
+    ema = averaging.ema_of(net, tc["ema"], tc["steps"])
     loss_of, describe = objective(cfg, net)
 
     def loss(model, step, part):

@@ -65,6 +65,30 @@ def training_curves(path, stages, row):
     save(fig, path)
 
 
+def fd_sigma_rel(path, posthoc, own, steps, labels, row):
+    """One panel per sampler: each run's post-hoc EMA FD against its width sigma_rel, relative to the FD
+    of the run's own per-step EMA (`own`: init -> its final FD entry; a cross at 1 at its equivalent
+    width), so runs of very different FD share a scale; the best width starred."""
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps), 4), squeeze=False)
+    for ax, s in zip(axes[0], steps, strict=True):
+        for init, fid in posthoc.items():
+            snaps = sorted(fid["snapshots"].values(), key=lambda e: e["posthoc_ema"]["sigma_rel"])
+            mine = own[init][f"{s}step"]["mean"]
+            x = [e["posthoc_ema"]["sigma_rel"] for e in snaps]
+            y = [e[f"{s}step"]["mean"] / mine for e in snaps]
+            line = ax.plot(x, y, marker="o", label=f"{labels[init]} (own EMA: FD {mine:.3g})")[0]
+            best = int(np.argmin(y))
+            ax.plot([x[best]], [y[best]], marker="*", ms=14, color=line.get_color(), ls="none")
+            ax.plot([snaps[0]["posthoc_ema"]["per_step_sigma_rel"]], [1.0], marker="x", ms=10, mew=2,
+                    color=line.get_color(), ls="none")
+        ax.axhline(1.0, color="grey", ls=":", lw=1)
+        ax.set_xlabel("EMA width sigma_rel (x: the run's own per-step EMA, *: best)")
+        ax.set_ylabel(f"{s}-step FD / FD of the run's own EMA")
+        ax.set_title(f"{row}: post-hoc EMA, {s}-step")
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
 def sample_grids(path, samples, steps, labels):
     """One block of up to 64 images per init (rows) and sampler (columns); `samples`: init -> .npz path
     of its final snapshot's samples."""

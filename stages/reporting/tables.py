@@ -192,3 +192,42 @@ def gpu_hours(bench_dir, inits, gpus, models, paper, labels, receipts=None):
              + (f" Paper: {paper.get('source', '')}." if paper_hours else ""), ""]
     lines += ledger.table(costs, paper_hours, {i: methods.get(i, {}).get("label", labels.get(i, i)) for i in inits})
     return lines + [""]
+
+
+def posthoc_ema(posthoc, own, steps, labels):
+    """The post-hoc EMAs of each run that keeps power-EMA profiles: FD (mean over seed ranges) against
+    the width sigma_rel, the best in bold, beside the run's own per-step EMA (`own`: init -> its final
+    FD entry) at its equivalent width; then how well the snapshots' profiles fit each width's."""
+    def widths(fid):
+        snaps = fid["snapshots"]
+        return [snaps[n] for n in sorted(snaps, key=lambda n: snaps[n]["posthoc_ema"]["sigma_rel"])]
+
+    header = [e["posthoc_ema"]["sigma_rel"] for e in widths(next(iter(posthoc.values())))]
+    lines = ["Post-hoc EMA (EDM2's power-function profiles): the EMA of each width sigma_rel synthesised from the "
+             "snapshots of its run's profiles at the step given; FD (mean over seed ranges), the best in bold, and "
+             "the run's own per-step EMA (the model file's, at the run's end) at its equivalent width.", "",
+             "| run | step | sampler | " + " | ".join(f"{w:g}" for w in header) + " | best | own EMA |",
+             "|---|---|---|" + "---|" * (len(header) + 2)]
+    summary, fits = [], []
+    for init, fid in posthoc.items():
+        entries = widths(fid)
+        info = [e["posthoc_ema"] for e in entries]
+        if [i["sigma_rel"] for i in info] != header:
+            raise ValueError(f"posthoc-{init}: widths {[i['sigma_rel'] for i in info]}, other runs' {header}")
+        own_width = info[0]["per_step_sigma_rel"]
+        for s in steps:
+            fd = [e[f"{s}step"]["mean"] for e in entries]
+            best = min(range(len(fd)), key=fd.__getitem__)
+            cells = [f"**{v:.3f}**" if k == best else f"{v:.3f}" for k, v in enumerate(fd)]
+            mine = own[init][f"{s}step"]["mean"]
+            lines.append(f"| {labels[init]} | {info[0]['step']:,} | {s}-step | " + " | ".join(cells)
+                         + f" | {header[best]:g} | {mine:.3f} at {own_width:.3f} |")
+            summary.append(f"- {labels[init]}, {s}-step: the best width {header[best]:g} gives {fd[best]:.3f}; the "
+                           f"run's own EMA (width {own_width:.3f}) {mine:.3f}, {100 * (mine / fd[best] - 1):+.1f} % "
+                           "against the best.")
+        fits.append(f"- {labels[init]}: {info[0]['snapshots']} snapshots of the profiles "
+                    f"{', '.join(f'{p:g}' for p in info[0]['profiles'])}; "
+                    + ", ".join(f"{i['sigma_rel']:g}: {i['fit_error']:.1e} ({i['mass']:.4f})" for i in info) + ".")
+    lines += ["", "Fit of each width's profile by the snapshots' (relative L2 error; the least-squares coefficients' "
+              "sum before they are rescaled to 1):", ""] + fits + [""]
+    return lines + summary

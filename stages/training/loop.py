@@ -136,7 +136,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
     far, and how it ended where it stops; the job that finishes adds its own record to the model file.
     """
     # The EMA copy is made before accelerator.prepare moves the network to its device.
-    ema.module.to(accelerator.device)
+    ema.to(accelerator.device)
     start_step, seconds_before = 0, 0.0
     if state is not None:
         # The main process holds the folder; every rank, on whatever node, learns whether it does
@@ -152,7 +152,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
                                                  "from this state folder; wait for it to finish")
         try:
             start_step, seconds_before = state.restore(net=accelerator.unwrap_model(net), ema=ema.module,
-                                                       optimizer=optimizer, data=data,
+                                                       optimizer=optimizer, data=data, averages=ema.averages(),
                                                        tidy=accelerator.is_main_process)
         except BaseException:
             state.unlock()
@@ -173,7 +173,7 @@ def fit(*, stage, accelerator, net, ema, optimizer, opt_cfg, total_steps, batch,
         if accelerator.is_main_process:
             state.save(step=steps_done, total_steps=total_steps, batch=batch,
                        net=accelerator.unwrap_model(net), ema=ema.module, optimizer=optimizer, data=data,
-                       train_seconds=seconds_before + status.elapsed(), **ended)
+                       train_seconds=seconds_before + status.elapsed(), averages=ema.averages(), **ended)
         accelerator.wait_for_everyone()
 
     def stop(reason, code, steps_done, **ended):

@@ -2,7 +2,9 @@
 
 Snakemake deletes the outputs of a failed job, so a stage keeps its state in a folder of its own
 (the rule passes `--state-dir`). A state is one folder `step-<step:09d>/` holding
-`state.safetensors` (network `net.*`, EMA `ema.*`, optimizer tensors `optimizer.<param>.<name>`)
+`state.safetensors` (network `net.*`, EMA `ema.*`, the further averages of an EMA that keeps some
+under their names, e.g. the power-function profiles `power_ema.<i>.*`, optimizer tensors
+`optimizer.<param>.<name>`)
 and `state.json` (step, images, data-stream position, the optimizer's other fields, the identity
 the run was started with, the training seconds so far and the record of every job that trained
 the run, job_log.py). It is written into a temporary folder and renamed: a folder named
@@ -169,10 +171,11 @@ class TrainState:
     # Save and restore
 
     def save(self, *, step, total_steps, batch, net, ema, optimizer, data=None, train_seconds=0.0,
-             ended=RUNNING, signal_name=None):
+             ended=RUNNING, signal_name=None, averages=None):
         """Save the state of `step`. `ended`: how this job ends after the save (job_log.ENDINGS:
-        slice, signal named `signal_name`), or RUNNING where it trains on."""
-        tensors, meta = _tensors_and_meta(net, ema, optimizer)
+        slice, signal named `signal_name`), or RUNNING where it trains on. `averages`: further
+        modules saved under `<name>.` ({name: module}, the EMA's averages())."""
+        tensors, meta = _tensors_and_meta(net, ema, optimizer, averages)
         info = {
             "format": FORMAT, "stage": self.stage, "step": step, "total_steps": total_steps,
             "images": step * batch, "identity": self.identity,
@@ -203,11 +206,12 @@ class TrainState:
         self.last_save_time = time.monotonic()
         return final
 
-    def restore(self, *, net, ema, optimizer, data=None, tidy=True):
+    def restore(self, *, net, ema, optimizer, data=None, averages=None, tidy=True):
         """Load the newest state into the given objects; returns (step, train_seconds), or
-        (0, 0.0) when there is none. The jobs it records precede this one in `log`. `tidy`: also
-        remove a killed writer's partial state and roll what the run keeps back to the state's step
-        (the process that holds the lock; the other ranks only read)."""
+        (0, 0.0) when there is none. The jobs it records precede this one in `log`. `averages` as
+        save's: each must be in the state (a state holds those its run's config asked for). `tidy`:
+        also remove a killed writer's partial state and roll what the run keeps back to the state's
+        step (the process that holds the lock; the other ranks only read)."""
         if tidy:
             self.remove_partial()
         latest = self.latest()
@@ -231,7 +235,7 @@ class TrainState:
             raise ValueError(f"{weights}: sha256 differs from {folder / 'state.json'}; the state is "
                              f"damaged: delete {folder} (and {self.dir} if nothing older is left)")
         tensors = load_file(str(weights))
-        for prefix, module in (("net.", net), ("ema.", ema)):
+        for prefix, module in _modules(net, ema, averages):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             checkpoints.check_fits(module.state_dict(), state, f"the saved {prefix[:-1]} tensors", weights)
             module.load_state_dict(state)
@@ -296,9 +300,13 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _tensors_and_meta(net, ema, optimizer):
+def _modules(net, ema, averages):
+    return [("net.", net), ("ema.", ema), *((f"{name}.", module) for name, module in (averages or {}).items())]
+
+
+def _tensors_and_meta(net, ema, optimizer, averages=None):
     tensors = {}
-    for prefix, module in (("net.", net), ("ema.", ema)):
+    for prefix, module in _modules(net, ema, averages):
         for name, value in module.state_dict().items():
             tensors[prefix + name] = value.detach().to("cpu").contiguous()
     opt = optimizer.state_dict()

@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 
 from stages.training import loop, metrics
-from stages.training.ema import EMA
+from stages.training.ema import EMA, PowerEMA
 from stages.training.job import TrainingJob
+from stages.training.posthoc_ema import ProfileSnapshots
 
 
 @dataclasses.dataclass
@@ -71,10 +72,18 @@ def run(recipe, args, cfg, accelerator, started=None):
         r.stage, accelerator, job.kept, metrics=args.metrics, tracking=args.tracking, batch=r.batch,
         total_steps=r.total_steps, config=cfg, images_before=r.images_before,
         preview=r.preview and (lambda: r.preview(r.ema.module)), preview_steps=snapshots.steps if snapshots else ())
+    # the power-function profiles' snapshots (ema.kind power), for post-hoc reconstruction
+    profiles = ProfileSnapshots(job, r.ema, r.batch, r.meta) if isinstance(r.ema, PowerEMA) else None
+    hooks = [h.save for h in (snapshots, profiles) if h]
+
+    def on_step_end(steps_done):
+        for save in hooks:
+            save(steps_done)
+
     elapsed = loop.fit(stage=r.stage, accelerator=accelerator, net=net, ema=r.ema, optimizer=optimizer,
                        opt_cfg=r.optimizer, total_steps=r.total_steps, batch=r.batch, seed=r.seed,
                        loss_fn=lambda step, part: r.loss(net, step, part),
-                       on_step_end=snapshots.save if snapshots else None, state=job.state, data=r.data,
+                       on_step_end=on_step_end if hooks else None, state=job.state, data=r.data,
                        micro_batches=r.micro_batches, monitor=monitor)
     if r.finish is not None and accelerator.is_main_process:
         extra = dict(r.finish(accelerator.unwrap_model(net)) or {})

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.config import asset_paths, multinode, stage_configs, store_keys  # noqa: E402  (stdlib only)
+from stages.config import asset_paths, multinode, power_ema, stage_configs, store_keys  # noqa: E402  (stdlib only)
 from stages.config.stage_configs import as_arg  # noqa: E402
 from stages.files import store_plan  # noqa: E402  (stdlib only; boto3 only with a remote)
 
@@ -188,11 +188,29 @@ def distillation_args(wildcards):
 
 def sampled_model(init, snap):
     """The model a sample job draws from: a post-training snapshot, or (init `midtrain`, snapshot
-    `final`) the mid-trained model itself, scored on its own as the official mid-training evaluation does."""
+    `final`) the mid-trained model itself, scored on its own as the official mid-training evaluation does,
+    or (init `posthoc-<init>`) the post-hoc EMA of one width synthesised from that init's run."""
     if init == "midtrain":
         return f"{RES}/midtrain/model.safetensors"
+    if power_ema.trained_init(init) is not None:
+        return f"{RES}/posthoc/{power_ema.trained_init(init)}/{snap}.safetensors"
     return f"{RES}/posttrain/{init}/snapshots/{snap}.safetensors"
 
 
 def scored_snapshots(wildcards):
+    if power_ema.trained_init(wildcards.init) is not None:
+        return POSTHOC_NAMES
     return ["final"] if wildcards.init == "midtrain" else SNAPSHOTS
+
+
+# ---- post-hoc EMA (stages/config/power_ema.py): a training run whose ema.kind is power keeps snapshots
+# of its power-EMA profiles in phema/ beside its model file; posthoc_ema.smk synthesises EMAs from them,
+# which sample and fid score as the snapshots of the init `posthoc-<init>`
+POSTHOC_INITS = power_ema.scored_inits(config)
+POSTHOC_NAMES = power_ema.posthoc_names(config)
+
+
+def phema_output(rule, folder):
+    """{phema: the phema/ folder in `folder`} as outputs of a training rule whose runs keep power-EMA
+    snapshots; none otherwise (the rule is as it was)."""
+    return {"phema": directory(f"{folder}/{power_ema.FOLDER}")} if power_ema.keeps_profiles(config, rule) else {}

@@ -78,22 +78,29 @@ rule report:
         models=[f"{RES}/midtrain/model.safetensors"] + expand(f"{RES}/posttrain/{{init}}/model.safetensors", init=INITS),
         midtrain=[f"{RES}/fid/midtrain.json"] if FAMILY == "cm" else [],
         metrics=[f"{RES}/midtrain/metrics.jsonl"] + expand(f"{RES}/posttrain/{{init}}/metrics.jsonl", init=INITS),
+        # the post-hoc EMAs of the runs that keep power-EMA snapshots (posthoc_ema.smk)
+        **({"posthoc": [f"{RES}/fid/{power_ema.posthoc_init(i)}.json" for i in POSTHOC_INITS]} if POSTHOC_INITS else {}),
     output:
         report=f"{RES}/report.md",
         table=report(f"{RES}/results.csv", caption="../report/results.rst", category="Results"),
         curve=report(f"{RES}/fd_curve.png", caption="../report/fd_curve.rst", category="Results"),
         training=report(f"{RES}/training_curves.png", caption="../report/training_curves.rst", category="Results"),
         grids=report(f"{RES}/samples.png", caption="../report/samples.rst", category="Results"),
+        **({"posthoc_curve": report(f"{RES}/fd_sigma_rel.png", caption="../report/fd_sigma_rel.rst",
+                                    category="Results")} if POSTHOC_INITS else {}),
     params:
         cfg=stage_config("report"),
         bench=BENCH,
         # the mid-trained model's FD, a latent row's latent VGG16 accuracy, the training curves' logs (the
-        # teacher's beside it in the store, where it was trained with them) and the receipts (the ledger)
+        # teacher's beside it in the store, where it was trained with them), the receipts (the ledger) and
+        # the post-hoc EMAs' FD where runs keep power EMAs
         extra=lambda w, input: " ".join(
             ([f"--midtrain-fid {input.midtrain[0]}"] if input.midtrain else [])
             + ([f"--latent-vgg-accuracy {input.latent_vgg[0]}"] if input.latent_vgg else [])
             + [f"--metrics {' '.join(map(shlex.quote, input.metrics))}",
-               f"--teacher-metrics {shlex.quote(TEACHER_METRICS)} --receipts {shlex.quote(RECEIPTS)}"]),
+               f"--teacher-metrics {shlex.quote(TEACHER_METRICS)} --receipts {shlex.quote(RECEIPTS)}"]
+            + ([f"--posthoc-fid {' '.join(input.posthoc)} --posthoc-curve {RES}/fd_sigma_rel.png"]
+               if POSTHOC_INITS else [])),
         teacher=TEACHER.path,
     conda:
         "../../envs/cmt.yaml"

@@ -13,6 +13,7 @@ rule midtrain_mf:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
         metrics=f"{RES}/midtrain/metrics.jsonl",
+        **phema_output("midtrain_mf", f"{RES}/midtrain"),
     params:
         cfg=stage_config("midtrain_mf"),
         teacher=TEACHER.path,
@@ -45,6 +46,7 @@ rule posttrain_mf:
         metrics=f"{RES}/posttrain/{{init}}/metrics.jsonl",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
+        **phema_output("posttrain_mf", f"{RES}/posttrain/{{init}}"),
     wildcard_constraints:
         init="cmt|random",
     params:

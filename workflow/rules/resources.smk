@@ -10,7 +10,7 @@ from snakemake.resources import Resources
 
 CONDITIONAL_RULES = {"train_teacher", "import_teacher", "import_guide", "fetch_assets", "midtrain", "posttrain",
                      "midtrain_mf", "posttrain_mf", "encode_dataset", "latent_manifest",
-                     "train_latent_vgg", "import_ecd_teacher"}
+                     "train_latent_vgg", "import_ecd_teacher", "posthoc_ema"}
 _defined = {r.name for r in workflow.rules}
 for _name, _res in config.get("resources", {}).items():
     if _name in _defined:

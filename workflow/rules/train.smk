@@ -13,6 +13,7 @@ rule midtrain:
         model=f"{RES}/midtrain/model.safetensors",
         meta=f"{RES}/midtrain/model.json",
         metrics=f"{RES}/midtrain/metrics.jsonl",
+        **phema_output("midtrain", f"{RES}/midtrain"),
     params:
         cfg=stage_config("midtrain"),
         # (and the latent VGG16 of distance elatentlpips)
@@ -50,6 +51,7 @@ rule posttrain:
         metrics=f"{RES}/posttrain/{{init}}/metrics.jsonl",
         snapshots=expand(f"{RES}/posttrain/{{{{init}}}}/snapshots/{{snap}}.{{ext}}",
                          snap=SNAPSHOTS, ext=["safetensors", "json"]),
+        **phema_output("posttrain", f"{RES}/posttrain/{{init}}"),
     wildcard_constraints:
         init="cmt|teacher|random|baseline",
     params:
