@@ -95,11 +95,11 @@ def test_a_training_rule_on_two_nodes(slurm, tmp_path):
     log = work / "results" / "tiny" / "logs" / "posttrain" / "teacher.log"
     try:
         # both nodes train: SLURM's warning before a time limit goes to every process of the job's steps
-        wait_for_line(log, rf"0: \[posttrain:teacher\] step 100/{STEPS}", proc, timeout=240)
+        wait_for_line(log, rf"0: \[posttrain:teacher\] step 100/{STEPS}", proc, timeout=600)
         (jobid,) = {line.split()[0] for line in slurm_cluster.quiet(
             ["squeue", "-h", "-o", "%i %k"]).stdout.splitlines() if "rule_posttrain" in line}
         subprocess.run(["scancel", "--signal=USR1", jobid], check=True)
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Snakemake cancels its SLURM jobs
