@@ -62,7 +62,7 @@ from stages.config import (  # noqa: E402
 from stages.core import precision  # noqa: E402
 from stages.data import labels as class_labels  # noqa: E402
 from stages.files import checkpoints  # noqa: E402
-from stages.method import flowmap, losses, trajectories  # noqa: E402
+from stages.method import flowmap, losses, teacher_velocity, trajectories  # noqa: E402
 from stages.recipes import examples  # noqa: E402
 from stages.recipes import latent_vgg as latent_vgg_recipe  # noqa: E402
 from stages.recipes import midtrain as midtrain_recipe
@@ -329,7 +329,9 @@ def rate(row, job):
         scfg = row.stage("posttrain_mf", job["init"])
         net, _ = posttrain_mf_recipe.student(scfg, "random", row.teacher_meta())
         net = net.to(device).train()
-        loss_of, _ = posttrain_mf_recipe.objective(scfg, net)
+        teacher = (teacher_velocity.velocity_field(*row.teacher())
+                   if scfg["posttrain_mf"].get("target") == "teacher" else None)
+        loss_of, _ = posttrain_mf_recipe.objective(scfg, net, teacher)
         classes = int(getattr(net, "num_classes", 0) or 0)
         return training_rate(net, scfg["posttrain_mf"], job, lambda n: loss_of(
             net, row.images(net, n, classes), g))

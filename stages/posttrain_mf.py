@@ -10,6 +10,8 @@ p.add_argument("--init", required=True, choices=["cmt", "random"])
 p.add_argument("--init-model", required=True,
                help="model.safetensors to start from; for --init random the teacher (architecture only)")
 cli.add_data_args(p)
+p.add_argument("--teacher", default=None,
+               help="posttrain_mf.target teacher (MeanFlow distillation): the teacher's model.safetensors")
 p.add_argument("--out", required=True, help="final model.safetensors")
 p.add_argument("--snapshots", required=True, help="folder for the EMA snapshots p000.safetensors, ...")
 args = p.parse_args()

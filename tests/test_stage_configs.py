@@ -28,7 +28,7 @@ def configfiles(stack):
 def rule_and_init(job):
     """(rule, init) of a golden job name `rule -> outputs`: the init of a post-training, sample or fid job."""
     rule, outputs = job.split(" -> ")
-    init = re.search(r"/(?:posttrain|samples|fid)/(\w+)[/.]", outputs)
+    init = re.search(r"/(?:posttrain|samples|fid)/([\w-]+)[/.]", outputs)
     return rule, init.group(1) if init and init.group(1) != "teacher-solver" else None
 
 

@@ -11,7 +11,8 @@ OVERLAYS = {"smoke/pixel-ect.yaml": ["cifar10-cmt-ect.yaml", "ffhq64-cmt-ect.yam
             "smoke/imagenet256.yaml": ["imagenet256-cmt-mf.yaml"],
             "smoke/imagenet512.yaml": ["imagenet512-cmt-ecd.yaml", "imagenet512-cmt-ect.yaml"],
             "ablations/digits-cmt-mf-ratio1.yaml": ["digits-cmt-mf.yaml"],
-            "ablations/digits-cmt-mf-mfrae.yaml": ["digits-cmt-mf.yaml"]}
+            "ablations/digits-cmt-mf-mfrae.yaml": ["digits-cmt-mf.yaml"],
+            "ablations/digits-mf-classes-leading.yaml": ["variants/digits-mf-classes.yaml"]}
 
 
 def resolve(configfiles=(), command_line=None):

@@ -147,15 +147,22 @@ def _teacher(config, init):
     return store_keys.teacher(config).spec
 
 
+def training_seed(config):
+    """The seed of the students' stages (mid- and post-training): `training_seed` where set, else `seed`,
+    which the teacher's store key holds, so seeds of these stages can share one teacher and pool."""
+    return config.get("training_seed", config["seed"])
+
+
 def _midtrain(config, init):
-    out = {"seed": config["seed"], "sigma_boundary": config["sigma_boundary"], "midtrain": midtrain_section(config)}
+    out = {"seed": training_seed(config), "sigma_boundary": config["sigma_boundary"],
+           "midtrain": midtrain_section(config)}
     if store_keys.online_midtrain(config):
         out["trajectory_spec"] = store_keys.online_spec(config)
     return out
 
 
 def _posttrain(config, init):
-    out = {"seed": config["seed"], "sigma_min": config["sigma_min"], "sigma_boundary": config["sigma_boundary"],
+    out = {"seed": training_seed(config), "sigma_min": config["sigma_min"], "sigma_boundary": config["sigma_boundary"],
            "posttrain": workload.posttrain_section(config, init)}
     if "latents" in config:
         out["latents"] = whitening(config)
@@ -164,7 +171,7 @@ def _posttrain(config, init):
 
 def _midtrain_mf(config, init):
     section = {k: v for k, v in config["midtrain_mf"].items() if k not in INPUT_CHECKS}
-    return {"seed": config["seed"], "midtrain_mf": section, **student_network(config)}
+    return {"seed": training_seed(config), "midtrain_mf": section, **student_network(config)}
 
 
 def _posttrain_mf(config, init):
@@ -172,7 +179,7 @@ def _posttrain_mf(config, init):
     # adding an init or budgeting one must not rerun the others
     section = {k: v for k, v in config["posttrain_mf"].items() if k not in ("inits", "random_steps")}
     section["snapshots"] = sorted(section["snapshots"])
-    out = {"seed": config["seed"], "steps": workload.meanflow_steps(config, init), "posttrain_mf": section,
+    out = {"seed": training_seed(config), "steps": workload.meanflow_steps(config, init), "posttrain_mf": section,
            **student_network(config)}
     if "latents" in config:
         out["latents"] = config["latents"]

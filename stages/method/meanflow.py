@@ -64,6 +64,8 @@ def logit_normal(n, generator, mean, std):
 T_DISTRIBUTIONS = ("logit_normal", "uniform")
 R_ABOVE_T = ("swap", "clip")
 ROW_LAYOUTS = ("independent", "leading")
+# the velocity MeanFlow regresses on: eps - x of the data (MeanFlow), or a teacher's (MeanFlow distillation)
+TARGETS = ("data", "teacher")
 
 
 def shift_time(t, shift):
@@ -264,14 +266,20 @@ def cfg_velocity(u, z, t, v, labels, dropped, null_class, guidance):
 def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25, p=1.0, c=1e-3,
                   jvp_u=None, labels=None, null_class=None, label_dropout=0.0, guidance=None,
                   t_distribution="logit_normal", t_shift=1.0, form="meanflow", P_mean_r=None, P_std_r=None,
-                  r_above_t="swap", label_dropout_rows="independent", terms=None):
+                  r_above_t="swap", label_dropout_rows="independent", teacher=None, terms=None):
     """MeanFlow from data x (one micro-batch). With `labels` [B] (a class-conditional model): label
     dropout to `null_class` at rate `label_dropout`, then, with `guidance` (a Guidance), CFG in the
     target. The guidance runs on `jvp_u` where given (the bare module), else on `u`.
     `t_distribution`, `t_shift`, `P_mean_r`, `P_std_r`, `r_above_t` (sample_r_t) and `form`
     (adaptive_weighted) select the MF-RAE code's and py-meanflow's variants; `label_dropout_rows`
     leading puts the dropped labels on the leading rows, which have r = t (drop_labels). `terms`:
-    adaptive_weighted's."""
+    adaptive_weighted's.
+
+    `teacher` (MeanFlow distillation, MF-RAE's `training_losses_mfd`): a velocity field
+    teacher(z, t, labels) (stages/method/teacher_velocity.py) replaces eps - x at the same z_t, as the
+    JVP's tangent and in the target, with the labels the student gets (the null class where dropped);
+    guidance then mixes the teacher's velocity with the student's own as it mixes eps - x. It draws
+    nothing from `generator`: the data route's draws are the same with or without it."""
     r, t = sample_r_t(x.shape[0], generator, P_mean=P_mean, P_std=P_std, ratio_r_neq_t=ratio_r_neq_t,
                       distribution=t_distribution, shift=t_shift, P_mean_r=P_mean_r, P_std_r=P_std_r,
                       r_above_t=r_above_t, r_equals_t_rows=label_dropout_rows)
@@ -281,11 +289,15 @@ def meanflow_loss(u, x, generator, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.25
     if labels is None:
         if guidance is not None or label_dropout:
             raise ValueError("meanflow_loss: guidance and label dropout need class labels (labels=None given)")
+        if teacher is not None:
+            v = teacher(z, t)
         return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, form=form, terms=terms)
     if null_class is None:
         raise ValueError("meanflow_loss: class labels need the model's null_class")
     labels = labels.to(x.device)
     labels_in, dropped = drop_labels(labels, null_class, label_dropout, generator, rows=label_dropout_rows)
+    if teacher is not None:
+        v = teacher(z, t, labels_in)
     if guidance is not None:
         v = cfg_velocity(jvp_u if jvp_u is not None else u, z, t, v, labels, dropped, null_class, guidance)
     return meanflow_loss_at(u, z, r, t, v, p=p, c=c, jvp_u=jvp_u, labels=labels_in, form=form, terms=terms)
@@ -315,14 +327,23 @@ class Objective:
     P_std_r: float | None = None
     r_above_t: str = "swap"
     label_dropout_rows: str = "independent"
+    teacher: object = None
 
     @classmethod
-    def from_config(cls, section, net, what):
+    def from_config(cls, section, net, what, teacher=None):
         """`section`: P_mean, P_std, ratio_r_neq_t, adaptive_p, adaptive_c, the optional variants
         (t_distribution, t_shift, adaptive_form, P_mean_r, P_std_r, r_above_t) and, for a
         class-conditional `net` (the bare module: the JVP and the guidance run on it), label_dropout,
         label_dropout_rows and guidance {omega, kappa, t_min, t_max}. An unconditional net refuses
-        label dropout and guidance."""
+        label dropout and guidance. `target` teacher (MeanFlow distillation) needs `teacher`, the
+        teacher's velocity field (stages/method/teacher_velocity.py); unset, or data, takes none."""
+        target = section.get("target", "data")
+        if target not in TARGETS:
+            raise ValueError(f"{what}.target {target!r}; known: {list(TARGETS)}")
+        if (target == "teacher") != (teacher is not None):
+            raise ValueError(f"{what}.target {target}: " + ("MeanFlow distillation needs the teacher's velocity "
+                                                            "(pass the teacher model)" if teacher is None else
+                                                            "MeanFlow from data takes no teacher"))
         num_classes = int(getattr(net, "num_classes", 0) or 0)
         dropout, guidance = float(section.get("label_dropout") or 0.0), section.get("guidance")
         if not num_classes and (dropout or guidance):
@@ -339,7 +360,7 @@ class Objective:
                    t_shift=float(section.get("t_shift", 1.0)), form=section.get("adaptive_form", "meanflow"),
                    P_mean_r=section.get("P_mean_r"), P_std_r=section.get("P_std_r"),
                    r_above_t=section.get("r_above_t", "swap"),
-                   label_dropout_rows=section.get("label_dropout_rows", "independent"))
+                   label_dropout_rows=section.get("label_dropout_rows", "independent"), teacher=teacher)
 
     def describe(self):
         r_params = (self.P_mean if self.P_mean_r is None else self.P_mean_r,
@@ -351,6 +372,8 @@ class Objective:
         if self.r_above_t != "swap":
             times += f", r above t {self.r_above_t}"
         out = f"r!=t ratio {self.ratio_r_neq_t} {times} p={self.p} c={self.c}"
+        if self.teacher is not None:
+            out += ", distilled: the teacher's velocity in place of eps - x"
         if self.form != "meanflow":
             out += f" (adaptive weight on ||delta||^4, form {self.form})"
         if self.null_class is not None:
@@ -375,4 +398,4 @@ class Objective:
                              labels=labels, null_class=self.null_class, label_dropout=self.label_dropout,
                              guidance=self.guidance, t_distribution=self.t_distribution, t_shift=self.t_shift,
                              form=self.form, P_mean_r=self.P_mean_r, P_std_r=self.P_std_r, r_above_t=self.r_above_t,
-                             label_dropout_rows=self.label_dropout_rows, terms=terms)
+                             label_dropout_rows=self.label_dropout_rows, teacher=self.teacher, terms=terms)

@@ -6,6 +6,10 @@ The budget is set by the rule (the config's `steps`): at equal total budget the 
 for the mid-training's images on top of the post-training's. Snapshots record `images_seen_total`
 (mid-training images included), the axis on which the two inits are compared.
 
+`posttrain_mf.target: teacher` is MeanFlow distillation (MF-RAE's route after CMT-MF): the teacher's
+velocity v(z_t, t) (stages/method/teacher_velocity.py: an EDM teacher read in flow-matching time, a
+MeanFlow teacher's u(z_t, t, t)) replaces eps - x; the stage gets the teacher's model file (--teacher).
+
 A class-conditional network (the DiT rows, network.num_classes > 0) trains on the dataset's labels
 with label dropout to the null class and, with posttrain_mf.guidance, classifier-free guidance in the
 target (meanflow.Objective). The random init takes the row's `network` section where the config
@@ -19,7 +23,7 @@ from stages.config.stage_configs import snapshot_name
 from stages.core import rng
 from stages.data import training_data
 from stages.files import checkpoints
-from stages.method import meanflow
+from stages.method import meanflow, teacher_velocity
 from stages.recipes import averaging, previews
 from stages.training.run import Recipe
 
@@ -42,12 +46,33 @@ def student(cfg, init, init_meta):
     return checkpoints.build(meta), meta
 
 
-def objective(cfg, net):
+def distillation_teacher(cfg, path, net, device):
+    """(the teacher's velocity field, the identity entries of its file) for posttrain_mf.target
+    teacher; (None, {}) for MeanFlow from data, which refuses a teacher."""
+    if cfg["posttrain_mf"].get("target", "data") != "teacher":
+        if path:
+            raise ValueError("posttrain_mf: --teacher given but posttrain_mf.target is not teacher "
+                             "(MeanFlow from data distils nothing)")
+        return None, {}
+    if not path:
+        raise ValueError("posttrain_mf.target teacher (MeanFlow distillation) needs the teacher: pass --teacher")
+    model, meta = checkpoints.load(path, which="ema")
+    classes = int(getattr(net, "num_classes", 0) or 0)
+    teacher_classes = (int(getattr(model, "num_classes", 0) or 0) if meta["precond"] == "meanflow"
+                       else int(getattr(model, "label_dim", 0) or 0))
+    if teacher_classes != classes:
+        raise ValueError(f"{path}: the teacher has {teacher_classes} classes, the student {classes}; MeanFlow "
+                         "distillation gives the teacher the student's labels")
+    return teacher_velocity.velocity_field(model.to(device), meta), {"teacher_sha256": meta["sha256"]}
+
+
+def objective(cfg, net, teacher=None):
     """(loss(model, batch, generator, terms=None) of a batch (images, class indices), the objective);
     `net` is the bare network: the JVP runs without a graph on it and the graph forward goes through
     the (DDP) wrapper (meanflow.meanflow_loss_at), in one process too: a single JVP with a graph
-    keeps the tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md)."""
-    mf = meanflow.Objective.from_config(cfg["posttrain_mf"], net=net, what="posttrain_mf")
+    keeps the tangent's activations and costs 3x the memory of a flow-matching step (bench/RESULTS.md).
+    `teacher`: the velocity field of MeanFlow distillation (distillation_teacher), else None."""
+    mf = meanflow.Objective.from_config(cfg["posttrain_mf"], net=net, what="posttrain_mf", teacher=teacher)
 
     def meanflow_loss(model, batch, generator, terms=None):
         x, y = batch
@@ -73,7 +98,8 @@ def build(cfg, args, accelerator):
         checkpoints.load_into(net, args.init_model, which="ema")
     prior_images = init_meta["images_seen"] if init == "cmt" else 0
     ema = averaging.ema_of(net, pc["ema"], total)
-    loss_of, mf = objective(cfg, net)
+    teacher, distilled = distillation_teacher(cfg, args.teacher, net, accelerator.device)
+    loss_of, mf = objective(cfg, net, teacher)
     if mf.null_class is not None:
         data.expect_classes(mf.null_class)
 
@@ -88,6 +114,8 @@ def build(cfg, args, accelerator):
         preview=None if args.latents else previews.average_velocity(
             seed, data.shape, int(getattr(net, "num_classes", 0) or 0)),
         describe=f"MeanFlow {mf.describe()} (after {prior_images:,} mid-training images), ",
-        identity={"init": init, "init_sha256": init_meta["sha256"], "dataset_sha256": data.sha256},
+        identity={"init": init, "init_sha256": init_meta["sha256"], "dataset_sha256": data.sha256, **distilled},
         meta={**meta, "init": init, "images_seen_before": prior_images, "role": "posttrain",
-              "inputs": {"init": {"path": args.init_model, "sha256": init_meta["sha256"]}}})
+              "inputs": {"init": {"path": args.init_model, "sha256": init_meta["sha256"]},
+                         **({"teacher": {"path": args.teacher, "sha256": distilled["teacher_sha256"]}}
+                            if distilled else {})}})
