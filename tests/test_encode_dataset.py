@@ -200,6 +200,7 @@ def dry_run(tmp_path, latents_cfg, *extra):
     return result.stdout
 
 
+@pytest.mark.heavy
 def test_rules_plan_one_job_per_shard_and_fetch_the_vae_folder(tmp_path):
     out = dry_run(tmp_path, {"num_shards": 5, "per_shard": 1000})
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", out.split("Job stats:")[1].split("total")[0], re.M))

@@ -126,6 +126,7 @@ def test_shard_round_trip_and_spot_check(mf_teacher, tmp_path):
         trajectories.spot_check(1, [sig], spec, mf_teacher)
 
 
+@pytest.mark.heavy
 def test_stage_writes_times(mf_teacher, tmp_path):
     import subprocess
     import sys

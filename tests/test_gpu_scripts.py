@@ -193,6 +193,7 @@ def write_wheel(folder, name, version, code, requires=()):
             whl.writestr(path, text)
 
 
+@pytest.mark.heavy
 def test_install_skips_what_imports_installs_the_rest_and_names_what_it_could_not(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

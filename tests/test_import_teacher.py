@@ -77,6 +77,7 @@ def test_refuses_conditional_and_mismatched_snapshots(tmp_path):
         edm_import.check_network_config(architecture, {"kind": "ddpmpp", "channels": 128}, pkl)
 
 
+@pytest.mark.heavy
 def test_edm2_pickle_imports_as_the_rows_preset(tmp_path):
     """An EDM2 post-hoc EMA pickle (pixel model, StandardRGBEncoder) becomes a teacher whose outputs
     are the pickle's network's (stored float16, as EDM2 stores them); the row names a preset with

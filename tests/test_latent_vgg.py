@@ -74,6 +74,7 @@ def held_out_loss(model, manifest):
         return F.cross_entropy(model.eval()(x), y).item()
 
 
+@pytest.mark.heavy
 def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     result, out = train(tmp_path, "run", manifest, vgg_cfg())
     assert result.returncode == 0, result.log[-3000:]
@@ -106,6 +107,7 @@ def test_latent_vgg_learns_the_classes(tmp_path, manifest):
     assert not (tmp_path / "run" / "state").exists()  # the state is removed once the outputs are written
 
 
+@pytest.mark.heavy
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, manifest):
     cfg = vgg_cfg(steps=12)
     whole, whole_out = train(tmp_path, "whole", manifest, cfg)

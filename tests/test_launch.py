@@ -49,6 +49,7 @@ def test_concurrent_local_jobs_get_distinct_devices(tmp_path):
         launch.plan(5, env, tmp_path)
 
 
+@pytest.mark.heavy
 def test_two_processes_through_accelerate_launch(tmp_path):
     """--gpus 2 in a SLURM job with two devices starts two ranks that all-reduce (gloo on CPU here);
     both are told the launcher's start, the job's (stages.core.cli.started)."""

@@ -219,6 +219,7 @@ def scalar_names(entry):
     return sorted(k for k, v in entry.items() if k not in ("kind", "step") and isinstance(v, (int, float)))
 
 
+@pytest.mark.heavy
 def test_tensorboard_reads_back_the_log_after_a_kill_past_the_save(inputs):
     """Saves every 4 steps, lines every 3: a SIGKILL in step 11 leaves the events of step 9 past the
     state of step 8; the resumed job's purge_step hides them, and its own take their place."""

@@ -59,6 +59,7 @@ def test_the_batch_must_split_over_nodes_x_gpus():
         "resources.posttrain: 3 nodes x 0 GPUs (3 processes")
 
 
+@pytest.mark.heavy
 def test_the_rule_asks_the_plugin_for_the_nodes_and_tells_the_launcher(tmp_path):
     """A dry run: the job's resources are the plugin's form of nodes x GPUs, and its command differs
     from one node's in the launcher's options alone (which are no part of Snakemake's rerun triggers:

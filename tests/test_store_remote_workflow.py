@@ -45,6 +45,7 @@ def fill(url, files_of_items, site):
     assert all(str(outcome).startswith("pushed") for _, outcome in pushed), pushed
 
 
+@pytest.mark.heavy
 def test_a_remote_item_is_planned_as_a_pull_job_and_not_made(s3_server, remote_url, tmp_path):
     """The tiny row with three shards: the remote holds the dataset, the teacher, the spec and shard 0,
     the local store shard 1. One planning pass asks the remote with one LIST per key folder; each
@@ -129,6 +130,7 @@ def test_a_remote_that_cannot_be_listed_stops_planning_naming_it(s3_endpoint, tm
     assert "or plan without it: --config store_remote=" in said
 
 
+@pytest.mark.heavy
 def test_a_paper_rows_plan_lists_key_folders_not_objects(s3_server, remote_url, tmp_path):
     """The ImageNet-512 ECD row: its three imported networks, its trajectory spec, 159 of its 160
     trajectory shards and 255 of its 257 latent shards in the remote, one latent shard in the local

@@ -69,6 +69,7 @@ def assert_same_trajectories(path_a, path_b):
     return worst
 
 
+@pytest.mark.heavy
 def test_same_bytes_however_the_jobs_are_split(teacher, tmp_path):
     """Same setting: shard 1 made in a two-shard run and alone in another process is the same file."""
     a = [make_shard(teacher, tmp_path / f"a-{k}.tar", k) for k in (0, 1)]

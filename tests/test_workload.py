@@ -111,6 +111,7 @@ def test_workload_has_the_dry_runs_jobs(configs, tmp_path):
 
 
 
+@pytest.mark.heavy
 def test_random_init_budget_of_its_own(tmp_path):
     """posttrain_mf.random_steps budgets MeanFlow from scratch alone (the paper's 240 epochs): the
     cmt init's job is unchanged, so only the random init would rerun."""
