@@ -44,6 +44,7 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/store.smk"
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"

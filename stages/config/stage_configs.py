@@ -72,7 +72,7 @@ def midtrain_section(config):
     own trajectories); offline, no `trajectories` key (the default route); the LPIPS trunk resolved to
     its file; E-LatentLPIPS, which brings its own backbone, without LPIPS weights."""
     out = {k: v for k, v in config["midtrain"].items() if k not in INPUT_CHECKS}
-    if store_keys.online_midtrain(config):
+    if workload.online_midtrain(config):
         out.pop("shuffle_buffer", None)
     else:
         out.pop("trajectories")
@@ -133,7 +133,7 @@ def report(config):
     out = {"row": config["row"], "family": family(config), "inits": inits(config), "sampling": config["sampling"],
            "paper": config.get("paper", {}), "notes": config.get("notes", ""),
            "final_snapshot": snapshot_names(config)[-1], "gpus": ledger_gpus(config)}
-    if store_keys.online_midtrain(config):
+    if workload.online_midtrain(config):
         out["midtrain_online"] = True
     method = config["posttrain"].get("method", "ect")
     if method != "ect":
@@ -156,7 +156,7 @@ def training_seed(config):
 def _midtrain(config, init):
     out = {"seed": training_seed(config), "sigma_boundary": config["sigma_boundary"],
            "midtrain": midtrain_section(config)}
-    if store_keys.online_midtrain(config):
+    if workload.online_midtrain(config):
         out["trajectory_spec"] = store_keys.online_spec(config)
     return out
 

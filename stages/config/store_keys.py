@@ -11,9 +11,8 @@ holds every row's keys: a change here that moves one invalidates every team's st
 import dataclasses
 import hashlib
 import json
-import math
 
-from stages.config import asset_paths, power_ema
+from stages.config import asset_paths, power_ema, workload
 from stages.files.assets import CATALOG, FOLDERS
 
 # Bump an entry when a change to the code changes what that stage writes: it invalidates the store.
@@ -187,27 +186,10 @@ def trajectories(config):
     return Item(key, folder, [f"{folder}/spec.json"], spec)
 
 
-def online_midtrain(config):
-    """midtrain.trajectories online: the teacher solves the trajectories inside the mid-training steps."""
-    return config.get("family", "cm") == "cm" and config["midtrain"]["trajectories"] == "online"
-
-
 def online_spec(config):
     """What online mid-training solves from: the spec without how the pool is cut into shards and
     solver batches (a new pool layout reruns no online mid-training)."""
     return {k: v for k, v in trajectory_spec(config).items() if k not in ("per_shard", "batch")}
-
-
-def trajectory_shard_ids(config):
-    """The pool's shards. Online, the pool shrinks to what the fid_teacher ceiling scores (its seed
-    ranges): these are the first shards of the offline pool of the same spec, which an offline run of
-    the row then reuses."""
-    traj = config["trajectories"]
-    count = traj["num_shards"]
-    if online_midtrain(config):
-        ceiling = config["sampling"]["num_ranges"] * config["sampling"]["per_range"]
-        count = min(count, math.ceil(ceiling / traj["per_shard"]))
-    return [f"{k:06d}" for k in range(count)]
 
 
 def items(config):
@@ -220,10 +202,11 @@ def items(config):
 def item_files(config):
     """{name: files} of every store item the row uses, one entry per shard: `shard/<id>` for the
     trajectory pool's, `latent/<id>` for the encoded dataset's. What planning asks the stores about
-    (workflow/rules/common.smk), the tests and bench/ alike."""
+    (workflow/rules/store.smk), the tests and bench/ alike."""
     row = items(config)
     out = {name: item.files for name, item in row.items() if item.files}
-    out |= {f"shard/{k}": [f"{row['trajectories'].folder}/shard-{k}.tar"] for k in trajectory_shard_ids(config)}
+    pool = row["trajectories"].folder
+    out |= {f"shard/{k}": [f"{pool}/shard-{k}.tar"] for k in workload.trajectory_shard_ids(config)}
     if "latents" in row:
         out |= {f"latent/{k}": [f"{row['latents'].folder}/shard-{k}.tar"] for k in latent_shard_ids(config)}
     return out

@@ -88,11 +88,8 @@ def workload(cfg):
                               objective=teacher.get("objective", "edm")))
 
     traj = cfg["trajectories"]
-    online = family == "cm" and cfg["midtrain"].get("trajectories", "offline") == "online"
-    shards = traj["num_shards"]
-    if online:  # the pool shrinks to what the teacher-solver ceiling scores (common.smk)
-        ceiling = cfg["sampling"]["num_ranges"] * cfg["sampling"]["per_range"]
-        shards = min(shards, math.ceil(ceiling / traj["per_shard"]))
+    online = online_midtrain(cfg)
+    shards = len(trajectory_shard_ids(cfg))
     count = shards * traj["per_shard"]
     jobs.append({"job": "trajectory_shard", "rule": "trajectory_shard", "jobs": shards, "unit": "trajectories",
                  "count": count, "batch": traj["batch"], "nfe": traj["nfe"], "forwards": count * traj["nfe"],
@@ -147,3 +144,20 @@ def mimg(jobs, init):
             continue
         out[job["stage"]] = out.get(job["stage"], 0) + job["count"] / 1e6
     return out
+
+
+def online_midtrain(config):
+    """midtrain.trajectories online: the teacher solves the trajectories inside the mid-training steps."""
+    return config.get("family", "cm") == "cm" and config["midtrain"]["trajectories"] == "online"
+
+
+def trajectory_shard_ids(config):
+    """The pool's shards. Online, the pool shrinks to what the fid_teacher ceiling scores (its seed
+    ranges): these are the first shards of the offline pool of the same spec, which an offline run of
+    the row then reuses."""
+    traj = config["trajectories"]
+    count = traj["num_shards"]
+    if online_midtrain(config):
+        ceiling = config["sampling"]["num_ranges"] * config["sampling"]["per_range"]
+        count = min(count, math.ceil(ceiling / traj["per_shard"]))
+    return [f"{k:06d}" for k in range(count)]

@@ -1,5 +1,5 @@
 """The store: prepared datasets, teachers and trajectory shards that several workdirs (a team, several
-rows) share, each under a key computed from its provenance (workflow/rules/common.smk).
+rows) share, each under a key computed from its provenance (stages/config/store_keys.py).
 
 Snakemake deletes a job's outputs before it reruns the job and after the job fails, whoever else
 is using them; so no rule declares a store file as its output. A rule that makes store files

@@ -1,7 +1,7 @@
 """Where each of a row's store items comes from, decided once when the workflow is planned: the local
 store (a `<rule>_from_store` job writes the receipt from the record), the remote store (a
 `<rule>_from_remote` job pulls the item, stages/files/store_remote.py) or the item's stage (the
-making job). workflow/rules/common.smk asks this for every item of the row at once.
+making job). workflow/rules/store.smk asks this for every item of the row at once.
 
 The remote is asked about the items the local store lacks, all of them in one `remote_complete`
 call (a LIST per key folder and page of 1000 records, not a request per item); boto3 is imported

@@ -2,7 +2,7 @@
 # unpickler (import). Either rule makes the teacher in the store through stages.files.store and
 # outputs this workdir's receipt; where the store holds the item, its `_from_store` variant is a
 # local job that only reads the record, and where the remote store holds it, its `_from_remote`
-# variant a local job that pulls it (common.smk SOURCES).
+# variant a local job that pulls it (store.smk SOURCES).
 if config["teacher"].get("source", "train") == "train":
 
     rule:
