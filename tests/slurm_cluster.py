@@ -7,10 +7,13 @@ Pitfalls found on this machine, and what this module does about them:
 - munged needs its socket folder world-executable;
 - the plugin asks sacct for job states, so accounting (slurmdbd over mariadb) runs too;
 - the node declares its real CPU count and memory, and two GPUs with no device files (gres without
-  File), so GPU rules are scheduled as GPU jobs on a CPU-only machine.
+  File), so GPU rules are scheduled as GPU jobs on a CPU-only machine;
+- munged's socket and /etc/slurm are the host's, so one cluster runs at a time: `cluster()` holds a
+  lock on the host (tests spread over processes by pytest-xdist wait for each other there).
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -24,6 +27,7 @@ DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"]
 ETC = Path("/etc/slurm")
 CLUSTER = "cmttest"
 SOCKET = Path("/run/munge/munge.socket.2")
+HOST_LOCK = Path("/tmp/cmt-test-slurm.lock")
 
 
 def missing_daemons():
@@ -241,10 +245,30 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 @contextlib.contextmanager
+def host_lock(timeout=1800):
+    """The host's one test cluster: wait (at most `timeout` seconds) for another test's to stop."""
+    with open(HOST_LOCK, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another test's SLURM cluster held {HOST_LOCK} for {timeout} s") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def cluster(root, nodes=1):
-    c = Cluster(root, nodes)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
+    with host_lock():
+        c = Cluster(root, nodes)
+        try:
+            c.start()
+            yield c
+        finally:
+            c.stop()

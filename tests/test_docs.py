@@ -283,7 +283,7 @@ def test_the_readme_holds_the_test_commands_ci_runs():
     # .ci/run runs "the README's test command", then the heavy and SLURM selection
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip().startswith("python -m pytest")]
-    assert ci == ["python -m pytest -q", 'python -m pytest -q -m "heavy or slurm"']
+    assert ci == ["python -m pytest -q", 'python -m pytest -q -m "heavy or slurm" -n 2']
     _, fenced = split_fences((REPO / "README.md").read_text())
     assert "python -m pytest -q" in [line.strip() for line in fenced]
     assert all(line in (REPO / "README.md").read_text() for line in ci)

@@ -17,8 +17,7 @@ import slurm_cluster
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# one SLURM cluster at a time when CI spreads the tests over processes (pytest-xdist's loadgroup)
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 
 @pytest.fixture(scope="module")

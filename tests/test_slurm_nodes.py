@@ -27,8 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 600  # post-training steps: the signal comes after the first 100
-# one SLURM cluster at a time when CI spreads the tests over processes (pytest-xdist's loadgroup)
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 SBATCH = """#!/usr/bin/env python3
 import json, os, sys
