@@ -71,15 +71,18 @@ class StoreWatch(threading.Thread):
 
     def files(self):
         out = {}
-        for p in self.root.rglob("*"):
-            if (p.name.endswith((".tmp", ".lock", ".uses.json", ".env.json"))
-                    or any(part.endswith("-state") for part in p.parts)):
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue  # a temporary folder gone between listing and stat
-            if not p.is_dir():
+        # os.walk skips a folder that goes between listing and reading it (a training state removed
+        # once the teacher is written, a temporary folder): those hold no store files
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.endswith(("-state", ".tmp"))]
+            for name in names:
+                if name.endswith((".tmp", ".lock", ".uses.json", ".env.json")):
+                    continue
+                p = Path(folder) / name
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue  # a temporary file gone between listing and stat
                 out[p] = (st.st_ino, st.st_mtime_ns)
         return out
 
