@@ -14,6 +14,13 @@ from range_server import RangeHandler
 from s3_server import S3Server
 
 
+def pytest_collection_modifyitems(items):
+    """The SLURM tests first and together: pytest-xdist hands each process a run of consecutive tests,
+    so one process runs them one after the other (they take turns on the host's one cluster,
+    tests/slurm_cluster.py) while the other runs the rest, instead of one waiting for the other."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
 @pytest.fixture
 def server():
     """The base URL of a RangeHandler server on 127.0.0.1, its request log emptied."""
