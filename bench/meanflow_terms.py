@@ -18,6 +18,7 @@ but small on a converged one is the one post-training spends its first steps on.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,14 +33,10 @@ from stages.method import meanflow, teacher_velocity  # noqa: E402
 
 
 def terms(model, images, labels, section, teacher, batches, batch, seed):
-    """{flow_matching, average_velocity: {mse, weighted, grad_norm}, cosine} over `batches` batches."""
-    share = section["ratio_r_neq_t"]
-    kw = {"P_mean": section["P_mean"], "P_std": section["P_std"], "c": section["adaptive_c"],
-          "t_distribution": section.get("t_distribution", "logit_normal"), "t_shift": section.get("t_shift", 1.0),
-          "form": section.get("adaptive_form", "meanflow"), "P_mean_r": section.get("P_mean_r"),
-          "P_std_r": section.get("P_std_r"), "r_above_t": section.get("r_above_t", "swap"), "teacher": teacher}
-    if getattr(model, "num_classes", 0):
-        kw.update(labels=None, null_class=model.null_class)
+    """{flow_matching, average_velocity: {mse, weighted, grad_norm}, cosine} over `batches` batches:
+    the row's own objective (meanflow.Objective.from_config) with every sample of one kind."""
+    objective = meanflow.Objective.from_config(section, net=model, what="posttrain_mf", teacher=teacher)
+    share = objective.ratio_r_neq_t
     params = [p for p in model.parameters() if p.requires_grad]
     out = {name: {"mse": 0.0, "weighted": 0.0, "grad_norm": 0.0} for name in ("flow_matching", "average_velocity")}
     cosine = 0.0
@@ -47,14 +44,13 @@ def terms(model, images, labels, section, teacher, batches, batch, seed):
     for b in range(batches):
         rows = torch.randint(len(images), (batch,), generator=pick)
         x = images[rows]
-        if "labels" in kw:
-            kw["labels"] = labels[rows]
+        y = labels[rows] if objective.null_class is not None else None
         grads = {}
         for name, ratio, weight in (("flow_matching", 0.0, 1 - share), ("average_velocity", 1.0, share)):
-            g = torch.Generator().manual_seed(seed + b)
-            mse = meanflow.meanflow_loss(model, x, g, ratio_r_neq_t=ratio, p=0.0, **kw).detach()
-            g = torch.Generator().manual_seed(seed + b)
-            loss = meanflow.meanflow_loss(model, x, g, ratio_r_neq_t=ratio, p=section["adaptive_p"], **kw)
+            kind = dataclasses.replace(objective, ratio_r_neq_t=ratio)
+            # p = 0: the adaptive weight is 1, the loss the squared error itself
+            mse = dataclasses.replace(kind, p=0.0).loss(model, x, torch.Generator().manual_seed(seed + b), y).detach()
+            loss = kind.loss(model, x, torch.Generator().manual_seed(seed + b), y)
             grad = torch.autograd.grad(weight * loss.mean(), params)
             grads[name] = torch.cat([v.flatten() for v in grad])
             out[name]["mse"] += float(mse.mean()) / batches
