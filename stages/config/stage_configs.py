@@ -118,7 +118,10 @@ def ledger_gpus(config):
 def distilled(config, init):
     """{role: store item name} of the networks an init's post-training distils: ECD's reference
     teacher (the row's teacher unless posttrain.guidance.teacher names another) and its autoguidance
-    guide (a network of its own, or the teacher guiding itself); none for the other methods."""
+    guide (a network of its own, or the teacher guiding itself); MeanFlow distillation's
+    (posttrain_mf.target teacher) the row's teacher; none for the other methods."""
+    if family(config) == "mf":
+        return {"teacher": "teacher"} if config["posttrain_mf"].get("target") == "teacher" else {}
     if workload.posttrain_section(config, init).get("method") != "ecd":
         return {}
     out = {"teacher": "ecd_teacher" if asset_paths.ecd_teacher_asset(config) else "teacher"}

@@ -94,7 +94,8 @@ def init_input(wildcards):
 
 
 def distillation_inputs(wildcards):
-    """The receipts of the networks an init's post-training distils (ECD's teacher and guide)."""
+    """The receipts of the networks an init's post-training distils (ECD's teacher and guide, MeanFlow
+    distillation's teacher: stage_configs.distilled)."""
     return [RECEIPT_OF[item] for item in stage_configs.distilled(config, wildcards.init).values()]
 
 

@@ -35,21 +35,12 @@ rule midtrain_mf:
         "--out {output.model} {params.state} > {log} 2>&1"
 
 
-def mf_distills(wildcards):
-    """posttrain_mf.target teacher: MeanFlow distillation from the row's teacher."""
-    return stage_configs.stage_config("posttrain_mf", config, wildcards.init)["posttrain_mf"].get("target") == "teacher"
-
-
-def mf_distillation_input(wildcards):
-    return [TEACHER_RECEIPT] if mf_distills(wildcards) else []
-
-
 def posttrain_mf_reads(wildcards, output):
-    """What posttrain_mf reads besides its init and dataset: a latent row's encoded dataset and a
-    distilling row's teacher (--teacher). Both ride in the `latents` param, a function of `output`,
-    so the command and params of a pixel row that learns from data name neither."""
-    teacher = f" --teacher {shlex.quote(TEACHER.path)}" if mf_distills(wildcards) else ""
-    return latent_training_args("posttrain_mf")(wildcards, output) + teacher
+    """What posttrain_mf reads besides its init and dataset: a latent row's encoded dataset and, for
+    MeanFlow distillation, the teacher (--teacher). Both ride in the `latents` param, a function of
+    `output`, so the command and params of a pixel row that learns from data name neither."""
+    reads = (latent_training_args("posttrain_mf")(wildcards, output), distillation_args(wildcards))
+    return " ".join(a for a in reads if a)
 
 
 rule posttrain_mf:
@@ -57,7 +48,7 @@ rule posttrain_mf:
         init=init_input,
         dataset=PIXELS_RECEIPT,
         latents=latent_training_inputs,
-        teacher=mf_distillation_input,
+        distill=distillation_inputs,
     output:
         model=f"{RES}/posttrain/{{init}}/model.safetensors",
         meta=f"{RES}/posttrain/{{init}}/model.json",
